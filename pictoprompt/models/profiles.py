@@ -1,0 +1,138 @@
+"""Profiles: which weights make up a model set.
+
+A profile names a generator (a diffusers Stable Diffusion 1.x/2.x directory or hub id), a CLIP (transformers
+directory/id, or an open_clip name + checkpoint), an LLM (a GGUF path or a transformers causal LM), a
+captioner, a device and a dtype. Built-in profiles cover the bundled `shapes` set, the seeded `tiny` set
+(built on first use into a temporary directory) and the real SD 1.5 and SD 2.1 sets; more can be defined in
+a TOML file:
+
+    [profiles.my-sd15]
+    generator = "/models/stable-diffusion-v1-5"
+    clip = { library = "transformers", source = "/models/clip-vit-large-patch14" }
+    llm = { backend = "llama_cpp", source = "/models/llama-3.2-3b-instruct-q4_k_m.gguf" }
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pictoprompt.errors import InvalidInputError, NotFoundError
+
+BUILTIN_SCHEME = "builtin:"
+
+
+class ClipSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    library: Literal["transformers", "open_clip"] = "transformers"
+    source: str = Field(description="transformers: a directory or hub id; open_clip: an architecture name.")
+    pretrained: str | None = Field(None, description="open_clip only: a checkpoint tag or a file path.")
+
+
+class LlmSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    source: str | None = Field(None, description="A GGUF path or a transformers id; none = bundled SmolLM2.")
+    n_ctx: int = Field(2048, ge=256)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    generator: str = Field(description="A diffusers Stable Diffusion directory or hub id.")
+    clip: ClipSpec
+    llm: LlmSpec = Field(default_factory=LlmSpec)
+    captioner: str | None = Field(None, description="A BLIP captioning directory or hub id (EDITOR).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 on a GPU, float32 on the CPU."
+    )
+
+    @property
+    def is_builtin_set(self) -> bool:
+        return self.generator.startswith(BUILTIN_SCHEME)
+
+
+BUILTIN_PROFILES: dict[str, Profile] = {
+    profile.name: profile
+    for profile in [
+        Profile(
+            name="shapes",
+            description="The bundled miniature SD + CLIP trained on the synthetic shapes world (offline, CPU).",
+            generator="builtin:shapes/generator",
+            clip=ClipSpec(source="builtin:shapes/clip"),
+        ),
+        Profile(
+            name="tiny",
+            description="Seeded random-init components for tests: right shapes, meaningless pictures.",
+            generator="builtin:tiny/generator",
+            clip=ClipSpec(source="builtin:tiny/clip"),
+        ),
+        Profile(
+            name="sd15",
+            description="Stable Diffusion 1.5 with OpenAI CLIP ViT-L/14 (its own text encoder).",
+            generator="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            clip=ClipSpec(source="openai/clip-vit-large-patch14"),
+            captioner="Salesforce/blip-image-captioning-large",
+        ),
+        Profile(
+            name="sd21",
+            description="Stable Diffusion 2.1 with OpenCLIP ViT-H/14 (laion2b_s32b_b79k).",
+            generator="stabilityai/stable-diffusion-2-1",
+            clip=ClipSpec(library="open_clip", source="ViT-H-14", pretrained="laion2b_s32b_b79k"),
+            captioner="Salesforce/blip-image-captioning-large",
+        ),
+    ]
+}
+
+
+def load_profiles_file(path: Path) -> dict[str, Profile]:
+    """Profiles from a TOML file's `[profiles.NAME]` tables."""
+    try:
+        tables = tomllib.loads(path.read_text()).get("profiles", {})
+    except FileNotFoundError as error:
+        raise NotFoundError(f"The profiles file {path} does not exist; create it or drop the option.") from error
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidInputError(f"The profiles file {path} is not valid TOML ({error}); fix it and retry.") from error
+    profiles = {}
+    for name, table in tables.items():
+        try:
+            profiles[name] = Profile(name=name, **table)
+        except (ValidationError, TypeError) as error:
+            raise InvalidInputError(
+                f"Profile '{name}' in {path} is invalid: {error}. It needs at least `generator` and "
+                "`clip = {{ source = ... }}`."
+            ) from error
+    return profiles
+
+
+def available_profiles(profiles_file: Path | None = None) -> dict[str, Profile]:
+    profiles = dict(BUILTIN_PROFILES)
+    if profiles_file is not None:
+        profiles.update(load_profiles_file(profiles_file))
+    return profiles
+
+
+def default_profile_name() -> str:
+    """`shapes` once its weights ship in the package, else `tiny`."""
+    from pictoprompt.models.shapes import weights_present
+
+    return "shapes" if weights_present() else "tiny"
+
+
+def get_profile(name: str | None, profiles_file: Path | None = None) -> Profile:
+    profiles = available_profiles(profiles_file)
+    name = name or default_profile_name()
+    if name not in profiles:
+        raise NotFoundError(
+            f"There is no profile '{name}'. Known profiles: {', '.join(sorted(profiles))}; define others in a "
+            "TOML file passed with --profiles-file (see README, 'Profiles')."
+        )
+    return profiles[name]

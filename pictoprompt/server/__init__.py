@@ -1,0 +1,1 @@
+"""The MCP face of pictoprompt: the only floor that imports `mcp`."""

@@ -1,0 +1,321 @@
+"""The pictoprompt MCP server: tools from the registry, jobs, assets, status, and the asset resource."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, create_model
+
+from pictoprompt import __version__
+from pictoprompt.errors import PictopromptError
+from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.server.assets import AssetStore
+from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
+from pictoprompt.server.jobs import JobRunner
+from pictoprompt.server.results import InlineMode, JobInfo, RecordingSink, job_info, job_result
+from pictoprompt.settings import Settings
+from pictoprompt.tools import TOOLS
+from pictoprompt.tools.base import ToolContext, ToolSpec
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+pictoprompt works with images through readable text prompts, on a local Stable Diffusion + CLIP + small LLM.
+- generate_image: text -> images (each image reports its seed, so any result can be reproduced).
+- invert_image: image -> readable prompts you can edit and reuse; focus="style" extracts a style prompt.
+- vary_image: variations of one or several pictures (no prompt needed); edit_with_text: change a picture
+  with words ("in the snow", "as a watercolor").
+- fuse_concepts: one prompt holding the concepts of several pictures; distill_prompt: shorten a long prompt.
+- customize_concept: teach a concept from 3-10 pictures, then pass concept=NAME to the generation tools.
+Images are accepted as local paths, http(s) URLs, data: URIs / base64, or pictoprompt://assets/<id> URIs of
+earlier results. Results come back as resource links (readable with resources/read) plus small thumbnails.
+Slow calls return a job_id after wait_seconds: call get_job to wait again or cancel_job to stop it.
+server_status tells which models are loaded and how busy the queue is.
+"""
+
+WaitSeconds = Annotated[
+    float,
+    Field(ge=0, le=600, description="How long to wait for the result before returning a job_id to poll."),
+]
+Inline = Annotated[
+    InlineMode,
+    Field(description="Images inline in the result: 'thumbnail' (<=512 px), 'full', or 'none' (links only)."),
+]
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    runtime: Runtime
+    assets: AssetStore
+    resolver: ImageResolver
+    jobs: JobRunner
+    saved_by_job: dict[str, RecordingSink] = field(default_factory=dict)
+
+
+def annotations_for(spec: ToolSpec) -> ToolAnnotations:
+    return ToolAnnotations(
+        title=spec.title,
+        read_only_hint=spec.hints.read_only,
+        destructive_hint=spec.hints.destructive,
+        idempotent_hint=spec.hints.idempotent,
+        open_world_hint=spec.hints.open_world,
+    )
+
+
+def _arguments_model(spec: ToolSpec) -> type[ArgModelBase]:
+    extra: dict[str, Any] = {}
+    if spec.uses_models:
+        extra = {"wait_seconds": (WaitSeconds, 50.0), "inline": (Inline, "thumbnail")}
+    return create_model(f"{spec.name}Arguments", __base__=(spec.request_model, ArgModelBase), **extra)
+
+
+def _job_output_model(spec: ToolSpec) -> type[BaseModel]:
+    return create_model(
+        f"{spec.name}Output",
+        job=(JobInfo, Field(description="The job that ran (or still runs) this call.")),
+        result=(spec.response_model | None, Field(None, description="The result; null while the job runs.")),
+    )
+
+
+def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
+    arguments_model = _arguments_model(spec)
+    if spec.uses_models:
+        output_model = _job_output_model(spec)
+
+        async def call(ctx: Context, **arguments: Any) -> CallToolResult:
+            state: ServerState = state_of(ctx)
+            wait_seconds = arguments.pop("wait_seconds")
+            inline = arguments.pop("inline")
+            try:
+                request = spec.request_model(**arguments)
+                images = await state.resolver.resolve_all(request.image_refs())
+                sink = RecordingSink(state.assets)
+                job = state.jobs.submit(
+                    spec.name,
+                    lambda progress: spec.run(request, ToolContext(state.runtime, sink, images, progress)),
+                )
+            except PictopromptError as error:
+                raise ToolError(str(error)) from error
+            state.saved_by_job[job.id] = sink
+            await _wait_for_job(state, job, wait_seconds, ctx)
+            return job_result(job, state.assets, inline, sink.saved)
+
+    else:
+        output_model = spec.response_model
+
+        async def call(ctx: Context, **arguments: Any) -> CallToolResult:
+            state: ServerState = state_of(ctx)
+            try:
+                request = spec.request_model(**arguments)
+                context = ToolContext(state.runtime, RecordingSink(state.assets), PreResolvedImages({}))
+                result = await anyio.to_thread.run_sync(spec.run, request, context)
+            except PictopromptError as error:
+                raise ToolError(str(error)) from error
+            payload = result.model_dump(mode="json")
+            return CallToolResult(content=[_text(payload)], structured_content=payload)
+
+    return Tool(
+        fn=call,
+        name=spec.name,
+        title=spec.title,
+        description=spec.description,
+        parameters=arguments_model.model_json_schema(by_alias=True),
+        fn_metadata=FuncMetadata(arg_model=arguments_model, output_model=output_model),
+        is_async=True,
+        context_kwarg="ctx",
+        annotations=annotations_for(spec),
+    )
+
+
+def _text(payload: Any) -> TextContent:
+    return TextContent(text=json.dumps(payload, indent=1))
+
+
+async def _wait_for_job(state: ServerState, job: Any, wait_seconds: float, ctx: Context) -> None:
+    pending: set[asyncio.Task] = set()
+
+    def forward(done: float, total: float | None, message: str | None) -> None:
+        task = asyncio.ensure_future(ctx.report_progress(done, total, message))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        await state.jobs.wait(job, wait_seconds, forward)
+    except asyncio.CancelledError:
+        # The client cancelled its request: stop the work it asked for, between two steps.
+        state.jobs.cancel(job.id)
+        raise
+
+
+class JobLookup(BaseModel):
+    job: JobInfo
+    result: dict[str, Any] | None = Field(None, description="The tool's result once the job succeeded.")
+
+
+class CancelOutcome(BaseModel):
+    job: JobInfo
+    cancelled: bool = Field(description="True if the job will stop (or had not started); False if it had ended.")
+
+
+class QueueStatus(BaseModel):
+    running: list[JobInfo]
+    queued: int
+    depth: int
+
+
+class ServerStatus(BaseModel):
+    version: str
+    profile: str
+    device: str
+    dtype: str
+    loaded_models: list[str]
+    model_ids: dict[str, str]
+    memory: dict[str, float]
+    queue: QueueStatus
+    asset_dir: str
+
+
+def create_server(
+    settings: Settings | None = None,
+    *,
+    transport: str = "stdio",
+    runtime: Runtime | None = None,
+    preload: bool = True,
+    **mcp_options: Any,
+) -> MCPServer:
+    """Build the MCP server. Models load in the lifespan (once), not per call."""
+    settings = settings or Settings()
+    runtime = runtime or Runtime(get_profile(settings.profile, settings.profiles_file))
+    holder: dict[str, ServerState] = {}
+
+    roots = list(settings.allow_dirs)
+    if transport == "stdio" and settings.allow_home:
+        roots.append(Path.home())
+    assets = AssetStore(settings.assets_root, settings.asset_ttl_seconds, settings.asset_max_bytes)
+    policy = ImagePolicy(allowed_roots=roots, allow_private_urls=settings.allow_private_urls)
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
+        jobs = JobRunner(runtime.gpu_lock, depth=settings.queue_depth)
+        state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs)
+        holder["state"] = state
+        await anyio.to_thread.run_sync(assets.expire)
+        if preload:
+            needed = {component for spec in TOOLS for component in spec.components}
+            await anyio.to_thread.run_sync(runtime.preload, needed)
+        try:
+            yield state
+        finally:
+            jobs.shutdown()
+
+    def state_of(_: Context | None = None) -> ServerState:
+        return holder["state"]
+
+    server = MCPServer(
+        "pictoprompt",
+        title="pictoprompt",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+        lifespan=lifespan,
+        tools=[_tool_from_spec(spec, state_of) for spec in TOOLS],
+        **mcp_options,
+    )
+    _add_server_tools(server, state_of)
+
+    @server.resource(
+        "pictoprompt://assets/{asset_id}",
+        name="asset",
+        description="An image made by a pictoprompt tool: a PNG with its prompt, seed and model in text chunks.",
+        mime_type="image/png",
+    )
+    def read_asset(asset_id: str) -> bytes:
+        try:
+            return assets.read_bytes(asset_id)
+        except PictopromptError as error:
+            raise ResourceError(str(error)) from error
+
+    return server
+
+
+def _add_server_tools(server: MCPServer, state_of: Any) -> None:
+    read_only = ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+    )
+
+    @server.tool(title="Wait for a job", annotations=read_only.model_copy(update={"title": "Wait for a job"}))
+    async def get_job(
+        job_id: Annotated[str, Field(min_length=1, max_length=64, description="The job_id a slow call returned.")],
+        ctx: Context,
+        wait_seconds: WaitSeconds = 50.0,
+        inline: Inline = "thumbnail",
+    ) -> Annotated[CallToolResult, JobLookup]:
+        """Wait (up to wait_seconds) for a job started by a slow call, and return its result when done."""
+        state: ServerState = state_of(ctx)
+        try:
+            job = state.jobs.get(job_id)
+        except PictopromptError as error:
+            raise ToolError(str(error)) from error
+        await state.jobs.wait(job, wait_seconds)
+        sink = state.saved_by_job.get(job_id)
+        return job_result(job, state.assets, inline, sink.saved if sink else [])
+
+    @server.tool(
+        title="Cancel a job",
+        annotations=ToolAnnotations(
+            title="Cancel a job",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    async def cancel_job(
+        job_id: Annotated[str, Field(min_length=1, max_length=64, description="The job to stop.")],
+        ctx: Context,
+    ) -> CancelOutcome:
+        """Stop a queued or running job between two steps; its partial work is discarded."""
+        state: ServerState = state_of(ctx)
+        try:
+            job = state.jobs.get(job_id)
+            ending = job.state in {"queued", "running"}
+            state.jobs.cancel(job_id)
+        except PictopromptError as error:
+            raise ToolError(str(error)) from error
+        return CancelOutcome(job=job_info(job), cancelled=ending)
+
+    @server.tool(title="Server status", annotations=read_only.model_copy(update={"title": "Server status"}))
+    async def server_status(ctx: Context) -> ServerStatus:
+        """The active profile, device, loaded models, memory use and the job queue."""
+        state: ServerState = state_of(ctx)
+        runtime = state.runtime
+        jobs = state.jobs.jobs()
+        return ServerStatus(
+            version=__version__,
+            profile=runtime.profile.name,
+            device=str(runtime.device),
+            dtype=str(runtime.dtype).removeprefix("torch."),
+            loaded_models=runtime.loaded_components(),
+            model_ids=runtime.model_ids(),
+            memory=runtime.memory(),
+            queue=QueueStatus(
+                running=[job_info(job) for job in jobs if job.state == "running"],
+                queued=sum(job.state == "queued" for job in jobs),
+                depth=state.settings.queue_depth,
+            ),
+            asset_dir=str(state.assets.root),
+        )

@@ -1,0 +1,165 @@
+"""Jobs: a bounded FIFO queue in front of the GPU lock, one worker thread, progress and cancellation.
+
+A model-heavy tool call becomes a job. The caller waits up to `wait_seconds` for it; if it is not done by
+then it gets the job's id and `get_job` / `cancel_job` act on it later. Finished jobs are kept for a while so
+their results can still be fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pictoprompt.errors import BusyError, JobCancelledError, NotFoundError, PictopromptError
+from pictoprompt.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ProgressListener = Callable[[float, float | None, str | None], None]
+
+
+@dataclass
+class Job:
+    id: str
+    tool: str
+    work: Callable[[Progress], Any]
+    progress: Progress
+    future: Future = field(default_factory=Future)
+    state: JobState = "queued"
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    done: float = 0.0
+    total: float | None = None
+    message: str | None = None
+    error: str | None = None
+    listeners: list[tuple[asyncio.AbstractEventLoop, ProgressListener]] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.done / self.total) if self.total else None
+
+    def elapsed(self) -> float:
+        start = self.started or self.created
+        return (self.finished or time.monotonic()) - start
+
+
+class JobRunner:
+    """Runs jobs one at a time under `gpu_lock`, first come first served, at most `depth` waiting."""
+
+    def __init__(self, gpu_lock: threading.Lock, depth: int = 8, keep_finished_seconds: float = 3600) -> None:
+        self._gpu_lock = gpu_lock
+        self._depth = depth
+        self._keep_finished = keep_finished_seconds
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._work, name="pictoprompt-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, tool: str, work: Callable[[Progress], Any]) -> Job:
+        with self._lock:
+            self._forget_old()
+            waiting = sum(1 for job in self._jobs.values() if job.state == "queued")
+            if waiting >= self._depth:
+                raise BusyError(
+                    f"The server is busy: {waiting} jobs are already waiting (queue depth {self._depth}). "
+                    "Try again in a little while, or cancel a job you no longer need with cancel_job."
+                )
+            job = Job(id=secrets.token_hex(8), tool=tool, work=work, progress=Progress())
+            job.progress = Progress(lambda done, total, message: self._on_progress(job, done, total, message))
+            self._jobs[job.id] = job
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(
+                f"There is no job '{job_id}'; it may have finished over an hour ago. Start the work again."
+            )
+        return job
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        job.progress.cancel()
+        with self._lock:
+            if job.state == "queued":
+                self._finish(job, "cancelled", error="cancelled before it started")
+        return job
+
+    async def wait(self, job: Job, seconds: float, listener: ProgressListener | None = None) -> bool:
+        """Wait up to `seconds` for `job`; True if it finished. Progress goes to `listener` meanwhile."""
+        entry = None
+        if listener is not None:
+            entry = (asyncio.get_running_loop(), listener)
+            job.listeners.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout=seconds)
+        except TimeoutError:
+            return False
+        except Exception:  # the job's own failure is read from the job, not raised here
+            return True
+        finally:
+            if entry is not None:
+                job.listeners.remove(entry)
+        return True
+
+    def shutdown(self) -> None:
+        for job in self.jobs():
+            job.progress.cancel()
+        self._queue.put(None)
+
+    def _on_progress(self, job: Job, done: float, total: float | None, message: str | None) -> None:
+        job.done, job.total, job.message = done, total, message
+        for loop, listener in list(job.listeners):
+            loop.call_soon_threadsafe(listener, done, total, message)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                if job.state != "queued":
+                    continue
+                job.state = "running"
+                job.started = time.monotonic()
+            try:
+                with self._gpu_lock:
+                    job.progress.check()
+                    result = job.work(job.progress)
+            except JobCancelledError as error:
+                self._finish(job, "cancelled", error=str(error))
+            except PictopromptError as error:
+                self._finish(job, "failed", error=str(error))
+            except Exception as error:
+                logger.exception("job %s (%s) crashed", job.id, job.tool)
+                self._finish(job, "failed", error=f"Internal error in {job.tool}: {type(error).__name__}: {error}")
+            else:
+                self._finish(job, "succeeded", result=result)
+
+    def _finish(self, job: Job, state: JobState, result: Any = None, error: str | None = None) -> None:
+        job.state, job.error, job.finished = state, error, time.monotonic()
+        if not job.future.done():
+            job.future.set_result(result)
+
+    def _forget_old(self) -> None:
+        now = time.monotonic()
+        for job_id, job in list(self._jobs.items()):
+            if job.finished is not None and now - job.finished > self._keep_finished:
+                del self._jobs[job_id]

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny runtime per test session, and servers whose assets live in a temp folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pictoprompt.models.profiles import get_profile  # noqa: E402
+from pictoprompt.models.runtime import Runtime  # noqa: E402
+from pictoprompt.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime() -> Runtime:
+    runtime = Runtime(get_profile("tiny"))
+    runtime.pipeline()
+    runtime.clip()
+    return runtime
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        profile="tiny",
+        asset_dir=tmp_path / "assets",
+        cache_dir=tmp_path / "cache",
+        data_dir=tmp_path / "data",
+        allow_dirs=[tmp_path],
+        allow_home=False,
+    )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield

@@ -1,0 +1,199 @@
+"""The MCP server in-process: tools, schemas, assets, jobs, refusals and faults."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import jsonschema
+import numpy as np
+import pytest
+from mcp import Client
+from PIL import Image
+
+from pictoprompt.server.app import create_server
+from pictoprompt.tools import TOOLS
+
+pytestmark = pytest.mark.anyio
+
+
+def server_for(settings, tiny_runtime, **kwargs):
+    return create_server(settings, runtime=tiny_runtime, preload=False, **kwargs)
+
+
+async def test_lists_every_tool_with_annotations_and_schemas(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    expected = {spec.name for spec in TOOLS} | {"get_job", "cancel_job", "server_status"}
+    assert expected <= set(tools)
+    for tool in tools.values():
+        assert tool.annotations is not None and tool.annotations.read_only_hint is not None, tool.name
+        assert tool.output_schema is not None, tool.name
+        for name, prop in tool.input_schema.get("properties", {}).items():
+            assert prop.get("description"), f"{tool.name}.{name} has no description"
+    generate = tools["generate_image"]
+    assert generate.input_schema["properties"]["num_images"]["maximum"] == 8
+    assert generate.annotations.destructive_hint is False
+
+
+async def test_generate_image_structured_result_matches_schema_and_resource(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        result = await client.call_tool(
+            "generate_image", {"prompt": "a red circle", "num_images": 2, "steps": 3, "seed": 41}
+        )
+        assert not result.is_error, result.content
+        jsonschema.validate(result.structured_content, tools["generate_image"].output_schema)
+        payload = result.structured_content["result"]
+        assert result.structured_content["job"]["state"] == "succeeded"
+        assert [image["seed"] for image in payload["images"]] == [41, 42]
+        links = [block for block in result.content if block.type == "resource_link"]
+        thumbnails = [block for block in result.content if block.type == "image"]
+        assert len(links) == 2 and len(thumbnails) == 2
+        read = await client.read_resource(links[0].uri)
+        png = base64.b64decode(read.contents[0].blob)
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.size == (32, 32)
+    assert image.text["prompt"] == "a red circle" and image.text["seed"] == "41"
+    assert image.text["steps"] == "3" and image.text["model_profile"] == "tiny"
+    assert Path(payload["images"][0]["path"]).is_file()
+
+
+async def test_same_seed_reproduces_the_same_image(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        arguments = {"prompt": "a blue star", "steps": 3, "seed": 7, "inline": "none"}
+        first = await client.call_tool("generate_image", arguments)
+        second = await client.call_tool("generate_image", {**arguments, "num_images": 2})
+    path_a = first.structured_content["result"]["images"][0]["path"]
+    path_b = second.structured_content["result"]["images"][0]["path"]
+    pixels_a = np.asarray(Image.open(path_a).convert("RGB"), dtype=np.int16)
+    pixels_b = np.asarray(Image.open(path_b).convert("RGB"), dtype=np.int16)
+    assert np.abs(pixels_a - pixels_b).max() <= 1
+    assert not any(block.type == "image" for block in first.content)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "num_images": 9}, "num_images"),
+        ({"prompt": "x", "width": 33}, "width"),
+        ({"prompt": "x", "promt": "typo"}, "promt"),
+    ],
+)
+async def test_bad_arguments_are_errors_and_server_keeps_serving(settings, tiny_runtime, arguments, fragment):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        bad = await client.call_tool("generate_image", arguments)
+        assert bad.is_error and fragment in bad.content[0].text
+        good = await client.call_tool("generate_image", {"prompt": "ok", "steps": 1, "inline": "none"})
+        assert not good.is_error
+
+
+async def test_unknown_asset_and_job_are_clear_errors(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        missing = await client.call_tool("get_job", {"job_id": "nope"})
+        assert missing.is_error and "no job" in missing.content[0].text
+        with pytest.raises(Exception, match="asset"):
+            await client.read_resource("pictoprompt://assets/AAAAAAAAAAAAAAAAAAAAAA")
+
+
+async def test_slow_call_returns_job_handle_then_get_job_waits(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        started = await client.call_tool(
+            "generate_image", {"prompt": "slow", "steps": 40, "num_images": 2, "wait_seconds": 0}
+        )
+        job = started.structured_content["job"]
+        assert started.structured_content["result"] is None and job["state"] in {"queued", "running"}
+        assert "get_job" in started.content[0].text
+        done = await client.call_tool("get_job", {"job_id": job["job_id"], "wait_seconds": 120})
+        assert done.structured_content["job"]["state"] == "succeeded"
+        assert len(done.structured_content["result"]["images"]) == 2
+        assert any(block.type == "resource_link" for block in done.content)
+
+
+async def test_progress_is_forwarded(settings, tiny_runtime):
+    seen: list[tuple[float, float | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total))
+
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        result = await client.call_tool(
+            "generate_image", {"prompt": "p", "steps": 4, "inline": "none"}, progress_callback=on_progress
+        )
+    assert not result.is_error
+    assert (4, 4) in seen
+
+
+async def test_cancel_job_frees_the_gpu_lock(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        started = await client.call_tool("generate_image", {"prompt": "long", "steps": 150, "wait_seconds": 0})
+        job_id = started.structured_content["job"]["job_id"]
+        await anyio.sleep(0.3)
+        cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
+        assert cancelled.structured_content["cancelled"] is True
+        ended = await client.call_tool("get_job", {"job_id": job_id, "wait_seconds": 60})
+        assert ended.is_error and "cancelled" in ended.content[0].text
+        assert not tiny_runtime.gpu_lock.locked()
+        after = await client.call_tool("generate_image", {"prompt": "next", "steps": 2, "inline": "none"})
+        assert not after.is_error
+
+
+async def test_client_cancellation_stops_the_job(settings, tiny_runtime):
+    server = server_for(settings, tiny_runtime)
+    async with Client(server) as client:
+        with anyio.move_on_after(0.5):
+            await client.call_tool("generate_image", {"prompt": "long", "steps": 150})
+        status = await client.call_tool("server_status", {})
+        deadline = time.monotonic() + 30
+        while status.structured_content["queue"]["running"] and time.monotonic() < deadline:
+            await anyio.sleep(0.2)
+            status = await client.call_tool("server_status", {})
+        assert status.structured_content["queue"]["running"] == []
+        after = await client.call_tool("generate_image", {"prompt": "next", "steps": 2, "inline": "none"})
+        assert not after.is_error
+
+
+async def test_full_queue_gives_busy_error(tmp_path, settings, tiny_runtime):
+    settings.queue_depth = 1
+    release = threading.Event()
+    tiny_runtime.gpu_lock.acquire()  # hold the GPU so jobs pile up in the queue
+    try:
+        async with Client(server_for(settings, tiny_runtime)) as client:
+            arguments = {"prompt": "q", "steps": 1, "wait_seconds": 0}
+            first = await client.call_tool("generate_image", arguments)
+            await anyio.sleep(0.2)  # the worker takes the first job and blocks on the lock
+            second = await client.call_tool("generate_image", arguments)
+            third = await client.call_tool("generate_image", arguments)
+            assert not first.is_error and not second.is_error
+            assert third.is_error and "busy" in third.content[0].text
+            tiny_runtime.gpu_lock.release()
+            release.set()
+            done = await client.call_tool(
+                "get_job", {"job_id": second.structured_content["job"]["job_id"], "wait_seconds": 60}
+            )
+            assert done.structured_content["job"]["state"] == "succeeded"
+    finally:
+        if not release.is_set():
+            tiny_runtime.gpu_lock.release()
+
+
+async def test_server_status_reports_profile_and_queue(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        status = (await client.call_tool("server_status", {})).structured_content
+    assert status["profile"] == "tiny" and status["device"] == "cpu"
+    assert "generator" in status["loaded_models"] and status["queue"]["depth"] == settings.queue_depth
+
+
+async def test_inline_full_stays_under_one_mebibyte(settings, tiny_runtime):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        result = await client.call_tool(
+            "generate_image", {"prompt": "x", "steps": 1, "num_images": 8, "inline": "full"}
+        )
+    size = sum(len(block.model_dump_json()) for block in result.content)
+    assert size < 1024 * 1024
+    assert sum(block.type == "image" for block in result.content) == 8
