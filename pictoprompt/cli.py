@@ -224,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_argument("--markdown", action="store_true")
     tools.set_defaults(handler=cmd_tools)
 
-    models = commands.add_parser("models", parents=[common], help="Profiles: list, check, train-shapes.")
-    models.add_argument("action", choices=["list", "check", "train-shapes"])
-    models.add_argument("rest", nargs=argparse.REMAINDER, help="train-shapes options (see train-shapes -h).")
+    models = commands.add_parser("models", help="Profiles and weights: list, check, train-shapes.")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    model_actions.add_parser("list", parents=[common], help="What each profile is made of.")
+    model_actions.add_parser("check", parents=[common], help="Whether each profile's weights are present.")
+    train = model_actions.add_parser("train-shapes", help="Retrain the bundled shapes set (see its -h).")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="Options passed to the trainer.")
     models.set_defaults(handler=cmd_models)
 
     demo = commands.add_parser("demo", parents=[common], help="Run every tool through a real MCP client.")

@@ -1,0 +1,67 @@
+"""The command line: tool commands write PNGs with metadata, models list/check, the generated tool reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from pictoprompt.cli import main
+from pictoprompt.docs import tools_markdown
+from pictoprompt.models.profiles import get_profile, load_profiles_file
+
+
+def test_generate_writes_pngs_with_metadata(tmp_path, capsys):
+    code = main(["generate", "a red circle", "--profile", "tiny", "--num-images", "2", "--steps", "2",
+                 "--seed", "5", "-o", str(tmp_path)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [image["seed"] for image in result["images"]] == [5, 6]
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 2
+    assert Image.open(files[0]).text["prompt"] == "a red circle"
+
+
+def test_bad_argument_exits_with_a_message(tmp_path, capsys):
+    code = main(["generate", "x", "--profile", "nonexistent", "-o", str(tmp_path)])
+    assert code == 2
+    assert "no profile 'nonexistent'" in capsys.readouterr().err
+
+
+def test_models_list_and_check(capsys):
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "sd15" in listing and "sd21" in listing and "ViT-H-14" in listing
+    assert main(["models", "check", "--profile", "tiny"]) == 0
+    assert main(["models", "check", "--profile", "sd15"]) == 1
+    report = capsys.readouterr().out
+    assert "MISSING" in report and "HF_HUB_OFFLINE" in report
+
+
+def test_profiles_from_toml(tmp_path):
+    path = tmp_path / "profiles.toml"
+    path.write_text('[profiles.mine]\ngenerator = "/nowhere/sd"\nclip = { source = "/nowhere/clip" }\n')
+    assert load_profiles_file(path)["mine"].clip.source == "/nowhere/clip"
+    assert get_profile("mine", path).generator == "/nowhere/sd"
+    path.write_text('[profiles.broken]\nclip = { source = "x" }\n')
+    with pytest.raises(Exception, match="generator"):
+        load_profiles_file(path)
+
+
+def test_missing_weights_error_names_profile_component_and_fix(tmp_path):
+    from pictoprompt.errors import ModelNotFoundError
+    from pictoprompt.models.runtime import Runtime
+
+    path = tmp_path / "profiles.toml"
+    path.write_text(f'[profiles.gone]\ngenerator = "{tmp_path}/no-sd"\nclip = {{ source = "{tmp_path}/no-clip" }}\n')
+    with pytest.raises(ModelNotFoundError) as raised:
+        Runtime(get_profile("gone", path)).pipeline()
+    message = str(raised.value)
+    assert "'gone'" in message and "generator" in message and "no-sd" in message and "TOML" in message
+
+
+def test_tools_markdown_documents_every_argument():
+    text = tools_markdown()
+    assert "### `generate_image`" in text and "| `num_images` |" in text and "<= 8" in text
+    assert "### `server_status`" in text

@@ -1,0 +1,124 @@
+"""Real transports: a stdio subprocess session and a streamable-HTTP session with its bearer token."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from pictoprompt.server.serve import http_auth_options
+from pictoprompt.settings import Settings
+
+pytestmark = pytest.mark.anyio
+TOKEN = "test-token-0123456789abcdef"
+
+
+def server_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PICTOPROMPT_PROFILE": "tiny",
+        "PICTOPROMPT_ASSET_DIR": str(tmp_path / "assets"),
+        "PICTOPROMPT_DATA_DIR": str(tmp_path / "data"),
+        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(tmp_path)]),
+        **extra,
+    }
+
+
+async def test_stdio_subprocess_session(tmp_path):
+    parameters = StdioServerParameters(
+        command=sys.executable, args=["-m", "pictoprompt.cli", "serve"], env=server_environment(tmp_path)
+    )
+    async with Client(parameters, read_timeout_seconds=300) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert "generate_image" in names
+        result = await client.call_tool("generate_image", {"prompt": "a red circle", "steps": 2, "seed": 3})
+        assert not result.is_error
+        image = result.structured_content["result"]["images"][0]
+        assert image["seed"] == 3 and Path(image["path"]).is_file()
+        assert Path(image["path"]).is_relative_to(tmp_path / "assets")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(tmp_path) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pictoprompt.cli", "serve", "--http", "--port", str(port)],
+        env=server_environment(tmp_path, PICTOPROMPT_TOKEN=TOKEN),
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def test_http_session_requires_the_token(http_server):
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    headers = {"Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient() as raw:
+        missing = await raw.post(http_server, json=initialize, headers=headers)
+        wrong = await raw.post(http_server, json=initialize, headers={**headers, "Authorization": "Bearer nope"})
+    assert missing.status_code == 401 and wrong.status_code == 401
+
+    http_client = create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"})
+    async with http_client, Client(streamable_http_client(http_server, http_client=http_client)) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert "server_status" in names
+        result = await client.call_tool("generate_image", {"prompt": "a blue square", "steps": 2, "seed": 9})
+        assert not result.is_error and result.structured_content["result"]["images"][0]["seed"] == 9
+
+
+def test_non_loopback_bind_without_token_is_refused():
+    with pytest.raises(Exception, match="PICTOPROMPT_TOKEN"):
+        http_auth_options(Settings(token=None), "0.0.0.0", 8765)
+    assert http_auth_options(Settings(token=None), "127.0.0.1", 8765) == {}
+    assert "token_verifier" in http_auth_options(Settings(token="s3cret-token"), "0.0.0.0", 8765)
+
+
+def test_cli_refuses_public_bind_without_token(tmp_path):
+    environment = server_environment(tmp_path)
+    environment.pop("PICTOPROMPT_TOKEN", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "pictoprompt.cli", "serve", "--http", "--host", "0.0.0.0", "--port", str(free_port())],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "PICTOPROMPT_TOKEN" in completed.stderr
