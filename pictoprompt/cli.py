@@ -135,9 +135,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from pictoprompt.docs import tools_markdown
+    from pictoprompt.docs import tools_markdown, write_readme_section
 
-    if args.markdown:
+    if args.write_readme:
+        write_readme_section(args.write_readme)
+    elif args.markdown:
         print(tools_markdown())
     else:
         from pictoprompt.tools import TOOLS
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=run_tool_command, spec=spec)
 
     tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the README's reference).")
-    tools.add_argument("--markdown", action="store_true")
+    tools.add_argument("--markdown", action="store_true", help="Print the README's tool reference.")
+    tools.add_argument("--write-readme", type=Path, metavar="README", help="Refresh that README's tool reference.")
     tools.set_defaults(handler=cmd_tools)
 
     models = commands.add_parser("models", help="Profiles and weights: list, check, train-shapes.")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+START_MARKER = "<!-- tools:start -->"
+END_MARKER = "<!-- tools:end -->"
 
 
 def _type_of(schema: dict[str, Any]) -> str:
@@ -60,3 +64,11 @@ def tools_markdown() -> str:
                 lines.append(f"| `{name}` | {_type_of(schema)} | {default} | {description} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def write_readme_section(readme: Path) -> None:
+    """Replace the README's block between the tools markers with `tools_markdown()`."""
+    text = readme.read_text()
+    head, rest = text.split(START_MARKER, 1)
+    _, tail = rest.split(END_MARKER, 1)
+    readme.write_text(f"{head}{START_MARKER}\n{tools_markdown()}\n{END_MARKER}{tail}")

@@ -190,9 +190,9 @@ class OpenClipClip(ClipModel):
     """An open_clip model with its tokenizer (SD 2.x pairs with OpenCLIP ViT-H/14 `laion2b_s32b_b79k`)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
-        self.model = model.eval().requires_grad_(False)
         import open_clip  # imported on use: only the SD 2.x profiles need it
 
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         preprocess = open_clip.get_model_preprocess_cfg(model)
         size = preprocess.get("size", model.visual.image_size)

@@ -1,0 +1,239 @@
+"""SD-IPC on `shapes`: do variations carry the reference's content, do text edits apply, and what do they cost?
+
+Run: `pictoprompt bench sd_ipc [--n 200] [--edit-n 100] [--steps 25] [--profile shapes]`. Three tables:
+
+1. Variation (the paper's Table 2 claim): on held-out single-object scenes, the oracle's agreement between the
+   reference scene and an image generated from (a) the ground-truth caption, (b) the SD-IPC pseudo-prompt of
+   the reference picture, (c) the caption of another scene (the floor). Goal: (b) within 10 points of (a) on
+   colour and shape.
+2. Editing (Eq. 8): one attribute changed by text ("blue", "on the left", "a star") at alpha 0 / 0.5 / 0.9 /
+   1.5; how often the oracle sees the edit applied, the other attributes (and background) kept, and both.
+3. Speed: `vary_image` against `generate_image` with the same settings through the tool functions. Goal: a
+   variation costs at most 5% more.
+
+Every image of one scene uses the same seed in every condition, so the conditions differ only in the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from harness import Example, Timer, clip_image_similarity, image_agreement, mean_scores, print_table, scene_set
+from PIL import Image
+
+from pictoprompt.methods.generation import default_size, generate
+from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.models.shapes.oracle import ATTRIBUTES, agreement, parse_scene
+from pictoprompt.models.shapes.scenes import (
+    COLOURS,
+    HELD_OUT_COMBOS,
+    POSITION_PHRASES,
+    POSITIONS,
+    THIN_SHAPES,
+    TRAIN_SHAPES,
+    SceneObject,
+)
+from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore
+from pictoprompt.tools.base import ToolContext
+from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
+from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
+
+ALPHAS = (0.0, 0.5, 0.9, 1.5)
+EDIT_KINDS = ("colour", "position", "shape")
+REPORTED = ("shape", "colour", "fill", "background", "size", "position")
+BATCH = 50
+
+
+def render(
+    runtime: Runtime, prompt_embeds: torch.Tensor, seeds: Sequence[int], settings: argparse.Namespace
+) -> list[Image.Image]:
+    """One image per row of `prompt_embeds` (row i with seed i), in batches, against the empty-prompt negative."""
+    pipeline = runtime.pipeline()
+    negative = ImageToPrompt.cached(runtime.clip(), pipeline).empty_states
+    size = default_size(pipeline)
+    images = []
+    for start in range(0, len(seeds), BATCH):
+        rows = slice(start, start + BATCH)
+        images += generate(
+            pipeline,
+            prompt_embeds[rows],
+            negative,
+            seeds[rows],
+            settings.steps,
+            settings.guidance,
+            size,
+            size,
+            Progress(),
+        )
+    return images
+
+
+def text_prompts(runtime: Runtime, texts: Sequence[str]) -> torch.Tensor:
+    pipeline = runtime.pipeline()
+    states, _ = ImageToPrompt.cached(runtime.clip(), pipeline).text_states(texts)
+    return states
+
+
+def image_prompts(runtime: Runtime, images: Sequence[Image.Image]) -> torch.Tensor:
+    clip = runtime.clip()
+    return ImageToPrompt.cached(clip, runtime.pipeline()).prompt(clip.encode_image(images))
+
+
+def variation_table(runtime: Runtime, examples: list[Example], settings: argparse.Namespace) -> list[dict]:
+    seeds = list(range(len(examples)))
+    others = examples[len(examples) // 2 :] + examples[: len(examples) // 2]
+    conditions = {
+        "ground-truth caption": text_prompts(runtime, [ex.caption for ex in examples]),
+        "SD-IPC variation": image_prompts(runtime, [ex.image for ex in examples]),
+        "random caption": text_prompts(runtime, [ex.caption for ex in others]),
+    }
+    references = [ex.image for ex in examples]
+    rows = []
+    for name, prompt_embeds in conditions.items():
+        images = render(runtime, prompt_embeds, seeds, settings)
+        scores = mean_scores(image_agreement(image, ex.scene) for image, ex in zip(images, examples, strict=True))
+        clip_i = float(clip_image_similarity(runtime.clip(), images, references).mean())
+        rows.append({"condition": name, **{a: 100 * scores[a] for a in REPORTED}, "CLIP-I": clip_i})
+    return rows
+
+
+def edited_object(obj: SceneObject, background: str, kind: str, rng: random.Random) -> tuple[SceneObject, str]:
+    """The object with one attribute changed, and the edit text that asks for it."""
+    if kind == "colour":
+        colour = rng.choice([c for c in COLOURS if c not in (obj.colour, background)])
+        return SceneObject(obj.shape, colour, obj.size, obj.position, obj.fill), colour
+    if kind == "position":
+        position = rng.choice([p for p in POSITIONS if p != obj.position])
+        return SceneObject(obj.shape, obj.colour, obj.size, position, obj.fill), POSITION_PHRASES[position][0]
+    # A new shape the generator has seen in this colour and that can carry the object's fill.
+    shapes = [
+        s
+        for s in TRAIN_SHAPES
+        if s != obj.shape and (obj.colour, s) not in HELD_OUT_COMBOS and (obj.fill == "solid" or s not in THIN_SHAPES)
+    ]
+    shape = rng.choice(shapes)
+    article = "an" if shape[0] in "aeiou" else "a"
+    return SceneObject(shape, obj.colour, obj.size, obj.position, obj.fill), f"{article} {shape}"
+
+
+def edit_table(runtime: Runtime, examples: list[Example], settings: argparse.Namespace) -> list[dict]:
+    clip = runtime.clip()
+    converter = ImageToPrompt.cached(clip, runtime.pipeline())
+    image_embeds = clip.encode_image([ex.image for ex in examples])
+    seeds = list(range(len(examples)))
+    rows = []
+    for kind in EDIT_KINDS:
+        rng = random.Random(f"edit-{kind}")
+        edits = [edited_object(ex.scene.objects[0], ex.scene.background, kind, rng) for ex in examples]
+        for alpha in ALPHAS:
+            prompt_embeds = torch.cat(
+                [converter.edit(image_embeds[i : i + 1], text, alpha) for i, (_, text) in enumerate(edits)]
+            )
+            images = render(runtime, prompt_embeds, seeds, settings)
+            applied, kept = [], []
+            for image, ex, (target, _) in zip(images, examples, edits, strict=True):
+                reading = parse_scene(image)
+                seen = agreement(target, reading.main)
+                applied.append(seen[kind])
+                others = [seen[a] for a in ATTRIBUTES if a != kind] + [reading.background == ex.scene.background]
+                kept.append(all(others))
+            both = [a and k for a, k in zip(applied, kept, strict=True)]
+            rows.append(
+                {
+                    "edit": kind,
+                    "alpha": alpha,
+                    "applied %": 100 * statistics.fmean(applied),
+                    "others kept %": 100 * statistics.fmean(kept),
+                    "both %": 100 * statistics.fmean(both),
+                }
+            )
+    return rows
+
+
+class OneImage:
+    """The `ImageSource` of the speed test: every reference is the same picture."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+
+    def load(self, ref: str) -> Image.Image:
+        return self.image
+
+
+def speed_table(
+    runtime: Runtime, example: Example, settings: argparse.Namespace, repeats: int, num_images: int
+) -> list[dict]:
+    common = {"num_images": num_images, "steps": settings.steps, "guidance": settings.guidance, "seed": 0}
+    calls = {
+        "generate_image": (generate_image, GenerateImageRequest(prompt=example.caption, **common)),
+        "vary_image": (vary_image, VaryImageRequest(images=["reference"], **common)),
+    }
+    timers = {name: Timer() for name in calls}
+    with tempfile.TemporaryDirectory() as scratch:
+        context = ToolContext(runtime, AssetStore(Path(scratch)), OneImage(example.image))
+        for tool, request in calls.values():
+            tool(request, context)  # warm-up: loading, caches, the conversion matrix
+        for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+            for name, (tool, request) in calls.items():
+                with timers[name], runtime.gpu_lock:
+                    tool(request, context)
+    baseline = statistics.median(timers["generate_image"].times)
+    return [
+        {
+            "tool": name,
+            "median s": statistics.median(timer.times),
+            "mean s": timer.mean,
+            "vs generate_image %": 100 * (statistics.median(timer.times) / baseline - 1),
+        }
+        for name, timer in timers.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pictoprompt bench sd_ipc", description=__doc__)
+    parser.add_argument("--profile", default="shapes")
+    parser.add_argument("--n", type=int, default=200, help="held-out single-object scenes for the variations")
+    parser.add_argument("--edit-n", type=int, default=100, help="scenes per edit kind and alpha")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per tool")
+    parser.add_argument("--num-images", type=int, default=4, help="images per timed call")
+    settings = parser.parse_args(argv)
+
+    runtime = Runtime(get_profile(settings.profile))
+    examples = scene_set("single", settings.n)
+    header = f"profile {settings.profile}, {settings.steps} DDIM steps, guidance {settings.guidance}"
+    with torch.no_grad():
+        variation = variation_table(runtime, examples, settings)
+        print_table(f"Variation: oracle agreement with the reference, % ({settings.n} scenes; {header})", variation)
+        edits = edit_table(runtime, examples[: settings.edit_n], settings)
+        print_table(f"Editing by text ({min(settings.edit_n, settings.n)} scenes per row; {header})", edits)
+    speed = speed_table(runtime, examples[0], settings, settings.repeats, settings.num_images)
+    print_table(f"Speed: {settings.num_images} images per call, {settings.repeats} calls ({runtime.device})", speed)
+
+    truth, sd_ipc = variation[0], variation[1]
+    gaps = {a: truth[a] - sd_ipc[a] for a in ("colour", "shape")}
+    overhead = speed[1]["vs generate_image %"]
+    summary = {"variation": variation, "edits": edits, "speed": speed, "gap_points": gaps}
+    print(
+        f"SD-IPC vs ground-truth caption: colour -{gaps['colour']:.1f}, shape -{gaps['shape']:.1f} points "
+        f"(goal within 10): {'met' if max(gaps.values()) <= 10 else 'NOT met'}"
+    )
+    print(f"variation cost over generation: {overhead:+.1f}% (goal <= 5%): {'met' if overhead <= 5 else 'NOT met'}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
