@@ -197,3 +197,49 @@ async def test_inline_full_stays_under_one_mebibyte(settings, tiny_runtime):
     size = sum(len(block.model_dump_json()) for block in result.content)
     assert size < 1024 * 1024
     assert sum(block.type == "image" for block in result.content) == 8
+
+
+def _png_data_uri(color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_vary_and_edit_through_the_client_with_every_reference_kind(tmp_path, settings, tiny_runtime):
+    local = tmp_path / "reference.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(local)
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        made = await client.call_tool("generate_image", {"prompt": "a star", "steps": 2, "inline": "none"})
+        asset_uri = made.structured_content["result"]["images"][0]["uri"]
+        varied = await client.call_tool(
+            "vary_image",
+            {"images": [str(local), _png_data_uri((0, 0, 255)), asset_uri], "num_images": 2, "steps": 2, "seed": 4},
+        )
+        assert not varied.is_error, varied.content
+        images = varied.structured_content["result"]["images"]
+        assert [image["seed"] for image in images] == [4, 5]
+        assert all(-1.0 <= image["image_similarity"] <= 1.0 for image in images)
+        edited = await client.call_tool(
+            "edit_with_text", {"image": asset_uri, "text": "in the snow", "num_images": 1, "steps": 2}
+        )
+        assert not edited.is_error, edited.content
+        assert "text_similarity" in edited.structured_content["result"]["images"][0]
+
+
+@pytest.mark.parametrize(
+    ("reference", "fragment"),
+    [
+        ("/etc/passwd", "allow-dir"),
+        ("http://127.0.0.1:9/x.png", "address"),
+        ("data:image/png;base64,!!!notbase64", "base64"),
+        ("pictoprompt://assets/AAAAAAAAAAAAAAAAAAAAAA", "asset"),
+    ],
+)
+async def test_refused_images_are_errors_and_the_server_keeps_serving(settings, tiny_runtime, reference, fragment):
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        refused = await client.call_tool("vary_image", {"images": [reference], "steps": 1})
+        assert refused.is_error and fragment in refused.content[0].text.lower(), refused.content[0].text
+        good = await client.call_tool(
+            "vary_image", {"images": [_png_data_uri((0, 200, 0))], "steps": 1, "num_images": 1, "inline": "none"}
+        )
+        assert not good.is_error
