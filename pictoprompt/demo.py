@@ -44,9 +44,15 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, Image.Image]] = []
     if profile == "shapes":
-        from pictoprompt.models.shapes.scenes import demo_scenes
+        from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
-        images = demo_scenes()
+        scenes = {
+            "red-circle": Scene("white", (SceneObject("circle", "red", "large", "center"),)),
+            "blue-star": Scene("white", (SceneObject("star", "blue", "large", "left"),)),
+            "striped-green-square": Scene("black", (SceneObject("square", "green", "large", "center", "striped"),)),
+            "yellow-heart": Scene("gray", (SceneObject("heart", "yellow", "large", "top right"),)),
+        }
+        images = [(name, render_scene(scene)) for name, scene in scenes.items()]
     else:
         from skimage import data
 

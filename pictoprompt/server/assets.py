@@ -64,9 +64,7 @@ def asset_uri(asset_id: str) -> str:
 def asset_id_from_uri(uri: str) -> str:
     """The id in a `pictoprompt://assets/<id>` URI, checked to be a well-formed id."""
     if not uri.startswith(ASSET_URI_PREFIX):
-        raise InvalidInputError(
-            f"{uri[:100]!r} is not an asset URI; asset URIs look like {ASSET_URI_PREFIX}<id>."
-        )
+        raise InvalidInputError(f"{uri[:100]!r} is not an asset URI; asset URIs look like {ASSET_URI_PREFIX}<id>.")
     return check_asset_id(uri.removeprefix(ASSET_URI_PREFIX))
 
 
@@ -109,9 +107,7 @@ class AssetStore:
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             if not _KEYWORD_PATTERN.fullmatch(key) or len(key) > 79:
-                raise ValueError(
-                    f"{key!r} cannot be a PNG text keyword (1-79 Latin-1 characters, no double spaces)"
-                )
+                raise ValueError(f"{key!r} cannot be a PNG text keyword (1-79 Latin-1 characters, no double spaces)")
             # add_text falls back to an iTXt (UTF-8) chunk by itself when the value is not Latin-1.
             info.add_text(key, str(value))
         if image.mode not in _PNG_MODES:

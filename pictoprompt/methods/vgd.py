@@ -1,0 +1,439 @@
+"""Visually Guided Decoding (VGD, paper 002_4f8ace6849c1227f, section 3): an LLM writes, CLIP steers every token.
+
+The objective (Eq. 7-8) is `argmax_T P_CLIP(I | T) * P_LLM(T)^alpha`, decoded left to right with a beam search:
+
+1. *LLM prompting* (appendix A.1): a system prompt, a task prompt (inversion, style or distillation) and the
+   assistant's answer begun with "Sure, here is a prompt for stable diffusion within N tokens:".
+2. *Beam initialisation*: the CLIP-vocabulary word closest to the target is given to the LLM as the task's
+   condition (the authors' code appends it to the user prompt); the vocabulary's embeddings are computed once
+   per CLIP (`clip_vocabulary`, cached on disk).
+3. *Expansion and pruning*: each step the LLM proposes the `num_beams * beam_expand_factor` (beam, token) pairs
+   with the highest cumulative log-probability; each candidate text is scored
+   `llm_alpha * cumulative LLM log-prob + clip_alpha * log_softmax_over_candidates(logit_scale * cos(target, text))`
+   (the authors' code; llm_alpha = 1 and clip_alpha = 1.5 is the paper's alpha = 0.67), and the best
+   `num_beams` are kept. With several target rows the CLIP log-softmax is taken per row and averaged.
+4. *Termination*: a stop token (end of turn, or any token holding a newline) ends a hypothesis; the search ends
+   at `max_length` tokens, or once `num_beams` hypotheses have ended and no live beam scores better than the
+   best of them (expansion no longer improves the score). The answer is the best hypothesis by
+   `score / ((length_penalty_offset + len) / (length_penalty_offset + 1)) ** length_penalty_alpha`.
+
+The LLM's and CLIP's tokenisers differ, so CLIP always sees the decoded text. A target is any set of CLIP-space
+vectors: image embeddings (inversion, fusion), their normalised mean (shared style), a text embedding
+(distillation) or a vector from another method (SD-IPC, EDITOR). `variant` selects the paper's Table 2 ablations:
+`llm_only` (no CLIP term) and `clip_only` (no LLM term; the LLM still proposes the candidates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from pictoprompt.errors import InvalidInputError, PictopromptError
+from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.llm import LanguageModel, perplexity
+from pictoprompt.progress import Progress
+from pictoprompt.prompts import load_prompt
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["inversion", "style", "distillation"]
+Variant = Literal["vgd", "llm_only", "clip_only"]
+
+VARIANT_ALPHAS: dict[Variant, tuple[float, float]] = {
+    "vgd": (1.0, 1.5),
+    "llm_only": (1.0, 0.0),
+    "clip_only": (0.0, 1.5),
+}
+"""(llm_alpha, clip_alpha) of each variant."""
+
+DISTILLATION_RATIO = 0.3
+"""Distillation's default length: 30% of the long prompt's CLIP tokens (the authors' `distillation_ratio`)."""
+
+_VOCABULARY_PROBE = "a photo of a red circle on a blue background"
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def image_targets(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
+    """One target row per image (N, P): the decoder averages their per-row log-softmax (fusion of concepts)."""
+    with torch.no_grad():
+        return clip.encode_image(images).float()
+
+
+def style_target(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
+    """The images' shared direction (1, P): the mean of their unit embeddings keeps what they have in common."""
+    return F.normalize(image_targets(clip, images), dim=-1).mean(0, keepdim=True)
+
+
+def text_target(clip: ClipModel, prompt: str) -> Tensor:
+    """A prompt's CLIP text embedding (1, P): the target of prompt distillation."""
+    with torch.no_grad():
+        return clip.encode_text([prompt]).float()
+
+
+def clip_token_count(clip: ClipModel, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text under the CLIP tokenizer, start and end markers excluded (at most context - 2)."""
+    return (clip.eos_positions(clip.tokenize(texts)) - 1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+
+
+@dataclass(frozen=True)
+class ClipVocabulary:
+    """The CLIP tokenizer's vocabulary as distinct words, with their unit text embeddings (W, P)."""
+
+    words: list[str]
+    embeddings: Tensor
+
+    def closest(self, targets: Tensor) -> str:
+        """The word with the highest cosine similarity to the targets (averaged over rows)."""
+        similarity = F.normalize(targets.float(), dim=-1).to(self.embeddings.device) @ self.embeddings.T
+        return self.words[int(similarity.mean(0).argmax())]
+
+
+_vocabularies: weakref.WeakKeyDictionary[ClipModel, ClipVocabulary] = weakref.WeakKeyDictionary()
+_vocabulary_lock = threading.Lock()
+
+
+def clip_fingerprint(clip: ClipModel) -> str:
+    """A key that changes with the CLIP's text tower or tokenizer: its projection and a probe sentence's embedding."""
+    with torch.no_grad():
+        probe = clip.encode_text([_VOCABULARY_PROBE]).float().cpu().numpy()
+    digest = hashlib.sha256()
+    digest.update(f"{type(clip).__name__}:{clip.vocab_size}:{clip.embed_dim}:{clip.logit_scale:.4f}".encode())
+    digest.update(clip.text_projection.float().cpu().numpy().tobytes())
+    # Rounded, so the same weights on another device or batch layout still find the file.
+    digest.update(np.round(probe, 3).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def clip_vocabulary(
+    clip: ClipModel, cache_dir: Path | None = None, batch_size: int = 1024, progress: Progress | None = None
+) -> ClipVocabulary:
+    """Every distinct word of the CLIP vocabulary with its text embedding, computed once per CLIP.
+
+    Kept in memory per model and, with `cache_dir`, in a file keyed by `clip_fingerprint`, so a restart does not
+    pay for the 49,408 text encodings again.
+    """
+    with _vocabulary_lock:
+        if clip in _vocabularies:
+            return _vocabularies[clip]
+        path = cache_dir / f"clip-vocabulary-{clip_fingerprint(clip)}.pt" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            stored = torch.load(path, map_location=clip.device, weights_only=True)
+            vocabulary = ClipVocabulary(stored["words"], stored["embeddings"])
+        else:
+            vocabulary = _embed_vocabulary(clip, batch_size, progress or Progress())
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial")
+                torch.save({"words": vocabulary.words, "embeddings": vocabulary.embeddings.cpu()}, partial)
+                partial.replace(path)
+        _vocabularies[clip] = vocabulary
+        return vocabulary
+
+
+def _embed_vocabulary(clip: ClipModel, batch_size: int, progress: Progress) -> ClipVocabulary:
+    # Word pieces and whole words that decode alike ("dog", "dog</w>") are one word; byte fragments and
+    # punctuation carry no meaning to start a prompt from.
+    words = list(dict.fromkeys(clip.decode([token]) for token in range(clip.vocab_size)))
+    words = [word for word in words if any(c.isalpha() for c in word)]
+    logger.info("embedding %d CLIP vocabulary words (once per CLIP)", len(words))
+    batches = []
+    with torch.no_grad():
+        for begin in range(0, len(words), batch_size):
+            progress.step(begin, len(words), "Embedding the CLIP vocabulary (once per model)")
+            batches.append(F.normalize(clip.encode_text(words[begin : begin + batch_size]).float(), dim=-1))
+    return ClipVocabulary(words, torch.cat(batches))
+
+
+# ------------------------------------------------------------------------------------------------ LLM prompts
+
+
+def vgd_prompt(
+    llm: LanguageModel, task: Task, max_length: int, condition: str = "", target_prompt: str = ""
+) -> list[int]:
+    """The chat of appendix A.1 as LLM token ids: system prompt, task prompt, the answer's opening words."""
+    values = {"condition": condition, "max_length": max_length, "target_prompt": target_prompt}
+    user = Template(load_prompt(f"vgd_{task}")).substitute(values).strip()
+    # The answer opens on a new line (as in the authors' code), so a newline ends the prompt rather than
+    # starting it.
+    answer = Template(load_prompt("vgd_answer")).substitute(values) + "\n"
+    return llm.chat_prompt(load_prompt("vgd_system"), user, answer)
+
+
+def text_perplexities(llm: LanguageModel, texts: Sequence[str]) -> list[float]:
+    """Perplexity of each text as the LLM's answer to a neutral request for an image prompt.
+
+    The same context for every text, whichever method wrote it, so perplexities compare across methods.
+    """
+    prompt = llm.chat_prompt(load_prompt("vgd_system"), load_prompt("vgd_perplexity"))
+    tokens = [llm.tokenize(text) for text in texts]
+    return [perplexity(ll, len(t)) for ll, t in zip(llm.log_likelihoods(prompt, tokens), tokens, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def clip_log_probs(text_embeddings: Tensor, targets: Tensor, logit_scale: float) -> Tensor:
+    """log P_CLIP(target | text) over the candidates (C,): per target row a log-softmax of the CLIP logits
+    `logit_scale * cos(target, text)` across the C candidates, averaged over rows."""
+    logits = logit_scale * F.normalize(targets.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
+    return logits.log_softmax(dim=-1).mean(0)
+
+
+def step_scores(llm_log_probs: Tensor, clip_scores: Tensor, llm_alpha: float = 1.0, clip_alpha: float = 1.5) -> Tensor:
+    """A step's candidate scores: `llm_alpha * cumulative LLM log-prob + clip_alpha * clip_log_probs`."""
+    return llm_alpha * llm_log_probs + clip_alpha * clip_scores
+
+
+def length_penalty(length: int, alpha: float = 1.2, offset: int = 5) -> float:
+    """((offset + length) / (offset + 1)) ** alpha: the final choice divides the score by this."""
+    return ((offset + length) / (offset + 1)) ** alpha
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One decoded prompt."""
+
+    text: str
+    token_ids: list[int]
+    score: float
+    """The step score when it ended (or when the search stopped)."""
+    final_score: float
+    """`score / length_penalty(len(token_ids))`: what ranks the hypotheses."""
+    llm_log_prob: float
+    """Cumulative LLM log-probability of its tokens, given the VGD prompt."""
+    finished: bool
+    """Ended by a stop token; otherwise cut by the length limit or the end of the search."""
+
+
+@dataclass
+class VgdResult:
+    hypotheses: list[Hypothesis]
+    """Distinct texts, best first."""
+    initial_condition: str | None
+    steps: int
+    beams: list[list[list[int]]] = field(default_factory=list)
+    """The LLM token ids of the kept beams after each step."""
+
+    @property
+    def best(self) -> Hypothesis:
+        if not self.hypotheses:
+            raise PictopromptError(
+                "Guided decoding produced no text (every candidate was empty or over its budget); allow more tokens."
+            )
+        return self.hypotheses[0]
+
+
+class _TextEmbeddings:
+    """CLIP embeddings of candidate texts for one decode, each distinct text encoded once."""
+
+    def __init__(self, clip: ClipModel) -> None:
+        self.clip = clip
+        self.known: dict[str, Tensor] = {}
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        new = [text for text in dict.fromkeys(texts) if text not in self.known]
+        if new:
+            # All of a step's new candidates in one forward pass.
+            with torch.no_grad():
+                embeddings = self.clip.encode_text(new).float()
+            self.known.update(zip(new, embeddings, strict=True))
+        return torch.stack([self.known[text] for text in texts])
+
+
+def guided_decode(
+    llm: LanguageModel,
+    clip: ClipModel,
+    targets: Tensor,
+    prompt_ids: Sequence[int],
+    *,
+    num_beams: int = 10,
+    beam_expand_factor: int = 10,
+    max_length: int = 32,
+    min_length: int = 1,
+    llm_alpha: float = 1.0,
+    clip_alpha: float = 1.5,
+    length_penalty_alpha: float = 1.2,
+    length_penalty_offset: int = 5,
+    max_clip_tokens: int | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> VgdResult:
+    """Beam-search the LLM's answer to `prompt_ids`, each step rescored by CLIP against `targets` (N, P).
+
+    `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
+    is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `use_cache=False` recomputes
+    every beam from scratch each step, like the authors' code (for comparison; same beams, slower).
+    """
+    if targets.ndim != 2 or targets.shape[0] == 0:
+        raise InvalidInputError("The decoder needs at least one target vector, as a (N, P) tensor.")
+    progress = progress or Progress()
+    targets = targets.float().to(clip.device)
+    embed = _TextEmbeddings(clip)
+    proposals = num_beams * beam_expand_factor
+
+    def penalised(score: float, length: int) -> float:
+        return score / length_penalty(length, length_penalty_alpha, length_penalty_offset)
+
+    # Ended hypotheses by text (several stop tokens can end the same beam): (token ids, score, LLM log-prob).
+    finished: dict[str, tuple[list[int], float, float]] = {}
+    live_texts: list[str] = [""]
+    live_tokens: list[list[int]] = [[]]
+    live_scores = torch.zeros(1)
+    cumulative = torch.zeros(1)
+    kept_parents: list[int] = []
+    kept_tokens: list[int] = []
+    history: list[list[list[int]]] = []
+    step = 0
+    with llm.start(prompt_ids, use_cache=use_cache, max_beams=num_beams, max_new_tokens=max_length) as beams:
+        for step in range(1, max_length + 1):
+            if kept_tokens:
+                # The LLM runs on the tokens kept last step only now that the search goes on.
+                beams.extend(kept_parents, kept_tokens)
+            log_probs = beams.log_probs.clone()
+            log_probs[:, llm.banned_tokens] = -math.inf
+            if step <= min_length:
+                log_probs[:, llm.stop_tokens] = -math.inf
+            totals = (cumulative[:, None] + log_probs).flatten()
+            top = totals.topk(min(proposals, int(torch.isfinite(totals).sum())))
+            parents = (top.indices // log_probs.shape[1]).tolist()
+            tokens = (top.indices % log_probs.shape[1]).tolist()
+            stops = llm.stop_tokens[top.indices % log_probs.shape[1]]
+            texts = [
+                live_texts[p] if stop else llm.detokenize([*live_tokens[p], t]).strip()
+                for p, t, stop in zip(parents, tokens, stops.tolist(), strict=True)
+            ]
+            if clip_alpha:
+                clip_scores = clip_log_probs(embed(texts), targets, clip.logit_scale).cpu()
+            else:
+                clip_scores = torch.zeros(len(texts))
+            scores = step_scores(top.values, clip_scores, llm_alpha, clip_alpha)
+            if max_clip_tokens is not None:
+                too_long = torch.tensor(clip_token_count(clip, texts)) > max_clip_tokens
+                scores[too_long] = -math.inf
+            for i in torch.nonzero(stops & torch.isfinite(scores)).flatten().tolist():
+                if texts[i] not in finished or float(scores[i]) > finished[texts[i]][1]:
+                    finished[texts[i]] = (live_tokens[parents[i]], float(scores[i]), float(top.values[i]))
+            scores[stops] = -math.inf
+            alive = int(torch.isfinite(scores).sum())
+            if alive == 0:
+                step -= 1
+                break
+            keep = scores.topk(min(num_beams, alive)).indices.tolist()
+            kept_parents, kept_tokens = [parents[i] for i in keep], [tokens[i] for i in keep]
+            live_tokens = [[*live_tokens[p], t] for p, t in zip(kept_parents, kept_tokens, strict=True)]
+            live_texts = [texts[i] for i in keep]
+            live_scores = scores[keep]
+            cumulative = top.values[keep]
+            history.append(live_tokens)
+            progress.step(step, max_length, f"Guided decoding: token {step} of {max_length}")
+            # Expansion no longer improves the score once as many hypotheses as beams have ended and the best
+            # live beam does not beat the best of them.
+            if len(finished) >= num_beams and penalised(float(live_scores[0]), step) <= max(
+                penalised(score, len(ids)) for ids, score, _ in finished.values()
+            ):
+                break
+    candidates = [(text, ids, score, llm_lp, True) for text, (ids, score, llm_lp) in finished.items()]
+    candidates += [
+        (text, ids, float(score), float(llm_lp), False)
+        for text, ids, score, llm_lp in zip(live_texts, live_tokens, live_scores, cumulative, strict=True)
+    ]
+    hypotheses: dict[str, Hypothesis] = {}
+    for text, ids, score, llm_lp, done in candidates:
+        if not text:
+            continue
+        final = penalised(score, len(ids))
+        if text not in hypotheses or final > hypotheses[text].final_score:
+            hypotheses[text] = Hypothesis(text, ids, score, final, llm_lp, done)
+    ranked = sorted(hypotheses.values(), key=lambda h: h.final_score, reverse=True)
+    return VgdResult(ranked, None, step, history)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def invert(
+    llm: LanguageModel,
+    clip: ClipModel,
+    targets: Tensor,
+    *,
+    task: Task = "inversion",
+    vocabulary: ClipVocabulary | None = None,
+    variant: Variant = "vgd",
+    max_length: int = 32,
+    **decoder_options: Any,
+) -> VgdResult:
+    """A prompt for a CLIP-space target (images, a style, any vector), started from its closest CLIP word.
+
+    Without `vocabulary` the LLM gets no initial condition (the paper's ablation of beam initialisation).
+    """
+    condition = vocabulary.closest(targets) if vocabulary is not None else ""
+    llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
+    prompt_ids = vgd_prompt(llm, task, max_length, condition=condition)
+    result = guided_decode(
+        llm,
+        clip,
+        targets,
+        prompt_ids,
+        max_length=max_length,
+        llm_alpha=llm_alpha,
+        clip_alpha=clip_alpha,
+        **decoder_options,
+    )
+    result.initial_condition = condition or None
+    return result
+
+
+def distillation_length(clip: ClipModel, prompt: str, ratio: float = DISTILLATION_RATIO) -> int:
+    """The default budget: `ratio` of the prompt's CLIP tokens, at least one."""
+    return max(1, math.floor(ratio * clip_token_count(clip, [prompt])[0]))
+
+
+def distill(
+    llm: LanguageModel,
+    clip: ClipModel,
+    prompt: str,
+    *,
+    max_length: int | None = None,
+    variant: Variant = "vgd",
+    **decoder_options: Any,
+) -> VgdResult:
+    """A prompt of at most `max_length` CLIP tokens (default 30% of the original) matching `prompt`'s embedding.
+
+    As in the authors' code there is no initial condition: the long prompt itself is in the instruction.
+    """
+    budget = max_length or distillation_length(clip, prompt)
+    llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
+    prompt_ids = vgd_prompt(llm, "distillation", budget, target_prompt=prompt)
+    return guided_decode(
+        llm,
+        clip,
+        text_target(clip, prompt),
+        prompt_ids,
+        max_length=budget,
+        max_clip_tokens=budget,
+        llm_alpha=llm_alpha,
+        clip_alpha=clip_alpha,
+        **decoder_options,
+    )

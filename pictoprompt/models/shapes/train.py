@@ -1,0 +1,596 @@
+"""Train the `shapes` model set from seeds: CLIP (contrastive), the VAE, the U-Net, CLIP's image side; export.
+
+    python -m pictoprompt.models.shapes.train --out runs/shapes            # train, then export into the package
+    python -m pictoprompt.models.shapes.train --out runs/shapes --device cuda
+
+Every batch is drawn fresh from the scene generator with a seed derived from (seed, stage, step), so the data
+never repeats, nothing held out ever appears, and a resumed run sees exactly the batches it would have seen.
+Each stage checkpoints to `OUT/<stage>.pt` every few minutes and at its end; running the same command again
+resumes from there (finished stages are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from pictoprompt.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from pictoprompt.models.clip_tokenizer import (
+    CLIP_CONTEXT_LENGTH,
+    CLIP_VOCAB_SIZE,
+    load_clip_tokenizer,
+    write_clip_tokenizer,
+)
+from pictoprompt.models.shapes import WEIGHTS_DIR
+from pictoprompt.models.shapes.scenes import IMAGE_SIZE, PALETTE, caption_scene, random_scene, render_array
+from pictoprompt.progress import Progress
+
+TEXT_WIDTH = 64
+LATENT_SIZE = IMAGE_SIZE // 4
+STAGES = ("clip", "vae", "unet", "clip_vision")
+
+
+@dataclass
+class TrainConfig:
+    """Each stage runs until it has done its steps or spent its minutes, whichever comes first.
+
+    The learning rate follows a cosine over that same fraction, so a time-bound run on a slow CPU still anneals.
+    """
+
+    seed: int = 0
+    clip_steps: int = 20000
+    clip_minutes: float = 14.0
+    clip_batch: int = 64
+    clip_lr: float = 2e-3
+    vae_steps: int = 20000
+    vae_minutes: float = 15.0
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    vae_object_weight: float = 9.0
+    unet_steps: int = 100000
+    unet_minutes: float = 30.0
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    unet_ema: float = 0.998
+    vision_steps: int = 20000
+    vision_minutes: float = 6.0
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+    vision_caption_detail: float = 0.8
+    caption_dropout: float = 0.1
+    caption_detail: float = 0.5
+    checkpoint_seconds: float = 180.0
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+
+
+def clip_config() -> CLIPConfig:
+    return CLIPConfig(
+        text_config={
+            "vocab_size": CLIP_VOCAB_SIZE,
+            "hidden_size": TEXT_WIDTH,
+            "intermediate_size": 4 * TEXT_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": CLIP_CONTEXT_LENGTH,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 4,
+        },
+        projection_dim=64,
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(48, 96),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule, as its DDIM sampler is configured."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def scene_batch(seed: int, stage: str, step: int, size: int, detail: float) -> tuple[torch.Tensor, list[str]]:
+    """Pictures in [-1, 1] of shape (size, 3, 32, 32) and their captions, fixed by (seed, stage, step)."""
+    pixels, captions, _ = scene_batch_with_backgrounds(seed, stage, step, size, detail)
+    return pixels, captions
+
+
+def scene_batch_with_backgrounds(
+    seed: int, stage: str, step: int, size: int, detail: float
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """`scene_batch` plus each picture's background colour in [-1, 1], shape (size, 3, 1, 1)."""
+    rng = random.Random(f"{seed}-{stage}-{step}")
+    pictures, captions, backgrounds = [], [], []
+    for _ in range(size):
+        scene = random_scene(rng)
+        pictures.append(render_array(scene))
+        captions.append(caption_scene(scene, rng, detail))
+        backgrounds.append(PALETTE[scene.background])
+    pixels = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    background = torch.tensor(backgrounds, dtype=torch.float32).view(size, 3, 1, 1) / 127.5 - 1.0
+    return pixels, captions, background
+
+
+def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pictures -> CLIP's normalised input (same as `preprocess_images` on a 32x32 picture)."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], pad_to_context: bool) -> torch.Tensor:
+    """Token ids; the text tower is causal, so padding only to the longest caption leaves EOS states unchanged."""
+    padding = "max_length" if pad_to_context else "longest"
+    return tokenizer(
+        captions, padding=padding, max_length=CLIP_CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """Saves a stage's state atomically every `every` seconds and at the end."""
+
+    def __init__(self, path: Path, every: float) -> None:
+        self.path, self.every, self.last = path, every, time.monotonic()
+
+    def load(self) -> dict[str, Any] | None:
+        return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.is_file() else None
+
+    def maybe_save(self, state: Callable[[], dict[str, Any]], force: bool = False) -> None:
+        if force or time.monotonic() - self.last >= self.every:
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state(), tmp)
+            tmp.replace(self.path)
+            self.last = time.monotonic()
+
+
+def _lr(fraction: float, step: int, peak: float, warmup: int = 100) -> float:
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _run_stage(
+    name: str,
+    steps: int,
+    minutes: float,
+    out: Path,
+    config: TrainConfig,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    peak_lr: float,
+    step_fn: Callable[[int], dict[str, float]],
+    progress: Progress,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """The loop every stage shares: resume, schedule the learning rate, log, checkpoint, stop on budget."""
+    checkpointer = Checkpointer(out / f"{name}.pt", config.checkpoint_seconds)
+    state = checkpointer.load()
+    step, spent = 0, 0.0
+    if state is not None:
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        step, spent = state["step"], state["seconds"]
+    budget = minutes * 60
+
+    def fraction() -> float:
+        return max(step / steps, spent / budget)
+
+    if state is not None:
+        # A finished stage goes on when its budget has been raised (the cosine picks up at the new fraction).
+        if fraction() >= 1.0:
+            _log(f"[{name}] finished earlier ({step} steps, {spent / 60:.1f} min); skipping")
+            return
+        _log(f"[{name}] resuming at step {step} ({spent / 60:.1f} min spent)")
+
+    def snapshot(done: bool = False) -> dict[str, Any]:
+        return {
+            **{key: module.state_dict() for key, module in modules.items()},
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "seconds": spent,
+            "done": done,
+        }
+
+    running: dict[str, float] = {}
+    while fraction() < 1.0:
+        began = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(fraction(), step, peak_lr)
+        losses = step_fn(step)
+        if after_step is not None:
+            after_step()
+        step += 1
+        spent += time.monotonic() - began
+        for key, value in losses.items():
+            running[key] = 0.95 * running.get(key, value) + 0.05 * value
+        if step % 25 == 0:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in running.items())
+            _log(
+                f"[{name}] step {step} {shown} {spent / step:.3f}s/it {spent / 60:.1f}/{minutes:.0f}min "
+                f"lr={optimizer.param_groups[0]['lr']:.2e}"
+            )
+        progress.step(fraction(), 1.0, f"{name} step {step}")
+        checkpointer.maybe_save(snapshot)
+    checkpointer.maybe_save(lambda: snapshot(done=True), force=True)
+    _log(f"[{name}] done: {step} steps in {spent / 60:.1f} min")
+
+
+# -------------------------------------------------------------------------------------------------------- stages
+
+
+def train_clip(out: Path, config: TrainConfig, device: torch.device, progress: Progress) -> CLIPModel:
+    torch.manual_seed(config.seed)
+    model = CLIPModel(clip_config()).to(device).train()
+    tokenizer = load_clip_tokenizer(out / "tokenizer")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1)
+
+    def step_fn(step: int) -> dict[str, float]:
+        pixels, captions = scene_batch(config.seed, "clip", step, config.clip_batch, config.caption_detail)
+        ids = tokenize(tokenizer, captions, pad_to_context=False).to(device)
+        outputs = model(input_ids=ids, pixel_values=clip_pixels(pixels.to(device)), return_loss=True)
+        optimizer.zero_grad(set_to_none=True)
+        outputs.loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+            accuracy = (outputs.logits_per_image.argmax(-1) == torch.arange(len(captions), device=device)).float()
+        return {"loss": outputs.loss.item(), "acc": accuracy.mean().item()}
+
+    _run_stage(
+        "clip",
+        config.clip_steps,
+        config.clip_minutes,
+        out,
+        config,
+        {"model": model},
+        optimizer,
+        config.clip_lr,
+        step_fn,
+        progress,
+    )
+    return model.eval()
+
+
+def train_vae(out: Path, config: TrainConfig, device: torch.device, progress: Progress) -> AutoencoderKL:
+    torch.manual_seed(config.seed + 1)
+    vae = build_vae().to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+
+    def step_fn(step: int) -> dict[str, float]:
+        pixels, _, background = scene_batch_with_backgrounds(
+            config.seed, "vae", step, config.vae_batch, config.caption_detail
+        )
+        pixels, background = pixels.to(device), background.to(device)
+        posterior = vae.encode(pixels).latent_dist
+        # The mean, not a sample: with a KL weight as small as Stable Diffusion's the posterior is nearly a
+        # point, and skipping the sampling noise makes this small autoencoder converge in CPU minutes.
+        reconstruction = vae.decode(posterior.mode()).sample
+        # Objects cover a tenth of a picture; without more weight the decoder first learns backgrounds with
+        # blobs of the average object colour on them.
+        on_object = ((pixels - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
+        weight = 1 + config.vae_object_weight * on_object
+        mse = (weight * (reconstruction - pixels) ** 2).mean()
+        l1 = (weight * (reconstruction - pixels).abs()).mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = mse + l1 + config.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"mse": mse.item(), "l1": l1.item(), "kl": kl.item()}
+
+    _run_stage(
+        "vae",
+        config.vae_steps,
+        config.vae_minutes,
+        out,
+        config,
+        {"model": vae},
+        optimizer,
+        config.vae_lr,
+        step_fn,
+        progress,
+    )
+    return vae.eval()
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, config: TrainConfig, device: torch.device) -> float:
+    """1 / std of the latents, as Stable Diffusion scales its latents to unit variance."""
+    latents = []
+    for step in range(8):
+        pixels, _ = scene_batch(config.seed, "vae-scale", step, 64, config.caption_detail)
+        latents.append(vae.encode(pixels.to(device)).latent_dist.mean)
+    return float(1.0 / torch.cat(latents).std())
+
+
+def train_unet(
+    out: Path,
+    config: TrainConfig,
+    device: torch.device,
+    clip: CLIPModel,
+    vae: AutoencoderKL,
+    scaling_factor: float,
+    progress: Progress,
+) -> UNet2DConditionModel:
+    torch.manual_seed(config.seed + 2)
+    unet = build_unet().to(device).train()
+    ema = build_unet().to(device).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    text_model = clip.text_model.eval().requires_grad_(False)
+    vae.requires_grad_(False)
+    tokenizer = load_clip_tokenizer(out / "tokenizer")
+    noise_schedule = DDPMScheduler.from_config(build_scheduler().config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
+    generator = torch.Generator(device="cpu")
+
+    def step_fn(step: int) -> dict[str, float]:
+        pixels, captions = scene_batch(config.seed, "unet", step, config.unet_batch, config.caption_detail)
+        generator.manual_seed(config.seed * 1_000_003 + step)
+        drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            ids = tokenize(tokenizer, captions, pad_to_context=True).to(device)
+            states = text_model(input_ids=ids).last_hidden_state
+            posterior = vae.encode(pixels.to(device)).latent_dist
+            latents = posterior.mode() * scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(
+            0, noise_schedule.config.num_train_timesteps, (len(captions),), generator=generator
+        ).to(device)
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def update_ema() -> None:
+        for target, source in zip(ema.parameters(), unet.parameters(), strict=True):
+            target.lerp_(source, 1 - config.unet_ema)
+
+    _run_stage(
+        "unet",
+        config.unet_steps,
+        config.unet_minutes,
+        out,
+        config,
+        {"model": unet, "ema": ema},
+        optimizer,
+        config.unet_lr,
+        step_fn,
+        progress,
+        after_step=update_ema,
+    )
+    return ema
+
+
+def train_clip_vision(
+    out: Path, config: TrainConfig, device: torch.device, clip: CLIPModel, progress: Progress
+) -> CLIPModel:
+    """Go on training CLIP's image side against its frozen text side.
+
+    The text tower is the generator's text encoder, so it must stay as the U-Net saw it; the image tower can
+    still improve (on a CPU budget the first stage learns colour and position well before shape). Captions
+    carry more details here, so that in-batch negatives differ by more than colour.
+    """
+    clip.requires_grad_(False)
+    trained = [*clip.vision_model.parameters(), *clip.visual_projection.parameters(), clip.logit_scale]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    clip.vision_model.train()
+    tokenizer = load_clip_tokenizer(out / "tokenizer")
+    optimizer = torch.optim.AdamW(trained, lr=config.vision_lr, weight_decay=0.1)
+
+    def step_fn(step: int) -> dict[str, float]:
+        pixels, captions = scene_batch(
+            config.seed, "clip-vision", step, config.vision_batch, config.vision_caption_detail
+        )
+        with torch.no_grad():
+            ids = tokenize(tokenizer, captions, pad_to_context=False).to(device)
+            texts = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
+        pooled = clip.vision_model(pixel_values=clip_pixels(pixels.to(device))).pooler_output
+        images = F.normalize(clip.visual_projection(pooled), dim=-1)
+        logits = clip.logit_scale.exp() * images @ texts.T
+        labels = torch.arange(len(captions), device=device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        return {"loss": loss.item(), "acc": (logits.argmax(-1) == labels).float().mean().item()}
+
+    _run_stage(
+        "clip_vision",
+        config.vision_steps,
+        config.vision_minutes,
+        out,
+        config,
+        {"model": clip},
+        optimizer,
+        config.vision_lr,
+        step_fn,
+        progress,
+    )
+    return clip.eval().requires_grad_(False)
+
+
+# -------------------------------------------------------------------------------------------------------- export
+
+
+def export(
+    directory: Path,
+    clip: CLIPModel,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    scaling_factor: float,
+    tokenizer_dir: Path,
+    metadata: dict[str, Any],
+) -> None:
+    """Write `clip/` and `generator/` in the transformers/diffusers layouts, in float16."""
+    clip_dir, generator_dir = directory / "clip", directory / "generator"
+    clip = clip.to("cpu", torch.float16)
+    clip.save_pretrained(clip_dir, safe_serialization=True)
+    write_clip_tokenizer(clip_dir)
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": IMAGE_SIZE},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+    }
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(tokenizer_dir),
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to("cpu", torch.float16)
+    pipeline.save_pretrained(generator_dir, safe_serialization=True)
+    (directory / "training.json").write_text(json.dumps(metadata, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def train(
+    out: Path,
+    config: TrainConfig,
+    device: str = "cpu",
+    export_to: Path | None = WEIGHTS_DIR,
+    progress: Progress | None = None,
+) -> Path:
+    """Run (or resume) the stages under `out`, then export the weights to `export_to`."""
+    progress = progress or Progress()
+    out.mkdir(parents=True, exist_ok=True)
+    torch_device = torch.device(device)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_clip_tokenizer(out / "tokenizer")
+    budgets = [config.clip_minutes, config.vae_minutes, config.unet_minutes, config.vision_minutes]
+    starts = [sum(budgets[:i]) for i in range(len(budgets))]
+
+    def part(i: int) -> Progress:
+        return progress.scaled(starts[i], budgets[i], sum(budgets))
+
+    clip = train_clip(out, config, torch_device, part(0))
+    vae = train_vae(out, config, torch_device, part(1))
+    scaling_factor = latent_scaling_factor(vae, config, torch_device)
+    _log(f"[vae] latent scaling factor {scaling_factor:.4f}")
+    unet = train_unet(out, config, torch_device, clip, vae, scaling_factor, part(2))
+    clip = train_clip_vision(out, config, torch_device, clip, part(3))
+    if export_to is not None:
+        stages = {}
+        for stage in STAGES:
+            state = torch.load(out / f"{stage}.pt", map_location="cpu", weights_only=False)
+            stages[stage] = {"steps": state["step"], "minutes": round(state["seconds"] / 60, 1)}
+        metadata = {"config": asdict(config), "device": device, "stages": stages}
+        export(export_to, clip, vae, unet, scaling_factor, out / "tokenizer", metadata)
+        _log(f"exported to {export_to}: {json.dumps(stages)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/shapes"), help="checkpoint directory")
+    parser.add_argument("--export", type=Path, default=WEIGHTS_DIR, help="where to write the weights")
+    parser.add_argument("--no-export", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    defaults = TrainConfig()
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(**{field: getattr(args, field) for field in asdict(defaults)})
+    train(args.out, config, args.device, None if args.no_export else args.export)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`customize_concept`: learn a concept from 3-10 pictures in ~30 steps (SD-IPC-CT), and the CLI's domain training.
+
+The concept is tuned in memory and written to the concept store only once tuning has finished, so a cancelled
+or failed job leaves nothing behind (and an existing concept of that name untouched).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from pydantic import Field
+
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
+from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.progress import Progress
+from pictoprompt.tools.base import ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.concepts import ConceptName, concept_store
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class CustomizeConceptRequest(ToolRequest):
+    name: ConceptName
+    images: list[ImageRef] = Field(
+        min_length=3,
+        max_length=10,
+        description="3-10 pictures of the concept (an object, a pet, a person, a style), ideally varied in "
+        "pose, position and background.",
+    )
+    iterations: int = Field(30, ge=1, le=500, description="Tuning steps; the paper's 30 are usually enough.")
+    learning_rate: float = Field(5e-6, gt=0.0, le=1e-3, description="Constant learning rate (paper: 5e-6).")
+    overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
+
+    def image_refs(self) -> list[str]:
+        return list(self.images)
+
+
+def concept_card(
+    name: str,
+    kind: Literal["concept", "domain"],
+    result: TuningResult,
+    runtime: Runtime,
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+) -> ConceptCard:
+    """The card of a finished tuning; the store fills in the thumbnails and the reference count."""
+    return ConceptCard(
+        name=name,
+        kind=kind,
+        method=str(result.hyperparameters["method"]),
+        base_models=runtime.model_ids(),
+        base_hash=base_hash(pipeline, clip),
+        hyperparameters=result.hyperparameters,
+        iterations=len(result.losses),
+        final_loss=result.losses[-1],
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        training_seconds=round(result.seconds, 2),
+        reference_count=0,
+        thumbnails=[],
+        losses=result.losses,
+        mean_image_embedding=result.mean_image_embedding[0].tolist(),
+        mean_converted_embedding=result.mean_converted_embedding[0].tolist(),
+    )
+
+
+def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
+    store = concept_store(context)
+    store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
+    pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
+    references = [context.images.load(ref) for ref in request.images]
+    result = tune_concept(
+        pipeline,
+        clip,
+        references,
+        iterations=request.iterations,
+        learning_rate=request.learning_rate,
+        progress=context.progress,
+    )
+    card = concept_card(request.name, "concept", result, context.runtime, pipeline, clip)
+    return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
+
+
+def read_captions(images_dir: Path, captions_file: Path) -> tuple[list[Image.Image], list[str], list[str] | None]:
+    """Images, captions and (when every line has one) classes from a JSON-lines file, one object per image:
+    `{"file_name": "cat1.png", "text": "a photo of a cat", "class": "cat"}` (Hugging Face's imagefolder
+    `metadata.jsonl` layout; `class` is optional and turns on A/B targets)."""
+    images, captions, classes = [], [], []
+    try:
+        lines = captions_file.read_text().splitlines()
+    except OSError as error:
+        raise InvalidInputError(f"Cannot read the captions file {captions_file}: {error}.") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            path = images_dir / entry["file_name"]
+            caption = str(entry["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InvalidInputError(
+                f"Line {number} of {captions_file} is not a JSON object with 'file_name' and 'text' ({error})."
+            ) from error
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            raise InvalidInputError(f"Line {number} of {captions_file} names {path}, which is not an image file.")
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+        captions.append(caption)
+        classes.append(entry.get("class"))
+    if not images:
+        raise InvalidInputError(f"{captions_file} lists no images.")
+    with_class = [c for c in classes if c is not None]
+    if with_class and len(with_class) != len(classes):
+        raise InvalidInputError(f"In {captions_file}, give a 'class' on every line or on none.")
+    return images, captions, [str(c) for c in classes] if with_class else None
+
+
+def train_domain_adapter(
+    runtime: Runtime,
+    store: ConceptStore,
+    name: str,
+    images_dir: Path,
+    captions_file: Path,
+    iterations: int = 1000,
+    learning_rate: float = 1e-5,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ConceptSummary:
+    """`pictoprompt train-domain`: SD-IPC-FT on captioned images, saved in the store as a 'domain' concept."""
+    store.check_free(name, overwrite)
+    images, captions, classes = read_captions(images_dir, captions_file)
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    result = train_domain(
+        pipeline,
+        clip,
+        images,
+        captions,
+        classes,
+        iterations=iterations,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    card = concept_card(name, "domain", result, runtime, pipeline, clip)
+    # A domain has ~100 images; a handful of thumbnails is enough to recognise it.
+    return store.save(card, result.weights.to_tensors(), images[:10], overwrite=overwrite).summary()
+
+
+SPEC = ToolSpec(
+    name="customize_concept",
+    title="Learn a concept from a few pictures",
+    description=(
+        "Teach the model a new concept (an object, a pet, a person) from 3-10 pictures of it, in about 30 quick "
+        "tuning steps (SD-IPC-CT). Afterwards pass concept=NAME to generate_image, vary_image or edit_with_text, "
+        "and use image='concept:NAME' to stand for the concept without re-sending pictures, e.g. "
+        "edit_with_text(image='concept:my-cat', text='in the snow', concept='my-cat'). Returns the concept's card. "
+        "Long job: reports progress per step and can be cancelled; nothing is saved unless it finishes."
+    ),
+    request_model=CustomizeConceptRequest,
+    response_model=ConceptSummary,
+    run=customize_concept,
+    hints=ToolHints(read_only=False, destructive=True, idempotent=False, open_world=False),
+)

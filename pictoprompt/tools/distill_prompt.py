@@ -1,0 +1,111 @@
+"""`distill_prompt`: a shorter prompt that CLIP (and so the generator) reads like the long one.
+
+VGD decodes against the long prompt's CLIP text embedding, with the long prompt in the LLM's instruction and a
+budget in CLIP tokens (default 30% of the original, as in the paper). Optional previews render both prompts from
+the same seed so the two can be compared by eye.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.vgd import clip_token_count, distill, distillation_length, text_perplexities
+from pictoprompt.tools.base import OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.generate_image import Guidance, Steps, generation_metadata, save_images, seeds_for
+from pictoprompt.tools.invert_image import Perplexity
+
+METHOD = "vgd-distillation"
+
+
+class DistillPromptRequest(ToolRequest):
+    prompt: str = Field(min_length=1, max_length=2000, description="The long prompt to shorten.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=75, description="Budget in CLIP tokens; default 30 percent of the prompt's tokens."
+    )
+    generate_preview: bool = Field(
+        False, description="Also render the original and the short prompt from the same seed, for comparison."
+    )
+    steps: Steps = 25
+    guidance: Guidance = 7.5
+    seed: Seed = None
+
+
+class DistillPromptResponse(BaseModel):
+    prompt: str = Field(description="The short prompt.")
+    original_prompt: str
+    clip_similarity: float = Field(
+        description="CLIP cosine similarity between the short and the original prompt's text embeddings."
+    )
+    tokens_before: int = Field(description="CLIP tokens of the original (CLIP reads at most 75).")
+    tokens_after: int = Field(description="CLIP tokens of the short prompt; at most max_tokens.")
+    max_tokens: int
+    perplexity: Perplexity
+    preview_original: OutputImage | None = None
+    preview_distilled: OutputImage | None = None
+
+
+def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> DistillPromptResponse:
+    clip, llm = context.runtime.clip(), context.runtime.llm()
+    tokens_before = clip_token_count(clip, [request.prompt])[0]
+    budget = request.max_tokens or distillation_length(clip, request.prompt)
+    if budget >= tokens_before:
+        raise InvalidInputError(
+            f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
+        )
+    short = distill(llm, clip, request.prompt, max_length=budget, progress=context.progress).best.text
+    with torch.no_grad():
+        similarity = float(clip.similarity(clip.encode_text([short]), clip.encode_text([request.prompt]))[0, 0])
+    response = DistillPromptResponse(
+        prompt=short,
+        original_prompt=request.prompt,
+        clip_similarity=similarity,
+        tokens_before=tokens_before,
+        tokens_after=clip_token_count(clip, [short])[0],
+        max_tokens=budget,
+        perplexity=text_perplexities(llm, [short])[0],
+    )
+    if request.generate_preview:
+        response.preview_original, response.preview_distilled = _previews(request, context, [request.prompt, short])
+    return response
+
+
+def _previews(request: DistillPromptRequest, context: ToolContext, prompts: list[str]) -> list[OutputImage]:
+    """One image per prompt, all from the same seed."""
+    pipeline = context.runtime.pipeline()
+    size = default_size(pipeline)
+    seed = seeds_for(request.seed, 1)[0]
+    outputs = []
+    for prompt in prompts:
+        prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt)
+        images = generate(
+            pipeline,
+            prompt_embeds,
+            negative_embeds,
+            [seed],
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=size,
+            height=size,
+            progress=context.progress,
+        )
+        metadata = generation_metadata(context, METHOD, seed, request.steps, request.guidance, prompt=prompt)
+        outputs += save_images(context, images, [seed], [metadata])
+    return outputs
+
+
+SPEC = ToolSpec(
+    name="distill_prompt",
+    title="Shorten a prompt without changing what it generates",
+    description=(
+        "Write a shorter prompt (default 30% of the CLIP tokens) that the generator's CLIP reads like the original "
+        "(VGD against the prompt's text embedding). Reports the CLIP similarity to the original, the token counts "
+        "before and after, and, when asked, preview images of both prompts from the same seed."
+    ),
+    request_model=DistillPromptRequest,
+    response_model=DistillPromptResponse,
+    run=distill_prompt,
+    hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+)

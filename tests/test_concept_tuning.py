@@ -1,0 +1,303 @@
+"""SD-IPC-CT/FT on the tiny set (and the `shapes` set when its weights are present).
+
+The tiny models are random, so the paper's learning rate (5e-6) moves nothing measurable in a few steps there;
+tests that need the loss to move use 1e-3 on tiny and say so. The `shapes` test uses the paper's defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictoprompt.errors import InvalidInputError, JobCancelledError
+from pictoprompt.methods.concept_tuning import (
+    ConceptWeights,
+    DeepPromptedVision,
+    applied_concept,
+    base_hash,
+    clip_pixels,
+    cross_attention_projections,
+    denoising_loss,
+    encode_latents,
+    swapped_projections,
+    train_domain,
+    tune_concept,
+)
+from pictoprompt.methods.generation import generate
+from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.progress import Progress
+from pictoprompt.tools.base import ToolContext
+from pictoprompt.tools.concepts import (
+    DeleteConceptRequest,
+    ListConceptsRequest,
+    concept_image_embedding,
+    delete_concept,
+    list_concepts,
+    load_concept,
+)
+from pictoprompt.tools.customize_concept import (
+    CustomizeConceptRequest,
+    customize_concept,
+    read_captions,
+    train_domain_adapter,
+)
+
+TINY_LR = 1e-3  # random tiny weights: the paper's 5e-6 would change nothing visible in a handful of steps
+
+
+def pictures(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+class DictImages:
+    def __init__(self, images: dict[str, Image.Image]) -> None:
+        self.images = images
+
+    def load(self, ref: str) -> Image.Image:
+        return self.images[ref]
+
+
+def tool_context(
+    runtime: Runtime, store: ConceptStore, images: dict[str, Image.Image], progress: Progress
+) -> ToolContext:
+    context = ToolContext(runtime, assets=None, images=DictImages(images), progress=progress)  # type: ignore[arg-type]
+    context.concepts = store
+    return context
+
+
+def cancelling_progress(at: int, seen: list[float]) -> Progress:
+    """A progress sink that records each step and cancels the work once step `at` is reported."""
+
+    def callback(done: float, total: float | None, message: str | None) -> None:
+        seen.append(done)
+        if done == at:
+            progress.cancel()
+
+    progress = Progress(callback)
+    return progress
+
+
+def snapshot(runtime: Runtime) -> dict[str, torch.Tensor]:
+    """Every weight of the base model (generator and CLIP)."""
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    modules = {"unet": pipeline.unet, "vae": pipeline.vae, "text": pipeline.text_encoder, "clip": clip.model}
+    return {
+        f"{name}.{key}": value.clone() for name, module in modules.items() for key, value in module.state_dict().items()
+    }
+
+
+def evaluation_loss(runtime: Runtime, weights: ConceptWeights, images: list[Image.Image]) -> float:
+    """The denoising loss on fixed timesteps and noise (the training loss draws new ones every step)."""
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    tower = DeepPromptedVision(clip, weights.deep_prompts)
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    with torch.no_grad(), swapped_projections(pipeline.unet, weights.kv_deltas):
+        prompt = converter.prompt(tower(clip_pixels(clip, images)))
+        for _ in range(16):
+            losses.append(
+                float(denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator))
+            )
+    return sum(losses) / len(losses)
+
+
+def test_deep_prompted_tower_without_prompts_is_the_clip_image_encoder(tiny_runtime: Runtime) -> None:
+    clip = tiny_runtime.clip()
+    images = pictures(3)
+    with torch.no_grad():
+        assert torch.equal(DeepPromptedVision(clip, None).encode_image(images), clip.encode_image(images))
+        prompts = torch.randn(clip.model.config.vision_config.num_hidden_layers, 4, 32)
+        assert not torch.allclose(DeepPromptedVision(clip, prompts).encode_image(images), clip.encode_image(images))
+
+
+def test_only_the_named_parameters_change(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    before = snapshot(tiny_runtime)
+    initial = ConceptWeights.initial(pipeline.unet, clip, 4, torch.Generator().manual_seed(0))
+    result = tune_concept(pipeline, clip, pictures(3), iterations=3, learning_rate=TINY_LR, num_prompts=4)
+
+    after = snapshot(tiny_runtime)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before), "a base weight changed"
+    expected = {key for key in cross_attention_projections(pipeline.unet)}
+    assert all(key.rsplit(".", 2)[-2] == "attn2" for key in expected)
+    assert set(result.weights.kv_deltas) == expected
+    assert all(delta.abs().max() > 0 for delta in result.weights.kv_deltas.values())
+    assert result.weights.deep_prompts.shape == (clip.model.config.vision_config.num_hidden_layers, 4, 32)
+    assert not torch.equal(result.weights.deep_prompts, initial.deep_prompts)
+    assert set(result.weights.to_tensors()) == {f"unet.{key}.weight" for key in expected} | {"vision.deep_prompts"}
+
+
+def test_loss_decreases_over_30_iterations(tiny_runtime: Runtime) -> None:
+    images = pictures(4, seed=1)
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    initial = ConceptWeights.initial(pipeline.unet, clip, 4, torch.Generator().manual_seed(0))
+    result = tune_concept(pipeline, clip, images, learning_rate=TINY_LR, num_prompts=4, augment=False)
+    assert len(result.losses) == 30
+    assert evaluation_loss(tiny_runtime, result.weights, images) < 0.95 * evaluation_loss(tiny_runtime, initial, images)
+
+
+def test_base_outputs_are_bit_identical_after_a_concept_was_used(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    images = pictures(3)
+    result = tune_concept(pipeline, clip, images, iterations=2, learning_rate=TINY_LR, num_prompts=4)
+
+    def render(clip_in_use: object) -> tuple[np.ndarray, torch.Tensor]:
+        with torch.no_grad():
+            converter = ImageToPrompt.cached(clip_in_use, pipeline)
+            embeds = clip_in_use.encode_image(images[:1])
+            prompt = converter.prompt(embeds)
+        picture = generate(pipeline, prompt, converter.empty_states, [7], 3, 7.5, 32, 32, Progress())[0]
+        return np.asarray(picture), embeds
+
+    base_picture, base_embeds = render(clip)
+    with applied_concept(pipeline, clip, result.weights) as tuned_clip:
+        tuned_picture, tuned_embeds = render(tuned_clip)
+    again_picture, again_embeds = render(clip)
+    assert not torch.equal(tuned_embeds, base_embeds)
+    assert not np.array_equal(tuned_picture, base_picture)
+    assert torch.equal(again_embeds, base_embeds)
+    assert np.array_equal(again_picture, base_picture)
+    with applied_concept(pipeline, clip, None) as same_clip:
+        assert same_clip is clip
+
+
+def test_the_swap_is_undone_when_the_block_fails(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    originals = dict(cross_attention_projections(pipeline.unet))
+    weights = ConceptWeights.initial(pipeline.unet, clip, 2, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError), applied_concept(pipeline, clip, weights):
+        assert all(type(m).__name__ == "DeltaLinear" for m in cross_attention_projections(pipeline.unet).values())
+        raise RuntimeError("generation failed")
+    assert all(cross_attention_projections(pipeline.unet)[key] is module for key, module in originals.items())
+
+
+def test_base_hash_tracks_the_weights_concepts_attach_to(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    unet = copy.deepcopy(pipeline.unet)
+    assert base_hash(SimpleNamespace(unet=unet), clip) == base_hash(pipeline, clip)  # type: ignore[arg-type]
+    with torch.no_grad():
+        next(iter(cross_attention_projections(unet).values())).weight.add_(1e-2)
+    assert base_hash(SimpleNamespace(unet=unet), clip) != base_hash(pipeline, clip)  # type: ignore[arg-type]
+
+
+def test_customize_concept_tool_round_trip(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    store = ConceptStore(tmp_path / "concepts")
+    refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
+    reports: list[tuple[float, float | None, str | None]] = []
+    context = tool_context(tiny_runtime, store, refs, Progress(lambda *report: reports.append(report)))
+    request = CustomizeConceptRequest(name="noise-cat", images=list(refs), iterations=3)
+    card = customize_concept(request, context)
+
+    assert card.name == "noise-cat" and card.kind == "concept" and card.method == "SD-IPC-CT"
+    assert card.iterations == 3 and card.reference_count == 3 and len(card.thumbnails) == 3
+    assert card.hyperparameters["learning_rate"] == 5e-6 and card.base_models["profile"] == "tiny"
+    assert [r[0] for r in reports] == [1, 2, 3] and "loss" in reports[-1][2]
+    assert [c.name for c in list_concepts(ListConceptsRequest(), context).concepts] == ["noise-cat"]
+
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    weights = load_concept(context, "noise-cat", pipeline, clip)
+    assert load_concept(context, None, pipeline, clip) is None
+    embedding = concept_image_embedding(context, "noise-cat", pipeline, clip)
+    assert embedding.shape == (1, clip.embed_dim)
+    with torch.no_grad(), applied_concept(pipeline, clip, weights) as tuned_clip:
+        # The stored mean is the references' mean through the tuned encoder, as the store says.
+        references = torch.nn.functional.normalize(tuned_clip.encode_image(list(refs.values())), dim=-1)
+        assert torch.allclose(embedding, references.mean(0, keepdim=True), atol=1e-5)
+
+    with pytest.raises(InvalidInputError, match="already exists"):
+        customize_concept(request, context)
+    assert delete_concept(DeleteConceptRequest(name="noise-cat"), context).deleted == "noise-cat"
+    assert store.list() == []
+
+
+def test_request_refuses_bad_names_and_image_counts() -> None:
+    with pytest.raises(ValueError, match="name"):
+        CustomizeConceptRequest(name="../cat", images=["a", "b", "c"])
+    with pytest.raises(ValueError, match="images"):
+        CustomizeConceptRequest(name="cat", images=["a", "b"])
+    with pytest.raises(ValueError, match="images"):
+        CustomizeConceptRequest(name="cat", images=["a"] * 11)
+
+
+def test_cancelling_mid_tuning_leaves_no_concept(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    store = ConceptStore(tmp_path / "concepts")
+    refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
+    first = tool_context(tiny_runtime, store, refs, Progress())
+    kept = customize_concept(CustomizeConceptRequest(name="cat", images=list(refs), iterations=1), first)
+
+    for name, overwrite in [("cat", True), ("dog", False)]:
+        seen: list[float] = []
+        progress = cancelling_progress(3, seen)
+        context = tool_context(tiny_runtime, store, refs, progress)
+        with pytest.raises(JobCancelledError):
+            customize_concept(CustomizeConceptRequest(name=name, images=list(refs), overwrite=overwrite), context)
+        assert seen == [1, 2, 3]
+    assert os.listdir(store.root) == ["cat"]
+    assert store.get("cat").summary() == kept
+
+
+def test_train_domain_with_ab_targets(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    lines = []
+    for i, image in enumerate(pictures(4, seed=2)):
+        image.save(images_dir / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}", "class": "ab"[i % 2]}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images, captions, classes = read_captions(images_dir, tmp_path / "metadata.jsonl")
+    assert len(images) == 4 and captions[1] == "picture 1" and classes == ["a", "b", "a", "b"]
+
+    before = snapshot(tiny_runtime)
+    store = ConceptStore(tmp_path / "concepts")
+    card = train_domain_adapter(
+        tiny_runtime, store, "noise", images_dir, tmp_path / "metadata.jsonl", iterations=2, batch_size=2
+    )
+    assert all(torch.equal(value, snapshot(tiny_runtime)[key]) for key, value in before.items())
+    assert card.kind == "domain" and card.method == "SD-IPC-FT" and card.hyperparameters["ab_targets"] is True
+    assert card.hyperparameters["schedule"] == "cosine" and card.iterations == 2
+    assert store.load("noise", card.base_hash, tiny_runtime.model_ids()).tensors["vision.deep_prompts"].shape[1] == 50
+
+
+def test_train_domain_rejects_unpaired_inputs(tiny_runtime: Runtime) -> None:
+    with pytest.raises(InvalidInputError, match="one caption"):
+        train_domain(tiny_runtime.pipeline(), tiny_runtime.clip(), pictures(2), ["only one"])
+
+
+def test_bad_captions_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    with pytest.raises(InvalidInputError, match="not an image file"):
+        read_captions(tmp_path, tmp_path / "metadata.jsonl")
+    (tmp_path / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(InvalidInputError, match="Line 1"):
+        read_captions(tmp_path, tmp_path / "metadata.jsonl")
+
+
+@pytest.mark.slow
+def test_shapes_concept_loss_decreases_with_the_paper_defaults() -> None:
+    from pictoprompt.models.profiles import get_profile
+    from pictoprompt.models.shapes import weights_present
+
+    if not weights_present():
+        pytest.skip("the shapes weights are not built yet")
+    from pictoprompt.models.shapes.scenes import held_out_scenes, render_scene
+
+    runtime = Runtime(get_profile("shapes"))
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    images = [render_scene(scene) for scene in held_out_scenes("crescent", 5)]
+    initial = ConceptWeights.initial(pipeline.unet, clip, 50, torch.Generator().manual_seed(0))
+    result = tune_concept(pipeline, clip, images)
+    assert len(result.losses) == 30 and result.hyperparameters["learning_rate"] == 5e-6
+    assert evaluation_loss(runtime, result.weights, images) < evaluation_loss(runtime, initial, images)

@@ -1,0 +1,67 @@
+"""The shapes world is deterministic, keeps its held-out sets out of training, and captions what it draws."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from pictoprompt.models.shapes.oracle import parse_prompt
+from pictoprompt.models.shapes.scenes import (
+    HELD_OUT_COMBOS,
+    IMAGE_SIZE,
+    NOVEL_SHAPE,
+    held_out_scenes,
+    objects_overlap,
+    random_scene,
+    render_array,
+    training_stream,
+)
+
+
+def test_same_seed_same_scenes_and_pixels() -> None:
+    first = [random_scene(random.Random(7)) for _ in range(3)]
+    again = [random_scene(random.Random(7)) for _ in range(3)]
+    assert first == again
+    assert np.array_equal(render_array(first[0]), render_array(again[0]))
+    stream_a, stream_b = training_stream(3), training_stream(3)
+    for _ in range(20):
+        (scene_a, pixels_a, caption_a), (scene_b, pixels_b, caption_b) = next(stream_a), next(stream_b)
+        assert scene_a == scene_b and caption_a == caption_b and np.array_equal(pixels_a, pixels_b)
+
+
+def test_different_seeds_differ() -> None:
+    assert [random_scene(random.Random(1)) for _ in range(5)] != [random_scene(random.Random(2)) for _ in range(5)]
+
+
+def test_training_stream_never_shows_held_out_things_and_respects_the_rules() -> None:
+    stream = training_stream(0)
+    counts = {1: 0, 2: 0, 3: 0}
+    for _ in range(3000):
+        scene, pixels, caption = next(stream)
+        assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.uint8
+        counts[len(scene.objects)] += 1
+        for i, obj in enumerate(scene.objects):
+            assert obj.shape != NOVEL_SHAPE
+            assert (obj.colour, obj.shape) not in HELD_OUT_COMBOS
+            assert obj.colour != scene.background
+            assert all(not objects_overlap(obj, other) for other in scene.objects[i + 1 :])
+        assert NOVEL_SHAPE not in caption
+    assert all(n > 300 for n in counts.values())
+
+
+def test_captions_name_every_object_by_colour_and_shape() -> None:
+    stream = training_stream(5)
+    for _ in range(500):
+        scene, _, caption = next(stream)
+        described = parse_prompt(caption).objects
+        assert [(o.colour, o.shape) for o in described] == [(o.colour, o.shape) for o in scene.objects]
+
+
+def test_held_out_sets_are_fixed_and_of_their_kind() -> None:
+    assert held_out_scenes("single", 10) == held_out_scenes("single", 10)
+    assert all(len(s.objects) == 1 and not s.is_held_out for s in held_out_scenes("single", 50))
+    assert all(len(s.objects) == 2 and not s.is_held_out for s in held_out_scenes("two", 50))
+    combos = held_out_scenes("held_out_combos", 50)
+    assert all((s.objects[0].colour, s.objects[0].shape) in HELD_OUT_COMBOS for s in combos)
+    assert all(s.objects[0].shape == NOVEL_SHAPE for s in held_out_scenes("crescent", 20))
