@@ -123,6 +123,10 @@ async def run_calls(output: Path, profile: str | None) -> tuple[list[str], list[
         for call in calls:
             started = time.perf_counter()
             result = await client.call_tool(call.tool, call.arguments)
+            while not result.is_error and (result.structured_content or {}).get("result", True) is None:
+                # The work outlasted wait_seconds: wait on its job as an assistant would.
+                job_id = result.structured_content["job"]["job_id"]
+                result = await client.call_tool("get_job", {"job_id": job_id, "wait_seconds": 120})
             call.seconds = time.perf_counter() - started
             call.ok = not result.is_error
             text = next((block.text for block in result.content if block.type == "text"), "")

@@ -10,9 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pictoprompt.models.profiles import get_profile  # noqa: E402
-from pictoprompt.models.runtime import Runtime  # noqa: E402
-from pictoprompt.settings import Settings  # noqa: E402
+from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.settings import Settings
 
 
 @pytest.fixture(scope="session")

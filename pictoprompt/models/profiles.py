@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pictoprompt.errors import InvalidInputError, NotFoundError
+from pictoprompt.models.llm import LlmSpec
 
 BUILTIN_SCHEME = "builtin:"
 
@@ -31,14 +32,6 @@ class ClipSpec(BaseModel):
     library: Literal["transformers", "open_clip"] = "transformers"
     source: str = Field(description="transformers: a directory or hub id; open_clip: an architecture name.")
     pretrained: str | None = Field(None, description="open_clip only: a checkpoint tag or a file path.")
-
-
-class LlmSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
-    source: str | None = Field(None, description="A GGUF path or a transformers id; none = bundled SmolLM2.")
-    n_ctx: int = Field(2048, ge=256)
 
 
 class Profile(BaseModel):

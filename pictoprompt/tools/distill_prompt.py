@@ -108,4 +108,5 @@ SPEC = ToolSpec(
     response_model=DistillPromptResponse,
     run=distill_prompt,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+    components=("generator", "clip", "llm"),
 )

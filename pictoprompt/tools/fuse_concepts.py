@@ -131,4 +131,5 @@ SPEC = ToolSpec(
     response_model=FuseConceptsResponse,
     run=fuse_concepts,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+    components=("generator", "clip", "llm"),
 )

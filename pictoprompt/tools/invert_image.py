@@ -146,4 +146,5 @@ SPEC = ToolSpec(
     response_model=InvertImageResponse,
     run=invert_image,
     hints=ToolHints(read_only=True, destructive=False, idempotent=True, open_world=False),
+    components=("generator", "clip", "llm"),
 )
