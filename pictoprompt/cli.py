@@ -84,10 +84,12 @@ def add_tool_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) 
 
 
 def run_tool_command(args: argparse.Namespace) -> int:
+    from pictoprompt.models.concepts import ConceptStore
     from pictoprompt.models.profiles import get_profile
     from pictoprompt.models.runtime import Runtime
     from pictoprompt.progress import Progress
     from pictoprompt.server.images import ImagePolicy, ImageResolver
+    from pictoprompt.settings import Settings
     from pictoprompt.tools.base import ToolContext
 
     spec = args.spec
@@ -96,7 +98,9 @@ def run_tool_command(args: argparse.Namespace) -> int:
     runtime = Runtime(get_profile(args.profile, args.profiles_file))
     resolver = ImageResolver(ImagePolicy(allowed_roots=[Path("/")], allow_private_urls=True), None)
     bar = _ProgressBar()
-    context = ToolContext(runtime, DirectorySink(Path(args.output), spec.name), resolver, Progress(bar.update))
+    concepts = ConceptStore(Settings().data_dir / "concepts")
+    sink = DirectorySink(Path(args.output), spec.name)
+    context = ToolContext(runtime, sink, resolver, Progress(bar.update), concepts)
     with runtime.gpu_lock:
         result = spec.run(request, context)
     bar.close()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, create_model
 
 from pictoprompt import __version__
 from pictoprompt.errors import PictopromptError
+from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.assets import AssetStore
@@ -64,6 +65,7 @@ class ServerState:
     assets: AssetStore
     resolver: ImageResolver
     jobs: JobRunner
+    concepts: ConceptStore
     saved_by_job: dict[str, RecordingSink] = field(default_factory=dict)
 
 
@@ -107,7 +109,9 @@ def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
                 sink = RecordingSink(state.assets)
                 job = state.jobs.submit(
                     spec.name,
-                    lambda progress: spec.run(request, ToolContext(state.runtime, sink, images, progress)),
+                    lambda progress: spec.run(
+                        request, ToolContext(state.runtime, sink, images, progress, state.concepts)
+                    ),
                 )
             except PictopromptError as error:
                 raise ToolError(str(error)) from error
@@ -122,7 +126,9 @@ def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
             state: ServerState = state_of(ctx)
             try:
                 request = spec.request_model(**arguments)
-                context = ToolContext(state.runtime, RecordingSink(state.assets), PreResolvedImages({}))
+                context = ToolContext(
+                    state.runtime, RecordingSink(state.assets), PreResolvedImages({}), concepts=state.concepts
+                )
                 result = await anyio.to_thread.run_sync(spec.run, request, context)
             except PictopromptError as error:
                 raise ToolError(str(error)) from error
@@ -207,12 +213,13 @@ def create_server(
     if transport == "stdio" and settings.allow_home:
         roots.append(Path.home())
     assets = AssetStore(settings.assets_root, settings.asset_ttl_seconds, settings.asset_max_bytes)
+    concepts = ConceptStore(settings.data_dir / "concepts")
     policy = ImagePolicy(allowed_roots=roots, allow_private_urls=settings.allow_private_urls)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
         jobs = JobRunner(runtime.gpu_lock, depth=settings.queue_depth)
-        state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs)
+        state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs, concepts)
         holder["state"] = state
         await anyio.to_thread.run_sync(assets.expire)
         if preload:

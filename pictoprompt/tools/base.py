@@ -14,6 +14,7 @@ from typing import Annotated, Any, Protocol
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 
@@ -73,6 +74,7 @@ class ToolContext:
     assets: AssetSink
     images: ImageSource
     progress: Progress = field(default_factory=Progress)
+    concepts: ConceptStore | None = None
 
 
 @dataclass(frozen=True)
