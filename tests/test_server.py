@@ -243,3 +243,26 @@ async def test_refused_images_are_errors_and_the_server_keeps_serving(settings, 
             "vary_image", {"images": [_png_data_uri((0, 200, 0))], "steps": 1, "num_images": 1, "inline": "none"}
         )
         assert not good.is_error
+
+
+async def test_concept_round_trip_leaves_the_base_model_untouched(tmp_path, settings, tiny_runtime):
+    references = [_png_data_uri(color) for color in ((250, 0, 0), (230, 20, 0), (240, 10, 10))]
+    base_call = {"prompt": "a thing", "steps": 2, "seed": 11, "inline": "none"}
+    async with Client(server_for(settings, tiny_runtime)) as client:
+        before = await client.call_tool("generate_image", base_call)
+        tuned = await client.call_tool(
+            "customize_concept", {"name": "red-thing", "images": references, "iterations": 3, "learning_rate": 1e-3}
+        )
+        assert not tuned.is_error, tuned.content
+        listed = await client.call_tool("list_concepts", {})
+        assert [c["name"] for c in listed.structured_content["concepts"]] == ["red-thing"]
+        with_concept = await client.call_tool("generate_image", {**base_call, "concept": "red-thing"})
+        after = await client.call_tool("generate_image", base_call)
+        missing = await client.call_tool("generate_image", {**base_call, "concept": "nope"})
+        assert missing.is_error and "nope" in missing.content[0].text
+
+    def pixels(result):
+        return np.asarray(Image.open(result.structured_content["result"]["images"][0]["path"]), dtype=np.int16)
+
+    assert np.array_equal(pixels(before), pixels(after))
+    assert not np.array_equal(pixels(before), pixels(with_concept))

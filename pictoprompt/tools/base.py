@@ -31,6 +31,15 @@ Seed = Annotated[
 ]
 
 
+ConceptName = Annotated[
+    str | None,
+    Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="A concept learned with customize_concept to apply while generating (see list_concepts).",
+    ),
+]
+
+
 class ToolRequest(BaseModel):
     """Base of every tool's arguments: unknown fields are refused so typos surface as errors."""
 

@@ -8,8 +8,10 @@ from typing import Annotated
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from pictoprompt.methods.concept_tuning import applied_concept
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
-from pictoprompt.tools.base import OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import ConceptName, OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.concepts import load_concept
 
 NumImages = Annotated[int, Field(ge=1, le=8, description="How many images to make (1-8).")]
 Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps (DDIM); more is slower and finer.")]
@@ -31,6 +33,7 @@ class GenerateImageRequest(ToolRequest):
     seed: Seed = None
     width: Side = None
     height: Side = None
+    concept: ConceptName = None
 
 
 class GenerateImageResponse(BaseModel):
@@ -72,18 +75,20 @@ def generate_image(request: GenerateImageRequest, context: ToolContext) -> Gener
     pipeline = context.runtime.pipeline()
     size = default_size(pipeline)
     seeds = seeds_for(request.seed, request.num_images)
-    prompt_embeds, negative_embeds = encode_text_prompt(pipeline, request.prompt, request.negative_prompt)
-    images = generate(
-        pipeline,
-        prompt_embeds,
-        negative_embeds,
-        seeds,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        width=request.width or size,
-        height=request.height or size,
-        progress=context.progress,
-    )
+    concept = load_concept(context, request.concept, pipeline, context.runtime.clip())
+    with applied_concept(pipeline, context.runtime.clip(), concept):
+        prompt_embeds, negative_embeds = encode_text_prompt(pipeline, request.prompt, request.negative_prompt)
+        images = generate(
+            pipeline,
+            prompt_embeds,
+            negative_embeds,
+            seeds,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width or size,
+            height=request.height or size,
+            progress=context.progress,
+        )
     metadata = [
         generation_metadata(
             context,
@@ -93,6 +98,7 @@ def generate_image(request: GenerateImageRequest, context: ToolContext) -> Gener
             request.guidance,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
+            concept=request.concept or "",
         )
         for seed in seeds
     ]
