@@ -258,6 +258,15 @@ async def test_concept_round_trip_leaves_the_base_model_untouched(tmp_path, sett
         assert [c["name"] for c in listed.structured_content["concepts"]] == ["red-thing"]
         with_concept = await client.call_tool("generate_image", {**base_call, "concept": "red-thing"})
         after = await client.call_tool("generate_image", base_call)
+        edited = await client.call_tool(
+            "edit_with_text",
+            {"image": "concept:red-thing", "text": "in the snow", "concept": "red-thing", "steps": 2, "num_images": 1},
+        )
+        assert not edited.is_error, edited.content
+        varied = await client.call_tool(
+            "vary_image", {"images": ["concept:red-thing", references[0]], "steps": 2, "num_images": 1}
+        )
+        assert not varied.is_error, varied.content
         missing = await client.call_tool("generate_image", {**base_call, "concept": "nope"})
         assert missing.is_error and "nope" in missing.content[0].text
 

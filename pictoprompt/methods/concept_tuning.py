@@ -156,6 +156,15 @@ class DeltaLinear(nn.Module):
         self.base = base
         self.delta = delta
 
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight, in the base's dtype: diffusers' attention code reads `to_k.weight.dtype`."""
+        return (self.base.weight.float() + self.delta).to(self.base.weight.dtype)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
     def forward(self, hidden_states: Tensor) -> Tensor:
         weight = self.base.weight.float() + self.delta
         bias = None if self.base.bias is None else self.base.bias.float()

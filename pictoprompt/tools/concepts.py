@@ -52,6 +52,34 @@ def concept_image_embedding(
     return embedding.to(clip.device)
 
 
+CONCEPT_REF_PREFIX = "concept:"
+
+
+def image_refs_to_fetch(refs: list[str]) -> list[str]:
+    """The references the server must fetch: `concept:NAME` stands for a stored embedding, not a picture."""
+    return [ref for ref in refs if not ref.startswith(CONCEPT_REF_PREFIX)]
+
+
+def stored_embeddings(
+    context: ToolContext, refs: list[str], pipeline: StableDiffusionPipeline, clip: ClipModel
+) -> dict[str, torch.Tensor]:
+    """The embeddings `concept:NAME` references stand for, read before any concept is applied (the check that
+    a concept belongs to this base model hashes the untouched base)."""
+    return {
+        ref: concept_image_embedding(context, ref.removeprefix(CONCEPT_REF_PREFIX), pipeline, clip)
+        for ref in refs
+        if ref.startswith(CONCEPT_REF_PREFIX)
+    }
+
+
+def reference_embeddings(
+    context: ToolContext, refs: list[str], clip: ClipModel, stored: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """(N, P) CLIP image embeddings of the references: pictures through `clip`, concepts from `stored`."""
+    rows = [stored[ref] if ref in stored else clip.encode_image([context.images.load(ref)]) for ref in refs]
+    return torch.cat([row.float().reshape(1, -1) for row in rows])
+
+
 class ListConceptsRequest(ToolRequest):
     pass
 

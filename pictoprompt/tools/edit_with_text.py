@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, Field
 
+from pictoprompt.methods.concept_tuning import applied_concept
 from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
-from pictoprompt.tools.base import ImageRef, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import ConceptName, ImageRef, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.concepts import image_refs_to_fetch, load_concept, reference_embeddings, stored_embeddings
 from pictoprompt.tools.generate_image import (
     Guidance,
     NumImages,
@@ -47,9 +49,10 @@ class EditWithTextRequest(ToolRequest):
     seed: Seed = None
     width: Side = None
     height: Side = None
+    concept: ConceptName = None
 
     def image_refs(self) -> list[str]:
-        return [self.image]
+        return image_refs_to_fetch([self.image])
 
 
 class EditedImage(Variation):
@@ -68,26 +71,28 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     size = default_size(pipeline)
     seeds = seeds_for(request.seed, request.num_images)
-    reference = context.images.load(request.image)
-    with torch.no_grad():
-        converter = ImageToPrompt.cached(clip, pipeline)
-        reference_embeds = clip.encode_image([reference])
-        prompt_embeds = converter.edit(reference_embeds, request.text, request.alpha)
-    images = generate(
-        pipeline,
-        prompt_embeds,
-        converter.empty_states,
-        seeds,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        width=request.width or size,
-        height=request.height or size,
-        progress=context.progress,
-    )
-    with torch.no_grad():
-        output_embeds = clip.encode_image(images)
-        image_similarity = weighted_similarity(clip, output_embeds, reference_embeds, None)
-        text_similarity = clip.similarity(output_embeds, clip.encode_text([request.text]))[:, 0].tolist()
+    concept = load_concept(context, request.concept, pipeline, clip)
+    stored = stored_embeddings(context, [request.image], pipeline, clip)
+    with applied_concept(pipeline, clip, concept) as clip:
+        with torch.no_grad():
+            converter = ImageToPrompt.cached(clip, pipeline)
+            reference_embeds = reference_embeddings(context, [request.image], clip, stored)
+            prompt_embeds = converter.edit(reference_embeds, request.text, request.alpha)
+        images = generate(
+            pipeline,
+            prompt_embeds,
+            converter.empty_states,
+            seeds,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width or size,
+            height=request.height or size,
+            progress=context.progress,
+        )
+        with torch.no_grad():
+            output_embeds = clip.encode_image(images)
+            image_similarity = weighted_similarity(clip, output_embeds, reference_embeds, None)
+            text_similarity = clip.similarity(output_embeds, clip.encode_text([request.text]))[:, 0].tolist()
     metadata = [
         generation_metadata(
             context, METHOD, seed, request.steps, request.guidance, edit_text=request.text, alpha=str(request.alpha)

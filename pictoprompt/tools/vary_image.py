@@ -13,10 +13,21 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from pictoprompt.methods.concept_tuning import applied_concept
 from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
 from pictoprompt.models.clip import ClipModel
-from pictoprompt.tools.base import ImageRef, OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import (
+    ConceptName,
+    ImageRef,
+    OutputImage,
+    Seed,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+)
+from pictoprompt.tools.concepts import image_refs_to_fetch, load_concept, reference_embeddings, stored_embeddings
 from pictoprompt.tools.generate_image import (
     Guidance,
     NumImages,
@@ -55,6 +66,7 @@ class VaryImageRequest(ToolRequest):
     seed: Seed = None
     width: Side = None
     height: Side = None
+    concept: ConceptName = None
 
     @model_validator(mode="after")
     def _one_weight_per_image(self) -> VaryImageRequest:
@@ -68,7 +80,7 @@ class VaryImageRequest(ToolRequest):
         return self
 
     def image_refs(self) -> list[str]:
-        return list(self.images)
+        return image_refs_to_fetch(list(self.images))
 
 
 class Variation(OutputImage):
@@ -92,24 +104,27 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     size = default_size(pipeline)
     seeds = seeds_for(request.seed, request.num_images)
-    references = [context.images.load(ref) for ref in request.images]
-    with torch.no_grad():
-        converter = ImageToPrompt.cached(clip, pipeline)
-        reference_embeds = clip.encode_image(references)
-        prompt_embeds = converter.prompt(average_embeddings(reference_embeds, request.weights))
-    images = generate(
-        pipeline,
-        prompt_embeds,
-        converter.empty_states,
-        seeds,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        width=request.width or size,
-        height=request.height or size,
-        progress=context.progress,
-    )
-    with torch.no_grad():
-        similarity = weighted_similarity(clip, clip.encode_image(images), reference_embeds, request.weights)
+    concept = load_concept(context, request.concept, pipeline, clip)
+    stored = stored_embeddings(context, list(request.images), pipeline, clip)
+    with applied_concept(pipeline, clip, concept) as clip:
+        with torch.no_grad():
+            converter = ImageToPrompt.cached(clip, pipeline)
+            reference_embeds = reference_embeddings(context, list(request.images), clip, stored)
+            prompt_embeds = converter.prompt(average_embeddings(reference_embeds, request.weights))
+        images = generate(
+            pipeline,
+            prompt_embeds,
+            converter.empty_states,
+            seeds,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width or size,
+            height=request.height or size,
+            progress=context.progress,
+        )
+        with torch.no_grad():
+            similarity = weighted_similarity(clip, clip.encode_image(images), reference_embeds, request.weights)
+    references = request.images
     weights = ",".join(str(w) for w in request.weights or [1.0] * len(references))
     metadata = [
         generation_metadata(
