@@ -168,6 +168,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     return train_main(args.rest) or 0
 
 
+def cmd_train_domain(args: argparse.Namespace) -> int:
+    from pictoprompt.models.concepts import ConceptStore
+    from pictoprompt.models.profiles import get_profile
+    from pictoprompt.models.runtime import Runtime
+    from pictoprompt.progress import Progress
+    from pictoprompt.settings import Settings
+    from pictoprompt.tools.customize_concept import train_domain_adapter
+
+    runtime = Runtime(get_profile(args.profile, args.profiles_file))
+    bar = _ProgressBar()
+    with runtime.gpu_lock:
+        summary = train_domain_adapter(
+            runtime,
+            ConceptStore(Settings().data_dir / "concepts"),
+            args.name,
+            args.images,
+            args.captions,
+            iterations=args.iterations,
+            learning_rate=args.learning_rate,
+            overwrite=args.overwrite,
+            progress=Progress(bar.update),
+        )
+    bar.close()
+    print(json.dumps(summary.model_dump(mode="json"), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pictoprompt.demo import run_demo
 
@@ -238,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = model_actions.add_parser("train-shapes", help="Retrain the bundled shapes set (see its -h).")
     train.add_argument("rest", nargs=argparse.REMAINDER, help="Options passed to the trainer.")
     models.set_defaults(handler=cmd_models)
+
+    domain = commands.add_parser(
+        "train-domain", parents=[common], help="SD-IPC-FT: adapt the image encoder and K/V to a captioned domain."
+    )
+    domain.add_argument("--images", type=Path, required=True, help="Folder of ~100 training images.")
+    domain.add_argument("--captions", type=Path, required=True, help="Captions file (see README).")
+    domain.add_argument("--name", required=True, help="Name to store the adapter under (use as concept=NAME).")
+    domain.add_argument("--iterations", type=int, default=1000)
+    domain.add_argument("--learning-rate", type=float, default=1e-5)
+    domain.add_argument("--overwrite", action="store_true")
+    domain.set_defaults(handler=cmd_train_domain)
 
     demo = commands.add_parser("demo", parents=[common], help="Run every tool through a real MCP client.")
     demo.add_argument("-o", "--output", default="demo-output")
