@@ -62,9 +62,7 @@ def test_ids_are_random_and_url_safe(tmp_path: Path) -> None:
     store = AssetStore(tmp_path)
     ids = {asset_id_from_uri(store.save(noise((8, 8)), {}).uri) for _ in range(20)}
     assert len(ids) == 20
-    assert all(
-        len(asset_id) == 22 and asset_id.replace("-", "").replace("_", "").isalnum() for asset_id in ids
-    )
+    assert all(len(asset_id) == 22 and asset_id.replace("-", "").replace("_", "").isalnum() for asset_id in ids)
 
 
 def test_thumbnail_is_small_and_never_upscaled(tmp_path: Path) -> None:
@@ -183,9 +181,7 @@ def test_invalid_ids_are_refused(tmp_path: Path, bad_id: str) -> None:
 
 def test_unknown_id_and_foreign_uri(tmp_path: Path) -> None:
     store = AssetStore(tmp_path)
-    with pytest.raises(
-        NotFoundError, match=r"no asset pictoprompt://assets/A{22}; assets expire after 7 days"
-    ):
+    with pytest.raises(NotFoundError, match=r"no asset pictoprompt://assets/A{22}; assets expire after 7 days"):
         store.read_bytes("A" * 22)
     with pytest.raises(InvalidInputError, match="is not an asset URI"):
         asset_id_from_uri("file:///etc/passwd")

@@ -13,8 +13,22 @@ from pictoprompt.models.profiles import get_profile, load_profiles_file
 
 
 def test_generate_writes_pngs_with_metadata(tmp_path, capsys):
-    code = main(["generate", "a red circle", "--profile", "tiny", "--num-images", "2", "--steps", "2",
-                 "--seed", "5", "-o", str(tmp_path)])
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--profile",
+            "tiny",
+            "--num-images",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "-o",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert [image["seed"] for image in result["images"]] == [5, 6]

@@ -170,21 +170,15 @@ def loopback_is_public(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let 127.0.0.1 (and ::1) pass the address check: the test server stands in for a public one."""
     real = images.address_refusal
     stand_ins = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
-    monkeypatch.setattr(
-        images, "address_refusal", lambda address: None if address in stand_ins else real(address)
-    )
+    monkeypatch.setattr(images, "address_refusal", lambda address: None if address in stand_ins else real(address))
 
 
-def resolver(
-    tmp_path: Path | None = None, assets: AssetStore | None = None, **policy: object
-) -> ImageResolver:
+def resolver(tmp_path: Path | None = None, assets: AssetStore | None = None, **policy: object) -> ImageResolver:
     roots = [tmp_path] if tmp_path else []
     return ImageResolver(ImagePolicy(allowed_roots=roots, **policy), assets)  # type: ignore[arg-type]
 
 
-def refused(
-    ref: str, match: str, resolver_: ImageResolver, error: type[Exception] = InvalidInputError
-) -> str:
+def refused(ref: str, match: str, resolver_: ImageResolver, error: type[Exception] = InvalidInputError) -> str:
     with pytest.raises(error, match=match) as info:
         resolver_.resolve_sync(ref)
     return str(info.value)
@@ -228,9 +222,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert decoded.size == (20, 40)
 
 
-def test_local_paths_relative_home_and_symlinks_inside_roots(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_local_paths_relative_home_and_symlinks_inside_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(PNG)
     (tmp_path / "link.png").symlink_to(tmp_path / "pics" / "a.png")  # a symlink that stays inside is fine
@@ -318,9 +310,7 @@ def test_path_outside_roots_names_the_roots_and_allow_dir(tmp_path: Path) -> Non
     root.mkdir()
     outside.mkdir()
     (outside / "secret.png").write_bytes(PNG)
-    message = refused(
-        str(outside / "secret.png"), "is outside the directories this server may read", resolver(root)
-    )
+    message = refused(str(outside / "secret.png"), "is outside the directories this server may read", resolver(root))
     assert f"({root})" in message and f"--allow-dir {outside}" in message
     refused(str(root / ".." / "elsewhere" / "secret.png"), "outside the directories", resolver(root))
 
@@ -416,8 +406,7 @@ def test_http_error_status_and_html_page(server: ImageServer) -> None:
 def test_loopback_urls_are_refused(server: ImageServer, host: str, kind: str) -> None:
     message = refused(server.url("/img.png", host=host), kind, resolver())
     assert (
-        "only public internet addresses are fetched unless the server is started with --allow-private-urls"
-        in message
+        "only public internet addresses are fetched unless the server is started with --allow-private-urls" in message
     )
     assert server.url("/img.png", host=host) in message
 
@@ -492,9 +481,7 @@ def test_unsupported_formats_are_named(tmp_path: Path) -> None:
     accepted = "not a PNG, JPEG, WebP, GIF or BMP image"
     refused(str(tmp_path / "photo.png"), rf"{accepted} \(it looks like TIFF\); convert it", resolve)
     refused(str(tmp_path / "drawing.svg"), rf"{accepted} \(it looks like SVG\)", resolve)
-    refused(
-        base64.b64encode(encode(solid(), "TIFF")).decode(), r"\(it looks like TIFF\)", resolve
-    )  # bare base64
+    refused(base64.b64encode(encode(solid(), "TIFF")).decode(), r"\(it looks like TIFF\)", resolve)  # bare base64
     refused("data:image/svg+xml," + quote("<svg width='1' height='1'/>"), r"\(it looks like SVG\)", resolve)
     refused(data_uri(b"just some text"), f"{accepted}; convert it", resolve)
 
@@ -503,9 +490,7 @@ def test_too_many_pixels_from_the_header_alone() -> None:
     decompression_limit = Image.MAX_IMAGE_PIXELS
     message = refused(data_uri(header_only_png(8000, 6000)), "8000×6000 pixels", resolver())
     assert "(48.0 megapixels); at most 40 megapixels are accepted, so downscale it first" in message
-    refused(
-        data_uri(header_only_png(100_000, 100_000)), "decompression bomb.*at most 40 megapixels", resolver()
-    )
+    refused(data_uri(header_only_png(100_000, 100_000)), "decompression bomb.*at most 40 megapixels", resolver())
     refused(data_uri(header_only_png(300, 200)), "1 megapixels", resolver(max_pixels=50_000))
     assert decompression_limit == Image.MAX_IMAGE_PIXELS  # global PIL state untouched
 
@@ -522,9 +507,7 @@ def test_bad_base64() -> None:
     message = refused("data:image/png;base64,@@not-base64@@", "The data: URI is not valid base64", resolver())
     assert "data:image/png;base64,iVBORw0KGgo" in message  # shows the accepted form
     refused("iVBORw0KGgo!!!!", "The image data is not valid base64", resolver())
-    refused(
-        "data:image/png;base64,iVBORw0KGgoAA", "not valid base64", resolver()
-    )  # 13 characters: impossible
+    refused("data:image/png;base64,iVBORw0KGgoAA", "not valid base64", resolver())  # 13 characters: impossible
     refused("data:image/png;iVBORw0KGgo", "has no ',' before its data", resolver())
     refused(data_uri(b"\0" * 1000), "The data: URI is larger than 0.0005 MB", resolver(max_bytes=500))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -269,6 +270,13 @@ async def test_concept_round_trip_leaves_the_base_model_untouched(tmp_path, sett
         assert not varied.is_error, varied.content
         missing = await client.call_tool("generate_image", {**base_call, "concept": "nope"})
         assert missing.is_error and "nope" in missing.content[0].text
+        card = json.loads((await client.read_resource("pictoprompt://concepts/red-thing")).contents[0].text)
+        assert card["name"] == "red-thing" and card["iterations"] == 3 and len(card["losses"]) == 3
+        assert "mean_image_embedding" not in card
+        with pytest.raises(Exception, match="nope"):
+            await client.read_resource("pictoprompt://concepts/nope")
+        with pytest.raises(Exception, match="name"):
+            await client.read_resource("pictoprompt://concepts/My-Cat")
 
     def pixels(result):
         return np.asarray(Image.open(result.structured_content["result"]["images"][0]["path"]), dtype=np.int16)

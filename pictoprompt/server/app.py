@@ -256,6 +256,20 @@ def create_server(
         except PictopromptError as error:
             raise ResourceError(str(error)) from error
 
+    @server.resource(
+        "pictoprompt://concepts/{name}",
+        name="concept",
+        description="A learned concept's card (JSON): base model, hyperparameters, iterations, losses, creation "
+        "time and reference thumbnails (its embedding vectors are left out). Use it as concept=NAME or concept:NAME.",
+        mime_type="application/json",
+    )
+    def read_concept(name: str) -> str:
+        try:
+            card = concepts.get(name)
+            return card.model_dump_json(indent=2, exclude={"mean_image_embedding", "mean_converted_embedding"})
+        except PictopromptError as error:
+            raise ResourceError(str(error)) from error
+
     return server
 
 

@@ -275,6 +275,18 @@ def random_scene(
             return Scene(background, tuple(objects))
 
 
+def shape_twin(scene: Scene, rng: random.Random) -> Scene:
+    """`scene` with one object's shape swapped for another training shape: a hard negative for contrastive
+    training, since a twin differs from its scene only where the shape is drawn (and its caption only in that word).
+    """
+    index = rng.randrange(len(scene.objects))
+    obj = scene.objects[index]
+    shapes = [s for s in TRAIN_SHAPES if s != obj.shape and (obj.colour, s) not in HELD_OUT_COMBOS]
+    shape = rng.choice(shapes)
+    fill = "solid" if shape in THIN_SHAPES else obj.fill
+    return with_object(scene, index, shape=shape, fill=fill)
+
+
 # ------------------------------------------------------------------------------------------------------ captions
 
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
