@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
 from pictoprompt.models.shapes.oracle import parse_prompt
 from pictoprompt.models.shapes.scenes import (
@@ -15,6 +16,7 @@ from pictoprompt.models.shapes.scenes import (
     objects_overlap,
     random_scene,
     render_array,
+    shape_twin,
     training_stream,
 )
 
@@ -65,3 +67,27 @@ def test_held_out_sets_are_fixed_and_of_their_kind() -> None:
     combos = held_out_scenes("held_out_combos", 50)
     assert all((s.objects[0].colour, s.objects[0].shape) in HELD_OUT_COMBOS for s in combos)
     assert all(s.objects[0].shape == NOVEL_SHAPE for s in held_out_scenes("crescent", 20))
+
+
+def test_shape_twins_change_one_shape_and_keep_the_rules() -> None:
+    rng = random.Random(4)
+    for _ in range(500):
+        scene = random_scene(rng)
+        twin = shape_twin(scene, rng)
+        changed = [i for i, (a, b) in enumerate(zip(scene.objects, twin.objects, strict=True)) if a != b]
+        assert len(changed) == 1
+        before, after = scene.objects[changed[0]], twin.objects[changed[0]]
+        assert after.shape != before.shape and not twin.is_held_out and twin.background == scene.background
+        assert (after.colour, after.size, after.position) == (before.colour, before.size, before.position)
+
+
+def test_contrastive_batches_pair_each_twin_with_a_caption_differing_only_in_shape() -> None:
+    from pictoprompt.models.shapes.train import scene_batch
+
+    pixels, captions = scene_batch(0, "clip", 7, 16, detail=0.5, twins=0.5)
+    assert pixels.shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and len(set(captions)) == 16
+    shape_words = {"circle", "square", "triangle", "star", "heart", "cross", "solid", "outlined", "striped"}
+    for original, twin in zip(captions[:8], captions[8:], strict=True):
+        differing = set(original.split()) ^ set(twin.split())
+        assert differing and differing <= shape_words, (original, twin)
+        assert not torch.equal(pixels[captions.index(original)], pixels[captions.index(twin)])
