@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test models are tiny: one thread per process avoids thread start-up and, with the servers the transport
+# tests spawn, oversubscribing a small CI machine (the suite ran several times faster this way on 2 cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime

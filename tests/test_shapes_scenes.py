@@ -12,6 +12,7 @@ from pictoprompt.models.shapes.scenes import (
     HELD_OUT_COMBOS,
     IMAGE_SIZE,
     NOVEL_SHAPE,
+    TRAIN_SHAPES,
     held_out_scenes,
     objects_overlap,
     random_scene,
@@ -84,8 +85,13 @@ def test_shape_twins_change_one_shape_and_keep_the_rules() -> None:
 def test_contrastive_batches_pair_each_twin_with_a_caption_differing_only_in_shape() -> None:
     from pictoprompt.models.shapes.train import scene_batch
 
-    pixels, captions = scene_batch(0, "clip", 7, 16, detail=0.5, twins=0.5)
+    batch = scene_batch(0, "clip", 7, 16, detail=0.5, twins=0.5)
+    pixels, captions = batch.pixels, batch.captions
     assert pixels.shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and len(set(captions)) == 16
+    assert batch.shapes.shape == (16, 6)
+    for caption, labels in zip(captions, batch.shapes, strict=True):
+        named = {o.shape for o in parse_prompt(caption).objects}
+        assert named == {shape for shape, on in zip(TRAIN_SHAPES, labels.tolist(), strict=True) if on}
     shape_words = {"circle", "square", "triangle", "star", "heart", "cross", "solid", "outlined", "striped"}
     for original, twin in zip(captions[:8], captions[8:], strict=True):
         differing = set(original.split()) ^ set(twin.split())

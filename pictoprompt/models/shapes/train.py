@@ -39,6 +39,7 @@ from pictoprompt.models.shapes import WEIGHTS_DIR
 from pictoprompt.models.shapes.scenes import (
     IMAGE_SIZE,
     PALETTE,
+    TRAIN_SHAPES,
     caption_scene,
     random_scene,
     render_array,
@@ -76,11 +77,12 @@ class TrainConfig:
     unet_lr: float = 1e-3
     unet_ema: float = 0.998
     vision_steps: int = 20000
-    vision_minutes: float = 8.0
+    vision_minutes: float = 15.0
     vision_batch: int = 64
     vision_lr: float = 1e-3
     vision_caption_detail: float = 0.8
     vision_twins: float = 0.5
+    vision_shape_weight: float = 3.0
     caption_dropout: float = 0.1
     caption_detail: float = 0.5
     checkpoint_seconds: float = 180.0
@@ -160,22 +162,23 @@ def build_scheduler() -> DDIMScheduler:
 # ---------------------------------------------------------------------------------------------------------- data
 
 
-def scene_batch(
-    seed: int, stage: str, step: int, size: int, detail: float, twins: float = 0.0
-) -> tuple[torch.Tensor, list[str]]:
-    """Pictures in [-1, 1] of shape (size, 3, 32, 32) and their captions, fixed by (seed, stage, step).
+@dataclass
+class SceneBatch:
+    pixels: torch.Tensor
+    """Pictures in [-1, 1], shape (size, 3, 32, 32)."""
+    captions: list[str]
+    backgrounds: torch.Tensor
+    """Each picture's background colour in [-1, 1], shape (size, 3, 1, 1)."""
+    shapes: torch.Tensor
+    """Which training shapes each picture shows, multi-hot, shape (size, len(TRAIN_SHAPES))."""
+
+
+def scene_batch(seed: int, stage: str, step: int, size: int, detail: float, twins: float = 0.0) -> SceneBatch:
+    """Pictures and their captions, fixed by (seed, stage, step).
 
     A fraction `twins` of the batch are shape twins of other pictures in it (`shape_twin`), captioned with the
     same paraphrase choices, so a contrastive loss cannot tell them apart by colour, layout or wording.
     """
-    pixels, captions, _ = scene_batch_with_backgrounds(seed, stage, step, size, detail, twins)
-    return pixels, captions
-
-
-def scene_batch_with_backgrounds(
-    seed: int, stage: str, step: int, size: int, detail: float, twins: float = 0.0
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """`scene_batch` plus each picture's background colour in [-1, 1], shape (size, 3, 1, 1)."""
     rng = random.Random(f"{seed}-{stage}-{step}")
     n_twins = min(size // 2, round(size * twins))
     originals = [random_scene(rng) for _ in range(size - n_twins)]
@@ -183,13 +186,19 @@ def scene_batch_with_backgrounds(
     caption_seeds = [rng.random() for _ in originals]
     caption_seeds += caption_seeds[:n_twins]
     pictures, captions, backgrounds = [], [], []
-    for scene, caption_seed in zip(scenes, caption_seeds, strict=True):
+    shapes = torch.zeros(size, len(TRAIN_SHAPES))
+    for i, (scene, caption_seed) in enumerate(zip(scenes, caption_seeds, strict=True)):
         pictures.append(render_array(scene))
         captions.append(caption_scene(scene, random.Random(caption_seed), detail))
         backgrounds.append(PALETTE[scene.background])
-    pixels = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    background = torch.tensor(backgrounds, dtype=torch.float32).view(size, 3, 1, 1) / 127.5 - 1.0
-    return pixels, captions, background
+        for obj in scene.objects:
+            shapes[i, TRAIN_SHAPES.index(obj.shape)] = 1.0
+    return SceneBatch(
+        pixels=torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+        captions=captions,
+        backgrounds=torch.tensor(backgrounds, dtype=torch.float32).view(size, 3, 1, 1) / 127.5 - 1.0,
+        shapes=shapes,
+    )
 
 
 def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -312,9 +321,8 @@ def train_clip(out: Path, config: TrainConfig, device: torch.device, progress: P
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1)
 
     def step_fn(step: int) -> dict[str, float]:
-        pixels, captions = scene_batch(
-            config.seed, "clip", step, config.clip_batch, config.caption_detail, config.clip_twins
-        )
+        batch = scene_batch(config.seed, "clip", step, config.clip_batch, config.caption_detail, config.clip_twins)
+        pixels, captions = batch.pixels, batch.captions
         ids = tokenize(tokenizer, captions, pad_to_context=False).to(device)
         outputs = model(input_ids=ids, pixel_values=clip_pixels(pixels.to(device)), return_loss=True)
         optimizer.zero_grad(set_to_none=True)
@@ -346,10 +354,8 @@ def train_vae(out: Path, config: TrainConfig, device: torch.device, progress: Pr
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
 
     def step_fn(step: int) -> dict[str, float]:
-        pixels, _, background = scene_batch_with_backgrounds(
-            config.seed, "vae", step, config.vae_batch, config.caption_detail
-        )
-        pixels, background = pixels.to(device), background.to(device)
+        batch = scene_batch(config.seed, "vae", step, config.vae_batch, config.caption_detail)
+        pixels, background = batch.pixels.to(device), batch.backgrounds.to(device)
         posterior = vae.encode(pixels).latent_dist
         # The mean, not a sample: with a KL weight as small as Stable Diffusion's the posterior is nearly a
         # point, and skipping the sampling noise makes this small autoencoder converge in CPU minutes.
@@ -387,7 +393,7 @@ def latent_scaling_factor(vae: AutoencoderKL, config: TrainConfig, device: torch
     """1 / std of the latents, as Stable Diffusion scales its latents to unit variance."""
     latents = []
     for step in range(8):
-        pixels, _ = scene_batch(config.seed, "vae-scale", step, 64, config.caption_detail)
+        pixels = scene_batch(config.seed, "vae-scale", step, 64, config.caption_detail).pixels
         latents.append(vae.encode(pixels.to(device)).latent_dist.mean)
     return float(1.0 / torch.cat(latents).std())
 
@@ -413,7 +419,8 @@ def train_unet(
     generator = torch.Generator(device="cpu")
 
     def step_fn(step: int) -> dict[str, float]:
-        pixels, captions = scene_batch(config.seed, "unet", step, config.unet_batch, config.caption_detail)
+        batch = scene_batch(config.seed, "unet", step, config.unet_batch, config.caption_detail)
+        pixels, captions = batch.pixels, batch.captions
         generator.manual_seed(config.seed * 1_000_003 + step)
         drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -459,38 +466,56 @@ def train_unet(
 def train_clip_vision(
     out: Path, config: TrainConfig, device: torch.device, clip: CLIPModel, progress: Progress
 ) -> CLIPModel:
-    """Go on training CLIP's image side against its frozen text side.
+    """Go on training CLIP's image side, and the text projection, against the frozen text tower.
 
-    The text tower is the generator's text encoder, so it must stay as the U-Net saw it; the image tower can
-    still improve (on a CPU budget the first stage learns colour and position well before shape). Captions
-    carry more details here, so that in-batch negatives differ by more than colour.
+    The text tower is the generator's text encoder, so it must stay as the U-Net saw it; the U-Net never reads
+    the text projection, so that may move. On a CPU budget the first stage learns colour and position but
+    hardly shape (in-batch negatives mostly differ by colour, and shape is a few pixels of a 32x32 picture), so
+    this stage adds two signals: shape twins in every batch, and an auxiliary head (not shipped) that names the
+    shapes a picture shows from the image tower's pooled state.
     """
     clip.requires_grad_(False)
-    trained = [*clip.vision_model.parameters(), *clip.visual_projection.parameters(), clip.logit_scale]
+    shape_head = torch.nn.Linear(clip.config.vision_config.hidden_size, len(TRAIN_SHAPES)).to(device)
+    trained = [
+        *clip.vision_model.parameters(),
+        *clip.visual_projection.parameters(),
+        *clip.text_projection.parameters(),
+        clip.logit_scale,
+    ]
     for parameter in trained:
         parameter.requires_grad_(True)
     clip.vision_model.train()
     tokenizer = load_clip_tokenizer(out / "tokenizer")
-    optimizer = torch.optim.AdamW(trained, lr=config.vision_lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW([*trained, *shape_head.parameters()], lr=config.vision_lr, weight_decay=0.1)
 
     def step_fn(step: int) -> dict[str, float]:
-        pixels, captions = scene_batch(
+        batch = scene_batch(
             config.seed, "clip-vision", step, config.vision_batch, config.vision_caption_detail, config.vision_twins
         )
         with torch.no_grad():
-            ids = tokenize(tokenizer, captions, pad_to_context=False).to(device)
-            texts = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
-        pooled = clip.vision_model(pixel_values=clip_pixels(pixels.to(device))).pooler_output
+            ids = tokenize(tokenizer, batch.captions, pad_to_context=False).to(device)
+            text_states = clip.text_model(input_ids=ids).pooler_output
+        texts = F.normalize(clip.text_projection(text_states), dim=-1)
+        pooled = clip.vision_model(pixel_values=clip_pixels(batch.pixels.to(device))).pooler_output
         images = F.normalize(clip.visual_projection(pooled), dim=-1)
         logits = clip.logit_scale.exp() * images @ texts.T
-        labels = torch.arange(len(captions), device=device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        labels = torch.arange(len(batch.captions), device=device)
+        contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        shape_logits = shape_head(pooled)
+        shape_loss = F.binary_cross_entropy_with_logits(shape_logits, batch.shapes.to(device))
+        loss = contrastive + config.vision_shape_weight * shape_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
-        return {"loss": loss.item(), "acc": (logits.argmax(-1) == labels).float().mean().item()}
+            shape_accuracy = ((shape_logits > 0).float() == batch.shapes.to(device)).all(dim=1).float().mean()
+        return {
+            "loss": contrastive.item(),
+            "acc": (logits.argmax(-1) == labels).float().mean().item(),
+            "shape_loss": shape_loss.item(),
+            "shape_acc": shape_accuracy.item(),
+        }
 
     _run_stage(
         "clip_vision",
@@ -498,7 +523,7 @@ def train_clip_vision(
         config.vision_minutes,
         out,
         config,
-        {"model": clip},
+        {"model": clip, "shape_head": shape_head},
         optimizer,
         config.vision_lr,
         step_fn,
