@@ -6,7 +6,8 @@
 CLIP: text-to-image R@1 among 100 candidates (full captions), zero-shot colour and shape on single objects
 (class text = the mean embedding of "a {colour} {shape}" over the other attribute). Generator: 25 DDIM steps,
 guidance 7.5, one image per single-object prompt ("a red circle in the top left corner"); the oracle reads
-colour, shape and position of the largest object. Speed: 4 images at 25 steps, median of 3 after a warm-up.
+colour, shape and position of the largest object. VAE: the oracle's reading of its reconstructions (the
+ceiling of what the generator can draw). Speed: 4 images at 25 steps, median of 3 after a warm-up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from harness import (
@@ -113,6 +115,23 @@ def generator_agreement(pipeline: StableDiffusionPipeline, examples: Sequence[Ex
     return scores
 
 
+@torch.no_grad()
+def vae_fidelity(pipeline: StableDiffusionPipeline, examples: Sequence[Example]) -> dict[str, float]:
+    """How often the oracle reads each attribute of a scene's object from the VAE's reconstruction of it."""
+    rows = []
+    for start in range(0, len(examples), 100):
+        chunk = examples[start : start + 100]
+        pixels = torch.stack([torch.from_numpy(np.asarray(e.image, dtype=np.float32)) for e in chunk])
+        pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1.0
+        latents = pipeline.vae.encode(pixels.to(pipeline.vae.dtype)).latent_dist.mode()
+        decoded = pipeline.vae.decode(latents).sample.float().clamp(-1, 1)
+        pictures = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for picture, example in zip(pictures, chunk, strict=True):
+            seen = agreement(example.scene.objects[0], parse_scene(picture).main)
+            rows.append({k: float(seen[k]) for k in ("colour", "shape", "position", "fill", "size")})
+    return mean_scores(rows)
+
+
 def speed(pipeline: StableDiffusionPipeline, runs: int = 3) -> float:
     """Seconds for 4 pictures at 25 DDIM steps, guidance 7.5 (median of `runs` after a warm-up)."""
     prompts = ["a red circle in the center"] * 4
@@ -141,10 +160,12 @@ def run(n: int = 500, n_held_out: int = 100) -> str:
         {"prompts": f"single objects (n={n})", **generator_agreement(pipeline, single)},
         {"prompts": f"held-out combinations (n={n_held_out})", **generator_agreement(pipeline, held_out)},
     ]
+    vae_row = {"reconstructions": f"single objects (n={n})", **vae_fidelity(pipeline, single)}
     seconds = speed(pipeline)
     tables = [
         format_table(f"CLIP on held-out scenes (single objects n={n}, two objects n=200)", [_with_goals(clip_row)]),
         format_table("Generator: oracle agreement with the prompt (25 DDIM steps, guidance 7.5)", generator_rows),
+        format_table("VAE: oracle agreement of reconstructions with the scene", [vae_row]),
         format_table(
             f"Speed on this machine ({torch.get_num_threads()} threads)",
             [{"4 images, 25 steps (s)": seconds, "goal (s)": 3.0, "met": seconds <= 3.0}],
