@@ -101,6 +101,13 @@ def test_stop_and_banned_tokens(language_model: LanguageModel) -> None:
     newline = language_model.tokenize("red\ncircle")
     assert any(stop[t] for t in newline), "a newline token ends a prompt"
     assert not any(stop[t] for t in language_model.tokenize("red circle"))
+    wordless = language_model.wordless_tokens
+    assert wordless.shape == stop.shape
+    assert not any(wordless[t] for t in language_model.tokenize("red circle"))
+    for token in range(language_model.vocab_size):
+        text = "" if stop[token] or banned[token] else language_model.detokenize([token])
+        if text:
+            assert bool(wordless[token]) == (not any(c.isalnum() for c in text)), (token, text)
 
 
 def test_extend_forks_and_drops_beams(language_model: LanguageModel) -> None:

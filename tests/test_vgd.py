@@ -106,6 +106,7 @@ class ScriptedLM(LanguageModel):
         self.vocab_size = len(self.words)
         self.stop_tokens = torch.tensor([i < 2 for i in range(self.vocab_size)])
         self.banned_tokens = torch.tensor([i == 2 for i in range(self.vocab_size)])
+        self.wordless_tokens = torch.zeros(self.vocab_size, dtype=torch.bool)
 
     def _render_chat(self, messages: list[Message]) -> str:
         return " ".join(m["content"] for m in messages)
@@ -438,3 +439,18 @@ def test_cli_commands_document_their_options(command: str, capsys: pytest.Captur
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0 and "--max-tokens" in capsys.readouterr().out
+
+
+def test_an_answer_never_starts_with_a_wordless_token(clip: ClipModel, targets: torch.Tensor) -> None:
+    def fence_first(tokens: list[int]) -> list[float]:
+        # "red" stands in for a code fence: the LM wants it first, then a newline.
+        if not tokens:
+            return [-8.0, -8.0, -8.0, 9.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.2]
+        return [-8.0, 9.0 if tokens == [3] else -8.0, -8.0, *[1.0 - 0.1 * i for i in range(7)]]
+
+    lm = ScriptedLM(fence_first)
+    fenced = guided_decode(lm, clip, targets, [2], max_length=4, **SMALL)
+    assert fenced.hypotheses[0].token_ids[0] == 3, "without the mask the fence wins"
+    lm.wordless_tokens[3] = True
+    result = guided_decode(lm, clip, targets, [2], max_length=4, **SMALL)
+    assert result.hypotheses and all(h.token_ids[0] != 3 for h in result.hypotheses)

@@ -12,6 +12,8 @@ The objective (Eq. 7-8) is `argmax_T P_CLIP(I | T) * P_LLM(T)^alpha`, decoded le
    `llm_alpha * cumulative LLM log-prob + clip_alpha * log_softmax_over_candidates(logit_scale * cos(target, text))`
    (the authors' code; llm_alpha = 1 and clip_alpha = 1.5 is the paper's alpha = 0.67), and the best
    `num_beams` are kept. With several target rows the CLIP log-softmax is taken per row and averaged.
+   The first token must hold a letter or digit (our addition: SmolLM2 otherwise opens its answer with a
+   code fence or a quote, and a fence followed by a newline ended the search with "```" as the prompt).
 4. *Termination*: a stop token (end of turn, or any token holding a newline) ends a hypothesis; the search ends
    at `max_length` tokens, or once `num_beams` hypotheses have ended and no live beam scores better than the
    best of them (expansion no longer improves the score). The answer is the best hypothesis by
@@ -313,6 +315,8 @@ def guided_decode(
                 beams.extend(kept_parents, kept_tokens)
             log_probs = beams.log_probs.clone()
             log_probs[:, llm.banned_tokens] = -math.inf
+            if step == 1:
+                log_probs[:, llm.wordless_tokens] = -math.inf
             if step <= min_length:
                 log_probs[:, llm.stop_tokens] = -math.inf
             totals = (cumulative[:, None] + log_probs).flatten()

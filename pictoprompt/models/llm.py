@@ -85,6 +85,11 @@ class Beams(ABC):
         self.close()
 
 
+def wordless(texts: Sequence[str]) -> torch.Tensor:
+    """(len(texts),) bool: which texts hold no letter or digit."""
+    return torch.tensor([not any(c.isalnum() for c in text) for text in texts], dtype=torch.bool)
+
+
 class LanguageModel(ABC):
     """What guided decoding needs of a causal LM."""
 
@@ -94,6 +99,9 @@ class LanguageModel(ABC):
     """(V,) bool: end of generation or a newline inside the token: a prompt is one line, so these end it."""
     banned_tokens: torch.Tensor
     """(V,) bool: control tokens that end nothing and never belong in a prompt (role markers, padding rows)."""
+    wordless_tokens: torch.Tensor
+    """(V,) bool: tokens with no letter or digit (markup such as a code fence or a quote, spaces, byte pieces);
+    an answer may not start with one, or a small LLM answers with a code fence and a newline and stops there."""
 
     @abstractmethod
     def _render_chat(self, messages: list[Message]) -> str:
@@ -170,6 +178,7 @@ class LlamaCppModel(LanguageModel):
             [e or b"\n" in piece for e, piece in zip(eog, self._pieces, strict=True)], dtype=torch.bool
         )
         self.banned_tokens = torch.tensor(control, dtype=torch.bool) & ~self.stop_tokens
+        self.wordless_tokens = wordless([piece.decode("utf-8", "ignore") for piece in self._pieces])
         self._bos_text = self._llama.detokenize([self._llama.token_bos()], special=True).decode("utf-8", "ignore")
         self._adds_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
         self._template = self._llama.metadata.get("tokenizer.chat_template")
@@ -360,6 +369,7 @@ class TransformersModel(LanguageModel):
         special[known:] = True  # rows past the tokenizer are padding of the embedding matrix
         self.stop_tokens = stop
         self.banned_tokens = special & ~stop
+        self.wordless_tokens = wordless([*texts, *[""] * (self.vocab_size - len(texts))])
 
     @classmethod
     def from_pretrained(cls, source: str, device: torch.device, local_files_only: bool) -> TransformersModel:
