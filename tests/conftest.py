@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The test models are tiny: one thread per process avoids thread start-up and, with the servers the transport
-# tests spawn, oversubscribing a small CI machine (the suite ran several times faster this way on 2 cores).
+# The test models are tiny: one thread per process avoids OpenMP overhead on small tensors and, with the servers
+# the transport tests spawn, oversubscribing a small CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pictoprompt.models.profiles import get_profile
