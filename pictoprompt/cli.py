@@ -95,7 +95,7 @@ def run_tool_command(args: argparse.Namespace) -> int:
     spec = args.spec
     fields = {name: getattr(args, name) for name in spec.request_model.model_fields}
     request = spec.request_model(**{k: v for k, v in fields.items() if v is not None})
-    runtime = Runtime(get_profile(args.profile, args.profiles_file))
+    runtime = Runtime(get_profile(args.profile, args.profiles_file), Settings().cache_dir)
     resolver = ImageResolver(ImagePolicy(allowed_roots=[Path("/")], allow_private_urls=True), None)
     bar = _ProgressBar()
     concepts = ConceptStore(Settings().data_dir / "concepts")
@@ -176,7 +176,7 @@ def cmd_train_domain(args: argparse.Namespace) -> int:
     from pictoprompt.settings import Settings
     from pictoprompt.tools.customize_concept import train_domain_adapter
 
-    runtime = Runtime(get_profile(args.profile, args.profiles_file))
+    runtime = Runtime(get_profile(args.profile, args.profiles_file), Settings().cache_dir)
     bar = _ProgressBar()
     with runtime.gpu_lock:
         summary = train_domain_adapter(

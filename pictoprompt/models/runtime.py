@@ -95,8 +95,10 @@ def locate(source: str, probe_file: str) -> str | None:
 class Runtime:
     """The model handles of one profile, loaded on first use and shared by every call."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, cache_dir: Path | None = None) -> None:
         self.profile = profile
+        self.cache_dir = cache_dir
+        """Where values derived from the weights (the CLIP vocabulary's embeddings) are kept across restarts."""
         self.device = resolve_device(profile.device)
         self.dtype = resolve_dtype(profile.dtype, self.device)
         self.gpu_lock = threading.Lock()

@@ -206,7 +206,7 @@ def create_server(
 ) -> MCPServer:
     """Build the MCP server. Models load in the lifespan (once), not per call."""
     settings = settings or Settings()
-    runtime = runtime or Runtime(get_profile(settings.profile, settings.profiles_file))
+    runtime = runtime or Runtime(get_profile(settings.profile, settings.profiles_file), settings.cache_dir)
     holder: dict[str, ServerState] = {}
 
     roots = list(settings.allow_dirs)

@@ -8,7 +8,6 @@ and says how to apply it to another subject.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -84,8 +83,7 @@ class InvertImageResponse(BaseModel):
 
 def vocabulary_for(context: ToolContext, clip: ClipModel) -> ClipVocabulary:
     """The CLIP vocabulary's embeddings, on disk under the runtime's cache folder when it has one."""
-    cache_dir: Path | None = getattr(context.runtime, "cache_dir", None)
-    return clip_vocabulary(clip, cache_dir, progress=context.progress)
+    return clip_vocabulary(clip, context.runtime.cache_dir, progress=context.progress)
 
 
 def ranked_prompts(
