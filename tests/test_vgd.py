@@ -31,6 +31,7 @@ from pictoprompt.methods.vgd import (
     image_targets,
     invert,
     length_penalty,
+    repeating_tokens,
     step_scores,
     style_target,
     text_target,
@@ -454,3 +455,25 @@ def test_an_answer_never_starts_with_a_wordless_token(clip: ClipModel, targets: 
     lm.wordless_tokens[3] = True
     result = guided_decode(lm, clip, targets, [2], max_length=4, **SMALL)
     assert result.hypotheses and all(h.token_ids[0] != 3 for h in result.hypotheses)
+
+
+def test_repeating_tokens() -> None:
+    assert repeating_tokens([1, 2, 3, 1, 2], 3) == [3]
+    assert repeating_tokens([1, 2, 1, 2, 1, 2], 3) == [1, 1]
+    assert repeating_tokens([1, 2], 3) == [] and repeating_tokens([1, 2, 1, 2], 0) == []
+    assert sorted(repeating_tokens([4, 5], 1)) == [4, 5]
+
+
+def test_no_beam_repeats_a_run_of_three_tokens(clip: ClipModel, targets: torch.Tensor) -> None:
+    def alternate(tokens: list[int]) -> list[float]:
+        logits = [-8.0, -8.0, -8.0, *[0.0] * 7]
+        logits[3 if len(tokens) % 2 == 0 else 5] = 9.0
+        return logits
+
+    lm = ScriptedLM(alternate)
+    looping = guided_decode(lm, clip, targets, [2], max_length=6, no_repeat_ngram_size=0, **SMALL)
+    assert any(h.token_ids[:4] == [3, 5, 3, 5] for h in looping.hypotheses)
+    for hypothesis in guided_decode(lm, clip, targets, [2], max_length=6, **SMALL).hypotheses:
+        ids = hypothesis.token_ids
+        runs = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+        assert len(set(runs)) == len(runs), ids

@@ -264,6 +264,18 @@ class _TextEmbeddings:
         return torch.stack([self.known[text] for text in texts])
 
 
+def repeating_tokens(tokens: Sequence[int], ngram_size: int) -> list[int]:
+    """The next tokens that would repeat a run of `ngram_size` tokens already in `tokens`."""
+    if ngram_size <= 0 or len(tokens) < ngram_size - 1:
+        return []
+    context = tuple(tokens[len(tokens) - ngram_size + 1 :])
+    return [
+        tokens[i + ngram_size - 1]
+        for i in range(len(tokens) - ngram_size + 1)
+        if tuple(tokens[i : i + ngram_size - 1]) == context
+    ]
+
+
 def guided_decode(
     llm: LanguageModel,
     clip: ClipModel,
@@ -279,13 +291,16 @@ def guided_decode(
     length_penalty_alpha: float = 1.2,
     length_penalty_offset: int = 5,
     max_clip_tokens: int | None = None,
+    no_repeat_ngram_size: int = 3,
     use_cache: bool = True,
     progress: Progress | None = None,
 ) -> VgdResult:
     """Beam-search the LLM's answer to `prompt_ids`, each step rescored by CLIP against `targets` (N, P).
 
     `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
-    is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `use_cache=False` recomputes
+    is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `no_repeat_ngram_size` (our
+    addition; 0 turns it off) keeps a beam from repeating any run of that many tokens: a small LLM otherwise
+    loops ("Shored: Shored: Shored: ..."), and CLIP does not penalise the loop. `use_cache=False` recomputes
     every beam from scratch each step, like the authors' code (for comparison; same beams, slower).
     """
     if targets.ndim != 2 or targets.shape[0] == 0:
@@ -317,6 +332,8 @@ def guided_decode(
             log_probs[:, llm.banned_tokens] = -math.inf
             if step == 1:
                 log_probs[:, llm.wordless_tokens] = -math.inf
+            for row, tokens_so_far in enumerate(live_tokens):
+                log_probs[row, repeating_tokens(tokens_so_far, no_repeat_ngram_size)] = -math.inf
             if step <= min_length:
                 log_probs[:, llm.stop_tokens] = -math.inf
             totals = (cumulative[:, None] + log_probs).flatten()
