@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pictoprompt.models.shapes.oracle import ATTRIBUTES, parse_prompt, parse_scene, score_reading
+from pictoprompt.models.shapes.oracle import ATTRIBUTES, PromptObject, parse_prompt, parse_scene, score_reading
 from pictoprompt.models.shapes.scenes import Scene, SceneObject, held_out_scenes, render_scene
 
 
@@ -62,6 +62,10 @@ def test_prompt_parser_reads_synonyms_and_several_objects() -> None:
     assert two.objects[0].position is None  # a relation, not a place
     assert (two.objects[1].size, two.objects[1].fill, two.objects[1].position) == ("small", "striped", "center")
     assert parse_prompt("a drawing").objects == []
+    assert parse_prompt('Premise: "ORANGE"').objects == [PromptObject(colour="orange")]
+    shapeless = parse_prompt("a large striped green thing on the left on a white background")
+    assert shapeless.objects == [PromptObject(colour="green", size="large", position="left", fill="striped")]
+    assert shapeless.background == "white"
 
 
 def test_prompt_parser_matches_ground_truth_of_full_captions() -> None:

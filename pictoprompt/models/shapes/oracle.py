@@ -300,7 +300,10 @@ def _position(words: Sequence[str]) -> str | None:
 
 
 def parse_prompt(text: str) -> PromptReading:
-    """Read the objects a prompt describes (in order) and its background colour, if named."""
+    """Read the objects a prompt describes (in order) and its background colour, if named.
+
+    Each shape word starts an object; a prompt with no shape word describes at most one, of unknown shape.
+    """
     words = _words(text)
     background = None
     for i, word in enumerate(words):
@@ -309,6 +312,15 @@ def parse_prompt(text: str) -> PromptReading:
             words = words[: i - 1] + words[i + 1 :]
             break
     shape_at = [i for i, w in enumerate(words) if w in SHAPES]
+    if not shape_at:
+        # "GREEN" or "an orange thing on the left" still says something about the one object it describes.
+        thing = PromptObject(
+            colour=next((w for w in words if w in PALETTE), None),
+            size=next((w for w in words if w in SIZES), None),
+            fill=next((w for w in words if w in FILLS), None),
+            position=_position(words),
+        )
+        return PromptReading([thing] if any(asdict(thing).values()) else [], background)
     objects = []
     for k, i in enumerate(shape_at):
         start = shape_at[k - 1] + 1 if k else 0
