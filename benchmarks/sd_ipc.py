@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = speed[1]["vs generate_image %"]
     summary = {"variation": variation, "edits": edits, "speed": speed, "gap_points": gaps}
     print(
-        f"SD-IPC vs ground-truth caption: colour -{gaps['colour']:.1f}, shape -{gaps['shape']:.1f} points "
+        f"SD-IPC minus ground-truth caption: colour {-gaps['colour']:+.1f}, shape {-gaps['shape']:+.1f} points "
         f"(goal within 10): {'met' if max(gaps.values()) <= 10 else 'NOT met'}"
     )
     print(f"variation cost over generation: {overhead:+.1f}% (goal <= 5%): {'met' if overhead <= 5 else 'NOT met'}")

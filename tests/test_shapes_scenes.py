@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from pictoprompt.models.shapes.oracle import parse_prompt
@@ -97,3 +99,21 @@ def test_contrastive_batches_pair_each_twin_with_a_caption_differing_only_in_sha
         differing = set(original.split()) ^ set(twin.split())
         assert differing and differing <= shape_words, (original, twin)
         assert not torch.equal(pixels[captions.index(original)], pixels[captions.index(twin)])
+
+
+def test_the_words_loss_wants_every_word_of_the_caption_and_nothing_else() -> None:
+    from pictoprompt.models.shapes.train import caption_words_loss
+
+    start, end = 49406, 49407
+    ids = torch.tensor([[start, 5, 6, 5, end, end], [start, 7, end, end, end, end]])
+    head = torch.nn.Linear(2, 49408)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        # Pooled state [1, 0] names tokens 5 (twice as often) and 6; [0, 1] names token 7.
+        head.weight[5, 0], head.weight[6, 0], head.weight[7, 1] = 30 + math.log(2), 30.0, 30.0
+    perfect = caption_words_loss(head, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ids, end)
+    entropy_of_first = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert perfect.item() == pytest.approx(entropy_of_first / 2, abs=1e-4)
+    swapped = caption_words_loss(head, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), ids, end)
+    assert swapped.item() > perfect.item() + 10
