@@ -13,9 +13,12 @@ import anyio
 import jsonschema
 import numpy as np
 import pytest
+import torch
 from mcp import Client
 from PIL import Image
 
+from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.app import create_server
 from pictoprompt.tools import TOOLS
 
@@ -283,3 +286,15 @@ async def test_concept_round_trip_leaves_the_base_model_untouched(tmp_path, sett
 
     assert np.array_equal(pixels(before), pixels(after))
     assert not np.array_equal(pixels(before), pixels(with_concept))
+
+
+async def test_the_clip_vocabulary_is_embedded_in_the_background_once_the_server_is_up(tmp_path, settings):
+    cache = tmp_path / "vocabulary-cache"
+    runtime = Runtime(get_profile("tiny"), cache_dir=cache)
+    async with Client(create_server(settings, runtime=runtime, preload=True)) as client:
+        assert any(tool.name == "invert_image" for tool in (await client.list_tools()).tools)
+        with anyio.fail_after(300):
+            while not list(cache.glob("clip-vocabulary-*.pt")):
+                await anyio.sleep(0.2)
+    stored = torch.load(next(cache.glob("clip-vocabulary-*.pt")), weights_only=True)
+    assert len(stored["words"]) == stored["embeddings"].shape[0] > 30000

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,15 @@ class ServerStatus(BaseModel):
     asset_dir: str
 
 
+def _warm_up(runtime: Runtime, warm_ups: list[Callable[[Runtime], None]]) -> None:
+    """Do the tools' one-time work while the server already answers; a call that needs it waits for it."""
+    for warm_up in warm_ups:
+        try:
+            warm_up(runtime)
+        except Exception:  # a failure here shows again, with its message, in the call that needs the work
+            logger.exception("warm-up %s failed", getattr(warm_up, "__name__", warm_up))
+
+
 def create_server(
     settings: Settings | None = None,
     *,
@@ -225,6 +235,8 @@ def create_server(
         if preload:
             needed = {component for spec in TOOLS for component in spec.components}
             await anyio.to_thread.run_sync(runtime.preload, needed)
+            warm_ups = list(dict.fromkeys(spec.warm_up for spec in TOOLS if spec.warm_up is not None))
+            threading.Thread(target=_warm_up, args=(runtime, warm_ups), name="warm-up", daemon=True).start()
         try:
             yield state
         finally:

@@ -111,3 +111,5 @@ class ToolSpec:
     """Model-heavy: runs as a job behind the GPU lock and the queue, takes `wait_seconds`."""
     components: tuple[str, ...] = ("generator", "clip")
     """Runtime components the tool uses (`generator`, `clip`, `llm`), loaded when the server starts."""
+    warm_up: Callable[[Runtime], None] | None = None
+    """Work the tool's first call would otherwise pay for; the server does it in the background once loaded."""

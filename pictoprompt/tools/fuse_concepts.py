@@ -16,7 +16,7 @@ from pictoprompt.methods.generation import default_size, encode_text_prompt, gen
 from pictoprompt.methods.vgd import image_targets, invert, text_perplexities
 from pictoprompt.tools.base import ImageRef, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
 from pictoprompt.tools.generate_image import Guidance, NumImages, Steps, generation_metadata, save_images, seeds_for
-from pictoprompt.tools.invert_image import MaxTokens, Perplexity, vocabulary_for
+from pictoprompt.tools.invert_image import MaxTokens, Perplexity, embed_clip_vocabulary, vocabulary_for
 from pictoprompt.tools.vary_image import Variation
 
 METHOD = "vgd-fusion"
@@ -132,4 +132,5 @@ SPEC = ToolSpec(
     run=fuse_concepts,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
     components=("generator", "clip", "llm"),
+    warm_up=embed_clip_vocabulary,
 )

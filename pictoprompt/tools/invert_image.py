@@ -23,6 +23,7 @@ from pictoprompt.methods.vgd import (
     text_perplexities,
 )
 from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.runtime import Runtime
 from pictoprompt.tools.base import ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
@@ -86,6 +87,11 @@ def vocabulary_for(context: ToolContext, clip: ClipModel) -> ClipVocabulary:
     return clip_vocabulary(clip, context.runtime.cache_dir, progress=context.progress)
 
 
+def embed_clip_vocabulary(runtime: Runtime) -> None:
+    """Embed (or load from the cache folder) the CLIP vocabulary, which a first inversion would wait for."""
+    clip_vocabulary(runtime.clip(), runtime.cache_dir)
+
+
 def ranked_prompts(
     context: ToolContext, result: VgdResult, targets: torch.Tensor, count: int, style: bool
 ) -> list[InvertedPrompt]:
@@ -145,4 +151,5 @@ SPEC = ToolSpec(
     run=invert_image,
     hints=ToolHints(read_only=True, destructive=False, idempotent=True, open_world=False),
     components=("generator", "clip", "llm"),
+    warm_up=embed_clip_vocabulary,
 )
