@@ -73,7 +73,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     vae_object_weight: float = 9.0
     unet_steps: int = 100000
-    unet_minutes: float = 60.0
+    unet_minutes: float = 75.0
     unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_ema: float = 0.998
