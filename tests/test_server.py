@@ -293,7 +293,7 @@ async def test_the_clip_vocabulary_is_embedded_in_the_background_once_the_server
     runtime = Runtime(get_profile("tiny"), cache_dir=cache)
     async with Client(create_server(settings, runtime=runtime, preload=True)) as client:
         assert any(tool.name == "invert_image" for tool in (await client.list_tools()).tools)
-        with anyio.fail_after(300):
+        with anyio.fail_after(120):
             while not list(cache.glob("clip-vocabulary-*.pt")):
                 await anyio.sleep(0.2)
     stored = torch.load(next(cache.glob("clip-vocabulary-*.pt")), weights_only=True)
