@@ -95,10 +95,11 @@ def run_tool_command(args: argparse.Namespace) -> int:
     spec = args.spec
     fields = {name: getattr(args, name) for name in spec.request_model.model_fields}
     request = spec.request_model(**{k: v for k, v in fields.items() if v is not None})
-    runtime = Runtime(get_profile(args.profile, args.profiles_file), Settings().cache_dir)
+    settings = Settings()
+    runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
     resolver = ImageResolver(ImagePolicy(allowed_roots=[Path("/")], allow_private_urls=True), None)
     bar = _ProgressBar()
-    concepts = ConceptStore(Settings().data_dir / "concepts")
+    concepts = ConceptStore(settings.data_dir / "concepts")
     sink = DirectorySink(Path(args.output), spec.name)
     context = ToolContext(runtime, sink, resolver, Progress(bar.update), concepts)
     with runtime.gpu_lock:
@@ -176,12 +177,13 @@ def cmd_train_domain(args: argparse.Namespace) -> int:
     from pictoprompt.settings import Settings
     from pictoprompt.tools.customize_concept import train_domain_adapter
 
-    runtime = Runtime(get_profile(args.profile, args.profiles_file), Settings().cache_dir)
+    settings = Settings()
+    runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
     bar = _ProgressBar()
     with runtime.gpu_lock:
         summary = train_domain_adapter(
             runtime,
-            ConceptStore(Settings().data_dir / "concepts"),
+            ConceptStore(settings.data_dir / "concepts"),
             args.name,
             args.images,
             args.captions,
