@@ -6,8 +6,8 @@ Three tables:
 1. Variation (the paper's Table 2 claim): on held-out single-object scenes, the oracle's agreement between the
    reference scene and an image generated from (a) the ground-truth caption, (b) the SD-IPC pseudo-prompt of
    the reference picture, (c) the caption of another scene (the floor). Goal: (b) within 10 points of (a) on
-   colour and shape. One seed per scene leaves the gap with a standard error of about 4 points at n = 200, so
-   every scene is drawn with several seeds, and the gap is printed with its standard error over scenes.
+   colour and shape. One image per scene leaves its seed's noise in the gap, so every scene is drawn with
+   several seeds, and the gap is printed with its standard error over scenes.
 2. Editing (Eq. 8): one attribute changed by text ("blue", "on the left", "a star") at alpha 0 / 0.5 / 0.9 /
    1.5; how often the oracle sees the edit applied; the share of the other attributes (shape, colour, size,
    position, fill, background) that match the reference; and how often the edit is applied while the object

@@ -191,7 +191,7 @@ def inversion_table(
             clip, image_targets(clip, [ex.image])[0], settings.pez_length, settings.pez_iterations
         )
     rows = []
-    for kind in KINDS:
+    for kind in settings.kinds:
         examples = scene_set(kind, max(1, settings.n // len(KINDS)))
         seeds = list(range(len(examples)))
         prompts_by = {"caption (ceiling)": [ex.caption for ex in examples]}
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="shapes")
     parser.add_argument("--n", type=int, default=200, help="held-out scenes for inversion, split over 3 kinds")
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
+    parser.add_argument(
+        "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="scene sets to invert (to split a run)"
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the regenerated images")
     parser.add_argument("--pez-length", type=int, default=16, help="PEZ prompt tokens (the paper's PEZ setting)")
