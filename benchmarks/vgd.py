@@ -167,6 +167,11 @@ def agreement_row(prompts: Sequence[str], images: Sequence[Image.Image], example
 # ------------------------------------------------------------------------------------------------ tables
 
 
+def scenes_of_kind(n: int, kind: str) -> int:
+    """`kind`'s share of `n` scenes: a third each, the remainder to the first kinds (200 -> 67, 67, 66)."""
+    return max(1, n // len(KINDS) + (KINDS.index(kind) < n % len(KINDS)))
+
+
 def inversion_table(
     runtime: Runtime, vocabulary: ClipVocabulary, perplexity: Perplexity, settings: argparse.Namespace
 ) -> list[dict]:
@@ -192,7 +197,7 @@ def inversion_table(
         )
     rows = []
     for kind in settings.kinds:
-        examples = scene_set(kind, max(1, settings.n // len(KINDS)))
+        examples = scene_set(kind, scenes_of_kind(settings.n, kind))
         seeds = list(range(len(examples)))
         prompts_by = {"caption (ceiling)": [ex.caption for ex in examples]}
         seconds = {"caption (ceiling)": float("nan")}
@@ -314,7 +319,7 @@ def speed_table(runtime: Runtime, vocabulary: ClipVocabulary, example: Example, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench vgd", description=__doc__)
     parser.add_argument("--profile", default="shapes")
-    parser.add_argument("--n", type=int, default=200, help="held-out scenes for inversion, split over 3 kinds")
+    parser.add_argument("--n", type=int, default=200, help="held-out scenes for inversion, a third per kind")
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
     parser.add_argument(
         "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="scene sets to invert (to split a run)"
