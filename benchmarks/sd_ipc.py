@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -126,8 +127,11 @@ def variation_table(
 def paired_gap(
     truth: Sequence[dict[str, float]], method: Sequence[dict[str, float]], attribute: str
 ) -> tuple[float, float]:
-    """Mean of method minus truth over the scenes, in points, and its standard error (paired by scene)."""
+    """Mean of method minus truth over the scenes, in points, and its standard error (paired by scene; NaN for
+    a single scene)."""
     differences = [100 * (m[attribute] - t[attribute]) for t, m in zip(truth, method, strict=True)]
+    if len(differences) < 2:
+        return statistics.fmean(differences), math.nan
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per tool")
     parser.add_argument("--num-images", type=int, default=4, help="images per timed call")
     settings = parser.parse_args(argv)
+    if settings.n < 1 or settings.seeds_per_scene < 1:
+        parser.error("--n and --seeds-per-scene must be at least 1")
 
     runtime = Runtime(get_profile(settings.profile))
     examples = scene_set("single", settings.n)
