@@ -1,6 +1,7 @@
 """VGD on `shapes`: are the prompts right, readable, and fast, and does the key/value cache pay?
 
-Run: `pictoprompt bench vgd [--n 200] [--distill-n 100] [--max-tokens 32] [--profile shapes]`. Three tables:
+Run: `pictoprompt bench vgd [--n 200] [--distill-n 100] [--max-tokens 32] [--profile shapes]`. Three tables;
+`--kinds` and `--skip` run a part of them, so a long run can be split across processes:
 
 1. Inversion on held-out scenes (a third each: single object, two objects, held-out colour-shape combinations):
    how many ground-truth attributes the prompt names (oracle prompt parser), the oracle's agreement between the
