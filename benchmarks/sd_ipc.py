@@ -14,6 +14,10 @@ Three tables:
    keeps its identity (its colour and shape, less the one edited).
 3. Speed: `vary_image` against `generate_image` with the same settings through the tool functions. Goal: a
    variation costs at most 5% more.
+4. Conversion (no images drawn): where a variation loses an attribute, did CLIP not read it from the picture,
+   did the conversion (Eq. 6) lose it, or did the generator not draw it? Per attribute, how often the picture's
+   CLIP embedding is nearest its own caption among captions that differ only in that attribute, and how often
+   `f_cnvrt` is nearest that caption's EOS state among theirs.
 
 Every image of one scene uses the same seed in every condition, so the conditions differ only in the prompt.
 """
@@ -41,12 +45,17 @@ from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes.oracle import ATTRIBUTES, agreement, parse_scene
 from pictoprompt.models.shapes.scenes import (
     COLOURS,
+    FILLS,
     HELD_OUT_COMBOS,
     POSITION_PHRASES,
     POSITIONS,
+    SIZES,
     THIN_SHAPES,
     TRAIN_SHAPES,
+    Scene,
     SceneObject,
+    full_caption,
+    with_object,
 )
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore
@@ -58,6 +67,7 @@ ALPHAS = (0.0, 0.5, 0.9, 1.5)
 EDIT_KINDS = ("colour", "position", "shape")
 REPORTED = ("shape", "colour", "fill", "background", "size", "position")
 BATCH = 50
+PROBED = {"shape": TRAIN_SHAPES, "colour": COLOURS, "fill": FILLS, "size": SIZES, "position": POSITIONS}
 
 
 def render(
@@ -188,6 +198,52 @@ def edit_table(runtime: Runtime, examples: list[Example], settings: argparse.Nam
     return rows
 
 
+def attribute_variants(scene: Scene, attribute: str) -> tuple[list[str], int] | None:
+    """Full captions of the scene with its object's `attribute` set to every value the object can take, and the
+    index of the true one; None where the object can take only one (a thin shape is always solid)."""
+    obj = scene.objects[0]
+    if attribute == "fill" and obj.shape in THIN_SHAPES:
+        return None
+    values = [v for v in PROBED[attribute] if attribute != "shape" or obj.fill == "solid" or v not in THIN_SHAPES]
+    captions = [full_caption(with_object(scene, 0, **{attribute: value})) for value in values]
+    return captions, values.index(getattr(obj, attribute))
+
+
+def conversion_table(runtime: Runtime, examples: list[Example]) -> tuple[list[dict], float]:
+    """Per attribute, % of scenes where the picture's CLIP embedding picks its own caption's text embedding, and
+    `f_cnvrt` its own caption's EOS state, among the captions that differ only in that attribute; and the mean
+    cosine between `f_cnvrt` and the true caption's EOS state."""
+    clip = runtime.clip()
+    converter = ImageToPrompt.cached(clip, runtime.pipeline())
+    image_embeds = clip.encode_image([ex.image for ex in examples])
+    f_cnvrt = converter.convert(image_embeds)
+    states, eos = converter.text_states([ex.caption for ex in examples])
+    cosine = float(torch.nn.functional.cosine_similarity(f_cnvrt, states[torch.arange(len(examples)), eos]).mean())
+    rows = []
+    for attribute in PROBED:
+        clip_hits, conversion_hits = [], []
+        for i, ex in enumerate(examples):
+            variants = attribute_variants(ex.scene, attribute)
+            if variants is None:
+                continue
+            captions, truth = variants
+            text_embeds = torch.nn.functional.normalize(clip.encode_text(captions), dim=-1)
+            clip_hits.append(int((text_embeds @ image_embeds[i]).argmax()) == truth)
+            variant_states, variant_eos = converter.text_states(captions)
+            eos_states = torch.nn.functional.normalize(variant_states[torch.arange(len(captions)), variant_eos], dim=-1)
+            conversion_hits.append(int((eos_states @ f_cnvrt[i]).argmax()) == truth)
+        rows.append(
+            {
+                "attribute": attribute,
+                "scenes": len(clip_hits),
+                "values": len(PROBED[attribute]),
+                "CLIP reads it %": 100 * statistics.fmean(clip_hits),
+                "f_cnvrt keeps it %": 100 * statistics.fmean(conversion_hits),
+            }
+        )
+    return rows, cosine
+
+
 class OneImage:
     """The `ImageSource` of the speed test: every reference is the same picture."""
 
@@ -255,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         edits = edit_table(runtime, examples[: settings.edit_n], settings)
         print_table(f"Editing by text ({min(settings.edit_n, settings.n)} scenes per row; {header})", edits)
+        conversion, cosine = conversion_table(runtime, examples)
+        print_table(
+            f"Conversion: the true value nearest among captions differing in one attribute ({settings.n} scenes)",
+            conversion,
+        )
+        print(f"mean cosine of f_cnvrt to the true caption's EOS state: {cosine:.3f}")
     speed = speed_table(runtime, examples[0], settings, settings.repeats, settings.num_images)
     print_table(f"Speed: {settings.num_images} images per call, {settings.repeats} calls ({runtime.device})", speed)
 
@@ -262,7 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         a: paired_gap(per_scene["ground-truth caption"], per_scene["SD-IPC variation"], a) for a in ("colour", "shape")
     }
     overhead = speed[1]["vs generate_image %"]
-    summary = {"variation": variation, "edits": edits, "speed": speed, "gap_points": gaps}
+    summary = {
+        "variation": variation,
+        "edits": edits,
+        "conversion": conversion,
+        "f_cnvrt_eos_cosine": cosine,
+        "speed": speed,
+        "gap_points": gaps,
+    }
     print(
         "SD-IPC minus ground-truth caption, points (standard error over scenes): "
         + ", ".join(f"{a} {gap:+.1f} ({error:.1f})" for a, (gap, error) in gaps.items())
