@@ -1,7 +1,7 @@
 """SD-IPC on `shapes`: do variations carry the reference's content, do text edits apply, and what do they cost?
 
 Run: `pictoprompt bench sd_ipc [--n 200] [--seeds-per-scene 4] [--edit-n 100] [--steps 25] [--profile shapes]`.
-Three tables:
+Four tables:
 
 1. Variation (the paper's Table 2 claim): on held-out single-object scenes, the oracle's agreement between the
    reference scene and an image generated from (a) the ground-truth caption, (b) the SD-IPC pseudo-prompt of
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from harness import Example, Timer, clip_image_similarity, image_agreement, mean_scores, print_table, scene_set
 from PIL import Image
 
@@ -218,25 +219,26 @@ def conversion_table(runtime: Runtime, examples: list[Example]) -> tuple[list[di
     image_embeds = clip.encode_image([ex.image for ex in examples])
     f_cnvrt = converter.convert(image_embeds)
     states, eos = converter.text_states([ex.caption for ex in examples])
-    cosine = float(torch.nn.functional.cosine_similarity(f_cnvrt, states[torch.arange(len(examples)), eos]).mean())
+    cosine = float(F.cosine_similarity(f_cnvrt, states[torch.arange(len(examples)), eos].float()).mean())
     rows = []
     for attribute in PROBED:
-        clip_hits, conversion_hits = [], []
+        clip_hits, conversion_hits, chance = [], [], []
         for i, ex in enumerate(examples):
             variants = attribute_variants(ex.scene, attribute)
             if variants is None:
                 continue
             captions, truth = variants
-            text_embeds = torch.nn.functional.normalize(clip.encode_text(captions), dim=-1)
-            clip_hits.append(int((text_embeds @ image_embeds[i]).argmax()) == truth)
+            text_embeds = F.normalize(clip.encode_text(captions).float(), dim=-1)
+            clip_hits.append(int((text_embeds @ image_embeds[i].float()).argmax()) == truth)
             variant_states, variant_eos = converter.text_states(captions)
-            eos_states = torch.nn.functional.normalize(variant_states[torch.arange(len(captions)), variant_eos], dim=-1)
-            conversion_hits.append(int((eos_states @ f_cnvrt[i]).argmax()) == truth)
+            eos_states = variant_states[torch.arange(len(captions)), variant_eos].float()
+            conversion_hits.append(int((F.normalize(eos_states, dim=-1) @ f_cnvrt[i]).argmax()) == truth)
+            chance.append(1 / len(captions))
         rows.append(
             {
                 "attribute": attribute,
                 "scenes": len(clip_hits),
-                "values": len(PROBED[attribute]),
+                "chance %": 100 * statistics.fmean(chance),
                 "CLIP reads it %": 100 * statistics.fmean(clip_hits),
                 "f_cnvrt keeps it %": 100 * statistics.fmean(conversion_hits),
             }
