@@ -173,7 +173,7 @@ def load_shapes_clip(device: str = "cpu") -> ClipModel:
 
 def load_shapes_pipeline(device: str = "cpu") -> StableDiffusionPipeline:
     _require_shapes()
-    pipeline = StableDiffusionPipeline.from_pretrained(str(GENERATOR_DIR), torch_dtype=torch.float32)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(GENERATOR_DIR), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def pipeline() -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(GENERATOR_DIR), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(GENERATOR_DIR), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -42,7 +42,7 @@ def test_weights_are_small_fp16_safetensors() -> None:
 
 
 def test_generator_and_clip_are_one_model_set(pipeline: StableDiffusionPipeline) -> None:
-    model = CLIPModel.from_pretrained(str(CLIP_DIR), torch_dtype=torch.float32)
+    model = CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32)
     text = model.config.text_config
     assert text.vocab_size == CLIP_VOCAB_SIZE and text.max_position_embeddings == CLIP_CONTEXT_LENGTH
     assert pipeline.unet.config.cross_attention_dim == text.hidden_size
