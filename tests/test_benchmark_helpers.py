@@ -14,7 +14,9 @@ from sd_ipc import attribute_variants, paired_gap
 
 from pictoprompt.models.shapes.scenes import (
     COLOURS,
+    FILLS,
     POSITIONS,
+    SIZES,
     TRAIN_SHAPES,
     Scene,
     SceneObject,
@@ -27,18 +29,23 @@ def one_object(shape: str, fill: str) -> Scene:
 
 
 @pytest.mark.parametrize(
-    ("attribute", "count"),
-    [("shape", len(TRAIN_SHAPES)), ("colour", len(COLOURS)), ("position", len(POSITIONS)), ("fill", 3)],
+    ("attribute", "values", "true_value"),
+    [("shape", TRAIN_SHAPES, "circle"), ("colour", COLOURS, "red"), ("fill", FILLS, "solid"), ("size", SIZES, "large")],
 )
-def test_variants_differ_from_the_true_caption_in_that_attribute_only(attribute: str, count: int) -> None:
+def test_variants_swap_exactly_the_attribute_word(attribute: str, values: tuple[str, ...], true_value: str) -> None:
     scene = one_object("circle", "solid")
     captions, truth = attribute_variants(scene, attribute)
-    assert len(captions) == len(set(captions)) == count
+    true_caption = full_caption(scene)
+    assert captions == [true_caption.replace(f" {true_value} ", f" {value} ") for value in values]
+    assert captions[truth] == true_caption
+
+
+def test_position_variants_keep_the_object_and_background_words() -> None:
+    scene = one_object("circle", "solid")
+    captions, truth = attribute_variants(scene, "position")
+    assert len(set(captions)) == len(POSITIONS)
     assert captions[truth] == full_caption(scene)
-    true_words = full_caption(scene).split()
-    for caption in captions:
-        changed = [w for w in caption.split() if w not in true_words]
-        assert len(changed) <= 3  # a position phrase is up to three words; every other value is one word
+    assert all(c.startswith("a large solid red circle ") and c.endswith(" on a white background") for c in captions)
 
 
 def test_an_outlined_object_is_not_offered_a_shape_that_can_only_be_solid() -> None:
