@@ -1,4 +1,4 @@
-"""The pure helpers of the SD-IPC benchmark: which captions probe an attribute, and the paired gap."""
+"""The pure helpers of the benchmarks: which captions probe an attribute, the paired gap, the scenes per kind."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from sd_ipc import attribute_variants, paired_gap
+from vgd import KINDS, scenes_of_kind
 
 from pictoprompt.models.shapes.scenes import (
     COLOURS,
@@ -75,3 +76,9 @@ def test_paired_gap_of_one_scene_has_no_standard_error() -> None:
     gap, error = paired_gap([{"colour": 1.0}], [{"colour": 0.0}], "colour")
     assert gap == -100.0
     assert math.isnan(error)
+
+
+@pytest.mark.parametrize(("n", "expected"), [(200, [67, 67, 66]), (198, [66, 66, 66]), (4, [2, 1, 1])])
+def test_vgd_splits_its_scenes_exactly_over_the_kinds(n: int, expected: list[int]) -> None:
+    assert [scenes_of_kind(n, kind) for kind in KINDS] == expected
+    assert sum(expected) == n
