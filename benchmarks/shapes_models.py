@@ -6,7 +6,9 @@
 CLIP: text-to-image R@1 among 100 candidates (full captions), zero-shot colour and shape on single objects
 (class text = the mean embedding of "a {colour} {shape}" over the other attribute). Generator: 25 DDIM steps,
 guidance 7.5, one image per single-object prompt ("a red circle in the top left corner"); the oracle reads
-colour, shape and position of the largest object. VAE: the oracle's reading of its reconstructions (the
+colour, shape and position of the largest object. The same prompts again in SD-IPC's layout (the start state,
+then the prompt's own EOS state at every other position): the premise SD-IPC rests on is that this draws what
+the full prompt does. VAE: the oracle's reading of its reconstructions (the
 ceiling of what the generator can draw). Speed: 4 images at 25 steps, median of 3 after a warm-up.
 """
 
@@ -33,9 +35,11 @@ from harness import (
 )
 from PIL import Image
 
+from pictoprompt.methods.sd_ipc import pipeline_text_states
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.shapes.oracle import agreement, parse_scene
 from pictoprompt.models.shapes.scenes import COLOURS, TRAIN_SHAPES, SceneObject
+from pictoprompt.models.shapes.train import eos_layout
 
 CARD = Path(__file__).resolve().parents[1] / "pictoprompt" / "models" / "shapes" / "MODEL_CARD.md"
 CARD_BEGIN, CARD_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -91,19 +95,33 @@ def generate(
     steps: int = 25,
     guidance: float = 7.5,
     batch: int = 25,
+    layout: bool = False,
 ) -> list[Image.Image]:
-    """One picture per prompt; the picture for prompt i always starts from seed i."""
+    """One picture per prompt; the picture for prompt i always starts from seed i. With `layout`, each prompt is
+    given as `eos_layout` of its states (against the states of "" as negative) instead of as text."""
+    encode = pipeline_text_states(pipeline)
+    negative, _ = encode([""])
     images = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start : start + batch])
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        images += pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+        if layout:
+            states, eos = encode(chunk)
+            inputs = {
+                "prompt_embeds": eos_layout(states, eos),
+                "negative_prompt_embeds": negative.expand(len(chunk), -1, -1),
+            }
+        else:
+            inputs = {"prompt": chunk}
+        images += pipeline(**inputs, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
     return images
 
 
-def generator_agreement(pipeline: StableDiffusionPipeline, examples: Sequence[Example]) -> dict[str, float]:
+def generator_agreement(
+    pipeline: StableDiffusionPipeline, examples: Sequence[Example], layout: bool = False
+) -> dict[str, float]:
     """Oracle agreement of generated pictures with their single-object prompts (colour, shape, position)."""
-    images = generate(pipeline, [e.prompt for e in examples])
+    images = generate(pipeline, [e.prompt for e in examples], layout=layout)
     rows = []
     for image, example in zip(images, examples, strict=True):
         truth = example.scene.objects[0]
@@ -159,6 +177,10 @@ def run(n: int = 500, n_held_out: int = 100) -> str:
     generator_rows = [
         {"prompts": f"single objects (n={n})", **generator_agreement(pipeline, single)},
         {"prompts": f"held-out combinations (n={n_held_out})", **generator_agreement(pipeline, held_out)},
+        {
+            "prompts": f"single objects, SD-IPC layout with own EOS (n={n})",
+            **generator_agreement(pipeline, single, layout=True),
+        },
     ]
     vae_row = {"reconstructions": f"single objects (n={n})", **vae_fidelity(pipeline, single)}
     seconds = speed(pipeline)

@@ -1,0 +1,118 @@
+"""The U-Net stages' conditioning: SD-IPC's prompt layout with a caption's own EOS state, and the share of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import CLIPModel
+
+from pictoprompt.models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
+from pictoprompt.models.shapes.train import (
+    TrainConfig,
+    _denoising_step_fn,
+    build_vae,
+    clip_config,
+    eos_layout,
+    scene_batch,
+    tokenize,
+)
+
+
+def test_eos_layout_keeps_the_start_state_and_puts_the_eos_state_everywhere_after() -> None:
+    states = torch.randn(3, 8, 4)
+    before = states.clone()
+    eos = torch.tensor([2, 5, 7])
+    layout = eos_layout(states, eos)
+    assert layout.shape == states.shape
+    assert torch.equal(layout[:, 0], states[:, 0])
+    for row, index in enumerate(eos.tolist()):
+        assert torch.equal(layout[row, 1:], states[row, index].expand(7, 4))
+    assert torch.equal(states, before)
+
+
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the U-Net: remembers what it was fed and predicts a scaled copy of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.fed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        self.fed.append((noisy.detach().clone(), encoder_hidden_states.detach().clone()))
+        return SimpleNamespace(sample=noisy * self.scale)
+
+
+def _one_step(tmp_path: Path, layout_share: float) -> tuple[RecordingUNet, list[str], torch.nn.Module, object]:
+    torch.manual_seed(0)
+    config = TrainConfig(unet_batch=16, caption_dropout=0.25)
+    write_clip_tokenizer(tmp_path)
+    tokenizer = load_clip_tokenizer(tmp_path)
+    text_model = CLIPModel(clip_config()).text_model.eval()
+    unet = RecordingUNet()
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.0)
+    step_fn = _denoising_step_fn(
+        "unet_layout",
+        1,
+        config,
+        torch.device("cpu"),
+        unet,
+        optimizer,
+        text_model,
+        build_vae().eval(),
+        1.0,
+        tokenizer,
+        layout_share=layout_share,
+    )
+    losses = step_fn(3)
+    assert losses["loss"] >= 0
+    captions = scene_batch(config.seed, "unet_layout", 3, config.unet_batch, config.caption_detail).captions
+    return unet, captions, text_model, tokenizer
+
+
+def test_the_layout_share_replaces_captions_states_and_nothing_else(tmp_path: Path) -> None:
+    plain, captions, text_model, tokenizer = _one_step(tmp_path, layout_share=0.0)
+    every, _, _, _ = _one_step(tmp_path, layout_share=1.0)
+    with torch.no_grad():
+        ids = tokenize(tokenizer, captions, pad_to_context=True)
+        full = text_model(input_ids=ids).last_hidden_state
+        layout = eos_layout(full, (ids == tokenizer.eos_token_id).int().argmax(dim=-1))
+        empty = text_model(input_ids=tokenize(tokenizer, [""], pad_to_context=True)).last_hidden_state[0]
+
+    (plain_noisy, plain_states), (every_noisy, every_states) = plain.fed[0], every.fed[0]
+    # The layout is drawn after the noise, so a stage without it sees exactly the same noisy latents.
+    assert torch.equal(plain_noisy, every_noisy)
+    kinds = {"caption": 0, "dropped": 0}
+    for row in range(len(captions)):
+        dropped = torch.allclose(plain_states[row], empty, atol=1e-6)
+        if dropped:
+            kinds["dropped"] += 1
+            assert torch.allclose(every_states[row], empty, atol=1e-6), "a dropped caption must stay empty"
+            continue
+        assert torch.allclose(plain_states[row], full[row], atol=1e-6)
+        assert torch.allclose(every_states[row], layout[row], atol=1e-6)
+        assert not torch.allclose(every_states[row], full[row], atol=1e-3)
+        kinds["caption"] += 1
+    assert kinds["caption"] > 0 and kinds["dropped"] > 0, kinds
+
+
+def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tmp_path: Path) -> None:
+    from pictoprompt.models.shapes.train import _run_stage
+    from pictoprompt.progress import Progress
+
+    model = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    taken: list[int] = []
+
+    def step_fn(step: int) -> dict[str, float]:
+        taken.append(step)
+        return {}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _run_stage("off", 100, 0.0, tmp_path, TrainConfig(), {"model": model}, optimizer, 0.1, step_fn, Progress())
+    assert taken == []
+    saved = torch.load(tmp_path / "off.pt", weights_only=False)
+    assert saved["step"] == 0 and saved["done"]
+    assert all(torch.equal(saved["model"][k], before[k]) for k in before)
