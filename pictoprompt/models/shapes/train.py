@@ -554,10 +554,11 @@ def train_unet_layout(
 
     SD-IPC rests on a property of Stable Diffusion (its section 3.1, Fig. 2, footnote 7): the image follows the
     caption's EOS state, so a prompt of the start state and one EOS-like state at every other position draws
-    what the caption does. A U-Net trained on full captions only need not have it: the first stage's U-Net drew
-    the right shape from that layout 84% of the time against 90% from the caption (100 held-out scenes x 2
+    what the caption does. A U-Net trained on full captions only need not have it: the previous stage's U-Net
+    drew the right shape from that layout 84% of the time against 90% from the caption (100 held-out scenes x 2
     seeds), so the SD-IPC benchmark measured the stand-in's lack of the premise, not the conversion. This stage
-    gives the stand-in the property with the caption's own EOS state; it never sees an image embedding.
+    trains towards the property with the caption's own EOS state (it narrows the distance without closing it;
+    MODEL_CARD.md has the figures) and never sees an image or an image embedding.
     """
     model = build_unet().to(device).train()
     model.load_state_dict(unet.state_dict())
