@@ -99,8 +99,9 @@ def generate(
 ) -> list[Image.Image]:
     """One picture per prompt; the picture for prompt i always starts from seed i. With `layout`, each prompt is
     given as `eos_layout` of its states (against the states of "" as negative) instead of as text."""
-    encode = pipeline_text_states(pipeline)
-    negative, _ = encode([""])
+    if layout:
+        encode = pipeline_text_states(pipeline)
+        negative, _ = encode([""])
     images = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start : start + batch])
