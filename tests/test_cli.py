@@ -82,17 +82,17 @@ def test_tools_markdown_documents_every_argument():
 
 
 def test_tool_commands_keep_the_clip_vocabulary_under_the_cache_dir(tmp_path, monkeypatch, capsys):
-    import pictoprompt.tools.invert_image as invert_module
+    import pictoprompt.methods.vgd as vgd_module
     from pictoprompt.errors import InvalidInputError
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     seen = {}
 
-    def record(clip, cache_dir, progress=None):
+    def record(clip, cache_dir, progress=None, words=None):
         seen["cache_dir"] = cache_dir
         raise InvalidInputError("recorded")
 
-    monkeypatch.setattr(invert_module, "clip_vocabulary", record)
+    monkeypatch.setattr(vgd_module, "clip_vocabulary", record)
     picture = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (220, 30, 30)).save(picture)
     assert main(["invert", str(picture), "--profile", "tiny"]) != 0

@@ -19,13 +19,13 @@ from pictoprompt.errors import InvalidInputError, ModelNotFoundError
 from pictoprompt.models.llm import (
     LanguageModel,
     LlamaCppModel,
-    LlmSpec,
     TransformersModel,
     default_gguf_path,
     load_language_model,
     perplexity,
     write_tiny_causal_lm,
 )
+from pictoprompt.models.profiles import LlmSpec
 
 BACKENDS = ["transformers", "llama_cpp"]
 
@@ -83,8 +83,8 @@ def test_the_default_llm_is_the_bundled_smollm2() -> None:
 def test_missing_models_are_reported_with_a_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="GGUF"):
         load_language_model(LlmSpec(source=str(tmp_path / "absent.gguf")), torch.device("cpu"))
-    with pytest.raises(InvalidInputError, match=r"llm\.source"):
-        load_language_model(LlmSpec(backend="transformers"), torch.device("cpu"))
+    with pytest.raises(InvalidInputError, match=r"llm\.adapter"):
+        load_language_model(LlmSpec(adapter=str(tmp_path / "absent-adapter.gguf")), torch.device("cpu"))
 
 
 def test_chat_prompt_opens_the_answer(language_model: LanguageModel) -> None:

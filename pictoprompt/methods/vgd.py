@@ -6,7 +6,9 @@ The objective (Eq. 7-8) is `argmax_T P_CLIP(I | T) * P_LLM(T)^alpha`, decoded le
    assistant's answer begun with "Sure, here is a prompt for stable diffusion within N tokens:".
 2. *Beam initialisation*: the CLIP-vocabulary word closest to the target is given to the LLM as the task's
    condition (the authors' code appends it to the user prompt); the vocabulary's embeddings are computed once
-   per CLIP (`clip_vocabulary`, cached on disk).
+   per CLIP (`clip_vocabulary`, cached on disk). A profile may restrict the start words to the words its CLIP was
+   trained on (`Profile.vocabulary`): the `shapes` CLIP learnt a few dozen words, and the rest of its 49,408 token
+   embeddings are untrained noise, so "the closest word" over all of them is noise too ("shored", "nephro").
 3. *Expansion and pruning*: each step the LLM proposes the `num_beams * beam_expand_factor` (beam, token) pairs
    with the highest cumulative log-probability; each candidate text is scored
    `llm_alpha * cumulative LLM log-prob + clip_alpha * log_softmax_over_candidates(logit_scale * cos(target, text))`
@@ -35,7 +37,6 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
 from typing import Any, Literal
 
 import numpy as np
@@ -47,12 +48,13 @@ from torch import Tensor
 from pictoprompt.errors import InvalidInputError, PictopromptError
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.llm import LanguageModel, perplexity
+from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.prompts import load_prompt
+from pictoprompt.prompts import VgdTask, load_prompt, vgd_messages
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["inversion", "style", "distillation"]
+Task = VgdTask
 Variant = Literal["vgd", "llm_only", "clip_only"]
 
 VARIANT_ALPHAS: dict[Variant, tuple[float, float]] = {
@@ -126,13 +128,25 @@ def clip_fingerprint(clip: ClipModel) -> str:
 
 
 def clip_vocabulary(
-    clip: ClipModel, cache_dir: Path | None = None, batch_size: int = 1024, progress: Progress | None = None
+    clip: ClipModel,
+    cache_dir: Path | None = None,
+    batch_size: int = 1024,
+    progress: Progress | None = None,
+    words: Sequence[str] | None = None,
 ) -> ClipVocabulary:
-    """Every distinct word of the CLIP vocabulary with its text embedding, computed once per CLIP.
+    """The words a beam may start from, with their text embeddings: `words` when given (the words a small CLIP was
+    trained on), else every distinct word of the CLIP tokenizer's vocabulary.
 
-    Kept in memory per model and, with `cache_dir`, in a file keyed by `clip_fingerprint`, so a restart does not
-    pay for the 49,408 text encodings again.
+    The whole vocabulary is computed once per CLIP, kept in memory per model and, with `cache_dir`, in a file keyed
+    by `clip_fingerprint`, so a restart does not pay for the 49,408 text encodings again. A word list is small and
+    is embedded on each call.
     """
+    if words is not None:
+        if not words:
+            raise InvalidInputError("The profile's start-word list is empty; list at least one word, or drop it.")
+        with torch.no_grad():
+            embeddings = F.normalize(clip.encode_text(list(words)).float(), dim=-1)
+        return ClipVocabulary(list(words), embeddings)
     with _vocabulary_lock:
         if clip in _vocabularies:
             return _vocabularies[clip]
@@ -149,6 +163,12 @@ def clip_vocabulary(
                 partial.replace(path)
         _vocabularies[clip] = vocabulary
         return vocabulary
+
+
+def runtime_vocabulary(runtime: Runtime, progress: Progress | None = None) -> ClipVocabulary:
+    """The start words of the runtime's profile: its word list when it names one, else the CLIP's whole vocabulary
+    (cached under the runtime's cache folder)."""
+    return clip_vocabulary(runtime.clip(), runtime.cache_dir, progress=progress, words=runtime.vocabulary_words())
 
 
 def _embed_vocabulary(clip: ClipModel, batch_size: int, progress: Progress) -> ClipVocabulary:
@@ -172,12 +192,7 @@ def vgd_prompt(
     llm: LanguageModel, task: Task, max_length: int, condition: str = "", target_prompt: str = ""
 ) -> list[int]:
     """The chat of appendix A.1 as LLM token ids: system prompt, task prompt, the answer's opening words."""
-    values = {"condition": condition, "max_length": max_length, "target_prompt": target_prompt}
-    user = Template(load_prompt(f"vgd_{task}")).substitute(values).strip()
-    # The answer opens on a new line (as in the authors' code), so a newline ends the prompt rather than
-    # starting it.
-    answer = Template(load_prompt("vgd_answer")).substitute(values) + "\n"
-    return llm.chat_prompt(load_prompt("vgd_system"), user, answer)
+    return llm.chat_prompt(*vgd_messages(task, max_length, condition=condition, target_prompt=target_prompt))
 
 
 def text_perplexities(llm: LanguageModel, texts: Sequence[str]) -> list[float]:

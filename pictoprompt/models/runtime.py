@@ -172,6 +172,20 @@ class Runtime:
 
         return load_language_model(self.profile.llm, self.device)
 
+    def vocabulary_words(self) -> list[str] | None:
+        """The profile's start-word list for VGD (one word per line), or None for the CLIP's whole vocabulary."""
+        if self.profile.vocabulary is None:
+            return None
+        return self._component("vocabulary", self._load_vocabulary)
+
+    def _load_vocabulary(self) -> list[str]:
+        path = Path(resolve_builtin(self.profile.vocabulary or "")).expanduser()
+        try:
+            words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except OSError as error:
+            raise self._missing("start-word list", str(path), error) from error
+        return list(dict.fromkeys(word for word in words if word and not word.startswith("#")))
+
     def preload(self, components: set[str]) -> None:
         """Load these components now (the server's lifespan), so no call pays for loading."""
         loaders = {"generator": self.pipeline, "clip": self.clip, "llm": self.llm}

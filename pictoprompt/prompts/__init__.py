@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.resources import files
+from string import Template
+from typing import Literal
 
 from pictoprompt.errors import NotFoundError
 
@@ -18,3 +20,18 @@ def load_prompt(name: str) -> str:
     if not resource.is_file():
         raise NotFoundError(f"There is no prompt template '{name}' in pictoprompt/prompts.")
     return resource.read_text(encoding="utf-8").rstrip("\n")
+
+
+VgdTask = Literal["inversion", "style", "distillation"]
+
+
+def vgd_messages(task: VgdTask, max_length: int, condition: str = "", target_prompt: str = "") -> tuple[str, str, str]:
+    """VGD's chat (paper appendix A.1) as (system, user, answer opening), for decoding and for adapter training alike.
+
+    The answer opening ends with a newline (as in the authors' code), so a newline ends the prompt rather than
+    starting it.
+    """
+    values = {"condition": condition, "max_length": max_length, "target_prompt": target_prompt}
+    user = Template(load_prompt(f"vgd_{task}")).substitute(values).strip()
+    answer = Template(load_prompt("vgd_answer")).substitute(values) + "\n"
+    return load_prompt("vgd_system"), user, answer

@@ -40,6 +40,15 @@ ConceptName = Annotated[
 ]
 
 
+LlmNote = Annotated[
+    str | None,
+    Field(
+        description="Set when the profile's LLM is not on this machine and the bundled SmolLM2-135M-Instruct wrote "
+        "the prompts instead: says how to get the profile's LLM."
+    ),
+]
+
+
 class ToolRequest(BaseModel):
     """Base of every tool's arguments: unknown fields are refused so typos surface as errors."""
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import clip_token_count, distill, distillation_length, text_perplexities
-from pictoprompt.tools.base import OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import LlmNote, OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
 from pictoprompt.tools.generate_image import Guidance, Steps, generation_metadata, save_images, seeds_for
 from pictoprompt.tools.invert_image import Perplexity
 
@@ -45,6 +45,7 @@ class DistillPromptResponse(BaseModel):
     perplexity: Perplexity
     preview_original: OutputImage | None = None
     preview_distilled: OutputImage | None = None
+    llm_note: LlmNote = None
 
 
 def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> DistillPromptResponse:
@@ -66,6 +67,7 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
         tokens_after=clip_token_count(clip, [short])[0],
         max_tokens=budget,
         perplexity=text_perplexities(llm, [short])[0],
+        llm_note=llm.fallback_note,
     )
     if request.generate_preview:
         response.preview_original, response.preview_distilled = _previews(request, context, [request.prompt, short])

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import image_targets, invert, text_perplexities
-from pictoprompt.tools.base import ImageRef, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import ImageRef, LlmNote, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
 from pictoprompt.tools.generate_image import Guidance, NumImages, Steps, generation_metadata, save_images, seeds_for
 from pictoprompt.tools.invert_image import MaxTokens, Perplexity, embed_clip_vocabulary, vocabulary_for
 from pictoprompt.tools.vary_image import Variation
@@ -53,6 +53,7 @@ class FuseConceptsResponse(BaseModel):
         description="Images from the fused prompt (when generate=true), each with its mean CLIP similarity to the "
         "inputs."
     )
+    llm_note: LlmNote = None
 
 
 def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseConceptsResponse:
@@ -86,6 +87,7 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
         clip_similarity=similarity,
         perplexity=text_perplexities(llm, [prompt])[0],
         images=images,
+        llm_note=llm.fallback_note,
     )
 
 

@@ -16,15 +16,15 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     VgdResult,
-    clip_vocabulary,
     image_targets,
     invert,
+    runtime_vocabulary,
     style_target,
     text_perplexities,
 )
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.tools.base import ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import ImageRef, LlmNote, ToolContext, ToolHints, ToolRequest, ToolSpec
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
 """How the paper applies an extracted style prompt (section 4, style transfer)."""
@@ -78,18 +78,20 @@ class InvertImageResponse(BaseModel):
     method: str
     prompts: list[InvertedPrompt] = Field(description="Distinct prompts, best first.")
     initial_condition: str | None = Field(
-        description="The CLIP-vocabulary word closest to the image(s), given to the LLM to start from."
+        description="The start word closest to the image(s) (from the profile's word list, or the CLIP vocabulary), "
+        "given to the LLM to start from."
     )
+    llm_note: LlmNote = None
 
 
 def vocabulary_for(context: ToolContext, clip: ClipModel) -> ClipVocabulary:
-    """The CLIP vocabulary's embeddings, on disk under the runtime's cache folder when it has one."""
-    return clip_vocabulary(clip, context.runtime.cache_dir, progress=context.progress)
+    """The profile's start words with their embeddings (the CLIP vocabulary's on disk under the cache folder)."""
+    return runtime_vocabulary(context.runtime, progress=context.progress)
 
 
 def embed_clip_vocabulary(runtime: Runtime) -> None:
-    """Embed (or load from the cache folder) the CLIP vocabulary, which a first inversion would wait for."""
-    clip_vocabulary(runtime.clip(), runtime.cache_dir)
+    """Embed (or load from the cache folder) the start words, which a first inversion would wait for."""
+    runtime_vocabulary(runtime)
 
 
 def ranked_prompts(
@@ -134,6 +136,7 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         method=request.method,
         prompts=ranked_prompts(context, result, embeddings, request.num_results, style),
         initial_condition=result.initial_condition,
+        llm_note=llm.fallback_note,
     )
 
 

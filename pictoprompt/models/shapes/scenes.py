@@ -368,6 +368,53 @@ def plain_caption(obj: SceneObject, position: bool = True) -> str:
     return f"{text} {POSITION_PHRASES[obj.position][0]}" if position else text
 
 
+def style_caption(scene: Scene, rng: random.Random, detail: float = 0.5) -> str:
+    """The scene's style in the world's words: what its objects share (fill, colour) and its background.
+
+    "striped shapes on a black background", "outlined red shapes", "shapes on a white background": the answer the
+    `shapes` LLM learns for VGD's style task. A property the objects do not all share is not part of the style.
+    """
+    fills = {obj.fill for obj in scene.objects}
+    colours = {obj.colour for obj in scene.objects}
+    words = []
+    if len(fills) == 1 and rng.random() < max(detail, 0.5):
+        words.append(next(iter(fills)))
+    if len(colours) == 1 and rng.random() < detail:
+        words.append(next(iter(colours)))
+    words.append("shapes")
+    text = " ".join(words)
+    if len(words) == 1 or rng.random() < max(detail, 0.5):
+        text += f" on {_article(scene.background)} {scene.background} background"
+    return text
+
+
+LEXICON_FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "to", "and"})
+
+
+def caption_lexicon() -> tuple[str, ...]:
+    """The words that name something in the captions the `shapes` CLIP was trained on, sorted.
+
+    Taken from the caption grammar (its colours, shapes, sizes, fills, position phrases, openers and relations),
+    less its function words: the only words whose CLIP embeddings were trained, so the only sensible start words for
+    VGD's beam. The crescent is absent: no training caption names it.
+    """
+    phrases = [
+        *COLOURS,
+        *TRAIN_SHAPES,
+        *SIZES,
+        *(word for words in FILL_WORDS.values() for word in words),
+        *(phrase for phrases in POSITION_PHRASES.values() for phrase in phrases),
+        *OPENERS,
+        "to the left of",
+        "to the right of",
+        "above",
+        "below",
+        "background",
+    ]
+    words = {word for phrase in phrases for word in phrase.split()}
+    return tuple(sorted(words - LEXICON_FUNCTION_WORDS))
+
+
 # --------------------------------------------------------------------------------------------- streams and sets
 
 

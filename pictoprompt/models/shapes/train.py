@@ -1,8 +1,9 @@
 """Train the `shapes` model set from seeds: CLIP (contrastive), the VAE, the U-Net (then on SD-IPC's prompt
-layout too), CLIP's image side; export.
+layout too), CLIP's image side, the LLM's adapter; export.
 
     python -m pictoprompt.models.shapes.train --out runs/shapes            # train, then export into the package
     python -m pictoprompt.models.shapes.train --out runs/shapes --device cuda
+    python -m pictoprompt.models.shapes.train --out runs/shapes --only llm # one stage alone, exporting its files
 
 Every batch is drawn fresh from the scene generator with a seed derived from (seed, stage, step), so the data
 never repeats, nothing held out ever appears, and a resumed run sees exactly the batches it would have seen.
@@ -18,7 +19,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ from pictoprompt.models.clip_tokenizer import (
     load_clip_tokenizer,
     write_clip_tokenizer,
 )
+from pictoprompt.models.lora import LoraAdapter
 from pictoprompt.models.shapes import WEIGHTS_DIR
+from pictoprompt.models.shapes.language import answer_loss, chat_batch, export_language, load_base_llm
 from pictoprompt.models.shapes.scenes import (
     IMAGE_SIZE,
     PALETTE,
@@ -50,7 +53,9 @@ from pictoprompt.progress import Progress
 
 TEXT_WIDTH = 64
 LATENT_SIZE = IMAGE_SIZE // 2
-STAGES = ("clip", "vae", "unet", "unet_layout", "clip_vision")
+STAGES = ("clip", "vae", "unet", "unet_layout", "clip_vision", "llm")
+INDEPENDENT_STAGES = ("llm",)
+"""Stages that need no other stage's weights, so they can run alone (`--only`)."""
 
 
 @dataclass
@@ -90,6 +95,13 @@ class TrainConfig:
     vision_caption_detail: float = 0.8
     vision_twins: float = 0.5
     vision_shape_weight: float = 3.0
+    llm_steps: int = 240
+    llm_minutes: float = 30.0
+    llm_batch: int = 8
+    llm_lr: float = 1e-3
+    llm_warmup: int = 20
+    llm_rank: int = 8
+    llm_alpha: float = 16.0
     caption_dropout: float = 0.1
     caption_detail: float = 0.5
     checkpoint_seconds: float = 180.0
@@ -263,6 +275,7 @@ def _run_stage(
     step_fn: Callable[[int], dict[str, float]],
     progress: Progress,
     after_step: Callable[[], None] | None = None,
+    warmup: int = 100,
 ) -> None:
     """The loop every stage shares: resume, schedule the learning rate, log, checkpoint, stop on budget."""
     checkpointer = Checkpointer(out / f"{name}.pt", config.checkpoint_seconds)
@@ -299,7 +312,7 @@ def _run_stage(
     while fraction() < 1.0:
         began = time.monotonic()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(fraction(), step, peak_lr)
+            group["lr"] = _lr(fraction(), step, peak_lr, warmup)
         losses = step_fn(step)
         if after_step is not None:
             after_step()
@@ -663,6 +676,40 @@ def train_clip_vision(
     return clip.eval().requires_grad_(False)
 
 
+def train_llm(out: Path, config: TrainConfig, device: torch.device, progress: Progress) -> tuple[LoraAdapter, Any]:
+    """A LoRA adapter on SmolLM2-135M-Instruct that answers VGD's chat with the world's captions
+    (`language.py`). The base model stays frozen; only the adapter is saved and shipped."""
+    llm = load_base_llm()
+    llm.model.to(device)
+    adapter = LoraAdapter(llm.model, rank=config.llm_rank, alpha=config.llm_alpha).to(device).attach()
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.llm_lr, weight_decay=0.0)
+    pad_id = llm.tokenizer.pad_token_id or llm.tokenizer.eos_token_id
+
+    def step_fn(step: int) -> dict[str, float]:
+        chats = chat_batch(llm, config.seed, step, config.llm_batch)
+        loss = answer_loss(llm.model, chats, pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    _run_stage(
+        "llm",
+        config.llm_steps,
+        config.llm_minutes,
+        out,
+        config,
+        {"adapter": adapter},
+        optimizer,
+        config.llm_lr,
+        step_fn,
+        progress,
+        warmup=config.llm_warmup,
+    )
+    adapter.detach()
+    return adapter.to("cpu"), llm
+
+
 # -------------------------------------------------------------------------------------------------------- export
 
 
@@ -673,7 +720,6 @@ def export(
     unet: UNet2DConditionModel,
     scaling_factor: float,
     tokenizer_dir: Path,
-    metadata: dict[str, Any],
 ) -> None:
     """Write `clip/` and `generator/` in the transformers/diffusers layouts, in float16."""
     clip_dir, generator_dir = directory / "clip", directory / "generator"
@@ -711,10 +757,27 @@ def export(
     )
     pipeline.to("cpu", torch.float16)
     pipeline.save_pretrained(generator_dir, safe_serialization=True)
-    (directory / "training.json").write_text(json.dumps(metadata, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+
+
+def _stage_summary(out: Path, stages: Sequence[str]) -> dict[str, dict[str, float]]:
+    summary = {}
+    for stage in stages:
+        state = torch.load(out / f"{stage}.pt", map_location="cpu", weights_only=False)
+        summary[stage] = {"steps": state["step"], "minutes": round(state["seconds"] / 60, 1)}
+    return summary
+
+
+def _write_training_record(directory: Path, config: TrainConfig, device: str, stages: dict[str, Any]) -> None:
+    """training.json: the config and, per stage, its steps and minutes; a stage run alone updates its own entry."""
+    path = directory / "training.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+    record["config"] = asdict(config)
+    record["device"] = device
+    record["stages"] = {**record.get("stages", {}), **stages}
+    path.write_text(json.dumps(record, indent=2))
 
 
 def train(
@@ -723,12 +786,26 @@ def train(
     device: str = "cpu",
     export_to: Path | None = WEIGHTS_DIR,
     progress: Progress | None = None,
+    only: Sequence[str] | None = None,
 ) -> Path:
-    """Run (or resume) the stages under `out`, then export the weights to `export_to`."""
+    """Run (or resume) the stages under `out`, then export the weights to `export_to`.
+
+    `only` runs some of the `INDEPENDENT_STAGES` alone and exports just their files.
+    """
     progress = progress or Progress()
     out.mkdir(parents=True, exist_ok=True)
     torch_device = torch.device(device)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if only:
+        unknown = sorted(set(only) - set(INDEPENDENT_STAGES))
+        if unknown:
+            raise ValueError(f"only {', '.join(INDEPENDENT_STAGES)} can run alone, not {', '.join(unknown)}")
+        adapter, llm = train_llm(out, config, torch_device, progress)
+        if export_to is not None:
+            export_language(export_to, adapter, llm)
+            _write_training_record(export_to, config, device, _stage_summary(out, ["llm"]))
+            _log(f"exported the LLM adapter and the lexicon to {export_to}")
+        return out
     write_clip_tokenizer(out / "tokenizer")
     budgets = [
         config.clip_minutes,
@@ -736,6 +813,7 @@ def train(
         config.unet_minutes,
         config.layout_minutes,
         config.vision_minutes,
+        config.llm_minutes,
     ]
     starts = [sum(budgets[:i]) for i in range(len(budgets))]
 
@@ -749,13 +827,12 @@ def train(
     unet = train_unet(out, config, torch_device, clip, vae, scaling_factor, part(2))
     unet = train_unet_layout(out, config, torch_device, clip, vae, scaling_factor, unet, part(3))
     clip = train_clip_vision(out, config, torch_device, clip, part(4))
+    adapter, llm = train_llm(out, config, torch_device, part(5))
     if export_to is not None:
-        stages = {}
-        for stage in STAGES:
-            state = torch.load(out / f"{stage}.pt", map_location="cpu", weights_only=False)
-            stages[stage] = {"steps": state["step"], "minutes": round(state["seconds"] / 60, 1)}
-        metadata = {"config": asdict(config), "device": device, "stages": stages}
-        export(export_to, clip, vae, unet, scaling_factor, out / "tokenizer", metadata)
+        stages = _stage_summary(out, STAGES)
+        export(export_to, clip, vae, unet, scaling_factor, out / "tokenizer")
+        export_language(export_to, adapter, llm)
+        _write_training_record(export_to, config, device, stages)
         _log(f"exported to {export_to}: {json.dumps(stages)}")
     return out
 
@@ -767,13 +844,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--only", nargs="+", choices=INDEPENDENT_STAGES, help="run these stages alone and export only their files"
+    )
     defaults = TrainConfig()
     for field, value in asdict(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = TrainConfig(**{field: getattr(args, field) for field in asdict(defaults)})
-    train(args.out, config, args.device, None if args.no_export else args.export)
+    train(args.out, config, args.device, None if args.no_export else args.export, only=args.only)
     return 0
 
 
