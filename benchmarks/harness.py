@@ -12,12 +12,17 @@ Metrics: oracle agreement of a prompt (`prompt_agreement`) and of a picture (`im
 CLIP image-image and image-text cosine similarity through the `ClipModel` interface, prompt perplexity under
 SmolLM2 (`Perplexity`), BERTScore F1 with all-MiniLM-L6-v2 against the ground-truth caption (`BertScore`), and
 time per call (`Timer`).
+
+Pictures from outside the project (`outside_set`): the world's shapes and colours drawn with PIL here, not by the
+world's renderer, at 64, 128 and non-square sizes, anywhere in the picture, with any line width, some RGBA on a
+transparent background; each comes with what was drawn (`DrawnObject`) and as the server flattens it (`.flat`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.shapes import CLIP_DIR, GENERATOR_DIR, weights_present
@@ -41,13 +47,20 @@ from pictoprompt.models.shapes.oracle import (
     parse_scene,
 )
 from pictoprompt.models.shapes.scenes import (
+    BACKGROUND_WEIGHTS,
+    COLOURS,
+    FILLS,
     HELD_OUT_KINDS,
+    PALETTE,
+    THIN_SHAPES,
+    TRAIN_SHAPES,
     Scene,
     full_caption,
     held_out_scenes,
     plain_caption,
     render_scene,
 )
+from pictoprompt.server.assets import flatten_to_rgb
 
 # --------------------------------------------------------------------------------------------------- scene sets
 
@@ -289,3 +302,160 @@ def format_table(title: str, rows: Sequence[Mapping[str, object]], columns: Sequ
 
 def print_table(title: str, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> None:
     print(format_table(title, rows, columns), end="\n\n", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ pictures from outside
+
+OUTSIDE_SEED = 7_000_003
+OUTSIDE_N = 60
+"""The size of the outside set the benchmark draws by default."""
+OUTSIDE_SIZES = ((64, 64), (128, 128), (96, 64), (80, 128))
+"""(width, height) of the outside pictures, in turn: never the world's 32 px, and half of them not square."""
+OUTSIDE_JITTER = 12
+"""How far each RGB channel of a drawn colour strays from its palette colour: people do not pick exact palette RGBs."""
+
+
+def _star() -> list[tuple[float, float]]:
+    """Five points, inner radius 0.4, lowered a little so its extent is centred."""
+    angles = [math.radians(-90 + 36 * k) for k in range(10)]
+    return [((1.0, 0.4)[k % 2] * math.cos(a), 0.1 + (1.0, 0.4)[k % 2] * math.sin(a)) for k, a in enumerate(angles)]
+
+
+def _cross() -> list[tuple[float, float]]:
+    """A plus sign with arms 0.6 wide: one arm's corners, turned four times."""
+    arm = [(-0.3, -1.0), (0.3, -1.0), (0.3, -0.3)]
+    return [(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in arm]
+
+
+def _heart() -> list[tuple[float, float]]:
+    """Two overlapping lobes (circles of radius 0.55 at x = +-0.45) over straight sides meeting at a tip."""
+    right = [
+        (0.45 + 0.55 * math.cos(math.radians(a)), -(0.35 + 0.55 * math.sin(math.radians(a))))
+        for a in np.linspace(145, -50, 24)
+    ]
+    return [*right, (0.0, 0.95), *[(-x, y) for x, y in reversed(right)]]
+
+
+# Unit outlines (half-extent 1, y down) of the polygon shapes, written here rather than taken from the world's
+# renderer, so the set tests pictures the project did not make.
+_UNIT_POLYGONS: dict[str, list[tuple[float, float]]] = {
+    "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+    "triangle": [(0.0, -0.86), (1.0, 0.86), (-1.0, 0.86)],
+    "star": _star(),
+    "cross": _cross(),
+    "heart": _heart(),
+}
+
+
+@dataclass(frozen=True)
+class DrawnObject:
+    """One object of an outside picture, in its own pixels."""
+
+    shape: str
+    colour: str
+    """The palette name of the colour it was drawn in (before the jitter)."""
+    fill: str
+    centre: tuple[float, float]
+    radius: float
+    """Half its extent."""
+    line_width: float
+    """Of the outline and the stripes; 0 when solid."""
+
+
+@dataclass(frozen=True)
+class OutsideExample:
+    image: Image.Image
+    """As a user would hand it over: RGB, or RGBA with a transparent background."""
+    background: str
+    """Palette name; white for a transparent picture, which the server flattens onto white."""
+    objects: tuple[DrawnObject, ...]
+
+    @property
+    def flat(self) -> Image.Image:
+        """The picture as the server gives it to the models."""
+        return flatten_to_rgb(self.image)
+
+
+def _apart(a: DrawnObject, b: DrawnObject, gap: float = 2.0) -> bool:
+    """Whether the objects' extents (squares of half-side `radius`, which hold every shape) are `gap` pixels apart."""
+    reach = a.radius + b.radius + gap
+    return abs(a.centre[0] - b.centre[0]) > reach or abs(a.centre[1] - b.centre[1]) > reach
+
+
+def _jittered(colour: str, rng: random.Random) -> np.ndarray:
+    return np.clip(np.array(PALETTE[colour]) + [rng.randint(-OUTSIDE_JITTER, OUTSIDE_JITTER) for _ in range(3)], 0, 255)
+
+
+def _coverage(obj: DrawnObject, size: tuple[int, int], scale: int, stripe_period: float, rising: bool) -> np.ndarray:
+    """The object's coverage in [0, 1] at the picture's size, drawn `scale` times larger (1 = aliased)."""
+    width, height = size[0] * scale, size[1] * scale
+    (cx, cy), r = (c * scale for c in obj.centre), obj.radius * scale
+    silhouette = Image.new("L", (width, height), 0)
+    if obj.shape == "circle":
+        ImageDraw.Draw(silhouette).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        ImageDraw.Draw(silhouette).polygon([(cx + x * r, cy + y * r) for x, y in _UNIT_POLYGONS[obj.shape]], fill=255)
+    inside = np.asarray(silhouette) > 0
+    if obj.fill == "solid":
+        drawn = inside
+    else:
+        # The line is the band of the silhouette within `line_width` of its edge: PIL's wide polygon outlines
+        # break up at sharp corners.
+        drawn = inside & (ndimage.distance_transform_edt(inside) <= obj.line_width * scale)
+        if obj.fill == "striped":
+            yy, xx = np.mgrid[0:height, 0:width]
+            period = stripe_period * scale
+            diagonal = (xx - yy) if rising else (xx + yy)
+            drawn |= inside & (diagonal % period < period / 2)
+    image = Image.fromarray(drawn.astype(np.uint8) * 255).resize(size, Image.BOX)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def outside_picture(index: int, seed: int = OUTSIDE_SEED) -> OutsideExample:
+    """The `index`th outside picture: one object (two in every sixth) of the world's shapes and colours, drawn with
+    PIL at 64, 128 or a non-square size, anywhere in the picture, of any size, solid or with an outline or stripes
+    of any width; every fifth is RGBA on a transparent background. Stars stay solid, as in the world.
+
+    Each picture has its own seed, so the first n pictures are the same whatever n is.
+    """
+    rng = random.Random(f"outside-{seed}-{index}")
+    size = OUTSIDE_SIZES[index % len(OUTSIDE_SIZES)]
+    transparent = index % 5 == 2
+    count = 2 if index % 6 == 5 else 1
+    side = min(size)
+    background = "white" if transparent else rng.choices(COLOURS, weights=[BACKGROUND_WEIGHTS[c] for c in COLOURS])[0]
+    objects: list[DrawnObject] = []
+    while len(objects) < count:
+        shape = rng.choice(TRAIN_SHAPES)
+        colour = rng.choice([c for c in COLOURS if c != background and all(c != o.colour for o in objects)])
+        fill = "solid" if shape in THIN_SHAPES else rng.choice(FILLS)
+        radius = side * (rng.uniform(0.2, 0.4) if count == 1 else rng.uniform(0.14, 0.24))
+        centre = (rng.uniform(radius + 1, size[0] - radius - 1), rng.uniform(radius + 1, size[1] - radius - 1))
+        line_width = 0.0 if fill == "solid" else max(1.5, radius * rng.uniform(0.1, 0.3))
+        obj = DrawnObject(shape, colour, fill, centre, radius, line_width)
+        if all(_apart(obj, o) for o in objects):
+            objects.append(obj)
+    scale = 4 if rng.random() < 0.7 else 1
+    rgb = np.zeros((size[1], size[0], 3), dtype=np.float32)
+    alpha = np.zeros((size[1], size[0]), dtype=np.float32)
+    if not transparent:
+        rgb[:] = _jittered(background, rng)
+        alpha[:] = 1.0
+    for obj in objects:
+        coverage = _coverage(obj, size, scale, side * rng.uniform(0.1, 0.16), rng.random() < 0.5)[..., None]
+        colour = _jittered(obj.colour, rng)
+        # On a transparent background the object's own colour fills its pixels and the coverage goes to alpha.
+        rgb = rgb * (1 - coverage) + colour * coverage if not transparent else np.where(coverage > 0, colour, rgb)
+        alpha = np.maximum(alpha, coverage[..., 0])
+    pixels = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    if transparent:
+        rgba = np.dstack([pixels, np.round(alpha * 255).astype(np.uint8)])
+        image = Image.fromarray(rgba, "RGBA")
+    else:
+        image = Image.fromarray(pixels, "RGB")
+    return OutsideExample(image, background, tuple(objects))
+
+
+def outside_set(n: int, seed: int = OUTSIDE_SEED) -> list[OutsideExample]:
+    """`n` pictures drawn with PIL by the benchmark itself, not by the project's renderer (`outside_picture`)."""
+    return [outside_picture(i, seed) for i in range(n)]

@@ -66,11 +66,12 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
 
 
 def planned_calls(inputs: list[Path], available: set[str]) -> list[Call]:
-    first, second = str(inputs[0]), str(inputs[1 % len(inputs)])
+    first, second, third = str(inputs[0]), str(inputs[1 % len(inputs)]), str(inputs[2 % len(inputs)])
     plan = [
         Call("server_status", {}),
         Call("generate_image", {"prompt": "a red circle on a white background", "num_images": 4, "seed": 1}),
         Call("invert_image", {"images": [first], "num_results": 3}),
+        Call("invert_image", {"images": [third], "focus": "style", "num_results": 2}),
         Call("vary_image", {"images": [first], "num_images": 4, "seed": 2}),
         Call("edit_with_text", {"image": first, "text": "blue", "num_images": 4, "seed": 3}),
         Call("fuse_concepts", {"images": [first, second], "num_images": 2, "seed": 4}),
@@ -95,7 +96,15 @@ def _summarise(structured: dict[str, Any] | None, text: str) -> str:
         return text[:100]
     result = structured.get("result", structured)
     if isinstance(result, dict):
-        for key in ("prompts", "prompt", "distilled", "concepts", "card"):
+        note = f" [{result['llm_note']}]" if result.get("llm_note") else ""
+        if result.get("prompts"):
+            # Every prompt an inversion returns, best first: these are what a person would paste.
+            shown = [p.get("apply_style_as") or p["prompt"] for p in result["prompts"]]
+            start = f" (start word {result['initial_condition']!r})" if result.get("initial_condition") else ""
+            return "prompts: " + " | ".join(json.dumps(text) for text in shown) + start + note
+        if isinstance(result.get("prompt"), str):
+            return f"prompt: {json.dumps(result['prompt'])}{note}"
+        for key in ("distilled", "concepts", "card"):
             if key in result:
                 value = result[key]
                 if isinstance(value, list) and value and isinstance(value[0], dict):

@@ -1,27 +1,48 @@
-"""The pure helpers of the benchmarks: which captions probe an attribute, the paired gap, the scenes per kind."""
+"""The pure helpers of the benchmarks: which captions probe an attribute, the paired gap, the scenes per kind, the
+caption grammar's parser, and the pictures drawn outside the project."""
 
 from __future__ import annotations
 
 import math
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from grammar import (
+    WORLD_WORDS,
+    ParsedCaption,
+    ParsedObject,
+    ParsedStyle,
+    match_parsed,
+    named_attributes,
+    parse_caption,
+    parse_style,
+)
+from harness import OUTSIDE_N, OUTSIDE_SIZES, OutsideExample, outside_picture, outside_set
 from sd_ipc import attribute_variants, paired_gap
-from vgd import KINDS, scenes_of_kind
+from vgd import KINDS, STYLE_FILLS, scenes_of_kind, style_pairs
 
+from pictoprompt.models.shapes.oracle import nearest_colour
 from pictoprompt.models.shapes.scenes import (
     COLOURS,
     FILLS,
+    PALETTE,
     POSITIONS,
     SIZES,
     TRAIN_SHAPES,
     Scene,
     SceneObject,
+    caption_scene,
     full_caption,
+    held_out_scenes,
+    plain_caption,
+    random_scene,
+    style_caption,
 )
 
 
@@ -82,3 +103,310 @@ def test_paired_gap_of_one_scene_has_no_standard_error() -> None:
 def test_vgd_splits_its_scenes_exactly_over_the_kinds(n: int, expected: list[int]) -> None:
     assert [scenes_of_kind(n, kind) for kind in KINDS] == expected
     assert sum(expected) == n
+
+
+# ------------------------------------------------------------------------------------------ the caption grammar
+
+
+def seeded_scenes(count: int) -> list[Scene]:
+    rng = random.Random("grammar-test")
+    return [random_scene(rng) for _ in range(count)]
+
+
+def test_every_caption_of_the_grammar_parses_to_what_it_says() -> None:
+    rng = random.Random(1)
+    for scene in seeded_scenes(300):
+        for detail in (0.0, 0.5, 1.0):
+            parsed = parse_caption(caption_scene(scene, rng, detail))
+            assert parsed is not None
+            assert len(parsed.objects) == len(scene.objects)
+            assert parsed.background in (None, scene.background)
+            # Captions list the objects in the scene's order; a detail is either left out or right.
+            for said, truth in zip(parsed.objects, scene.objects, strict=True):
+                assert (said.shape, said.colour) == (truth.shape, truth.colour)
+                for attribute in ("size", "fill", "position"):
+                    assert getattr(said, attribute) in (None, getattr(truth, attribute))
+
+
+def test_a_full_caption_names_every_attribute_and_a_plain_one_shape_colour_and_position() -> None:
+    for scene in seeded_scenes(100):
+        expected = tuple(ParsedObject(o.shape, o.colour, o.size, o.fill, o.position) for o in scene.objects)
+        assert parse_caption(full_caption(scene)) == ParsedCaption(expected, scene.background)
+        for obj in scene.objects:
+            plain = ParsedObject(obj.shape, obj.colour, position=obj.position)
+            assert parse_caption(plain_caption(obj)) == ParsedCaption((plain,))
+            assert parse_caption(plain_caption(obj, position=False)) == ParsedCaption(
+                (ParsedObject(obj.shape, obj.colour),)
+            )
+
+
+def test_the_two_object_form_keeps_its_relation() -> None:
+    parsed = parse_caption("a drawing of a small red circle to the left of a striped blue square on a black background")
+    assert parsed == ParsedCaption(
+        (ParsedObject("circle", "red", size="small"), ParsedObject("square", "blue", fill="striped")),
+        "black",
+        "to the left of",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("red circle", ParsedCaption((ParsedObject("circle", "red"),))),
+        ("Red circle on a white background.", ParsedCaption((ParsedObject("circle", "red"),), "white")),
+        (
+            "an orange heart and green star",
+            ParsedCaption((ParsedObject("heart", "orange"), ParsedObject("star", "green"))),
+        ),
+        (
+            "a red circle, a blue square and a green star in the top left corner",
+            ParsedCaption(
+                (
+                    ParsedObject("circle", "red"),
+                    ParsedObject("square", "blue"),
+                    ParsedObject("star", "green", position="top left"),
+                )
+            ),
+        ),
+    ],
+)
+def test_the_documented_leniencies_parse(text: str, expected: ParsedCaption) -> None:
+    assert parse_caption(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "shored",
+        "circle",
+        "To determine the style of the image based on the given conditions, the image must contain at least",
+        "The heart is a symbol of dedication and resilience",
+        "Triangle, 2022, 02:00:01",
+        "To create the diffusion prompt on the given condition containing the objects, people, background",
+        "a red circle a red circle",
+        "a red circle, a red circle, a red circle",
+        "a red circle, a red circle, a red circle and a red circle",
+        "a red circle on the left and a blue square on the left",
+        "red red circle",
+        "a orange circle",
+        "a red circle and",
+        "a red circle, a blue square",
+        "a red circle on a white",
+        "a red circle on white background",
+        "a red circle on a white background on a white background",
+        "a red circle above a blue square in the center",
+        "a crimson circle",
+        "a red circle!",
+        "a red  circle",
+        "a beautiful red circle",
+        "striped shapes on a black background",
+    ],
+)
+def test_anything_else_does_not_parse(text: str) -> None:
+    assert parse_caption(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("striped shapes on a black background", ParsedStyle("striped", None, "black")),
+        ("outlined red shapes", ParsedStyle("outlined", "red", None)),
+        ("solid shapes on a white background", ParsedStyle("solid", None, "white")),
+        ("shapes on an orange background", ParsedStyle(None, None, "orange")),
+        ("Blue shapes.", ParsedStyle(None, "blue", None)),
+    ],
+)
+def test_style_prompts_parse(text: str, expected: ParsedStyle) -> None:
+    assert parse_style(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "shapes",
+        "red striped shapes",
+        "striped shape",
+        "a red circle on a white background",
+        "a cross with a white cross-section is a painting style that is based o",
+        "striped shapes on a black background in the style of",
+    ],
+)
+def test_other_style_texts_do_not_parse(text: str) -> None:
+    assert parse_style(text) is None
+
+
+def test_every_style_caption_parses_to_the_scene_style() -> None:
+    rng = random.Random(2)
+    for scene in seeded_scenes(300):
+        parsed = parse_style(style_caption(scene, rng, rng.random()))
+        assert parsed is not None
+        assert parsed.fill in (None, *{o.fill for o in scene.objects})
+        assert parsed.colour in (None, *{o.colour for o in scene.objects})
+        assert parsed.background in (None, scene.background)
+
+
+def test_the_world_words_are_the_grammars_and_nothing_else() -> None:
+    assert {
+        *COLOURS,
+        *TRAIN_SHAPES,
+        *SIZES,
+        *FILLS,
+        "background",
+        "corner",
+        "middle",
+        "picture",
+        "above",
+    } <= WORLD_WORDS
+    assert not {"shored", "nephro", "adjec", "prompt", "style"} & WORLD_WORDS
+
+
+# ------------------------------------------------------------------------------------------------ scoring by parsing
+
+
+def test_a_shape_word_inside_a_ramble_names_nothing() -> None:
+    scene = Scene("white", (SceneObject("heart", "red"),))
+    text = "The heart is a symbol of dedication, red and white"
+    assert named_attributes(parse_caption(text), scene.objects, scene.background, ("colour", "shape")) == {
+        "colour": 0.0,
+        "shape": 0.0,
+        "background": 0.0,
+    }
+
+
+def test_named_attributes_pair_objects_whatever_their_order_in_the_prompt() -> None:
+    scene = Scene(
+        "white", (SceneObject("circle", "red", "small", "left"), SceneObject("star", "blue", "large", "right"))
+    )
+    parsed = parse_caption("a blue star on the right and a red square on the left")
+    scores = named_attributes(parsed, scene.objects, scene.background, ("colour", "shape", "size", "position"))
+    assert scores == {"colour": 1.0, "shape": 0.5, "size": 0.0, "position": 1.0, "background": 0.0}
+
+
+def test_pairing_is_the_best_one_not_the_first_greedy_match() -> None:
+    truth = [SceneObject("circle", "red"), SceneObject("square", "red")]
+    # Greedily the first prompt object ("red square", one attribute in common with the circle) would take the
+    # circle; the best pairing gives each its own shape.
+    parsed = [ParsedObject("square", "red"), ParsedObject("circle", "blue")]
+    assert match_parsed(truth, parsed, ("colour", "shape")) == [parsed[1], parsed[0]]
+
+
+def test_an_object_the_prompt_leaves_out_has_no_partner() -> None:
+    truth = [SceneObject("circle", "red"), SceneObject("square", "blue")]
+    assert match_parsed(truth, [ParsedObject("square", "blue")], ("colour", "shape")) == [
+        None,
+        ParsedObject("square", "blue"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- pictures from outside
+
+
+@pytest.fixture(scope="module")
+def outside() -> list[OutsideExample]:
+    return outside_set(OUTSIDE_N)
+
+
+def test_the_outside_set_is_fixed_and_has_every_kind_of_picture(outside: list[OutsideExample]) -> None:
+    assert len(outside) >= 60
+    again = outside_set(OUTSIDE_N)
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(outside, again, strict=True))
+    assert np.array_equal(np.asarray(outside_picture(7).image), np.asarray(outside[7].image))
+    assert {ex.image.size for ex in outside} == set(OUTSIDE_SIZES)
+    assert {(64, 64), (128, 128)} <= set(OUTSIDE_SIZES)
+    assert any(w != h for w, h in OUTSIDE_SIZES)
+    assert {ex.image.mode for ex in outside} == {"RGB", "RGBA"}
+    assert {len(ex.objects) for ex in outside} == {1, 2}
+    drawn = [obj for ex in outside for obj in ex.objects]
+    assert {obj.shape for obj in drawn} == set(TRAIN_SHAPES)
+    assert {obj.fill for obj in drawn} == set(FILLS)
+    assert len({obj.colour for obj in drawn}) >= 8
+    # Not the world's 3x3 grid: object centres are anywhere.
+    assert len({(round(x), round(y)) for x, y in (obj.centre for obj in drawn)}) > 40
+
+
+def test_a_transparent_picture_is_transparent_around_its_objects_and_flattens_onto_white(
+    outside: list[OutsideExample],
+) -> None:
+    for ex in (ex for ex in outside if ex.image.mode == "RGBA"):
+        alpha = np.asarray(ex.image)[..., 3]
+        assert alpha[0, 0] == 0 and alpha.max() == 255
+        assert ex.background == "white"
+        assert ex.flat.mode == "RGB" and ex.flat.getpixel((0, 0)) == (255, 255, 255)
+
+
+def _pixel_colour(pixels: np.ndarray, x: float, y: float) -> str:
+    return nearest_colour(pixels[int(y), int(x)].astype(np.float32))
+
+
+def test_each_drawn_object_has_its_colour_and_stays_in_its_place(outside: list[OutsideExample]) -> None:
+    for ex in outside:
+        pixels = np.asarray(ex.flat).astype(np.float32)
+        background = np.asarray(PALETTE[ex.background], dtype=np.float32)
+        foreground = np.linalg.norm(pixels - background, axis=-1) > 40
+        yy, xx = np.mgrid[0 : pixels.shape[0], 0 : pixels.shape[1]]
+        near_any = np.zeros_like(foreground)
+        for obj in ex.objects:
+            (cx, cy), r = obj.centre, obj.radius
+            near = (np.abs(xx + 0.5 - cx) <= r + 1) & (np.abs(yy + 0.5 - cy) <= r + 1)
+            near_any |= near
+            mine = foreground & near
+            # The pixels most unlike the background are the object's own colour, jitter and antialiasing aside.
+            distance = np.linalg.norm(pixels[mine] - background, axis=-1)
+            core = pixels[mine][distance >= np.quantile(distance, 0.5)]
+            assert nearest_colour(np.median(core, axis=0)) == obj.colour, (ex.image.size, obj)
+            assert mine.sum() >= 0.1 * r * r
+        # Nothing is drawn outside the objects' extents.
+        assert not (foreground & ~near_any).any()
+
+
+# Points of each shape in its unit frame (half-extent 1, y down): inside (True) or outside (False) it.
+SHAPE_PROBES = {
+    "circle": [((0.0, 0.0), True), ((0.55, 0.55), True), ((0.85, 0.85), False)],
+    "square": [((0.65, 0.65), True), ((-0.65, -0.65), True), ((0.0, 0.97), False)],
+    "triangle": [((0.0, 0.5), True), ((-0.75, 0.7), True), ((-0.7, -0.5), False), ((0.7, -0.5), False)],
+    "star": [((0.0, 0.1), True), ((0.0, -0.75), True), ((0.0, 0.8), False), ((-0.8, -0.6), False)],
+    "cross": [
+        ((0.0, 0.0), True),
+        ((0.85, 0.0), True),
+        ((0.0, -0.85), True),
+        ((0.7, 0.7), False),
+        ((-0.7, -0.7), False),
+    ],
+    "heart": [
+        ((0.0, 0.3), True),
+        ((0.45, -0.35), True),
+        ((-0.45, -0.35), True),
+        ((0.0, -0.85), False),
+        ((0.8, 0.7), False),
+    ],
+}
+
+
+def test_each_solid_object_has_the_shape_of_its_label(outside: list[OutsideExample]) -> None:
+    checked = set()
+    for ex in outside:
+        pixels = np.asarray(ex.flat)
+        for obj in (o for o in ex.objects if o.fill == "solid"):
+            for (x, y), inside in SHAPE_PROBES[obj.shape]:
+                colour = _pixel_colour(pixels, obj.centre[0] + x * obj.radius, obj.centre[1] + y * obj.radius)
+                assert colour == (obj.colour if inside else ex.background), (ex.image.size, obj, (x, y))
+            checked.add(obj.shape)
+    assert checked == set(TRAIN_SHAPES)
+
+
+# ---------------------------------------------------------------------------------------------- style pairs
+
+
+def test_style_pairs_share_exactly_the_named_property_and_differ_in_shape_and_colour() -> None:
+    pairs = style_pairs(12)
+    assert len(pairs) == 12
+    assert {p.shared for p in pairs} == {"fill", "background"}
+    assert {p.value for p in pairs if p.shared == "fill"} == set(STYLE_FILLS)
+    held_out = set(held_out_scenes("single", 600))
+    for pair in pairs:
+        (a, b), ((x,), (y,)) = pair.scenes, (s.objects for s in pair.scenes)
+        assert {a, b} <= held_out
+        assert x.shape != y.shape and x.colour != y.colour
+        assert (x.fill == y.fill == pair.value) == (pair.shared == "fill")
+        assert (a.background == b.background == pair.value) == (pair.shared == "background")

@@ -12,7 +12,15 @@ from PIL import Image
 from transformers import CLIPModel
 
 from pictoprompt.methods.sd_ipc import ImageToPrompt, target_norm
-from pictoprompt.models.clip import ClipModel, OpenClipClip, TransformersClip, preprocess_images
+from pictoprompt.models.clip import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ClipModel,
+    OpenClipClip,
+    TransformersClip,
+    pad_to_square,
+    preprocess_images,
+)
 from pictoprompt.models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from pictoprompt.models.profiles import ClipSpec, Profile
 from pictoprompt.models.runtime import Runtime
@@ -176,3 +184,21 @@ def test_runtime_loads_an_open_clip_profile(tmp_path: Path) -> None:
     clip = Runtime(profile).clip()
     assert isinstance(clip, OpenClipClip)
     assert clip.text_projection.shape == (16, 32)
+
+
+def test_wide_pictures_are_padded_with_their_background_not_cropped() -> None:
+    """CLIP's centre crop would cut a red square drawn at the left edge of a wide screenshot out of the picture."""
+    picture = Image.new("RGB", (96, 32), (245, 245, 245))
+    picture.paste((220, 30, 30), (2, 8, 18, 24))
+    square = pad_to_square(picture)
+    assert square.size == (96, 96)
+    assert square.getpixel((0, 0)) == (245, 245, 245)
+    assert square.getpixel((10, 48)) == (220, 30, 30)
+    pixels = preprocess_images([picture], 32)
+    red = torch.tensor([220, 30, 30]) / 255.0
+    std, mean = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1), torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    unnormalised = pixels[0] * std + mean
+    reddish = ((unnormalised - red.view(3, 1, 1)).abs().amax(0) < 0.1).sum()
+    assert reddish >= 9, "the object must survive preprocessing"
+    # A square picture is left as it was.
+    assert pad_to_square(square) is square

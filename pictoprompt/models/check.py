@@ -127,7 +127,7 @@ def check_profiles(name: str | None, profiles_file: Path | None = None) -> tuple
                 ok = False
     if not ok:
         lines.append(
-            "Missing weights: download them once without HF_HUB_OFFLINE (e.g. `huggingface-cli download ID`), or "
+            "Missing weights: download them once without HF_HUB_OFFLINE (e.g. `hf download ID`), or "
             "point the profile at local copies in a TOML file (--profiles-file, see README 'Profiles')."
         )
     return "\n".join(lines), ok

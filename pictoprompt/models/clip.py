@@ -87,16 +87,37 @@ class ClipModel(ABC):
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """A non-square RGB picture letterboxed to a square in the median colour of its border.
+
+    CLIP's own preprocessing crops the centre square, which drops whatever sits near the long sides of a
+    screenshot or a wide photo; an image-to-prompt tool must describe the whole picture, and a band of the
+    picture's own background colour reads as more background.
+    """
+    if image.width == image.height:
+        return image
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colour = tuple(int(c) for c in np.median(border, axis=0))
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), colour)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
 def preprocess_images(
     images: Sequence[Image.Image],
     size: int,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
     std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> torch.Tensor:
-    """CLIP's preprocessing: RGB, shortest side to `size` (bicubic), centre crop, normalise. (B, 3, size, size)."""
+    """CLIP's preprocessing: RGB, shortest side to `size` (bicubic), centre crop, normalise. (B, 3, size, size).
+
+    Non-square pictures are first padded to a square (`pad_to_square`), so the crop keeps all of them.
+    """
     batch = []
     for image in images:
-        image = image.convert("RGB")
+        image = pad_to_square(image.convert("RGB"))
         scale = size / min(image.size)
         resized = image.resize(
             (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
