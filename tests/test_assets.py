@@ -193,3 +193,15 @@ def test_metadata_keys_must_fit_png_text_chunks(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="PNG text keyword"):
             store.save(noise((4, 4)), {key: "x"})
     assert store_files(store) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_an_existing_store_folder_and_its_files_become_private(tmp_path: Path) -> None:
+    root = tmp_path / "assets"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    saved = AssetStore(root).save(noise(), METADATA)
+    Path(saved.path).chmod(0o644)  # as a copy made by hand, or an older version, might have left it
+    AssetStore(root)
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert Path(saved.path).stat().st_mode & 0o777 == 0o600

@@ -171,3 +171,33 @@ def test_fingerprint_is_the_same_in_float32_and_float16_but_not_for_other_weight
     assert weights_fingerprint(weights) == weights_fingerprint(half)
     assert weights_fingerprint(weights) != weights_fingerprint(changed)
     assert weights_fingerprint(weights) != weights_fingerprint({"v": weights["w"]})
+
+
+def modes(root: Path) -> dict[str, int]:
+    """Permission bits of `root` and everything under it, by path relative to `root`."""
+    return {str(path.relative_to(root)): path.stat().st_mode & 0o777 for path in [root, *root.rglob("*")]}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_every_file_and_folder_of_the_store_is_private_to_the_user(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)  # the usual umask, which on its own gives 0644 files and 0755 folders
+    try:
+        store = ConceptStore(tmp_path / "concepts")
+        store.save(make_card("cat"), tensors(1.0), references())
+    finally:
+        os.umask(old_umask)
+    found = modes(tmp_path / "concepts")
+    assert {"cat/card.json", "cat/weights.safetensors", "cat/thumbnails/00.png"} <= set(found)
+    for relative, mode in found.items():
+        is_dir = (tmp_path / "concepts" / relative).is_dir()
+        assert mode == (0o700 if is_dir else 0o600), f"{relative} has mode {mode:o}"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_opening_a_store_narrows_what_an_older_version_left_readable(tmp_path: Path) -> None:
+    root = tmp_path / "concepts"
+    ConceptStore(root).save(make_card("cat"), tensors(1.0), references())
+    for path in [root, *root.rglob("*")]:  # as written before the store made its files private
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    ConceptStore(root)
+    assert set(modes(root).values()) == {0o700, 0o600}

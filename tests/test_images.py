@@ -305,14 +305,16 @@ def test_resolve_all_and_pre_resolved_images(tmp_path: Path) -> None:
 # --- refused: local files -----------------------------------------------------------------------
 
 
-def test_path_outside_roots_names_the_roots_and_allow_dir(tmp_path: Path) -> None:
+def test_path_outside_roots_points_to_allow_dir_without_naming_the_allowed_folders(tmp_path: Path) -> None:
     root, outside = tmp_path / "root", tmp_path / "elsewhere"
     root.mkdir()
     outside.mkdir()
     (outside / "secret.png").write_bytes(PNG)
-    message = refused(str(outside / "secret.png"), "is outside the directories this server may read", resolver(root))
-    assert f"({root})" in message and f"--allow-dir {outside}" in message
-    refused(str(root / ".." / "elsewhere" / "secret.png"), "outside the directories", resolver(root))
+    message = refused(str(outside / "secret.png"), "is outside the folders this server may read", resolver(root))
+    assert "--allow-dir" in message and str(root) not in message
+    dotted = str(root / ".." / "elsewhere" / "secret.png")
+    message = refused(dotted, "outside the folders", resolver(root))
+    assert dotted in message and str(outside) not in message  # the path as given, not where it leads
 
 
 def test_symlinks_escaping_a_root_are_refused(tmp_path: Path) -> None:
@@ -323,8 +325,20 @@ def test_symlinks_escaping_a_root_are_refused(tmp_path: Path) -> None:
     (root / "innocent.png").symlink_to(outside / "secret.png")
     (root / "folder").symlink_to(outside)
     for ref in [root / "innocent.png", root / "folder" / "secret.png"]:
-        message = refused(str(ref), "outside the directories", resolver(root))
-        assert f"which resolves to {outside / 'secret.png'}" in message
+        message = refused(str(ref), "outside the folders", resolver(root))
+        assert str(outside) not in message, "the refusal must not say where the symlink leads"
+
+
+def test_hard_links_are_refused_since_they_may_reach_outside_the_roots(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(PNG)
+    os.link(outside / "secret.png", root / "linked.png")
+    message = refused(str(root / "linked.png"), "has 2 hard links", resolver(root))
+    assert "copy it into an allowed folder" in message and str(outside) not in message
+    (root / "own.png").write_bytes(PNG)  # a file with one name is read as before
+    assert_color(resolver(root).resolve_sync(str(root / "own.png")), RED)
 
 
 def test_no_roots_means_no_local_files(tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ RETIRED_PREFIX = ".retired-"
 DELETED_PREFIX = ".deleted-"
 STALE_STAGING_SECONDS = 3600.0
 """A staging folder this old belongs to a save that died; younger ones may be another process's save."""
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+"""Cards and thumbnails show the user's own pictures: only the user running pictoprompt may read the store."""
 
 
 def validate_name(name: str) -> str:
@@ -115,8 +118,10 @@ class ConceptStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         self._repair()
+        # Also what earlier versions wrote with the default 0644/0755, and a folder the user made beforehand.
+        _make_private(self.root)
 
     # ----------------------------------------------------------------------------------------------- reading
 
@@ -180,7 +185,10 @@ class ConceptStore:
         thumbnails = [f"{THUMBNAIL_DIR}/{index:02d}.png" for index in range(len(references))]
         card = card.model_copy(update={"thumbnails": thumbnails, "reference_count": len(references)})
         try:
-            (staging / THUMBNAIL_DIR).mkdir(parents=True)
+            # The staging folder is private from its creation, so no file is readable by others even before the
+            # modes of the files inside are narrowed below.
+            staging.mkdir(mode=PRIVATE_DIR_MODE)
+            (staging / THUMBNAIL_DIR).mkdir(mode=PRIVATE_DIR_MODE)
             for image, relative in zip(references, thumbnails, strict=True):
                 thumbnail = image.convert("RGB")
                 thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
@@ -191,6 +199,7 @@ class ConceptStore:
             )
             # The card goes last: a folder with a card is a complete concept.
             (staging / CARD_FILE).write_text(card.model_dump_json(indent=2))
+            _make_private(staging)
             _fsync_tree(staging)
             if target.exists():
                 os.replace(target, retired)
@@ -260,6 +269,21 @@ class ConceptStore:
                 entry.name.startswith(STAGING_PREFIX) and now - entry.stat().st_mtime > STALE_STAGING_SECONDS
             ):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _make_private(folder: Path) -> None:
+    """Modes 0700 for `folder` and every folder under it, 0600 for every file (symlinks are left alone)."""
+    if os.name == "nt":  # Windows has no POSIX modes; the store lives in the user's own profile there.
+        return
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            if path.is_symlink():
+                continue
+            mode = PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE
+            if path.stat().st_mode & 0o777 != mode:
+                path.chmod(mode)
+        except FileNotFoundError:  # removed meanwhile by another process sharing the store
+            continue
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,9 +25,11 @@ from pictoprompt.errors import PictopromptError
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
+from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore
+from pictoprompt.server.http_transport import CLIENT_GONE
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
-from pictoprompt.server.jobs import JobRunner
+from pictoprompt.server.jobs import Job, JobRunner
 from pictoprompt.server.results import InlineMode, JobInfo, RecordingSink, job_info, job_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
@@ -67,7 +69,6 @@ class ServerState:
     resolver: ImageResolver
     jobs: JobRunner
     concepts: ConceptStore
-    saved_by_job: dict[str, RecordingSink] = field(default_factory=dict)
 
 
 def annotations_for(spec: ToolSpec) -> ToolAnnotations:
@@ -106,17 +107,20 @@ def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
             inline = arguments.pop("inline")
             try:
                 request = spec.request_model(**arguments)
-                images = await state.resolver.resolve_all(request.image_refs())
+                # A place in the queue before anything is fetched or decoded: when the queue is full, the call
+                # is refused as busy having cost its request and nothing more.
+                slot = state.jobs.reserve()
+                try:
+                    images = await state.resolver.resolve_all(request.image_refs())
+                except BaseException:
+                    slot.release()
+                    raise
                 sink = RecordingSink(state.assets)
-                job = state.jobs.submit(
-                    spec.name,
-                    lambda progress: spec.run(
-                        request, ToolContext(state.runtime, sink, images, progress, state.concepts)
-                    ),
-                )
+                work = _job_work(spec, state, request, sink, images)
+                # The job keeps the sink (what it saved) for get_job; the inputs go with `work` when it ends.
+                job = state.jobs.submit(spec.name, work, slot, keep=sink)
             except PictopromptError as error:
                 raise ToolError(str(error)) from error
-            state.saved_by_job[job.id] = sink
             await _wait_for_job(state, job, wait_seconds, ctx)
             return job_result(job, state.assets, inline, sink.saved)
 
@@ -149,11 +153,31 @@ def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
     )
 
 
+def _job_work(
+    spec: ToolSpec, state: ServerState, request: BaseModel, sink: RecordingSink, images: PreResolvedImages
+) -> Callable[[Progress], Any]:
+    def work(progress: Progress) -> Any:
+        return spec.run(request, ToolContext(state.runtime, sink, images, progress, state.concepts))
+
+    return work
+
+
 def _text(payload: Any) -> TextContent:
     return TextContent(text=json.dumps(payload, indent=1))
 
 
-async def _wait_for_job(state: ServerState, job: Any, wait_seconds: float, ctx: Context) -> None:
+def _client_gone(ctx: Context) -> anyio.Event | None:
+    """The event `HttpGuard` sets when this call's HTTP client disconnects; None off HTTP (stdio, in-memory)."""
+    try:
+        request = ctx.request_context.request
+    except ValueError:  # no request context
+        return None
+    scope = getattr(request, "scope", None)
+    gone = scope.get(CLIENT_GONE) if isinstance(scope, dict) else None
+    return gone if isinstance(gone, anyio.Event) else None
+
+
+async def _wait_for_job(state: ServerState, job: Job, wait_seconds: float, ctx: Context) -> None:
     pending: set[asyncio.Task] = set()
 
     def forward(done: float, total: float | None, message: str | None) -> None:
@@ -161,8 +185,24 @@ async def _wait_for_job(state: ServerState, job: Any, wait_seconds: float, ctx: 
         pending.add(task)
         task.add_done_callback(pending.discard)
 
+    gone = _client_gone(ctx)
     try:
-        await state.jobs.wait(job, wait_seconds, forward)
+        if gone is None:
+            await state.jobs.wait(job, wait_seconds, forward)
+            return
+        async with anyio.create_task_group() as group:
+
+            async def stop_when_the_client_is_gone() -> None:
+                # On the pre-2026 wire a client that dies does not cancel its call: the session outlives the
+                # connection, so without this the job would run to its end for nobody.
+                await gone.wait()
+                logger.info("the client of job %s disconnected; cancelling the job", job.id)
+                state.jobs.cancel(job.id)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stop_when_the_client_is_gone)
+            await state.jobs.wait(job, wait_seconds, forward)
+            group.cancel_scope.cancel()
     except asyncio.CancelledError:
         # The client cancelled its request: stop the work it asked for, between two steps.
         state.jobs.cancel(job.id)
@@ -304,8 +344,8 @@ def _add_server_tools(server: MCPServer, state_of: Any) -> None:
         except PictopromptError as error:
             raise ToolError(str(error)) from error
         await state.jobs.wait(job, wait_seconds)
-        sink = state.saved_by_job.get(job_id)
-        return job_result(job, state.assets, inline, sink.saved if sink else [])
+        sink = job.keep
+        return job_result(job, state.assets, inline, sink.saved if isinstance(sink, RecordingSink) else [])
 
     @server.tool(
         title="Cancel a job",

@@ -19,6 +19,7 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Literal
 
 from PIL import Image, PngImagePlugin
@@ -98,8 +99,12 @@ class AssetStore:
         self._lock = threading.Lock()
         self._saves_since_expire = 0
         self._last_expire = 0.0
-        # Outputs can be private pictures: only the user running the server may list or read them.
+        # Outputs can be private pictures: only the user running the server may list or read them. mkdir's
+        # mode only applies to a folder it creates, so an existing one (made by hand, or by an older version)
+        # is narrowed too; expire() does the same for the files.
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.name != "nt" and self.root.stat().st_mode & 0o777 != 0o700:
+            self.root.chmod(0o700)
         self.expire()
 
     def save(self, image: Image.Image, metadata: dict[str, str]) -> SavedImage:
@@ -182,6 +187,8 @@ class AssetStore:
         for path in self.root.iterdir():
             try:
                 stat = path.stat()
+                if os.name != "nt" and stat.st_mode & 0o077 and not path.is_symlink():
+                    path.chmod(0o700 if S_ISDIR(stat.st_mode) else 0o600)  # written by hand or an older version
             except FileNotFoundError:  # removed meanwhile by another process sharing the store
                 continue
             age = now - stat.st_mtime

@@ -17,7 +17,9 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -83,6 +85,42 @@ class ImagePolicy:
     timeout_s: float = 20.0
     max_redirects: int = 3
     max_pixels: int = 40_000_000
+    decode_budget_pixels: int = 80_000_000
+    """Pixels decoded at the same time across all requests; an image that does not fit waits for others.
+    About 3 bytes of memory per pixel: the default bounds decoding at roughly 250 MB however many calls arrive."""
+
+
+class PixelBudget:
+    """A count of pixels shared by every decode: what `hold` takes, others wait for (a weighted semaphore).
+
+    Threads, not async: decoding runs in worker threads, and the CLI resolves each image in its own event loop.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        if pixels <= 0:
+            raise ValueError("the pixel budget must be positive")
+        self.pixels = pixels
+        self._free = pixels
+        self._condition = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        # An image larger than the whole budget (only when the budget is set below max_pixels) waits for all.
+        pixels = min(pixels, self.pixels)
+        with self._condition:
+            self._condition.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._free += pixels
+                self._condition.notify_all()
+
+    @property
+    def in_use(self) -> int:
+        with self._condition:
+            return self.pixels - self._free
 
 
 async def resolve_host(host: str, port: int) -> list[IPAddress]:
@@ -113,12 +151,13 @@ def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
     return [candidate for candidate in embedded if candidate is not None]
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = 40_000_000, budget: PixelBudget | None = None) -> Image.Image:
     """Decode untrusted bytes into an RGB image: supported formats only, at most `max_pixels`, complete data.
 
-    The pixel count is checked from the header before any pixel is decoded. PIL's own decompression-bomb
-    check (global `Image.MAX_IMAGE_PIXELS`) is left as it is for other code; its error, and its warning where
-    warnings are errors, are refused here like any image over the limit.
+    The pixel count is checked from the header before any pixel is decoded, and decoding waits until `budget`
+    has room for that many pixels. PIL's own decompression-bomb check (global `Image.MAX_IMAGE_PIXELS`) is left
+    as it is for other code; its error, and its warning where warnings are errors, are refused here like any
+    image over the limit.
     """
     limit = f"at most {max_pixels / 1e6:g} megapixels are accepted, so downscale it first"
     try:
@@ -139,9 +178,13 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
                 f"The image is {width}×{height} pixels ({width * height / 1e6:.1f} megapixels); {limit}."
             )
         try:
-            # The current frame is the first one: GIF and animated WebP give their first frame. Phones store
-            # photos sideways with an EXIF orientation, which the pixels must follow to match what people see.
-            return flatten_to_rgb(ImageOps.exif_transpose(image))
+            with budget.hold(width * height) if budget is not None else nullcontext():
+                # The current frame is the first one: GIF and animated WebP give their first frame. Phones store
+                # photos sideways with an EXIF orientation, which the pixels must follow to match what people
+                # see. In place: a copy of an upright 40-megapixel photo would double the memory it takes.
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+                return flatten_to_rgb(image)
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise _corrupt(error) from None
 
@@ -202,12 +245,14 @@ class ImageResolver:
     def __init__(self, policy: ImagePolicy, assets: AssetStore | None = None) -> None:
         self.policy = policy
         self.assets = assets
+        # One budget for every request this resolver serves: concurrent calls share it.
+        self.budget = PixelBudget(policy.decode_budget_pixels)
         # Resolved once, so that a root reached through a symlink still contains its files' resolved paths.
         self._roots = [Path(root).expanduser().resolve() for root in policy.allowed_roots]
 
     async def resolve(self, ref: str) -> Image.Image:
         data = await self._read(ref.strip())
-        return await anyio.to_thread.run_sync(decode_image, data, self.policy.max_pixels)
+        return await anyio.to_thread.run_sync(decode_image, data, self.policy.max_pixels, self.budget)
 
     async def resolve_all(self, refs: Iterable[str]) -> PreResolvedImages:
         """Resolve each distinct reference once, in order, stopping at the first refusal."""
@@ -281,14 +326,17 @@ class ImageResolver:
             )
 
     def _read_file(self, ref: str) -> bytes:
+        # Messages name the path as the caller gave it, never where it resolves nor which folders are allowed:
+        # a refusal must not tell a client where a symlink leads or how the machine is laid out.
+        shown = _shorten(ref)
         try:
             path = Path(ref).expanduser().resolve()
         except (OSError, RuntimeError, ValueError) as error:  # symlink loop, NUL byte
             raise InvalidInputError(
-                f"The path {_shorten(ref)!r} cannot be used ({error}); give {ACCEPTED_REFERENCES}."
+                f"The path {shown!r} cannot be used ({error}); give {ACCEPTED_REFERENCES}."
             ) from None
         if not any(path.is_relative_to(root) for root in self._roots):
-            raise InvalidInputError(self._outside_roots_message(ref, path))
+            raise InvalidInputError(self._outside_roots_message(shown))
         # O_NOFOLLOW: the path was checked with its symlinks resolved, so a symlink there now is a swap.
         # O_NONBLOCK: opening a FIFO would otherwise block until a writer shows up; it is refused below.
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -296,33 +344,39 @@ class ImageResolver:
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
-            raise NotFoundError(f"There is no file {path}; give the path of an existing image file.") from None
+            raise NotFoundError(f"There is no file {shown}; give the path of an existing image file.") from None
         except OSError as error:
             raise InvalidInputError(
-                f"The file {path} cannot be read ({error.strerror}); give a readable image file."
+                f"The file {shown} cannot be read ({error.strerror}); give a readable image file."
             ) from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InvalidInputError(f"{path} is not a regular file; give the path of an image file.")
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise InvalidInputError(f"{shown} is not a regular file; give the path of an image file.")
+            if status.st_nlink > 1:
+                # A hard link is the same file under a second name: one made inside an allowed folder can reach a
+                # file outside it, and unlike a symlink nothing says where the other names are.
+                raise InvalidInputError(
+                    f"The file {shown} has {status.st_nlink} hard links, so it may be a file from outside the "
+                    "folders this server may read; copy it into an allowed folder (a copy, not a link), or pass "
+                    "the image as a URL, data: URI or base64."
+                )
             with open(fd, "rb", closefd=False) as file:
                 data = file.read(self.policy.max_bytes + 1)  # never more than the limit, even if it grows
         finally:
             os.close(fd)
-        self._check_size(len(data), f"The file {path}")
+        self._check_size(len(data), f"The file {shown}")
         return data
 
-    def _outside_roots_message(self, ref: str, path: Path) -> str:
-        shown = str(path) if ref == str(path) else f"{_shorten(ref)} (which resolves to {path})"
+    def _outside_roots_message(self, shown: str) -> str:
         if not self._roots:
             return (
                 f"This server reads no local files, so {shown} is refused; pass the image as a URL, data: URI"
                 " or base64, or start the server with --allow-dir DIR to let it read a directory."
             )
-        roots = ", ".join(str(root) for root in self._roots)
         return (
-            f"The file {shown} is outside the directories this server may read ({roots}); pass the image as"
-            " a URL, data: URI or base64, or start the server with"
-            f" --allow-dir {path.parent} to allow its directory."
+            f"The file {shown} is outside the folders this server may read; pass the image as a URL, data: URI"
+            " or base64, or start the server with --allow-dir naming a folder that holds it."
         )
 
     async def _fetch(self, url: str) -> bytes:

@@ -2,7 +2,10 @@
 
 A model-heavy tool call becomes a job. The caller waits up to `wait_seconds` for it; if it is not done by
 then it gets the job's id and `get_job` / `cancel_job` act on it later. Finished jobs are kept for a while so
-their results can still be fetched.
+their results can still be fetched; a finished job keeps only its result, never its inputs.
+
+A caller takes a queue slot (`reserve`) before it reads or decodes anything, so a full queue refuses a call
+while the call has cost next to nothing; the slot becomes the job at `submit`, or is given back.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ ProgressListener = Callable[[float, float | None, str | None], None]
 class Job:
     id: str
     tool: str
-    work: Callable[[Progress], Any]
+    work: Callable[[Progress], Any] | None
+    """The work to run; dropped once the job ends, since it holds the inputs (decoded images, request data)."""
     progress: Progress
     future: Future = field(default_factory=Future)
     state: JobState = "queued"
@@ -42,6 +46,8 @@ class Job:
     total: float | None = None
     message: str | None = None
     error: str | None = None
+    keep: Any = None
+    """What the caller needs besides the result to answer for the job later (e.g. the images it saved)."""
     listeners: list[tuple[asyncio.AbstractEventLoop, ProgressListener]] = field(default_factory=list)
 
     @property
@@ -53,29 +59,68 @@ class Job:
         return (self.finished or time.monotonic()) - start
 
 
+class Slot:
+    """A place in the queue taken before a call prepares its job; `release` gives it back if no job follows."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self._runner: JobRunner | None = runner
+
+    def release(self) -> None:
+        """Give the place back (idempotent; a slot turned into a job by `submit` has nothing left to give)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner._release(self)
+
+    def _take(self) -> None:
+        if self._runner is None:
+            raise RuntimeError("this queue slot was already used or released")
+        self._runner = None
+
+
 class JobRunner:
     """Runs jobs one at a time under `gpu_lock`, first come first served, at most `depth` waiting."""
 
-    def __init__(self, gpu_lock: threading.Lock, depth: int = 8, keep_finished_seconds: float = 3600) -> None:
+    def __init__(
+        self,
+        gpu_lock: threading.Lock,
+        depth: int = 8,
+        keep_finished_seconds: float = 3600,
+        keep_finished_count: int = 1000,
+    ) -> None:
         self._gpu_lock = gpu_lock
         self._depth = depth
         self._keep_finished = keep_finished_seconds
+        self._keep_finished_count = keep_finished_count
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._jobs: dict[str, Job] = {}
+        self._reserved = 0
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="pictoprompt-jobs", daemon=True)
         self._worker.start()
 
-    def submit(self, tool: str, work: Callable[[Progress], Any]) -> Job:
+    def reserve(self) -> Slot:
+        """Take a place in the queue, or raise `BusyError` at once if there is none.
+
+        Calls take their place before they read any input, so a full queue refuses them before they fetch or
+        decode an image: under load, a refused call costs its request and nothing more.
+        """
         with self._lock:
             self._forget_old()
-            waiting = sum(1 for job in self._jobs.values() if job.state == "queued")
+            waiting = sum(1 for job in self._jobs.values() if job.state == "queued") + self._reserved
             if waiting >= self._depth:
                 raise BusyError(
                     f"The server is busy: {waiting} jobs are already waiting (queue depth {self._depth}). "
                     "Try again in a little while, or cancel a job you no longer need with cancel_job."
                 )
-            job = Job(id=secrets.token_hex(8), tool=tool, work=work, progress=Progress())
+            self._reserved += 1
+        return Slot(self)
+
+    def submit(self, tool: str, work: Callable[[Progress], Any], slot: Slot | None = None, keep: Any = None) -> Job:
+        """Queue `work` in `slot` (taken now if not given; `BusyError` when the queue is full)."""
+        (slot or self.reserve())._take()
+        with self._lock:
+            self._reserved -= 1
+            job = Job(id=secrets.token_hex(8), tool=tool, work=work, progress=Progress(), keep=keep)
             job.progress = Progress(lambda done, total, message: self._on_progress(job, done, total, message))
             self._jobs[job.id] = job
         self._queue.put(job)
@@ -124,6 +169,10 @@ class JobRunner:
             job.progress.cancel()
         self._queue.put(None)
 
+    def _release(self, slot: Slot) -> None:
+        with self._lock:
+            self._reserved -= 1
+
     def _on_progress(self, job: Job, done: float, total: float | None, message: str | None) -> None:
         job.done, job.total, job.message = done, total, message
         for loop, listener in list(job.listeners):
@@ -134,32 +183,45 @@ class JobRunner:
             job = self._queue.get()
             if job is None:
                 return
-            with self._lock:
-                if job.state != "queued":
-                    continue
-                job.state = "running"
-                job.started = time.monotonic()
-            try:
-                with self._gpu_lock:
-                    job.progress.check()
-                    result = job.work(job.progress)
-            except JobCancelledError as error:
-                self._finish(job, "cancelled", error=str(error))
-            except PictopromptError as error:
-                self._finish(job, "failed", error=str(error))
-            except Exception as error:
-                logger.exception("job %s (%s) crashed", job.id, job.tool)
-                self._finish(job, "failed", error=f"Internal error in {job.tool}: {type(error).__name__}: {error}")
-            else:
-                self._finish(job, "succeeded", result=result)
+            self._run(job)
+            # Not kept while the worker waits for the next job: a finished job may be forgotten meanwhile.
+            del job
+
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "running"
+            job.started = time.monotonic()
+        work = job.work
+        assert work is not None  # only a queued job is taken, and only an ended job has dropped its work
+        try:
+            with self._gpu_lock:
+                job.progress.check()
+                result = work(job.progress)
+        except JobCancelledError as error:
+            self._finish(job, "cancelled", error=str(error))
+        except PictopromptError as error:
+            self._finish(job, "failed", error=str(error))
+        except Exception as error:
+            logger.exception("job %s (%s) crashed", job.id, job.tool)
+            self._finish(job, "failed", error=f"Internal error in {job.tool}: {type(error).__name__}: {error}")
+        else:
+            self._finish(job, "succeeded", result=result)
 
     def _finish(self, job: Job, state: JobState, result: Any = None, error: str | None = None) -> None:
         job.state, job.error, job.finished = state, error, time.monotonic()
+        # The result is all a finished job needs; its work holds the inputs (decoded images, the request's
+        # data URIs), which would otherwise stay in memory for as long as the job is kept.
+        job.work = None
         if not job.future.done():
             job.future.set_result(result)
 
     def _forget_old(self) -> None:
         now = time.monotonic()
-        for job_id, job in list(self._jobs.items()):
-            if job.finished is not None and now - job.finished > self._keep_finished:
-                del self._jobs[job_id]
+        finished = [job for job in self._jobs.values() if job.finished is not None]
+        surplus = len(finished) - self._keep_finished_count
+        for job in sorted(finished, key=lambda job: job.finished or 0.0):
+            if surplus > 0 or now - (job.finished or now) > self._keep_finished:
+                del self._jobs[job.id]
+                surplus -= 1

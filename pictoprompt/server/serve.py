@@ -6,13 +6,28 @@ import hmac
 import ipaddress
 import logging
 import socket
+from typing import TYPE_CHECKING, Any
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from starlette.types import ASGIApp
 
 from pictoprompt.errors import InvalidInputError
+from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.app import create_server
+from pictoprompt.server.http_transport import (
+    HttpGuard,
+    http_transport_security,
+    keep_query_strings_out_of_the_access_log,
+    max_images_per_call,
+    request_body_limit,
+)
+from pictoprompt.server.images import ImagePolicy
 from pictoprompt.settings import Settings
+from pictoprompt.tools import TOOLS
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +73,43 @@ def http_auth_options(settings: Settings, host: str, port: int) -> dict:
     }
 
 
+def http_app(
+    settings: Settings,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    runtime: Runtime | None = None,
+    preload: bool = True,
+) -> ASGIApp:
+    """The streamable-HTTP app `serve --http` runs: auth, Host/Origin checks and the body limit set up."""
+    options = http_auth_options(settings, host, port)
+    server = create_server(settings, transport="http", runtime=runtime, preload=preload, **options)
+    images, image_bytes = max_images_per_call(TOOLS), ImagePolicy.max_bytes
+    limit = request_body_limit(images, image_bytes)
+    app = server.streamable_http_app(
+        host=host,
+        max_request_body_size=limit,
+        transport_security=http_transport_security(settings, host),
+    )
+    return HttpGuard(app, limit, images, image_bytes)
+
+
+def uvicorn_config(app: ASGIApp, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app`, its access log kept free of query strings (which may carry tokens)."""
+    import uvicorn
+
+    options.setdefault("log_level", "info")
+    config = uvicorn.Config(app, host=host, port=port, **options)
+    keep_query_strings_out_of_the_access_log()  # after Config, which (re)configures uvicorn's loggers
+    return config
+
+
 def serve(settings: Settings, http: bool = False, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     if not http:
         create_server(settings, transport="stdio").run("stdio")
         return
-    options = http_auth_options(settings, host, port)
-    server = create_server(settings, transport="http", **options)
+    import uvicorn
+
+    app = http_app(settings, host, port)
     logger.info("serving streamable HTTP on http://%s:%d/mcp", host, port)
-    server.run("streamable-http", host=host, port=port)
+    uvicorn.Server(uvicorn_config(app, host, port)).run()
