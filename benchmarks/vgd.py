@@ -271,7 +271,7 @@ def held_out_table(
     }
     if old_decoder is not None:
         methods[OLD_LLM] = lambda ex: old_decoder(image_targets(clip, [ex.image]))
-    if isinstance(clip, TransformersClip):
+    if isinstance(clip, TransformersClip) and settings.pez_iterations > 0:
         methods["pez"] = lambda ex: pez_prompt(
             clip, image_targets(clip, [ex.image])[0], settings.pez_length, settings.pez_iterations
         )
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the regenerated images")
     parser.add_argument("--pez-length", type=int, default=16, help="PEZ prompt tokens (the paper's PEZ setting)")
-    parser.add_argument("--pez-iterations", type=int, default=500)
+    parser.add_argument("--pez-iterations", type=int, default=500, help="0 leaves the PEZ row out")
     parser.add_argument("--torch-threads", type=int, default=1, help="small models on a shared CPU: 1 is fastest")
     parser.add_argument("--skip", nargs="*", default=[], choices=TABLES)
     settings = parser.parse_args(argv)

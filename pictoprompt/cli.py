@@ -66,7 +66,8 @@ def add_tool_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) 
     """Options from a request model's fields: required fields positional, the rest `--flags`."""
     for name, field in model.model_fields.items():
         annotation, _ = _unwrap(field.annotation)
-        option: dict[str, Any] = {"help": field.description}
+        # argparse formats help with %: a description's "30%" must reach it as "30%%".
+        option: dict[str, Any] = {"help": (field.description or "").replace("%", "%%")}
         is_list = get_origin(annotation) is list
         if is_list:
             annotation = get_args(annotation)[0]
@@ -140,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from pictoprompt.docs import tools_markdown, write_readme_section
+    from pictoprompt.server.docs import tools_markdown, write_readme_section
 
     if args.write_readme:
         write_readme_section(args.write_readme)
@@ -198,20 +199,40 @@ def cmd_train_domain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pictoprompt.demo import run_demo
+    from pictoprompt.server.demo import run_demo
 
     return run_demo(Path(args.output), profile=args.profile)
+
+
+def benchmarks_dir(given: Path | None) -> Path:
+    """The checkout's benchmarks folder: `given`, else ./benchmarks, else the one beside an editable install."""
+    candidates = [given] if given else [Path("benchmarks"), Path(__file__).resolve().parents[1] / "benchmarks"]
+    for candidate in candidates:
+        if (candidate / "harness.py").is_file():
+            return candidate.resolve()
+    raise PictopromptError(
+        "`pictoprompt bench` runs the benchmarks of a source checkout, which an installed package does not ship: "
+        "run it inside a checkout (`pip install -e '.[bench]'` there), or pass --benchmarks-dir "
+        "/path/to/checkout/benchmarks."
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    sys.path.insert(0, str(Path(args.benchmarks_dir).resolve()))
+    directory = benchmarks_dir(args.benchmarks_dir)
+    if not (directory / f"{args.name}.py").is_file() or args.name.startswith("_"):
+        available = sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
+        raise PictopromptError(f"No benchmark '{args.name}' in {directory}; available: {', '.join(available)}.")
+    # The benchmarks import one another (harness, grammar) as top-level modules.
+    sys.path.insert(0, str(directory))
     try:
         module = importlib.import_module(args.name)
     except ModuleNotFoundError as error:
-        available = sorted(p.stem for p in Path(args.benchmarks_dir).glob("*.py") if not p.stem.startswith("_"))
-        raise PictopromptError(f"No benchmark '{args.name}'; available: {', '.join(available)}.") from error
+        raise PictopromptError(
+            f"Benchmark '{args.name}' needs the module '{error.name}', which is not installed: install the "
+            "benchmarks' extra with `pip install -e '.[bench]'` in the checkout."
+        ) from error
     return module.main(args.rest) or 0
 
 
@@ -286,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="Run a benchmark from benchmarks/ and print its tables.")
     bench.add_argument("name")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.add_argument("--benchmarks-dir", default="benchmarks")
+    bench.add_argument(
+        "--benchmarks-dir", type=Path, help="A checkout's benchmarks/ folder (default: found from here or the install)."
+    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the transport tests spawn, oversubscribing a small CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pictoprompt.models.profiles import get_profile
+import torch
+
+from pictoprompt.models.llm import LanguageModel, load_language_model, write_tiny_causal_lm
+from pictoprompt.models.profiles import LlmSpec, get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.settings import Settings
+
+LLM_BACKENDS = ["transformers", "llama_cpp"]
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +30,30 @@ def tiny_runtime() -> Runtime:
     runtime.pipeline()
     runtime.clip()
     return runtime
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random-init Llama in the transformers layout, written once per session."""
+    return write_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def load_llm(tiny_lm_dir: Path) -> Callable[[str], LanguageModel]:
+    """One model per backend for the whole session: the tiny random Llama, or SmolLM2-135M through llama.cpp."""
+
+    @cache
+    def load(backend: str) -> LanguageModel:
+        if backend == "transformers":
+            return load_language_model(LlmSpec(backend="transformers", source=str(tiny_lm_dir)), torch.device("cpu"))
+        return load_language_model(LlmSpec(backend="llama_cpp"), torch.device("cpu"))
+
+    return load
+
+
+@pytest.fixture(params=LLM_BACKENDS)
+def language_model(request: pytest.FixtureRequest, load_llm: Callable[[str], LanguageModel]) -> LanguageModel:
+    return load_llm(request.param)
 
 
 @pytest.fixture

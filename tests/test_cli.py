@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from pictoprompt.cli import main
-from pictoprompt.docs import tools_markdown
+from pictoprompt.errors import InvalidInputError
 from pictoprompt.models.profiles import get_profile, load_profiles_file
+from pictoprompt.server.docs import tools_markdown
 
 
 def test_generate_writes_pngs_with_metadata(tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_profiles_from_toml(tmp_path):
     assert load_profiles_file(path)["mine"].clip.source == "/nowhere/clip"
     assert get_profile("mine", path).generator == "/nowhere/sd"
     path.write_text('[profiles.broken]\nclip = { source = "x" }\n')
-    with pytest.raises(Exception, match="generator"):
+    with pytest.raises(InvalidInputError, match="generator"):
         load_profiles_file(path)
 
 
@@ -83,7 +84,6 @@ def test_tools_markdown_documents_every_argument():
 
 def test_tool_commands_keep_the_clip_vocabulary_under_the_cache_dir(tmp_path, monkeypatch, capsys):
     import pictoprompt.methods.vgd as vgd_module
-    from pictoprompt.errors import InvalidInputError
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     seen = {}
@@ -98,3 +98,16 @@ def test_tool_commands_keep_the_clip_vocabulary_under_the_cache_dir(tmp_path, mo
     assert main(["invert", str(picture), "--profile", "tiny"]) != 0
     assert "recorded" in capsys.readouterr().err
     assert seen["cache_dir"] == tmp_path / "xdg" / "pictoprompt"
+
+
+def test_bench_finds_the_checkouts_benchmarks_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "no-such-benchmark"]) == 2
+    error = capsys.readouterr().err
+    assert "No benchmark 'no-such-benchmark'" in error and "server_overhead" in error and "vgd" in error
+
+
+def test_bench_outside_a_checkout_says_it_needs_one(tmp_path, capsys):
+    assert main(["bench", "--benchmarks-dir", str(tmp_path), "vgd"]) == 2
+    error = capsys.readouterr().err
+    assert "source checkout" in error and "--benchmarks-dir" in error

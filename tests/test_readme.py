@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pictoprompt.docs import tools_markdown
+from pictoprompt.server.docs import tools_markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

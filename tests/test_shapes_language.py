@@ -24,6 +24,7 @@ from pictoprompt.models.shapes.scenes import (
     SceneObject,
     caption_lexicon,
     caption_scene,
+    language_words,
     random_scene,
     style_caption,
 )
@@ -41,6 +42,15 @@ def test_the_lexicon_is_every_content_word_of_the_training_captions_and_nothing_
     for _ in range(500):
         seen |= set(caption_scene(random_scene(rng), rng, detail=rng.random()).replace(",", "").split())
     assert seen - LEXICON_FUNCTION_WORDS == lexicon
+
+
+def test_the_dictionary_holds_every_word_the_adapter_is_taught() -> None:
+    rng = random.Random(5)
+    seen: set[str] = set()
+    for _ in range(300):
+        scene = random_scene(rng)
+        seen |= set(re.findall(r"[a-z]+", caption_scene(scene, rng, rng.random()) + " " + style_caption(scene, rng)))
+    assert seen == set(language_words())
 
 
 def test_a_style_caption_names_only_what_every_object_shares() -> None:

@@ -60,7 +60,8 @@ def test_clip_finds_the_caption_of_a_picture(clip: TransformersClip) -> None:
         images = clip.encode_image([render_scene(s) for s in scenes])
         texts = clip.encode_text([full_caption(s) for s in scenes])
     best = clip.similarity(texts, images).argmax(dim=1)
-    assert (best == torch.arange(len(scenes))).sum() >= 10
+    # The model card reports R@1 0.986 among 100 candidates; among 20 at most one may miss.
+    assert (best == torch.arange(len(scenes))).sum() >= 19
 
 
 @pytest.mark.slow  # about 20-25 s on a shared 2-core CPU
@@ -71,5 +72,9 @@ def test_generated_pictures_have_the_prompted_colour(pipeline: StableDiffusionPi
     images = pipeline(prompts, num_inference_steps=25, guidance_scale=7.5, generator=generators).images
     assert images[0].size == (32, 32)
     readings = [parse_scene(image).main for image in images]
-    right = sum(r is not None and r.colour == s.objects[0].colour for r, s in zip(readings, scenes, strict=True))
-    assert right >= 11, f"only {right}/20 generated pictures have their prompt's colour"
+    colour = sum(r is not None and r.colour == s.objects[0].colour for r, s in zip(readings, scenes, strict=True))
+    shape = sum(r is not None and r.shape == s.objects[0].shape for r, s in zip(readings, scenes, strict=True))
+    # The model card (and README) report colour 0.90 and shape 0.90 over 500 prompts; 16/20 is that rate less
+    # about two binomial standard deviations of a 20-picture sample.
+    assert colour >= 16, f"only {colour}/20 generated pictures have their prompt's colour"
+    assert shape >= 16, f"only {shape}/20 generated pictures have their prompt's shape"

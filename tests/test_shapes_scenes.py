@@ -15,13 +15,14 @@ from pictoprompt.models.shapes.scenes import (
     IMAGE_SIZE,
     NOVEL_SHAPE,
     TRAIN_SHAPES,
+    caption_scene,
     held_out_scenes,
     objects_overlap,
     random_scene,
     render_array,
     shape_twin,
-    training_stream,
 )
+from pictoprompt.models.shapes.train import scene_batch, training_scenes
 
 
 def test_same_seed_same_scenes_and_pixels() -> None:
@@ -29,38 +30,52 @@ def test_same_seed_same_scenes_and_pixels() -> None:
     again = [random_scene(random.Random(7)) for _ in range(3)]
     assert first == again
     assert np.array_equal(render_array(first[0]), render_array(again[0]))
-    stream_a, stream_b = training_stream(3), training_stream(3)
-    for _ in range(20):
-        (scene_a, pixels_a, caption_a), (scene_b, pixels_b, caption_b) = next(stream_a), next(stream_b)
-        assert scene_a == scene_b and caption_a == caption_b and np.array_equal(pixels_a, pixels_b)
+    batch_a, batch_b = scene_batch(3, "unet", 5, 8, detail=0.5), scene_batch(3, "unet", 5, 8, detail=0.5)
+    assert batch_a.captions == batch_b.captions and torch.equal(batch_a.pixels, batch_b.pixels)
+    assert scene_batch(3, "unet", 6, 8, detail=0.5).captions != batch_a.captions
 
 
 def test_different_seeds_differ() -> None:
     assert [random_scene(random.Random(1)) for _ in range(5)] != [random_scene(random.Random(2)) for _ in range(5)]
 
 
-def test_training_stream_never_shows_held_out_things_and_respects_the_rules() -> None:
-    stream = training_stream(0)
+# Every stage that trains on pictures draws them through `training_scenes` (the LLM stage's chats are checked
+# in test_shapes_language); these are the stages and batch settings of `TrainConfig`.
+TRAINING_DRAWS = [
+    ("clip", 0.5),
+    ("vae", 0.0),
+    ("vae-scale", 0.0),
+    ("unet", 0.0),
+    ("unet_layout", 0.0),
+    ("clip-vision", 0.5),
+]
+
+
+@pytest.mark.parametrize(("stage", "twins"), TRAINING_DRAWS)
+def test_training_never_shows_held_out_things_and_respects_the_rules(stage: str, twins: float) -> None:
     counts = {1: 0, 2: 0, 3: 0}
-    for _ in range(3000):
-        scene, pixels, caption = next(stream)
-        assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.uint8
-        counts[len(scene.objects)] += 1
-        for i, obj in enumerate(scene.objects):
-            assert obj.shape != NOVEL_SHAPE
-            assert (obj.colour, obj.shape) not in HELD_OUT_COMBOS
-            assert obj.colour != scene.background
-            assert all(not objects_overlap(obj, other) for other in scene.objects[i + 1 :])
-        assert NOVEL_SHAPE not in caption
-    assert all(n > 300 for n in counts.values())
+    for step in range(40):
+        for scene, _ in training_scenes(0, stage, step, 32, twins):
+            counts[len(scene.objects)] += 1
+            for i, obj in enumerate(scene.objects):
+                assert obj.shape != NOVEL_SHAPE
+                assert (obj.colour, obj.shape) not in HELD_OUT_COMBOS
+                assert obj.colour != scene.background
+                assert all(not objects_overlap(obj, other) for other in scene.objects[i + 1 :])
+    assert all(n > 100 for n in counts.values()), counts
+
+
+def test_the_held_out_rule_check_sees_a_held_out_scene() -> None:
+    scene = held_out_scenes("held_out_combos", 1)[0]
+    assert (scene.objects[0].colour, scene.objects[0].shape) in HELD_OUT_COMBOS
 
 
 def test_captions_name_every_object_by_colour_and_shape() -> None:
-    stream = training_stream(5)
-    for _ in range(500):
-        scene, _, caption = next(stream)
-        described = parse_prompt(caption).objects
-        assert [(o.colour, o.shape) for o in described] == [(o.colour, o.shape) for o in scene.objects]
+    for step in range(20):
+        for scene, caption_seed in training_scenes(5, "unet", step, 25):
+            caption = caption_scene(scene, random.Random(caption_seed), 0.5)
+            described = parse_prompt(caption).objects
+            assert [(o.colour, o.shape) for o in described] == [(o.colour, o.shape) for o in scene.objects]
 
 
 def test_held_out_sets_are_fixed_and_of_their_kind() -> None:
@@ -85,8 +100,6 @@ def test_shape_twins_change_one_shape_and_keep_the_rules() -> None:
 
 
 def test_contrastive_batches_pair_each_twin_with_a_caption_differing_only_in_shape() -> None:
-    from pictoprompt.models.shapes.train import scene_batch
-
     batch = scene_batch(0, "clip", 7, 16, detail=0.5, twins=0.5)
     pixels, captions = batch.pixels, batch.captions
     assert pixels.shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and len(set(captions)) == 16

@@ -18,6 +18,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from pictoprompt.errors import InvalidInputError
 from pictoprompt.server.serve import http_auth_options
 from pictoprompt.settings import Settings
 
@@ -44,6 +45,10 @@ async def test_stdio_subprocess_session(tmp_path):
     async with Client(parameters, read_timeout_seconds=300) as client:
         names = {tool.name for tool in (await client.list_tools()).tools}
         assert "generate_image" in names
+        workflows = {prompt.name for prompt in (await client.list_prompts()).prompts}
+        assert {"recreate_prompt", "remove_or_replace"} <= workflows
+        rendered = await client.get_prompt("recreate_prompt", {"image": "cat.png"})
+        assert "`invert_image`" in rendered.messages[0].content.text
         result = await client.call_tool("generate_image", {"prompt": "a red circle", "steps": 2, "seed": 3})
         assert not result.is_error
         image = result.structured_content["result"]["images"][0]
@@ -104,7 +109,7 @@ async def test_http_session_requires_the_token(http_server):
 
 
 def test_non_loopback_bind_without_token_is_refused():
-    with pytest.raises(Exception, match="PICTOPROMPT_TOKEN"):
+    with pytest.raises(InvalidInputError, match="PICTOPROMPT_TOKEN"):
         http_auth_options(Settings(token=None), "0.0.0.0", 8765)
     assert http_auth_options(Settings(token=None), "127.0.0.1", 8765) == {}
     assert "token_verifier" in http_auth_options(Settings(token="s3cret-token"), "0.0.0.0", 8765)

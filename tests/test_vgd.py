@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_llm import BACKENDS, load_backend, tiny_lm_dir
 
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods import vgd
@@ -34,6 +33,7 @@ from pictoprompt.methods.vgd import (
     repeating_tokens,
     step_scores,
     style_target,
+    text_perplexities,
     text_target,
     vgd_prompt,
 )
@@ -81,11 +81,6 @@ def clip(tiny_runtime: Runtime) -> ClipModel:
     model = tiny_runtime.clip()
     small_vocabulary(model)
     return model
-
-
-@pytest.fixture(params=BACKENDS)
-def language_model(request: pytest.FixtureRequest) -> LanguageModel:
-    return load_backend(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +249,10 @@ def test_distillation_respects_its_length(language_model: LanguageModel, clip: C
         assert max(clip_token_count(clip, [h.text for h in result.hypotheses])) <= limit
 
 
-def test_variants_drop_one_term(clip: ClipModel, targets: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    llm = load_backend("transformers")
+def test_variants_drop_one_term(
+    clip: ClipModel, targets: torch.Tensor, monkeypatch: pytest.MonkeyPatch, load_llm: Callable[[str], LanguageModel]
+) -> None:
+    llm = load_llm("transformers")
     results = {v: invert(llm, clip, targets, variant=v, max_length=5, **SMALL) for v in ("vgd", "clip_only")}
     assert results["vgd"].beams != results["clip_only"].beams
     calls = []
@@ -266,8 +263,10 @@ def test_variants_drop_one_term(clip: ClipModel, targets: torch.Tensor, monkeypa
     assert all(h.score == pytest.approx(h.llm_log_prob) for h in llm_only.hypotheses)
 
 
-def test_progress_per_step_and_cancellation(clip: ClipModel, targets: torch.Tensor) -> None:
-    llm = load_backend("transformers")
+def test_progress_per_step_and_cancellation(
+    clip: ClipModel, targets: torch.Tensor, load_llm: Callable[[str], LanguageModel]
+) -> None:
+    llm = load_llm("transformers")
     reports: list[tuple[float, float | None]] = []
     decode(llm, clip, targets, progress=Progress(lambda done, total, _: reports.append((done, total))))
     assert reports == [(step, 6) for step in range(1, len(reports) + 1)]
@@ -341,8 +340,10 @@ def test_the_vocabulary_is_embedded_once_and_cached_on_disk(
     assert vocabulary.closest(target) == vocabulary.words[int(similarity.argmax())]
 
 
-def test_inversion_starts_from_the_closest_word(clip: ClipModel, targets: torch.Tensor) -> None:
-    llm = load_backend("transformers")
+def test_inversion_starts_from_the_closest_word(
+    clip: ClipModel, targets: torch.Tensor, load_llm: Callable[[str], LanguageModel]
+) -> None:
+    llm = load_llm("transformers")
     vocabulary = small_vocabulary(clip)
     result = invert(llm, clip, targets[:1], vocabulary=vocabulary, max_length=4, **SMALL)
     assert result.initial_condition == vocabulary.closest(targets[:1])
@@ -365,10 +366,10 @@ class FolderAssets:
 
 
 @pytest.fixture(scope="module")
-def vgd_runtime() -> Runtime:
+def vgd_runtime(tiny_lm_dir: Path) -> Runtime:
     """The tiny set with the tiny transformers LM as its LLM."""
     tiny = get_profile("tiny")
-    profile = Profile(**{**tiny.model_dump(), "llm": {"backend": "transformers", "source": str(tiny_lm_dir())}})
+    profile = Profile(**{**tiny.model_dump(), "llm": {"backend": "transformers", "source": str(tiny_lm_dir)}})
     runtime = Runtime(profile)
     small_vocabulary(runtime.clip())
     return runtime
@@ -396,8 +397,10 @@ def test_invert_image(context: ToolContext, focus: str) -> None:
     assert 1 <= len(response.prompts) <= 2 and response.initial_condition
     clip = context.runtime.clip()
     references = clip.encode_image([solid((220, 30, 30)), solid((30, 60, 220))])
+    llm = context.runtime.llm()
     for item in response.prompts:
-        assert item.prompt and item.perplexity > 1
+        assert item.prompt
+        assert item.perplexity == pytest.approx(text_perplexities(llm, [item.prompt])[0], rel=1e-5)
         expected = clip.similarity(clip.encode_text([item.prompt]), references).mean()
         assert item.clip_similarity == pytest.approx(float(expected), abs=1e-5)
         if focus == "style":
@@ -426,7 +429,11 @@ def test_fuse_concepts(context: ToolContext, strategy: str) -> None:
 def test_distill_prompt(context: ToolContext) -> None:
     response = distill_prompt(DistillPromptRequest(prompt=LONG_PROMPT, generate_preview=True, steps=2, seed=5), context)
     assert response.tokens_after <= response.max_tokens == math.floor(0.3 * response.tokens_before)
-    assert response.original_prompt == LONG_PROMPT and -1 <= response.clip_similarity <= 1
+    assert response.original_prompt == LONG_PROMPT
+    clip = context.runtime.clip()
+    expected = clip.similarity(clip.encode_text([response.prompt]), clip.encode_text([LONG_PROMPT]))
+    assert response.clip_similarity == pytest.approx(float(expected), abs=1e-5)
+    assert response.perplexity == pytest.approx(text_perplexities(context.runtime.llm(), [response.prompt])[0])
     assert response.preview_original and response.preview_distilled
     assert response.preview_original.seed == response.preview_distilled.seed == 5
     with pytest.raises(InvalidInputError, match="already within"):

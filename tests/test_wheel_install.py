@@ -1,4 +1,5 @@
-"""A plain `pip install pictoprompt` can invert: its default profile's LLM comes with the wheel's own dependencies.
+"""A plain install of the wheel serves: its default profile's LLM comes with the wheel's own dependencies, and the
+installed `pictoprompt serve` completes a tool call over stdio.
 
 The wheel is built from a copy of the sources and installed into a fresh virtual environment, with its
 dependencies resolved by pip from the package index (pip's cache serves what `make install` already fetched).
@@ -12,6 +13,7 @@ and the test fails.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -22,8 +24,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp_types import CallToolResult
 from packaging.requirements import Requirement
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "llama-cpp-python")
@@ -107,6 +114,7 @@ def test_the_wheel_installs_into_a_clean_environment_and_its_default_llm_loads(t
     (wheel,) = (tmp_path / "dist").glob("pictoprompt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("pictoprompt/models/shapes/weights/") and n.endswith(".safetensors") for n in names)
+    assert {"pictoprompt/prompts/vgd_system.txt", "pictoprompt/prompts/workflow_recreate_prompt.md"} <= set(names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     declared = {
         canonical(Requirement(line.split(":", 1)[1].strip()).name)
@@ -138,3 +146,27 @@ def test_the_wheel_installs_into_a_clean_environment_and_its_default_llm_loads(t
     output = run([python, "-c", CHECK], cwd=tmp_path, env=environ)
     print(output)  # the first token the installed LLM proposes, shown with -s
     assert "profile shapes llm " in output and "first token" in output
+
+    # The installed script as an assistant starts it: one inversion over stdio, with the bundled set and LLM.
+    picture = tmp_path / "red-circle.png"
+    canvas = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(canvas).ellipse((6, 6, 25, 25), fill=(220, 30, 30))
+    canvas.save(picture)
+    environ.update(
+        PICTOPROMPT_ASSET_DIR=str(tmp_path / "assets"),
+        PICTOPROMPT_DATA_DIR=str(tmp_path / "data"),
+        PICTOPROMPT_CACHE_DIR=str(tmp_path / "cache"),
+        PICTOPROMPT_ALLOW_DIRS=json.dumps([str(tmp_path)]),
+    )
+    result = anyio.run(invert_over_stdio, environment / "bin" / "pictoprompt", environ, picture)
+    assert not result.is_error, result.content
+    inverted = result.structured_content["result"]
+    print("the installed server inverted the picture as", inverted["prompts"][0]["prompt"])
+    assert inverted["prompts"][0]["prompt"] and inverted["llm_note"] is None
+
+
+async def invert_over_stdio(script: Path, environ: dict[str, str], picture: Path) -> CallToolResult:
+    parameters = StdioServerParameters(command=str(script), args=["serve"], env=environ)
+    async with Client(parameters, read_timeout_seconds=600) as client:
+        arguments = {"images": [str(picture)], "num_results": 1, "max_tokens": 12, "wait_seconds": 600}
+        return await client.call_tool("invert_image", arguments)

@@ -454,6 +454,52 @@ def _mean_embeddings(
         return mean, converter.convert(mean)
 
 
+@dataclass
+class _Start:
+    """What both tunings start from: the CLIP's image tower and the SD-IPC converter on it, the seeded generator,
+    the initial weights (zero K/V deltas, deep prompts) and the deep-prompted tower they train through."""
+
+    vision: TransformersClip
+    converter: ImageToPrompt
+    generator: torch.Generator
+    weights: ConceptWeights
+    tower: DeepPromptedVision
+    started: float
+
+
+def _start(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    neutral_fit_images: Callable[[torch.Generator], Sequence[Image.Image]],
+    num_prompts: int,
+    prompt_dropout: float,
+    prompt_init: PromptInit,
+    seed: int,
+    progress: Progress,
+) -> _Start:
+    """The shared set-up; with `prompt_init="neutral"` the deep prompts are first fitted (`fit_neutral_prompts`) on
+    the images `neutral_fit_images` picks with the generator."""
+    started = time.perf_counter()
+    vision = transformers_clip(clip)
+    generator = torch.Generator().manual_seed(seed)
+    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
+    if weights.deep_prompts is not None and prompt_init == "neutral":
+        fit_neutral_prompts(vision, weights.deep_prompts, neutral_fit_images(generator), progress)
+    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
+    return _Start(vision, ImageToPrompt.cached(vision, pipeline), generator, weights, tower, started)
+
+
+def _result(
+    start: _Start, losses: list[float], images: Sequence[Image.Image], hyperparameters: dict[str, object]
+) -> TuningResult:
+    """The tuned weights with their losses, the images' mean embeddings through the tuned tower, and the settings."""
+    mean_image, mean_converted = _mean_embeddings(start.converter, start.tower, images)
+    seconds = time.perf_counter() - start.started
+    return TuningResult(
+        start.weights, losses, mean_image, mean_converted, {**hyperparameters, "weight_decay": WEIGHT_DECAY}, seconds
+    )
+
+
 def tune_concept(
     pipeline: StableDiffusionPipeline,
     clip: ClipModel,
@@ -478,23 +524,16 @@ def tune_concept(
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")
     progress = progress or Progress()
-    started = time.perf_counter()
-    vision = transformers_clip(clip)
-    converter = ImageToPrompt.cached(vision, pipeline)
-    generator = torch.Generator().manual_seed(seed)
-    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
-    if weights.deep_prompts is not None and prompt_init == "neutral":
-        fit_neutral_prompts(vision, weights.deep_prompts, references, progress)
-    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
+    start = _start(pipeline, clip, lambda _: references, num_prompts, prompt_dropout, prompt_init, seed, progress)
+    generator = start.generator
 
     def loss_at(iteration: int) -> Tensor:
         images = [random_augmentation(image, generator) if augment else image for image in references]
-        prompt = converter.prompt(tower(clip_pixels(vision, images), generator))
+        prompt = start.converter.prompt(start.tower(clip_pixels(start.vision, images), generator))
         return denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator)
 
-    with swapped_projections(pipeline.unet, weights.kv_deltas):
-        losses = optimise(weights.parameters(), loss_at, iterations, learning_rate, progress)
-    mean_image, mean_converted = _mean_embeddings(converter, tower, references)
+    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
+        losses = optimise(start.weights.parameters(), loss_at, iterations, learning_rate, progress)
     hyperparameters = {
         "method": SD_IPC_CT,
         "iterations": iterations,
@@ -505,9 +544,35 @@ def tune_concept(
         "prompt_init": prompt_init,
         "augment": augment,
         "seed": seed,
-        "weight_decay": WEIGHT_DECAY,
     }
-    return TuningResult(weights, losses, mean_image, mean_converted, hyperparameters, time.perf_counter() - started)
+    return _result(start, losses, references, hyperparameters)
+
+
+class _DomainBatches:
+    """Batches of training-image indices, each pass over the images in a new random order, and each reference's
+    target: with `classes` ("A/B training") another image of its class, else itself."""
+
+    def __init__(self, count: int, classes: Sequence[str] | None, batch_size: int, generator: torch.Generator) -> None:
+        self.count, self.batch_size, self.generator = count, batch_size, generator
+        self.same_class = [
+            [j for j in range(count) if classes is not None and classes[j] == classes[i] and j != i]
+            for i in range(count)
+        ]
+        self.order: list[int] = []
+
+    def next(self) -> tuple[list[int], list[int]]:
+        """(references, targets) of the next batch."""
+        batch = []
+        while len(batch) < self.batch_size:
+            if not self.order:
+                self.order.extend(torch.randperm(self.count, generator=self.generator).tolist())
+            batch.append(self.order.pop())
+        targets = [self._partner(i) for i in batch]
+        return batch, targets
+
+    def _partner(self, i: int) -> int:
+        others = self.same_class[i]
+        return others[int(torch.randint(0, len(others), (), generator=self.generator))] if others else i
 
 
 def train_domain(
@@ -540,36 +605,21 @@ def train_domain(
     if not images:
         raise InvalidInputError("Domain training needs at least one captioned image.")
     progress = progress or Progress()
-    started = time.perf_counter()
-    vision = transformers_clip(clip)
-    converter = ImageToPrompt.cached(vision, pipeline)
-    generator = torch.Generator().manual_seed(seed)
-    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
-    if weights.deep_prompts is not None and prompt_init == "neutral":
-        sample = torch.randperm(len(images), generator=generator)[:NEUTRAL_FIT_IMAGES].tolist()
-        fit_neutral_prompts(vision, weights.deep_prompts, [images[i] for i in sample], progress)
-    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
+
+    def neutral_fit_sample(generator: torch.Generator) -> list[Image.Image]:
+        return [images[i] for i in torch.randperm(len(images), generator=generator)[:NEUTRAL_FIT_IMAGES].tolist()]
+
+    start = _start(pipeline, clip, neutral_fit_sample, num_prompts, prompt_dropout, prompt_init, seed, progress)
+    generator, converter = start.generator, start.converter
     with torch.no_grad():
         caption_states = converter.text_states(list(captions))[0].detach()
-    same_class = [
-        [j for j in range(len(images)) if classes is not None and classes[j] == classes[i] and j != i]
-        for i in range(len(images))
-    ]
-    order: list[int] = []
+    batches = _DomainBatches(len(images), classes, batch_size, generator)
 
     def view(image: Image.Image) -> Image.Image:
         return random_augmentation(image, generator) if augment else image
 
     def loss_at(iteration: int) -> Tensor:
-        batch = []
-        while len(batch) < batch_size:
-            if not order:  # a new pass over the images in a new random order
-                order.extend(torch.randperm(len(images), generator=generator).tolist())
-            batch.append(order.pop())
-        partners = [
-            same_class[i][int(torch.randint(0, len(same_class[i]), (), generator=generator))] if same_class[i] else i
-            for i in batch
-        ]
+        batch, partners = batches.next()
         references = [view(images[i]) for i in batch]
         targets = [
             reference if partner == i else view(images[partner])
@@ -577,14 +627,13 @@ def train_domain(
         ]
         reference_latents = encode_latents(pipeline, references, generator)
         target_latents = reference_latents if partners == batch else encode_latents(pipeline, targets, generator)
-        image_prompt = converter.prompt(tower(clip_pixels(vision, references), generator))
+        image_prompt = converter.prompt(start.tower(clip_pixels(start.vision, references), generator))
         loss_convert = denoising_loss(pipeline, target_latents, image_prompt, generator)
         loss_text = denoising_loss(pipeline, reference_latents, caption_states[batch], generator)
         return loss_convert + loss_text
 
-    with swapped_projections(pipeline.unet, weights.kv_deltas):
-        losses = optimise(weights.parameters(), loss_at, iterations, learning_rate, progress, cosine=True)
-    mean_image, mean_converted = _mean_embeddings(converter, tower, images)
+    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
+        losses = optimise(start.weights.parameters(), loss_at, iterations, learning_rate, progress, cosine=True)
     hyperparameters = {
         "method": SD_IPC_FT,
         "iterations": iterations,
@@ -597,6 +646,5 @@ def train_domain(
         "augment": augment,
         "ab_targets": classes is not None,
         "seed": seed,
-        "weight_decay": WEIGHT_DECAY,
     }
-    return TuningResult(weights, losses, mean_image, mean_converted, hyperparameters, time.perf_counter() - started)
+    return _result(start, losses, images, hyperparameters)

@@ -32,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,10 +101,12 @@ def clip_token_count(clip: ClipModel, texts: Sequence[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class ClipVocabulary:
-    """The CLIP tokenizer's vocabulary as distinct words, with their unit text embeddings (W, P)."""
+    """The start words (the CLIP tokenizer's vocabulary, or a profile's list) with their unit text embeddings
+    (W, P), and the profile's dictionary when it has one (see `written_in`)."""
 
     words: list[str]
     embeddings: Tensor
+    dictionary: frozenset[str] | None = None
 
     def closest(self, targets: Tensor) -> str:
         """The word with the highest cosine similarity to the targets (averaged over rows)."""
@@ -168,7 +171,32 @@ def clip_vocabulary(
 def runtime_vocabulary(runtime: Runtime, progress: Progress | None = None) -> ClipVocabulary:
     """The start words of the runtime's profile: its word list when it names one, else the CLIP's whole vocabulary
     (cached under the runtime's cache folder)."""
-    return clip_vocabulary(runtime.clip(), runtime.cache_dir, progress=progress, words=runtime.vocabulary_words())
+    vocabulary = clip_vocabulary(runtime.clip(), runtime.cache_dir, progress=progress, words=runtime.vocabulary_words())
+    dictionary = runtime.dictionary_words()
+    return replace(vocabulary, dictionary=frozenset(dictionary)) if dictionary is not None else vocabulary
+
+
+_WORD_PIECE = re.compile(r"[a-z]+")
+_PROMPT_CHARACTERS = re.compile(r"[a-z ,.'-]*")
+
+
+def written_in(text: str, dictionary: frozenset[str], complete: bool) -> bool:
+    """Whether `text` uses only the dictionary's words (and plain punctuation); unless `complete`, its last word may
+    still be growing and need only begin a dictionary word.
+
+    Our addition to VGD, for a CLIP that learnt few words: it cannot judge a word it never learnt (its embedding
+    is untrained, so it scores at random, and the generator's text encoder ignores it too), so a candidate with
+    such a word is dropped rather than left to chance ("a large solid red rectangle" on the `shapes` set).
+    """
+    lowered = text.lower()
+    if not _PROMPT_CHARACTERS.fullmatch(lowered):
+        return False
+    words = _WORD_PIECE.findall(lowered)
+    growing = not complete and bool(words) and lowered[-1].isalpha()
+    finished = words[:-1] if growing else words
+    if any(word not in dictionary for word in finished):
+        return False
+    return not growing or any(known.startswith(words[-1]) for known in dictionary)
 
 
 def _embed_vocabulary(clip: ClipModel, batch_size: int, progress: Progress) -> ClipVocabulary:
@@ -291,6 +319,119 @@ def repeating_tokens(tokens: Sequence[int], ngram_size: int) -> list[int]:
     ]
 
 
+@dataclass
+class _Step:
+    """One expansion: the candidate (beam, token) pairs with their texts and scores."""
+
+    parents: list[int]
+    tokens: list[int]
+    stops: Tensor
+    """Whether each candidate's token ends its hypothesis (bool, C)."""
+    llm_log_probs: Tensor
+    """Cumulative LLM log-probability of each candidate (C,)."""
+    texts: list[str]
+    scores: Tensor = field(default_factory=lambda: torch.zeros(0))
+    """Step scores (C,); -inf for a candidate a constraint drops."""
+
+
+@dataclass
+class _Search:
+    """A guided beam search in progress: the live beams, the hypotheses that have ended, and the history."""
+
+    length_penalty_alpha: float
+    length_penalty_offset: int
+    texts: list[str] = field(default_factory=lambda: [""])
+    tokens: list[list[int]] = field(default_factory=lambda: [[]])
+    scores: Tensor = field(default_factory=lambda: torch.zeros(1))
+    cumulative: Tensor = field(default_factory=lambda: torch.zeros(1))
+    """Cumulative LLM log-probability of each live beam."""
+    kept: tuple[list[int], list[int]] = ([], [])
+    """The (parent, token) pairs kept at the last step, which the LLM has yet to run on."""
+    finished: dict[str, tuple[list[int], float, float]] = field(default_factory=dict)
+    """Ended hypotheses by text (several stop tokens can end the same beam): (token ids, score, LLM log-prob)."""
+    history: list[list[list[int]]] = field(default_factory=list)
+    steps: int = 0
+
+    def penalised(self, score: float, length: int) -> float:
+        return score / length_penalty(length, self.length_penalty_alpha, self.length_penalty_offset)
+
+    def end_hypotheses(self, step: _Step) -> None:
+        """Every candidate whose token stops it (and that no constraint dropped) becomes a finished hypothesis."""
+        for i in torch.nonzero(step.stops & torch.isfinite(step.scores)).flatten().tolist():
+            text, score = step.texts[i], float(step.scores[i])
+            if text not in self.finished or score > self.finished[text][1]:
+                self.finished[text] = (self.tokens[step.parents[i]], score, float(step.llm_log_probs[i]))
+
+    def keep_best(self, step: _Step, num_beams: int) -> bool:
+        """Keep the `num_beams` best candidates that go on; False when none is left to keep."""
+        scores = step.scores.clone()
+        scores[step.stops] = -math.inf
+        alive = int(torch.isfinite(scores).sum())
+        if alive == 0:
+            return False
+        keep = scores.topk(min(num_beams, alive)).indices.tolist()
+        parents, tokens = [step.parents[i] for i in keep], [step.tokens[i] for i in keep]
+        self.kept = (parents, tokens)
+        self.tokens = [[*self.tokens[p], t] for p, t in zip(parents, tokens, strict=True)]
+        self.texts = [step.texts[i] for i in keep]
+        self.scores = scores[keep]
+        self.cumulative = step.llm_log_probs[keep]
+        self.history.append(self.tokens)
+        return True
+
+    def converged(self, num_beams: int) -> bool:
+        """Expansion no longer improves the score once as many hypotheses as beams have ended and the best live beam
+        does not beat the best of them."""
+        if len(self.finished) < num_beams:
+            return False
+        best_ended = max(self.penalised(score, len(ids)) for ids, score, _ in self.finished.values())
+        return self.penalised(float(self.scores[0]), self.steps) <= best_ended
+
+    def hypotheses(self) -> list[Hypothesis]:
+        """Ended and live hypotheses, one per distinct non-empty text (its best), best first by penalised score."""
+        candidates = [(text, ids, score, llm_lp, True) for text, (ids, score, llm_lp) in self.finished.items()]
+        candidates += [
+            (text, ids, float(score), float(llm_lp), False)
+            for text, ids, score, llm_lp in zip(self.texts, self.tokens, self.scores, self.cumulative, strict=True)
+        ]
+        best: dict[str, Hypothesis] = {}
+        for text, ids, score, llm_lp, done in candidates:
+            final = self.penalised(score, len(ids))
+            if text and (text not in best or final > best[text].final_score):
+                best[text] = Hypothesis(text, ids, score, final, llm_lp, done)
+        return sorted(best.values(), key=lambda h: h.final_score, reverse=True)
+
+
+def _allowed(
+    llm: LanguageModel, log_probs: Tensor, step: int, search: _Search, min_length: int, no_repeat_ngram_size: int
+) -> Tensor:
+    """The next-token log-probabilities with what the rules forbid set to -inf: banned tokens, a wordless first
+    token, a repeated n-gram, and a stop before `min_length` tokens."""
+    allowed = log_probs.clone()
+    allowed[:, llm.banned_tokens] = -math.inf
+    if step == 1:
+        allowed[:, llm.wordless_tokens] = -math.inf
+    for row, tokens_so_far in enumerate(search.tokens):
+        allowed[row, repeating_tokens(tokens_so_far, no_repeat_ngram_size)] = -math.inf
+    if step <= min_length:
+        allowed[:, llm.stop_tokens] = -math.inf
+    return allowed
+
+
+def _expand(llm: LanguageModel, search: _Search, log_probs: Tensor, proposals: int) -> _Step:
+    """The `proposals` (beam, token) pairs with the highest cumulative LLM log-probability, and their texts."""
+    totals = (search.cumulative[:, None] + log_probs).flatten()
+    top = totals.topk(min(proposals, int(torch.isfinite(totals).sum())))
+    vocabulary_size = log_probs.shape[1]
+    parents, tokens = (top.indices // vocabulary_size).tolist(), (top.indices % vocabulary_size).tolist()
+    stops = llm.stop_tokens[top.indices % vocabulary_size]
+    texts = [
+        search.texts[p] if stop else llm.detokenize([*search.tokens[p], t]).strip()
+        for p, t, stop in zip(parents, tokens, stops.tolist(), strict=True)
+    ]
+    return _Step(parents, tokens, stops, top.values, texts)
+
+
 def guided_decode(
     llm: LanguageModel,
     clip: ClipModel,
@@ -306,12 +447,19 @@ def guided_decode(
     length_penalty_alpha: float = 1.2,
     length_penalty_offset: int = 5,
     max_clip_tokens: int | None = None,
+    dictionary: frozenset[str] | None = None,
     no_repeat_ngram_size: int = 3,
     use_cache: bool = True,
     progress: Progress | None = None,
 ) -> VgdResult:
     """Beam-search the LLM's answer to `prompt_ids`, each step rescored by CLIP against `targets` (N, P).
 
+    Each step (section 3, steps 3-4): the LLM proposes `num_beams * beam_expand_factor` candidates (`_expand`,
+    within the rules of `_allowed`), CLIP scores them (`step_scores`), candidates that end become hypotheses,
+    and the best `num_beams` that go on are kept; the search stops at `max_length`, when nothing goes on, or once
+    it has `converged`.
+
+    `dictionary` drops candidates with a word outside it (`written_in`).
     `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
     is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `no_repeat_ngram_size` (our
     addition; 0 turns it off) keeps a beam from repeating any run of that many tokens: a small LLM otherwise
@@ -323,87 +471,39 @@ def guided_decode(
     progress = progress or Progress()
     targets = targets.float().to(clip.device)
     embed = _TextEmbeddings(clip)
-    proposals = num_beams * beam_expand_factor
+    search = _Search(length_penalty_alpha, length_penalty_offset)
 
-    def penalised(score: float, length: int) -> float:
-        return score / length_penalty(length, length_penalty_alpha, length_penalty_offset)
+    def score(step: _Step) -> Tensor:
+        """The step score of each candidate, -inf where a constraint (CLIP token budget, dictionary) drops it."""
+        if clip_alpha:
+            clip_scores = clip_log_probs(embed(step.texts), targets, clip.logit_scale).cpu()
+        else:
+            clip_scores = torch.zeros(len(step.texts))
+        scores = step_scores(step.llm_log_probs, clip_scores, llm_alpha, clip_alpha)
+        if max_clip_tokens is not None:
+            scores[torch.tensor(clip_token_count(clip, step.texts)) > max_clip_tokens] = -math.inf
+        if dictionary is not None:
+            stops = step.stops.tolist()
+            unknown = [not written_in(t, dictionary, bool(stop)) for t, stop in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(unknown)] = -math.inf
+        return scores
 
-    # Ended hypotheses by text (several stop tokens can end the same beam): (token ids, score, LLM log-prob).
-    finished: dict[str, tuple[list[int], float, float]] = {}
-    live_texts: list[str] = [""]
-    live_tokens: list[list[int]] = [[]]
-    live_scores = torch.zeros(1)
-    cumulative = torch.zeros(1)
-    kept_parents: list[int] = []
-    kept_tokens: list[int] = []
-    history: list[list[list[int]]] = []
-    step = 0
     with llm.start(prompt_ids, use_cache=use_cache, max_beams=num_beams, max_new_tokens=max_length) as beams:
-        for step in range(1, max_length + 1):
-            if kept_tokens:
+        for number in range(1, max_length + 1):
+            if search.steps:
                 # The LLM runs on the tokens kept last step only now that the search goes on.
-                beams.extend(kept_parents, kept_tokens)
-            log_probs = beams.log_probs.clone()
-            log_probs[:, llm.banned_tokens] = -math.inf
-            if step == 1:
-                log_probs[:, llm.wordless_tokens] = -math.inf
-            for row, tokens_so_far in enumerate(live_tokens):
-                log_probs[row, repeating_tokens(tokens_so_far, no_repeat_ngram_size)] = -math.inf
-            if step <= min_length:
-                log_probs[:, llm.stop_tokens] = -math.inf
-            totals = (cumulative[:, None] + log_probs).flatten()
-            top = totals.topk(min(proposals, int(torch.isfinite(totals).sum())))
-            parents = (top.indices // log_probs.shape[1]).tolist()
-            tokens = (top.indices % log_probs.shape[1]).tolist()
-            stops = llm.stop_tokens[top.indices % log_probs.shape[1]]
-            texts = [
-                live_texts[p] if stop else llm.detokenize([*live_tokens[p], t]).strip()
-                for p, t, stop in zip(parents, tokens, stops.tolist(), strict=True)
-            ]
-            if clip_alpha:
-                clip_scores = clip_log_probs(embed(texts), targets, clip.logit_scale).cpu()
-            else:
-                clip_scores = torch.zeros(len(texts))
-            scores = step_scores(top.values, clip_scores, llm_alpha, clip_alpha)
-            if max_clip_tokens is not None:
-                too_long = torch.tensor(clip_token_count(clip, texts)) > max_clip_tokens
-                scores[too_long] = -math.inf
-            for i in torch.nonzero(stops & torch.isfinite(scores)).flatten().tolist():
-                if texts[i] not in finished or float(scores[i]) > finished[texts[i]][1]:
-                    finished[texts[i]] = (live_tokens[parents[i]], float(scores[i]), float(top.values[i]))
-            scores[stops] = -math.inf
-            alive = int(torch.isfinite(scores).sum())
-            if alive == 0:
-                step -= 1
+                beams.extend(*search.kept)
+            log_probs = _allowed(llm, beams.log_probs, number, search, min_length, no_repeat_ngram_size)
+            step = _expand(llm, search, log_probs, num_beams * beam_expand_factor)
+            step.scores = score(step)
+            search.end_hypotheses(step)
+            if not search.keep_best(step, num_beams):
                 break
-            keep = scores.topk(min(num_beams, alive)).indices.tolist()
-            kept_parents, kept_tokens = [parents[i] for i in keep], [tokens[i] for i in keep]
-            live_tokens = [[*live_tokens[p], t] for p, t in zip(kept_parents, kept_tokens, strict=True)]
-            live_texts = [texts[i] for i in keep]
-            live_scores = scores[keep]
-            cumulative = top.values[keep]
-            history.append(live_tokens)
-            progress.step(step, max_length, f"Guided decoding: token {step} of {max_length}")
-            # Expansion no longer improves the score once as many hypotheses as beams have ended and the best
-            # live beam does not beat the best of them.
-            if len(finished) >= num_beams and penalised(float(live_scores[0]), step) <= max(
-                penalised(score, len(ids)) for ids, score, _ in finished.values()
-            ):
+            search.steps = number
+            progress.step(number, max_length, f"Guided decoding: token {number} of {max_length}")
+            if search.converged(num_beams):
                 break
-    candidates = [(text, ids, score, llm_lp, True) for text, (ids, score, llm_lp) in finished.items()]
-    candidates += [
-        (text, ids, float(score), float(llm_lp), False)
-        for text, ids, score, llm_lp in zip(live_texts, live_tokens, live_scores, cumulative, strict=True)
-    ]
-    hypotheses: dict[str, Hypothesis] = {}
-    for text, ids, score, llm_lp, done in candidates:
-        if not text:
-            continue
-        final = penalised(score, len(ids))
-        if text not in hypotheses or final > hypotheses[text].final_score:
-            hypotheses[text] = Hypothesis(text, ids, score, final, llm_lp, done)
-    ranked = sorted(hypotheses.values(), key=lambda h: h.final_score, reverse=True)
-    return VgdResult(ranked, None, step, history)
+    return VgdResult(search.hypotheses(), None, search.steps, search.history)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -420,13 +520,15 @@ def invert(
     max_length: int = 32,
     **decoder_options: Any,
 ) -> VgdResult:
-    """A prompt for a CLIP-space target (images, a style, any vector), started from its closest CLIP word.
+    """A prompt for a CLIP-space target (images, a style, any vector), started from its closest CLIP word and
+    written in the vocabulary's dictionary when it has one.
 
     Without `vocabulary` the LLM gets no initial condition (the paper's ablation of beam initialisation).
     """
     condition = vocabulary.closest(targets) if vocabulary is not None else ""
     llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
     prompt_ids = vgd_prompt(llm, task, max_length, condition=condition)
+    decoder_options.setdefault("dictionary", vocabulary.dictionary if vocabulary is not None else None)
     result = guided_decode(
         llm,
         clip,

@@ -8,7 +8,7 @@ from pathlib import Path
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.models.llm import BUNDLED_LLM, download_hint, falls_back, find_cached_gguf, is_hub_gguf
 from pictoprompt.models.profiles import BUILTIN_SCHEME, LlmSpec, Profile, available_profiles, get_profile
-from pictoprompt.models.runtime import locate
+from pictoprompt.models.runtime import locate, resolve_builtin
 
 
 def bundled_smollm2_path() -> Path | None:
@@ -46,6 +46,10 @@ def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
         else:
             rows.append(("clip", clip.source, locate(clip.source, "config.json")))
     rows.append(("llm", *llm_status(profile.llm)))
+    for component, source in (("llm adapter", profile.llm.adapter), ("start words", profile.vocabulary)):
+        if source is not None:
+            path = Path(resolve_builtin(source)).expanduser()
+            rows.append((component, source, str(path) if path.is_file() else None))
     if profile.captioner:
         rows.append(("captioner (optional)", profile.captioner, locate(profile.captioner, "config.json")))
     return rows

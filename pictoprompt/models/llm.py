@@ -34,6 +34,7 @@ import torch
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError, PictopromptError
 from pictoprompt.models.lora import merge_gguf_adapter
 from pictoprompt.models.profiles import LlmSpec
+from pictoprompt.models.sources import hub_offline, resolve_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -633,8 +634,6 @@ def resolve_hub_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = 
     """
     from huggingface_hub import constants
 
-    from pictoprompt.models.runtime import hub_offline
-
     cached = find_cached_gguf(repo_id, pattern, cache_dir)
     if cached is not None:
         return cached
@@ -698,8 +697,6 @@ def adapter_path(spec: LlmSpec) -> Path | None:
     """The spec's LoRA adapter file (a `builtin:` one resolved into the package), checked to exist."""
     if spec.adapter is None:
         return None
-    from pictoprompt.models.runtime import resolve_builtin
-
     path = Path(resolve_builtin(spec.adapter)).expanduser()
     if not path.is_file():
         raise InvalidInputError(
@@ -713,8 +710,6 @@ def _load(spec: LlmSpec, device: torch.device, n_gpu_layers: int) -> LanguageMod
     adapter = adapter_path(spec)
     if spec.backend == "llama_cpp":
         return LlamaCppModel(gguf_path(spec), spec.n_threads, n_gpu_layers=n_gpu_layers, adapter=adapter)
-    from pictoprompt.models.runtime import hub_offline, resolve_builtin
-
     source = resolve_builtin(spec.source) if spec.source else str(default_gguf_path())
     try:
         if source.endswith(".gguf") and Path(source).expanduser().is_file():

@@ -83,6 +83,11 @@ class Profile(BaseModel):
         description="A word list (one word per line) that VGD's beam initialisation picks the start word from: the "
         "words this CLIP was trained on. None = every word of the CLIP tokenizer (right for real CLIPs).",
     )
+    dictionary: str | None = Field(
+        None,
+        description="A word list (one word per line): the only words VGD's prompts may use, because they are the "
+        "only ones this CLIP (and so the generator's text encoder) learnt. None = any word (right for real CLIPs).",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on a GPU, float32 on the CPU."
@@ -112,9 +117,13 @@ BUILTIN_PROFILES: dict[str, Profile] = {
     for profile in [
         Profile(
             name="shapes",
-            description="The bundled miniature SD + CLIP trained on the synthetic shapes world (offline, CPU).",
+            description="The bundled miniature SD + CLIP trained on the synthetic shapes world, and SmolLM2 with an "
+            "adapter that speaks its language (offline, CPU).",
             generator="builtin:shapes/generator",
             clip=ClipSpec(source="builtin:shapes/clip"),
+            llm=LlmSpec(adapter="builtin:shapes/llm/adapter.gguf"),
+            vocabulary="builtin:shapes/lexicon.txt",
+            dictionary="builtin:shapes/words.txt",
         ),
         Profile(
             name="tiny",

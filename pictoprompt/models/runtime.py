@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import resource
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,20 +16,15 @@ from transformers.utils import logging as transformers_logging
 
 from pictoprompt.errors import ModelNotFoundError
 from pictoprompt.models.clip import ClipModel, TransformersClip
-from pictoprompt.models.profiles import BUILTIN_SCHEME, Profile
+from pictoprompt.models.llm import LanguageModel, load_language_model
+from pictoprompt.models.profiles import Profile
+from pictoprompt.models.sources import hub_offline, resolve_builtin
 
 logger = logging.getLogger(__name__)
 
 # Loading bars would interleave with the CLI's own progress and the server's logs.
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
-
-_tiny_dir_lock = threading.Lock()
-_tiny_dir: Path | None = None
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -50,33 +41,6 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.float16 if device.type in {"cuda", "mps"} else torch.float32
     return getattr(torch, requested)
-
-
-def tiny_model_dir() -> Path:
-    """The seeded tiny set, built once per process into a temporary directory."""
-    global _tiny_dir
-    with _tiny_dir_lock:
-        if _tiny_dir is None:
-            from pictoprompt.models.tiny import build_tiny_model_set
-
-            directory = Path(tempfile.mkdtemp(prefix="pictoprompt-tiny-"))
-            atexit.register(shutil.rmtree, directory, ignore_errors=True)
-            _tiny_dir = build_tiny_model_set(directory)
-        return _tiny_dir
-
-
-def resolve_builtin(source: str) -> str:
-    """`builtin:shapes/clip` -> the bundled directory; `builtin:tiny/...` -> the tiny set; else unchanged."""
-    if not source.startswith(BUILTIN_SCHEME):
-        return source
-    model_set, _, component = source.removeprefix(BUILTIN_SCHEME).partition("/")
-    if model_set == "tiny":
-        return str(tiny_model_dir() / component)
-    if model_set == "shapes":
-        from pictoprompt.models.shapes import WEIGHTS_DIR
-
-        return str(WEIGHTS_DIR / component)
-    raise ModelNotFoundError(f"Unknown built-in model set '{model_set}' in '{source}'; use shapes or tiny.")
 
 
 def locate(source: str, probe_file: str) -> str | None:
@@ -131,7 +95,7 @@ class Runtime:
     def clip(self) -> ClipModel:
         return self._component("clip", self._load_clip)
 
-    def llm(self) -> Any:
+    def llm(self) -> LanguageModel:
         return self._component("llm", self._load_llm)
 
     def _load_pipeline(self) -> StableDiffusionPipeline:
@@ -167,23 +131,27 @@ class Runtime:
         except (OSError, RuntimeError, ValueError) as error:
             raise self._missing("CLIP", source, error) from error
 
-    def _load_llm(self) -> Any:
-        from pictoprompt.models.llm import load_language_model
-
+    def _load_llm(self) -> LanguageModel:
         return load_language_model(self.profile.llm, self.device)
 
     def vocabulary_words(self) -> list[str] | None:
         """The profile's start-word list for VGD (one word per line), or None for the CLIP's whole vocabulary."""
         if self.profile.vocabulary is None:
             return None
-        return self._component("vocabulary", self._load_vocabulary)
+        return self._component("vocabulary", lambda: self._load_word_list("start-word list", self.profile.vocabulary))
 
-    def _load_vocabulary(self) -> list[str]:
-        path = Path(resolve_builtin(self.profile.vocabulary or "")).expanduser()
+    def dictionary_words(self) -> list[str] | None:
+        """The profile's dictionary: the only words VGD's prompts may use; None for any word."""
+        if self.profile.dictionary is None:
+            return None
+        return self._component("dictionary", lambda: self._load_word_list("dictionary", self.profile.dictionary))
+
+    def _load_word_list(self, component: str, source: str | None) -> list[str]:
+        path = Path(resolve_builtin(source or "")).expanduser()
         try:
             words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         except OSError as error:
-            raise self._missing("start-word list", str(path), error) from error
+            raise self._missing(component, str(path), error) from error
         return list(dict.fromkeys(word for word in words if word and not word.startswith("#")))
 
     def preload(self, components: set[str]) -> None:

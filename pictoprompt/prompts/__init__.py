@@ -1,4 +1,5 @@
-"""Text templates, kept as data files beside this module and loaded by name.
+"""Text templates, kept as data files beside this module and loaded by name: VGD's LLM prompts (`vgd_*.txt`) and
+the workflows the server offers its clients as MCP prompts (`workflow_*.md`).
 
 Templates use `string.Template` placeholders (`${max_length}`), the notation of the VGD paper's appendix A.1.
 """
@@ -14,9 +15,9 @@ from pictoprompt.errors import NotFoundError
 
 
 @cache
-def load_prompt(name: str) -> str:
-    """The template `name` (file `<name>.txt` in this package), without its trailing newline."""
-    resource = files(__package__).joinpath(f"{name}.txt")
+def load_prompt(name: str, suffix: str = ".txt") -> str:
+    """The template `name` (file `<name><suffix>` in this package), without its trailing newline."""
+    resource = files(__package__).joinpath(f"{name}{suffix}")
     if not resource.is_file():
         raise NotFoundError(f"There is no prompt template '{name}' in pictoprompt/prompts.")
     return resource.read_text(encoding="utf-8").rstrip("\n")
@@ -35,3 +36,9 @@ def vgd_messages(task: VgdTask, max_length: int, condition: str = "", target_pro
     user = Template(load_prompt(f"vgd_{task}")).substitute(values).strip()
     answer = Template(load_prompt("vgd_answer")).substitute(values) + "\n"
     return load_prompt("vgd_system"), user, answer
+
+
+def workflow(name: str, /, **values: str) -> str:
+    """The workflow `name` (file `workflow_<name>.md`) with its placeholders filled in: a short text that tells an
+    assistant which tools to call, in which order."""
+    return Template(load_prompt(f"workflow_{name}", ".md")).substitute(values)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -14,14 +13,12 @@ from typing import Annotated, Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, create_model
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp_types import CallToolResult, ToolAnnotations
+from pydantic import BaseModel, Field, WithJsonSchema, create_model
 
 from pictoprompt import __version__
-from pictoprompt.errors import PictopromptError
+from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
@@ -30,10 +27,12 @@ from pictoprompt.server.assets import AssetStore
 from pictoprompt.server.http_transport import CLIENT_GONE
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
 from pictoprompt.server.jobs import Job, JobRunner
+from pictoprompt.server.prompts import add_workflow_prompts
 from pictoprompt.server.results import InlineMode, JobInfo, RecordingSink, job_info, job_result
+from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
-from pictoprompt.tools.base import ToolContext, ToolSpec
+from pictoprompt.tools.base import ToolContext, ToolRequest, ToolSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +47,18 @@ pictoprompt works with images through readable text prompts, on a local Stable D
 Images are accepted as local paths, http(s) URLs, data: URIs / base64, or pictoprompt://assets/<id> URIs of
 earlier results. Results come back as resource links (readable with resources/read) plus small thumbnails.
 Slow calls return a job_id after wait_seconds: call get_job to wait again or cancel_job to stop it.
-server_status tells which models are loaded and how busy the queue is.
+server_status tells which models are loaded and how busy the queue is. The server's prompts (prompts/list) walk
+through the common workflows: recreate a picture's prompt, pick among variations, learn a concept, shorten a
+prompt, remove or replace something in a picture.
 """
 
 WaitSeconds = Annotated[
     float,
-    Field(ge=0, le=600, description="How long to wait for the result before returning a job_id to poll."),
+    Field(ge=0, le=600, description="Wait this long, then get a job_id for get_job."),
 ]
 Inline = Annotated[
     InlineMode,
-    Field(description="Images inline in the result: 'thumbnail' (<=512 px), 'full', or 'none' (links only)."),
+    Field(description="Images inline besides their links."),
 ]
 
 
@@ -71,9 +72,11 @@ class ServerState:
     concepts: ConceptStore
 
 
+StateOf = Callable[[Context], ServerState]
+
+
 def annotations_for(spec: ToolSpec) -> ToolAnnotations:
     return ToolAnnotations(
-        title=spec.title,
         read_only_hint=spec.hints.read_only,
         destructive_hint=spec.hints.destructive,
         idempotent_hint=spec.hints.idempotent,
@@ -81,76 +84,67 @@ def annotations_for(spec: ToolSpec) -> ToolAnnotations:
     )
 
 
-def _arguments_model(spec: ToolSpec) -> type[ArgModelBase]:
-    extra: dict[str, Any] = {}
-    if spec.uses_models:
-        extra = {"wait_seconds": (WaitSeconds, 50.0), "inline": (Inline, "thumbnail")}
-    return create_model(f"{spec.name}Arguments", __base__=(spec.request_model, ArgModelBase), **extra)
+def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
+    """A registry tool as the server offers it: a model-heavy one runs as a job and takes `wait_seconds` and
+    `inline`; a light one (the concept store) runs at once in a worker thread."""
+    if not spec.uses_models:
 
-
-def _job_output_model(spec: ToolSpec) -> type[BaseModel]:
-    return create_model(
-        f"{spec.name}Output",
-        job=(JobInfo, Field(description="The job that ran (or still runs) this call.")),
-        result=(spec.response_model | None, Field(None, description="The result; null while the job runs.")),
-    )
-
-
-def _tool_from_spec(spec: ToolSpec, state_of: Any) -> Tool:
-    arguments_model = _arguments_model(spec)
-    if spec.uses_models:
-        output_model = _job_output_model(spec)
-
-        async def call(ctx: Context, **arguments: Any) -> CallToolResult:
-            state: ServerState = state_of(ctx)
-            wait_seconds = arguments.pop("wait_seconds")
-            inline = arguments.pop("inline")
+        async def call_directly(request: ToolRequest, ctx: Context) -> CallToolResult:
+            state = state_of(ctx)
+            context = ToolContext(
+                state.runtime, RecordingSink(state.assets), PreResolvedImages({}), concepts=state.concepts
+            )
             try:
-                request = spec.request_model(**arguments)
-                # A place in the queue before anything is fetched or decoded: when the queue is full, the call
-                # is refused as busy having cost its request and nothing more.
-                slot = state.jobs.reserve()
-                try:
-                    images = await state.resolver.resolve_all(request.image_refs())
-                except BaseException:
-                    slot.release()
-                    raise
-                sink = RecordingSink(state.assets)
-                work = _job_work(spec, state, request, sink, images)
-                # The job keeps the sink (what it saved) for get_job; the inputs go with `work` when it ends.
-                job = state.jobs.submit(spec.name, work, slot, keep=sink)
+                return text_result(await anyio.to_thread.run_sync(spec.run, request, context))
             except PictopromptError as error:
                 raise ToolError(str(error)) from error
-            await _wait_for_job(state, job, wait_seconds, ctx)
-            return job_result(job, state.assets, inline, sink.saved)
 
-    else:
-        output_model = spec.response_model
+        return WireTool(
+            spec.name,
+            spec.title,
+            spec.description,
+            spec.request_model,
+            spec.response_model,
+            annotations_for(spec),
+            call_directly,
+        )
 
-        async def call(ctx: Context, **arguments: Any) -> CallToolResult:
-            state: ServerState = state_of(ctx)
-            try:
-                request = spec.request_model(**arguments)
-                context = ToolContext(
-                    state.runtime, RecordingSink(state.assets), PreResolvedImages({}), concepts=state.concepts
-                )
-                result = await anyio.to_thread.run_sync(spec.run, request, context)
-            except PictopromptError as error:
-                raise ToolError(str(error)) from error
-            payload = result.model_dump(mode="json")
-            return CallToolResult(content=[_text(payload)], structured_content=payload)
-
-    return Tool(
-        fn=call,
-        name=spec.name,
-        title=spec.title,
-        description=spec.description,
-        parameters=arguments_model.model_json_schema(by_alias=True),
-        fn_metadata=FuncMetadata(arg_model=arguments_model, output_model=output_model),
-        is_async=True,
-        context_kwarg="ctx",
-        annotations=annotations_for(spec),
+    # The arguments are the tool's request plus the job's two options; the validated arguments object is the
+    # request the tool runs on (a subclass of its request model).
+    arguments = create_model(
+        f"{spec.request_model.__name__}Call",
+        __base__=spec.request_model,
+        wait_seconds=(WaitSeconds, 50.0),
+        inline=(Inline, "thumbnail"),
     )
+
+    async def call_as_job(request: Any, ctx: Context) -> CallToolResult:
+        state = state_of(ctx)
+        try:
+            # A place in the queue before anything is fetched or decoded: when the queue is full, the call is
+            # refused as busy having cost its request and nothing more.
+            slot = state.jobs.reserve()
+            try:
+                images = await state.resolver.resolve_all(request.image_refs())
+            except BaseException:
+                slot.release()
+                raise
+            sink = RecordingSink(state.assets)
+            # The job keeps the sink (what it saved) for get_job; the inputs go with the work when it ends.
+            job = state.jobs.submit(spec.name, _job_work(spec, state, request, sink, images), slot, keep=sink)
+        except PictopromptError as error:
+            raise ToolError(str(error)) from error
+        await _wait_for_job(state, job, request.wait_seconds, ctx)
+        return job_result(job, state.assets, request.inline, sink.saved)
+
+    output = create_model(
+        f"{spec.response_model.__name__}Job",
+        # The job's fields are in get_job's output schema; repeating them in every tool's would only cost context.
+        job=(Annotated[JobInfo, WithJsonSchema({"type": "object"})], ...),
+        # null while the job runs.
+        result=(spec.response_model | None, None),
+    )
+    return WireTool(spec.name, spec.title, spec.description, arguments, output, annotations_for(spec), call_as_job)
 
 
 def _job_work(
@@ -160,10 +154,6 @@ def _job_work(
         return spec.run(request, ToolContext(state.runtime, sink, images, progress, state.concepts))
 
     return work
-
-
-def _text(payload: Any) -> TextContent:
-    return TextContent(text=json.dumps(payload, indent=1))
 
 
 def _client_gone(ctx: Context) -> anyio.Event | None:
@@ -215,7 +205,7 @@ class JobLookup(BaseModel):
 
 
 class CancelOutcome(BaseModel):
-    job: JobInfo
+    job: Annotated[JobInfo, WithJsonSchema({"type": "object"})]
     cancelled: bool = Field(description="True if the job will stop (or had not started); False if it had ended.")
 
 
@@ -237,11 +227,14 @@ class ServerStatus(BaseModel):
     asset_dir: str
 
 
-def _warm_up(runtime: Runtime, warm_ups: list[Callable[[Runtime], None]]) -> None:
-    """Do the tools' one-time work while the server already answers; a call that needs it waits for it."""
+def _warm_up(runtime: Runtime, warm_ups: list[Callable[[Runtime, Progress], object]], progress: Progress) -> None:
+    """Do the tools' one-time work while the server already answers; a call that needs it waits for it. Stops at
+    its next step once `progress` is cancelled (the session ended)."""
     for warm_up in warm_ups:
         try:
-            warm_up(runtime)
+            warm_up(runtime, progress)
+        except JobCancelledError:
+            return
         except Exception:  # a failure here shows again, with its message, in the call that needs the work
             logger.exception("warm-up %s failed", getattr(warm_up, "__name__", warm_up))
 
@@ -272,29 +265,36 @@ def create_server(
         state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs, concepts)
         holder["state"] = state
         await anyio.to_thread.run_sync(assets.expire)
+        warming = Progress()
+        warm_up = None
         if preload:
             needed = {component for spec in TOOLS for component in spec.components}
             await anyio.to_thread.run_sync(runtime.preload, needed)
             warm_ups = list(dict.fromkeys(spec.warm_up for spec in TOOLS if spec.warm_up is not None))
-            threading.Thread(target=_warm_up, args=(runtime, warm_ups), name="warm-up", daemon=True).start()
+            warm_up = threading.Thread(target=_warm_up, args=(runtime, warm_ups, warming), name="warm-up")
+            warm_up.start()
         try:
             yield state
         finally:
             jobs.shutdown()
+            if warm_up is not None:
+                # A session can end while the warm-up still runs native code; the process must not exit under it.
+                warming.cancel()
+                await anyio.to_thread.run_sync(warm_up.join)
 
     def state_of(_: Context | None = None) -> ServerState:
         return holder["state"]
 
-    server = MCPServer(
+    server = PictopromptServer(
         "pictoprompt",
         title="pictoprompt",
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        tools=[_tool_from_spec(spec, state_of) for spec in TOOLS],
+        wire_tools=[*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)],
         **mcp_options,
     )
-    _add_server_tools(server, state_of)
+    add_workflow_prompts(server)
 
     @server.resource(
         "pictoprompt://assets/{asset_id}",
@@ -306,7 +306,7 @@ def create_server(
         try:
             return assets.read_bytes(asset_id)
         except PictopromptError as error:
-            raise ResourceError(str(error)) from error
+            raise resource_error(error) from error
 
     @server.resource(
         "pictoprompt://concepts/{name}",
@@ -320,64 +320,61 @@ def create_server(
             card = concepts.get(name)
             return card.model_dump_json(indent=2, exclude={"mean_image_embedding", "mean_converted_embedding"})
         except PictopromptError as error:
-            raise ResourceError(str(error)) from error
+            raise resource_error(error) from error
 
     return server
 
 
-def _add_server_tools(server: MCPServer, state_of: Any) -> None:
-    read_only = ToolAnnotations(
-        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-    )
+def resource_error(error: PictopromptError) -> ResourceError:
+    """A missing asset or concept is the client's `-32602` (not found); any other refusal is a `-32603`."""
+    return ResourceNotFoundError(str(error)) if isinstance(error, NotFoundError) else ResourceError(str(error))
 
-    @server.tool(title="Wait for a job", annotations=read_only.model_copy(update={"title": "Wait for a job"}))
-    async def get_job(
-        job_id: Annotated[str, Field(min_length=1, max_length=64, description="The job_id a slow call returned.")],
-        ctx: Context,
-        wait_seconds: WaitSeconds = 50.0,
-        inline: Inline = "thumbnail",
-    ) -> Annotated[CallToolResult, JobLookup]:
-        """Wait (up to wait_seconds) for a job started by a slow call, and return its result when done."""
-        state: ServerState = state_of(ctx)
+
+JobId = Annotated[str, Field(min_length=1, max_length=64, description="The job_id a slow call returned.")]
+
+
+class GetJobRequest(ToolRequest):
+    job_id: JobId
+    wait_seconds: WaitSeconds = 50.0
+    inline: Inline = "thumbnail"
+
+
+class CancelJobRequest(ToolRequest):
+    job_id: JobId
+
+
+class ServerStatusRequest(ToolRequest):
+    pass
+
+
+def job_tools(state_of: StateOf) -> list[WireTool]:
+    """The server's own tools: wait for a job, cancel it, and the server's status."""
+
+    async def get_job(request: GetJobRequest, ctx: Context) -> CallToolResult:
+        state = state_of(ctx)
         try:
-            job = state.jobs.get(job_id)
+            job = state.jobs.get(request.job_id)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
-        await state.jobs.wait(job, wait_seconds)
+        await state.jobs.wait(job, request.wait_seconds)
         sink = job.keep
-        return job_result(job, state.assets, inline, sink.saved if isinstance(sink, RecordingSink) else [])
+        return job_result(job, state.assets, request.inline, sink.saved if isinstance(sink, RecordingSink) else [])
 
-    @server.tool(
-        title="Cancel a job",
-        annotations=ToolAnnotations(
-            title="Cancel a job",
-            read_only_hint=False,
-            destructive_hint=True,
-            idempotent_hint=True,
-            open_world_hint=False,
-        ),
-    )
-    async def cancel_job(
-        job_id: Annotated[str, Field(min_length=1, max_length=64, description="The job to stop.")],
-        ctx: Context,
-    ) -> CancelOutcome:
-        """Stop a queued or running job between two steps; its partial work is discarded."""
-        state: ServerState = state_of(ctx)
+    async def cancel_job(request: CancelJobRequest, ctx: Context) -> CallToolResult:
+        state = state_of(ctx)
         try:
-            job = state.jobs.get(job_id)
+            job = state.jobs.get(request.job_id)
             ending = job.state in {"queued", "running"}
-            state.jobs.cancel(job_id)
+            state.jobs.cancel(request.job_id)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
-        return CancelOutcome(job=job_info(job), cancelled=ending)
+        return text_result(CancelOutcome(job=job_info(job), cancelled=ending))
 
-    @server.tool(title="Server status", annotations=read_only.model_copy(update={"title": "Server status"}))
-    async def server_status(ctx: Context) -> ServerStatus:
-        """The active profile, device, loaded models, memory use and the job queue."""
-        state: ServerState = state_of(ctx)
+    async def server_status(request: ServerStatusRequest, ctx: Context) -> CallToolResult:
+        state = state_of(ctx)
         runtime = state.runtime
         jobs = state.jobs.jobs()
-        return ServerStatus(
+        status = ServerStatus(
             version=__version__,
             profile=runtime.profile.name,
             device=str(runtime.device),
@@ -392,3 +389,38 @@ def _add_server_tools(server: MCPServer, state_of: Any) -> None:
             ),
             asset_dir=str(state.assets.root),
         )
+        return text_result(status)
+
+    read_only = ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+    )
+    stops = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+    return [
+        WireTool(
+            "get_job",
+            "Wait for a job",
+            "Wait (up to wait_seconds) for a job started by a slow call, and return its result when done.",
+            GetJobRequest,
+            JobLookup,
+            read_only,
+            get_job,
+        ),
+        WireTool(
+            "cancel_job",
+            "Cancel a job",
+            "Stop a queued or running job between two steps; its partial work is discarded.",
+            CancelJobRequest,
+            CancelOutcome,
+            stops,
+            cancel_job,
+        ),
+        WireTool(
+            "server_status",
+            "Server status",
+            "The active profile, device, loaded models, memory use and the job queue.",
+            ServerStatusRequest,
+            ServerStatus,
+            read_only,
+            server_status,
+        ),
+    ]

@@ -23,6 +23,7 @@ from pictoprompt.server.http_transport import (
     request_body_limit,
 )
 from pictoprompt.server.images import ImagePolicy
+from pictoprompt.server.stdio import protocol_on_private_stdout
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
 
@@ -106,7 +107,8 @@ def uvicorn_config(app: ASGIApp, host: str, port: int, **options: Any) -> uvicor
 
 def serve(settings: Settings, http: bool = False, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     if not http:
-        create_server(settings, transport="stdio").run("stdio")
+        with protocol_on_private_stdout():
+            create_server(settings, transport="stdio").run("stdio")
         return
     import uvicorn
 

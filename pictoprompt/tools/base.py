@@ -12,34 +12,64 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.errors import PictopromptError
+from pictoprompt.models.concepts import NAME_PATTERN, ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 
-IMAGE_REF_DESCRIPTION = (
-    "An image: a local file path, an http(s) URL, a data: URI or bare base64 string, "
-    "or a pictoprompt://assets/<id> URI returned by an earlier call."
-)
+IMAGE_REF_DESCRIPTION = "Path, URL, data URI or pictoprompt:// asset URI."
+"""What an image argument accepts, in a few words: the server's instructions explain image references once."""
 
-ImageRef = Annotated[str, Field(min_length=1, max_length=60_000_000, description=IMAGE_REF_DESCRIPTION)]
+ImageRef = Annotated[
+    str,
+    Field(min_length=1, max_length=60_000_000),
+    WithJsonSchema({"type": "string", "description": IMAGE_REF_DESCRIPTION}),
+]
+
+CONCEPT_REF_PREFIX = "concept:"
+"""An image reference `concept:NAME` stands for a learned concept's stored embedding, not a picture."""
+
+
+def image_refs_to_fetch(refs: list[str]) -> list[str]:
+    """The references the server must fetch: `concept:NAME` stands for a stored embedding, not a picture."""
+    return [ref for ref in refs if not ref.startswith(CONCEPT_REF_PREFIX)]
+
+
+# ------------------------------------------------------------------------------------------------ shared fields
 
 Seed = Annotated[
     int | None,
-    Field(ge=0, le=2**32 - 1, description="Random seed; omit for a random one. Each image reports its own seed."),
+    Field(ge=0, le=2**32 - 1, description="Omit for a random seed; each image reports its own."),
 ]
-
+NumImages = Annotated[int, Field(ge=1, le=8, description="How many images to make.")]
+Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps; more is slower and finer.")]
+Guidance = Annotated[float, Field(ge=0.0, le=30.0, description="Guidance scale; higher follows the prompt harder.")]
+Side = Annotated[
+    int | None,
+    Field(ge=16, le=2048, multiple_of=8, description="Default: the model's native size."),
+]
 
 ConceptName = Annotated[
+    str,
+    # The pattern says what a name may hold; the store's own refusals put the rule in words (NAME_RULE).
+    Field(min_length=1, max_length=64, pattern=NAME_PATTERN.pattern, description="The concept's name."),
+]
+AppliedConcept = Annotated[
     str | None,
-    Field(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
-        description="A concept learned with customize_concept to apply while generating (see list_concepts).",
-    ),
+    Field(pattern=NAME_PATTERN.pattern),
+    # A name that breaks the pattern cannot be in the store: the store's refusal says so, no need to spell it here.
+    WithJsonSchema({"type": "string", "description": "A concept learned with customize_concept to apply."}),
 ]
 
-
+MaxTokens = Annotated[
+    int,
+    Field(ge=4, le=75, description="Longest prompt in LLM tokens (the paper uses 16-64)."),
+]
+Perplexity = Annotated[
+    float, Field(description="Perplexity of the prompt under the LLM; lower reads more naturally (PEZ-style ~1000).")
+]
 LlmNote = Annotated[
     str | None,
     Field(
@@ -74,6 +104,15 @@ class OutputImage(SavedImage):
     height: int
 
 
+class Variation(OutputImage):
+    """An image made from references, with how close CLIP finds it to them."""
+
+    image_similarity: float = Field(
+        description="CLIP cosine similarity between this image and the reference image(s) (weighted mean over the "
+        "references); higher means closer."
+    )
+
+
 class AssetSink(Protocol):
     """Stores output images; the server's asset store and the CLI's output folder both satisfy it."""
 
@@ -93,6 +132,11 @@ class ToolContext:
     images: ImageSource
     progress: Progress = field(default_factory=Progress)
     concepts: ConceptStore | None = None
+
+    def concept_store(self) -> ConceptStore:
+        if self.concepts is None:
+            raise PictopromptError("This server has no concept store (no data directory); concepts are unavailable.")
+        return self.concepts
 
 
 @dataclass(frozen=True)
@@ -120,5 +164,5 @@ class ToolSpec:
     """Model-heavy: runs as a job behind the GPU lock and the queue, takes `wait_seconds`."""
     components: tuple[str, ...] = ("generator", "clip")
     """Runtime components the tool uses (`generator`, `clip`, `llm`), loaded when the server starts."""
-    warm_up: Callable[[Runtime], None] | None = None
+    warm_up: Callable[[Runtime, Progress], object] | None = None
     """Work the tool's first call would otherwise pay for; the server does it in the background once loaded."""

@@ -11,18 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from pydantic import Field
 
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
-from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.tools.base import ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
-from pictoprompt.tools.concepts import ConceptName, concept_store
+from pictoprompt.tools.base import ConceptName, ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -32,8 +29,7 @@ class CustomizeConceptRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=3,
         max_length=10,
-        description="3-10 pictures of the concept (an object, a pet, a person, a style), ideally varied in "
-        "pose, position and background.",
+        description="Pictures of the concept, ideally varied in pose, position and background.",
     )
     iterations: int = Field(30, ge=1, le=500, description="Tuning steps; the paper's 30 are usually enough.")
     learning_rate: float = Field(5e-6, gt=0.0, le=1e-3, description="Constant learning rate (paper: 5e-6).")
@@ -43,21 +39,15 @@ class CustomizeConceptRequest(ToolRequest):
         return list(self.images)
 
 
-def concept_card(
-    name: str,
-    kind: Literal["concept", "domain"],
-    result: TuningResult,
-    runtime: Runtime,
-    pipeline: StableDiffusionPipeline,
-    clip: ClipModel,
-) -> ConceptCard:
-    """The card of a finished tuning; the store fills in the thumbnails and the reference count."""
+def concept_card(name: str, kind: Literal["concept", "domain"], result: TuningResult, runtime: Runtime) -> ConceptCard:
+    """The card of a finished tuning on `runtime`'s base models; the store fills in the thumbnails and the
+    reference count."""
     return ConceptCard(
         name=name,
         kind=kind,
         method=str(result.hyperparameters["method"]),
         base_models=runtime.model_ids(),
-        base_hash=base_hash(pipeline, clip),
+        base_hash=base_hash(runtime.pipeline(), runtime.clip()),
         hyperparameters=result.hyperparameters,
         iterations=len(result.losses),
         final_loss=result.losses[-1],
@@ -72,7 +62,7 @@ def concept_card(
 
 
 def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
-    store = concept_store(context)
+    store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     references = [context.images.load(ref) for ref in request.images]
@@ -84,7 +74,7 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         learning_rate=request.learning_rate,
         progress=context.progress,
     )
-    card = concept_card(request.name, "concept", result, context.runtime, pipeline, clip)
+    card = concept_card(request.name, "concept", result, context.runtime)
     return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
 
 
@@ -149,7 +139,7 @@ def train_domain_adapter(
         batch_size=batch_size,
         progress=progress,
     )
-    card = concept_card(name, "domain", result, runtime, pipeline, clip)
+    card = concept_card(name, "domain", result, runtime)
     # A domain has ~100 images; a handful of thumbnails is enough to recognise it.
     return store.save(card, result.weights.to_tensors(), images[:10], overwrite=overwrite).summary()
 
@@ -158,11 +148,9 @@ SPEC = ToolSpec(
     name="customize_concept",
     title="Learn a concept from a few pictures",
     description=(
-        "Teach the model a new concept (an object, a pet, a person) from 3-10 pictures of it, in about 30 quick "
-        "tuning steps (SD-IPC-CT). Afterwards pass concept=NAME to generate_image, vary_image or edit_with_text, "
-        "and use image='concept:NAME' to stand for the concept without re-sending pictures, e.g. "
-        "edit_with_text(image='concept:my-cat', text='in the snow', concept='my-cat'). Returns the concept's card. "
-        "Long job: reports progress per step and can be cancelled; nothing is saved unless it finishes."
+        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures in about 30 tuning steps "
+        "(SD-IPC-CT). Then pass concept=NAME to generate_image, vary_image or edit_with_text, and image="
+        "'concept:NAME' instead of re-sending pictures. Nothing is saved unless the job finishes."
     ),
     request_model=CustomizeConceptRequest,
     response_model=ConceptSummary,

@@ -7,15 +7,24 @@ the same seed so the two can be compared by eye.
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, Field
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
-from pictoprompt.methods.vgd import clip_token_count, distill, distillation_length, text_perplexities
-from pictoprompt.tools.base import LlmNote, OutputImage, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
-from pictoprompt.tools.generate_image import Guidance, Steps, generation_metadata, save_images, seeds_for
-from pictoprompt.tools.invert_image import Perplexity
+from pictoprompt.methods.scoring import prompt_similarities
+from pictoprompt.methods.vgd import clip_token_count, distill, distillation_length, text_perplexities, text_target
+from pictoprompt.tools.base import (
+    Guidance,
+    LlmNote,
+    OutputImage,
+    Perplexity,
+    Seed,
+    Steps,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+)
+from pictoprompt.tools.render import Sampling, TextPrompt, render_and_score, seeds_for
 
 METHOD = "vgd-distillation"
 
@@ -23,11 +32,9 @@ METHOD = "vgd-distillation"
 class DistillPromptRequest(ToolRequest):
     prompt: str = Field(min_length=1, max_length=2000, description="The long prompt to shorten.")
     max_tokens: int | None = Field(
-        None, ge=1, le=75, description="Budget in CLIP tokens; default 30 percent of the prompt's tokens."
+        None, ge=1, le=75, description="Budget in CLIP tokens; default: 30% of the prompt's."
     )
-    generate_preview: bool = Field(
-        False, description="Also render the original and the short prompt from the same seed, for comparison."
-    )
+    generate_preview: bool = Field(False, description="Also render both prompts from one seed, to compare.")
     steps: Steps = 25
     guidance: Guidance = 7.5
     seed: Seed = None
@@ -57,8 +64,7 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
             f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
         )
     short = distill(llm, clip, request.prompt, max_length=budget, progress=context.progress).best.text
-    with torch.no_grad():
-        similarity = float(clip.similarity(clip.encode_text([short]), clip.encode_text([request.prompt]))[0, 0])
+    similarity = prompt_similarities(clip, [short], text_target(clip, request.prompt))[0][0]
     response = DistillPromptResponse(
         prompt=short,
         original_prompt=request.prompt,
@@ -76,35 +82,20 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
 
 def _previews(request: DistillPromptRequest, context: ToolContext, prompts: list[str]) -> list[OutputImage]:
     """One image per prompt, all from the same seed."""
-    pipeline = context.runtime.pipeline()
-    size = default_size(pipeline)
-    seed = seeds_for(request.seed, 1)[0]
-    outputs = []
-    for prompt in prompts:
-        prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt)
-        images = generate(
-            pipeline,
-            prompt_embeds,
-            negative_embeds,
-            [seed],
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            width=size,
-            height=size,
-            progress=context.progress,
-        )
-        metadata = generation_metadata(context, METHOD, seed, request.steps, request.guidance, prompt=prompt)
-        outputs += save_images(context, images, [seed], [metadata])
-    return outputs
+    sampling = Sampling.of(request, num_images=1, seed=seeds_for(request.seed, 1)[0])
+    return [
+        render_and_score(context, TextPrompt(prompt), sampling, METHOD, {"prompt": prompt})[0].image
+        for prompt in prompts
+    ]
 
 
 SPEC = ToolSpec(
     name="distill_prompt",
     title="Shorten a prompt without changing what it generates",
     description=(
-        "Write a shorter prompt (default 30% of the CLIP tokens) that the generator's CLIP reads like the original "
-        "(VGD against the prompt's text embedding). Reports the CLIP similarity to the original, the token counts "
-        "before and after, and, when asked, preview images of both prompts from the same seed."
+        "Write a shorter prompt (default: 30% of the CLIP tokens) that the generator's CLIP reads like the original "
+        "(VGD). Reports its CLIP similarity to the original and the token counts, and optionally previews of both "
+        "prompts from one seed."
     ),
     request_model=DistillPromptRequest,
     response_model=DistillPromptResponse,

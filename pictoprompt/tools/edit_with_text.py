@@ -7,24 +7,24 @@ inversion-based editing, the layout of the source image is not copied.
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, Field
 
-from pictoprompt.methods.concept_tuning import applied_concept
-from pictoprompt.methods.generation import default_size, generate
-from pictoprompt.methods.sd_ipc import ImageToPrompt
-from pictoprompt.tools.base import ConceptName, ImageRef, Seed, ToolContext, ToolHints, ToolRequest, ToolSpec
-from pictoprompt.tools.concepts import image_refs_to_fetch, load_concept, reference_embeddings, stored_embeddings
-from pictoprompt.tools.generate_image import (
+from pictoprompt.tools.base import (
+    AppliedConcept,
     Guidance,
+    ImageRef,
     NumImages,
+    Seed,
     Side,
     Steps,
-    generation_metadata,
-    save_images,
-    seeds_for,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+    Variation,
+    image_refs_to_fetch,
 )
-from pictoprompt.tools.vary_image import Variation, weighted_similarity
+from pictoprompt.tools.render import EditPrompt, Sampling, render_and_score
 
 METHOD = "sd-ipc-edit"
 
@@ -34,14 +34,13 @@ class EditWithTextRequest(ToolRequest):
     text: str = Field(
         min_length=1,
         max_length=300,
-        description="The change in words, e.g. 'in the snow', 'as a watercolor', 'wearing a hat'.",
+        description="The change in words.",
     )
     alpha: float = Field(
         0.9,
         ge=0.0,
         le=3.0,
-        description="How much the words count against the picture: 0 keeps only the picture's content, 0.9 is "
-        "the paper's setting, higher applies the edit more strongly.",
+        description="How strongly the words count: 0 keeps only the picture, 0.9 is the paper's setting.",
     )
     num_images: NumImages = 4
     steps: Steps = 25
@@ -49,7 +48,7 @@ class EditWithTextRequest(ToolRequest):
     seed: Seed = None
     width: Side = None
     height: Side = None
-    concept: ConceptName = None
+    concept: AppliedConcept = None
 
     def image_refs(self) -> list[str]:
         return image_refs_to_fetch([self.image])
@@ -68,44 +67,19 @@ class EditWithTextResponse(BaseModel):
 
 
 def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWithTextResponse:
-    pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
-    size = default_size(pipeline)
-    seeds = seeds_for(request.seed, request.num_images)
-    concept = load_concept(context, request.concept, pipeline, clip)
-    stored = stored_embeddings(context, [request.image], pipeline, clip)
-    with applied_concept(pipeline, clip, concept) as clip:
-        with torch.no_grad():
-            converter = ImageToPrompt.cached(clip, pipeline)
-            reference_embeds = reference_embeddings(context, [request.image], clip, stored)
-            prompt_embeds = converter.edit(reference_embeds, request.text, request.alpha)
-        images = generate(
-            pipeline,
-            prompt_embeds,
-            converter.empty_states,
-            seeds,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            width=request.width or size,
-            height=request.height or size,
-            progress=context.progress,
-        )
-        with torch.no_grad():
-            output_embeds = clip.encode_image(images)
-            image_similarity = weighted_similarity(clip, output_embeds, reference_embeds, None)
-            text_similarity = clip.similarity(output_embeds, clip.encode_text([request.text]))[:, 0].tolist()
-    metadata = [
-        generation_metadata(
-            context, METHOD, seed, request.steps, request.guidance, edit_text=request.text, alpha=str(request.alpha)
-        )
-        for seed in seeds
-    ]
-    saved = save_images(context, images, seeds, metadata)
+    rendered = render_and_score(
+        context,
+        EditPrompt(request.image, request.text, request.alpha),
+        Sampling.of(request),
+        METHOD,
+        {"edit_text": request.text, "alpha": str(request.alpha)},
+    )
     return EditWithTextResponse(
         text=request.text,
         alpha=request.alpha,
         images=[
-            EditedImage(**output.model_dump(), image_similarity=image_score, text_similarity=text_score)
-            for output, image_score, text_score in zip(saved, image_similarity, text_similarity, strict=True)
+            EditedImage(**r.image.model_dump(), image_similarity=r.image_similarity, text_similarity=r.text_similarity)
+            for r in rendered
         ],
     )
 
@@ -114,10 +88,9 @@ SPEC = ToolSpec(
     name="edit_with_text",
     title="Edit an image with words",
     description=(
-        "Make 1-8 images that keep the content of a reference image and apply a change given in words ('in the "
-        "snow', 'as a watercolor', 'wearing a hat'); SD-IPC's text-edited conversion, no training. The layout of "
-        "the reference is not copied. `alpha` sets how strongly the words count (default 0.9). Each image reports "
-        "its seed, its CLIP similarity to the reference and its CLIP similarity to the edit text."
+        "Make 1-8 images that keep a reference image's content and apply a change in words ('in the snow', 'as a "
+        "watercolor', 'wearing a hat'); SD-IPC, no training, the layout is not copied. Each image reports its seed "
+        "and its CLIP similarity to the reference and to the edit text."
     ),
     request_model=EditWithTextRequest,
     response_model=EditWithTextResponse,

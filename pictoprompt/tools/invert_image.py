@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
+from pictoprompt.methods.scoring import Embeddings, prompt_similarities
 from pictoprompt.methods.vgd import (
-    ClipVocabulary,
     VgdResult,
     image_targets,
     invert,
@@ -22,25 +21,25 @@ from pictoprompt.methods.vgd import (
     style_target,
     text_perplexities,
 )
-from pictoprompt.models.clip import ClipModel
-from pictoprompt.models.runtime import Runtime
-from pictoprompt.tools.base import ImageRef, LlmNote, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import (
+    ImageRef,
+    LlmNote,
+    MaxTokens,
+    Perplexity,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+)
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
 """How the paper applies an extracted style prompt (section 4, style transfer)."""
 
-MaxTokens = Annotated[
-    int,
-    Field(ge=4, le=75, description="Longest prompt in LLM tokens (the paper uses 16, 32 or 64); CLIP reads 75."),
-]
 ClipSimilarity = Annotated[
     float,
     Field(
         description="CLIP cosine similarity between the prompt and the image(s), mean over images; higher is closer."
     ),
-]
-Perplexity = Annotated[
-    float, Field(description="Perplexity of the prompt under the LLM; lower reads more naturally (PEZ-style ~1000).")
 ]
 
 
@@ -48,16 +47,15 @@ class InvertImageRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="1-5 images. Several are described together: the prompt has to match each of them.",
+        description="Several are described together: the prompt has to match each.",
     )
     focus: Literal["content", "style"] = Field(
         "content",
-        description="content: what is shown and how; style: only the painting style, colours and shapes, to "
-        "apply to another subject.",
+        description="content: what is shown and how; style: only the style, colours and shapes.",
     )
     max_tokens: MaxTokens = 32
-    num_results: int = Field(3, ge=1, le=10, description="How many distinct prompts to return, best first.")
-    method: Literal["vgd"] = Field("vgd", description="vgd: visually guided decoding (an LLM steered by CLIP).")
+    num_results: int = Field(3, ge=1, le=10, description="Distinct prompts to return, best first.")
+    method: Literal["vgd"] = Field("vgd", description="Visually guided decoding (an LLM steered by CLIP).")
 
     def image_refs(self) -> list[str]:
         return list(self.images)
@@ -84,25 +82,15 @@ class InvertImageResponse(BaseModel):
     llm_note: LlmNote = None
 
 
-def vocabulary_for(context: ToolContext, clip: ClipModel) -> ClipVocabulary:
-    """The profile's start words with their embeddings (the CLIP vocabulary's on disk under the cache folder)."""
-    return runtime_vocabulary(context.runtime, progress=context.progress)
-
-
-def embed_clip_vocabulary(runtime: Runtime) -> None:
-    """Embed (or load from the cache folder) the start words, which a first inversion would wait for."""
-    runtime_vocabulary(runtime)
-
-
 def ranked_prompts(
-    context: ToolContext, result: VgdResult, targets: torch.Tensor, count: int, style: bool
+    context: ToolContext, result: VgdResult, targets: Embeddings, count: int, style: bool
 ) -> list[InvertedPrompt]:
-    """The best `count` hypotheses with their CLIP similarity to `targets` and their perplexity."""
+    """The best `count` hypotheses with their CLIP similarity to `targets` (the images' embeddings) and their
+    perplexity."""
     hypotheses = [result.best, *result.hypotheses[1:count]]
     clip, llm = context.runtime.clip(), context.runtime.llm()
     texts = [h.text for h in hypotheses]
-    with torch.no_grad():
-        similarity = clip.similarity(clip.encode_text(texts), targets).mean(dim=1).tolist()
+    similarity = [sum(row) / len(row) for row in prompt_similarities(clip, texts, targets)]
     perplexities = text_perplexities(llm, texts)
     return [
         InvertedPrompt(
@@ -127,7 +115,7 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         clip,
         targets,
         task="style" if style else "inversion",
-        vocabulary=vocabulary_for(context, clip),
+        vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
         max_length=request.max_tokens,
         progress=context.progress,
     )
@@ -144,15 +132,15 @@ SPEC = ToolSpec(
     name="invert_image",
     title="Turn images into a readable prompt",
     description=(
-        "Write text prompts that regenerate 1-5 images with the loaded model (VGD: a small LLM writes, the "
-        "generator's CLIP steers each word). Returns the best prompts with their CLIP similarity to the images and "
-        "their perplexity (readability). focus='style' extracts only the style and says how to apply it to "
-        "another subject ('{subject} in the style of ...')."
+        "Write readable prompts that regenerate 1-5 images on the loaded model (VGD: an LLM writes, CLIP steers). "
+        "Returns the best prompts with their CLIP similarity to the images (higher is closer) and perplexity "
+        "(lower reads better). focus='style' extracts only the style, to use as '{subject} in the style of ...'."
     ),
     request_model=InvertImageRequest,
     response_model=InvertImageResponse,
     run=invert_image,
     hints=ToolHints(read_only=True, destructive=False, idempotent=True, open_world=False),
     components=("generator", "clip", "llm"),
-    warm_up=embed_clip_vocabulary,
+    # The start words' embeddings (the whole CLIP vocabulary's, cached on disk) a first inversion would wait for.
+    warm_up=runtime_vocabulary,
 )

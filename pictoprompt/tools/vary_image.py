@@ -7,58 +7,39 @@ close CLIP finds it to the references, so the assistant can point the user to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated
 
-import torch
 from pydantic import BaseModel, Field, model_validator
 
-from pictoprompt.methods.concept_tuning import applied_concept
-from pictoprompt.methods.generation import default_size, generate
-from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
-from pictoprompt.models.clip import ClipModel
 from pictoprompt.tools.base import (
-    ConceptName,
+    AppliedConcept,
+    Guidance,
     ImageRef,
-    OutputImage,
+    NumImages,
     Seed,
+    Side,
+    Steps,
     ToolContext,
     ToolHints,
     ToolRequest,
     ToolSpec,
+    Variation,
+    image_refs_to_fetch,
 )
-from pictoprompt.tools.concepts import image_refs_to_fetch, load_concept, reference_embeddings, stored_embeddings
-from pictoprompt.tools.generate_image import (
-    Guidance,
-    NumImages,
-    Side,
-    Steps,
-    generation_metadata,
-    save_images,
-    seeds_for,
-)
+from pictoprompt.tools.render import ImagePrompt, Sampling, render_and_score
 
 METHOD = "sd-ipc-variation"
-
-ImageSimilarity = Annotated[
-    float,
-    Field(
-        description="CLIP cosine similarity between this image and the reference image(s) (weighted mean over the "
-        "references); higher means closer."
-    ),
-]
 
 
 class VaryImageRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="1-5 reference images. Several are blended: their CLIP embeddings are averaged.",
+        description="Reference images; several are blended (their CLIP embeddings averaged).",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One non-negative weight per reference image (default: equal); a larger weight makes that "
-        "image count more in the blend.",
+        description="One weight per reference (default: equal); a larger one counts more in the blend.",
     )
     num_images: NumImages = 4
     steps: Steps = 25
@@ -66,7 +47,7 @@ class VaryImageRequest(ToolRequest):
     seed: Seed = None
     width: Side = None
     height: Side = None
-    concept: ConceptName = None
+    concept: AppliedConcept = None
 
     @model_validator(mode="after")
     def _one_weight_per_image(self) -> VaryImageRequest:
@@ -83,61 +64,21 @@ class VaryImageRequest(ToolRequest):
         return image_refs_to_fetch(list(self.images))
 
 
-class Variation(OutputImage):
-    image_similarity: ImageSimilarity
-
-
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
 
 
-def weighted_similarity(
-    clip: ClipModel, output_embeds: torch.Tensor, reference_embeds: torch.Tensor, weights: Sequence[float] | None
-) -> list[float]:
-    """Per output image: the weighted mean of its cosine similarities to each reference."""
-    similarities = clip.similarity(output_embeds, reference_embeds)
-    w = torch.tensor(list(weights) if weights else [1.0] * reference_embeds.shape[0], device=similarities.device)
-    return (similarities @ (w / w.sum())).tolist()
-
-
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
-    pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
-    size = default_size(pipeline)
-    seeds = seeds_for(request.seed, request.num_images)
-    concept = load_concept(context, request.concept, pipeline, clip)
-    stored = stored_embeddings(context, list(request.images), pipeline, clip)
-    with applied_concept(pipeline, clip, concept) as clip:
-        with torch.no_grad():
-            converter = ImageToPrompt.cached(clip, pipeline)
-            reference_embeds = reference_embeddings(context, list(request.images), clip, stored)
-            prompt_embeds = converter.prompt(average_embeddings(reference_embeds, request.weights))
-        images = generate(
-            pipeline,
-            prompt_embeds,
-            converter.empty_states,
-            seeds,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            width=request.width or size,
-            height=request.height or size,
-            progress=context.progress,
-        )
-        with torch.no_grad():
-            similarity = weighted_similarity(clip, clip.encode_image(images), reference_embeds, request.weights)
-    references = request.images
-    weights = ",".join(str(w) for w in request.weights or [1.0] * len(references))
-    metadata = [
-        generation_metadata(
-            context, METHOD, seed, request.steps, request.guidance, references=str(len(references)), weights=weights
-        )
-        for seed in seeds
-    ]
-    saved = save_images(context, images, seeds, metadata)
+    weights = request.weights or [1.0] * len(request.images)
+    rendered = render_and_score(
+        context,
+        ImagePrompt(request.images, request.weights),
+        Sampling.of(request),
+        METHOD,
+        {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
+    )
     return VaryImageResponse(
-        images=[
-            Variation(**output.model_dump(), image_similarity=score)
-            for output, score in zip(saved, similarity, strict=True)
-        ]
+        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
     )
 
 
@@ -145,10 +86,9 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 reference images, without any prompt (SD-IPC: the "
-        "references' CLIP embedding is converted into a prompt embedding). Several references are blended, "
-        "optionally weighted. Each image reports its seed and its CLIP similarity to the references, so the "
-        "closest variations can be picked."
+        "Make 1-8 new images with the content and style of 1-5 reference images, no prompt needed (SD-IPC converts "
+        "their CLIP embedding into a prompt embedding). Several references are blended, optionally weighted. Each "
+        "image reports its seed and its CLIP similarity to the references (higher is closer)."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,

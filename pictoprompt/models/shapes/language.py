@@ -31,6 +31,7 @@ from pictoprompt.models.shapes.scenes import (
     caption_lexicon,
     caption_scene,
     full_caption,
+    language_words,
     plain_caption,
     random_scene,
     style_caption,
@@ -44,6 +45,7 @@ OWN_WORD_SHARE = 0.8
 """How often the condition is a word of the answer itself; otherwise any lexicon word."""
 ADAPTER_FILE = "adapter.gguf"
 LEXICON_FILE = "lexicon.txt"
+DICTIONARY_FILE = "words.txt"
 
 
 def load_base_llm() -> TransformersModel:
@@ -114,7 +116,13 @@ def answer_loss(model: nn.Module, chats: list[Chat], pad_id: int) -> torch.Tenso
 
 
 def export_language(directory: Path, adapter: LoraAdapter, llm: TransformersModel) -> None:
-    """Write `llm/adapter.gguf` and `lexicon.txt` (one word per line) into the weights directory."""
+    """Write `llm/adapter.gguf`, and the word lists `lexicon.txt` and `words.txt`, into the weights directory."""
     config = llm.model.config
     adapter.save_gguf(directory / "llm" / ADAPTER_FILE, config.num_attention_heads, config.num_key_value_heads)
+    write_word_lists(directory)
+
+
+def write_word_lists(directory: Path) -> None:
+    """The start words (`caption_lexicon`) and the dictionary (`language_words`), one word per line."""
     (directory / LEXICON_FILE).write_text("\n".join(caption_lexicon()) + "\n")
+    (directory / DICTIONARY_FILE).write_text("\n".join(language_words()) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -415,15 +414,12 @@ def caption_lexicon() -> tuple[str, ...]:
     return tuple(sorted(words - LEXICON_FUNCTION_WORDS))
 
 
+def language_words() -> tuple[str, ...]:
+    """Every word the world's language uses (captions and style captions), sorted: the `shapes` dictionary."""
+    return tuple(sorted({*caption_lexicon(), *LEXICON_FUNCTION_WORDS, "shapes"}))
+
+
 # --------------------------------------------------------------------------------------------- streams and sets
-
-
-def training_stream(seed: int, detail: float = 0.5) -> Iterator[tuple[Scene, np.ndarray, str]]:
-    """An endless stream of (scene, 32x32x3 uint8 picture, caption) with nothing held out in it."""
-    rng = random.Random(seed)
-    while True:
-        scene = random_scene(rng)
-        yield scene, render_array(scene), caption_scene(scene, rng, detail)
 
 
 HELD_OUT_SEED = 2_000_003

@@ -44,6 +44,7 @@ from pictoprompt.models.shapes.scenes import (
     IMAGE_SIZE,
     PALETTE,
     TRAIN_SHAPES,
+    Scene,
     caption_scene,
     random_scene,
     render_array,
@@ -192,11 +193,11 @@ class SceneBatch:
     """Which training shapes each picture shows, multi-hot, shape (size, len(TRAIN_SHAPES))."""
 
 
-def scene_batch(seed: int, stage: str, step: int, size: int, detail: float, twins: float = 0.0) -> SceneBatch:
-    """Pictures and their captions, fixed by (seed, stage, step).
+def training_scenes(seed: int, stage: str, step: int, size: int, twins: float = 0.0) -> list[tuple[Scene, float]]:
+    """The scenes of one training batch with the seed of each one's caption, fixed by (seed, stage, step).
 
-    A fraction `twins` of the batch are shape twins of other pictures in it (`shape_twin`), captioned with the
-    same paraphrase choices, so a contrastive loss cannot tell them apart by colour, layout or wording.
+    A fraction `twins` of the batch are shape twins of other scenes in it (`shape_twin`), with the same caption
+    seed, so a contrastive loss cannot tell them apart by colour, layout or wording.
     """
     rng = random.Random(f"{seed}-{stage}-{step}")
     n_twins = min(size // 2, round(size * twins))
@@ -204,9 +205,15 @@ def scene_batch(seed: int, stage: str, step: int, size: int, detail: float, twin
     scenes = originals + [shape_twin(scene, rng) for scene in originals[:n_twins]]
     caption_seeds = [rng.random() for _ in originals]
     caption_seeds += caption_seeds[:n_twins]
+    return list(zip(scenes, caption_seeds, strict=True))
+
+
+def scene_batch(seed: int, stage: str, step: int, size: int, detail: float, twins: float = 0.0) -> SceneBatch:
+    """Pictures and their captions of `training_scenes`, the only scenes any stage trains on."""
+    scenes_and_seeds = training_scenes(seed, stage, step, size, twins)
     pictures, captions, backgrounds = [], [], []
     shapes = torch.zeros(size, len(TRAIN_SHAPES))
-    for i, (scene, caption_seed) in enumerate(zip(scenes, caption_seeds, strict=True)):
+    for i, (scene, caption_seed) in enumerate(scenes_and_seeds):
         pictures.append(render_array(scene))
         captions.append(caption_scene(scene, random.Random(caption_seed), detail))
         backgrounds.append(PALETTE[scene.background])
@@ -510,6 +517,57 @@ def _ema_updater(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> 
     return update
 
 
+@dataclass(frozen=True)
+class DenoiserStage:
+    """One U-Net stage's schedule: its name, its noise stream, its budget and its EMA decay."""
+
+    name: str
+    stream: int
+    """Which noise stream the stage draws from, so two stages never repeat each other's noise."""
+    steps: int
+    minutes: float
+    lr: float
+    ema_decay: float
+    layout_share: float = 0.0
+    """The share of captions given in SD-IPC's prompt layout (`eos_layout`) instead of their full states."""
+
+
+def _train_denoiser(
+    stage: DenoiserStage,
+    model: UNet2DConditionModel,
+    out: Path,
+    config: TrainConfig,
+    device: torch.device,
+    clip: CLIPModel,
+    vae: AutoencoderKL,
+    scaling_factor: float,
+    progress: Progress,
+) -> UNet2DConditionModel:
+    """Train `model` on epsilon prediction with the CLIP's text states, keeping an EMA copy, which it returns."""
+    ema = build_unet().to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
+    step_fn = _denoising_step_fn(
+        stage.name,
+        stage.stream,
+        config,
+        device,
+        model,
+        optimizer,
+        clip.text_model.eval().requires_grad_(False),
+        vae,
+        scaling_factor,
+        load_clip_tokenizer(out / "tokenizer"),
+        layout_share=stage.layout_share,
+    )
+    after_step = _ema_updater(ema, model, stage.ema_decay)
+    models = {"model": model, "ema": ema}
+    _run_stage(
+        stage.name, stage.steps, stage.minutes, out, config, models, optimizer, stage.lr, step_fn, progress, after_step
+    )
+    return ema
+
+
 def train_unet(
     out: Path,
     config: TrainConfig,
@@ -519,38 +577,12 @@ def train_unet(
     scaling_factor: float,
     progress: Progress,
 ) -> UNet2DConditionModel:
+    """Train the U-Net from scratch on full captions."""
     torch.manual_seed(config.seed + 2)
     unet = build_unet().to(device).train()
-    ema = build_unet().to(device).eval().requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
     vae.requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
-    step_fn = _denoising_step_fn(
-        "unet",
-        0,
-        config,
-        device,
-        unet,
-        optimizer,
-        clip.text_model.eval().requires_grad_(False),
-        vae,
-        scaling_factor,
-        load_clip_tokenizer(out / "tokenizer"),
-    )
-    _run_stage(
-        "unet",
-        config.unet_steps,
-        config.unet_minutes,
-        out,
-        config,
-        {"model": unet, "ema": ema},
-        optimizer,
-        config.unet_lr,
-        step_fn,
-        progress,
-        after_step=_ema_updater(ema, unet, config.unet_ema),
-    )
-    return ema
+    stage = DenoiserStage("unet", 0, config.unet_steps, config.unet_minutes, config.unet_lr, config.unet_ema)
+    return _train_denoiser(stage, unet, out, config, device, clip, vae, scaling_factor, progress)
 
 
 def train_unet_layout(
@@ -575,36 +607,16 @@ def train_unet_layout(
     """
     model = build_unet().to(device).train()
     model.load_state_dict(unet.state_dict())
-    ema = build_unet().to(device).eval().requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.layout_lr, weight_decay=0.0)
-    step_fn = _denoising_step_fn(
+    stage = DenoiserStage(
         "unet_layout",
         1,
-        config,
-        device,
-        model,
-        optimizer,
-        clip.text_model.eval().requires_grad_(False),
-        vae,
-        scaling_factor,
-        load_clip_tokenizer(out / "tokenizer"),
-        layout_share=config.layout_share,
-    )
-    _run_stage(
-        "unet_layout",
         config.layout_steps,
         config.layout_minutes,
-        out,
-        config,
-        {"model": model, "ema": ema},
-        optimizer,
         config.layout_lr,
-        step_fn,
-        progress,
-        after_step=_ema_updater(ema, model, config.layout_ema),
+        config.layout_ema,
+        config.layout_share,
     )
-    return ema
+    return _train_denoiser(stage, model, out, config, device, clip, vae, scaling_factor, progress)
 
 
 def train_clip_vision(

@@ -23,6 +23,8 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from PIL import Image
 
+from pictoprompt.errors import PictopromptError
+
 LONG_PROMPT = (
     "a highly detailed, beautiful, award winning, trending, masterpiece picture of a large red circle in the "
     "top left corner on a white background, very sharp, 4k, intricate, professional lighting"
@@ -40,7 +42,8 @@ class Call:
 
 
 def sample_inputs(folder: Path, profile: str) -> list[Path]:
-    """Pictures to work on: `shapes` scenes on the bundled set, scikit-image photos otherwise."""
+    """Pictures to work on: `shapes` scenes on the bundled set, scikit-image's sample photos otherwise (the
+    `demo` extra: real models deserve real photos, and the package ships none)."""
     folder.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, Image.Image]] = []
     if profile == "shapes":
@@ -54,8 +57,13 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
         }
         images = [(name, render_scene(scene)) for name, scene in scenes.items()]
     else:
-        from skimage import data
-
+        try:
+            from skimage import data
+        except ImportError as error:
+            raise PictopromptError(
+                f"The demo on profile '{profile}' works on scikit-image's sample photos: install them with "
+                "`pip install 'pictoprompt[demo]'`, or run the demo on the bundled set with --profile shapes."
+            ) from error
         images = [(name, Image.fromarray(getattr(data, name)())) for name in ("astronaut", "chelsea", "coffee")]
     paths = []
     for name, image in images:

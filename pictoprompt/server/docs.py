@@ -21,7 +21,14 @@ def _type_of(schema: dict[str, Any]) -> str:
 
 def _bounds(schema: dict[str, Any]) -> str:
     parts = []
-    for key, label in (("minimum", ">="), ("maximum", "<="), ("minItems", "items >="), ("maxItems", "items <=")):
+    bounds = (
+        ("minimum", ">="),
+        ("maximum", "<="),
+        ("multipleOf", "multiple of"),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+    )
+    for key, label in bounds:
         if key in schema:
             parts.append(f"{label} {schema[key]}")
     for option in schema.get("anyOf", []):
@@ -58,7 +65,7 @@ def tools_markdown() -> str:
         if properties:
             lines += ["| argument | type | default | description |", "| --- | --- | --- | --- |"]
             for name, schema in properties.items():
-                default = "required" if name in required else f"`{schema.get('default')}`"
+                default = "required" if name in required else f"`{schema['default']}`" if "default" in schema else "-"
                 bounds = _bounds(schema)
                 description = (schema.get("description") or "") + (f" ({bounds})" if bounds else "")
                 lines.append(f"| `{name}` | {_type_of(schema)} | {default} | {description} |")

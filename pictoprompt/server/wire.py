@@ -1,0 +1,186 @@
+"""The tools as the MCP wire carries them: compact schemas, one validation per call, the server that lists them.
+
+Every tool the server offers is a `WireTool`: its `tools/list` entry, the pydantic model that validates a call's
+arguments (unknown fields refused, cross-field rules checked), and the coroutine that answers it. The validated
+arguments are the tool's request itself, so a call is validated once.
+
+The schemas are what every assistant carries in its context, so they say only what a model needs to call the
+tool right: no titles (the property names say it), no `null` branch or `default: null` on optional inputs (an
+omitted argument is the same thing). Output schemas are types only: what the fields mean is in the tool's
+description and in each result, and a result always carries every field, so no `required` list repeats them;
+a nullable scalar is `["string", "null"]`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import Tool as McpTool
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import core_schema
+
+
+class WireSchema(GenerateJsonSchema):
+    """A model's JSON schema without titles and without descriptions repeated from class docstrings."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        json_schema = super().model_schema(schema)
+        json_schema.pop("title", None)
+        if json_schema.get("description") == inspect.cleandoc(schema["cls"].__doc__ or ""):
+            json_schema.pop("description")
+        return json_schema
+
+
+class InputSchema(WireSchema):
+    """Arguments: an optional argument is omitted rather than null, so its schema is the non-null type alone."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if json_schema.get("default", ...) is None:
+            del json_schema["default"]
+        return json_schema
+
+
+class OutputSchema(WireSchema):
+    """Results: types only, no defaults (a result carries every field), and a nullable scalar as a type list."""
+
+    def generate(self, schema: core_schema.CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        return _types_only(super().generate(schema, mode))
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if isinstance(inner.get("type"), str) and set(inner) <= {"type", "description"}:
+            return {**inner, "type": [inner["type"], "null"]}
+        return super().nullable_schema(schema)
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        json_schema.pop("default", None)
+        return json_schema
+
+
+def _types_only(schema: Any) -> Any:
+    """`schema` without its `description` and `required` keywords (properties of those names are kept)."""
+    if isinstance(schema, list):
+        return [_types_only(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    kept = {}
+    for key, value in schema.items():
+        if key in {"properties", "$defs"}:
+            kept[key] = {name: _types_only(sub) for name, sub in value.items()}
+        elif key not in {"description", "required"}:
+            kept[key] = _types_only(value)
+    return kept
+
+
+def input_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(by_alias=True, schema_generator=InputSchema, mode="validation")
+
+
+def output_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(by_alias=True, schema_generator=OutputSchema, mode="serialization")
+
+
+ToolCall = Callable[[Any, Context], Awaitable[CallToolResult]]
+
+
+@dataclass(frozen=True)
+class WireTool:
+    """One tool as the server offers it."""
+
+    name: str
+    title: str
+    description: str
+    arguments: type[BaseModel]
+    """Validates a call's arguments; the instance is what `call` receives."""
+    result: type[BaseModel]
+    """The structured content of a successful call."""
+    annotations: ToolAnnotations
+    call: ToolCall
+
+    def listing(self) -> McpTool:
+        return McpTool(
+            name=self.name,
+            title=self.title,
+            description=self.description,
+            input_schema=input_schema(self.arguments),
+            output_schema=output_schema(self.result),
+            annotations=self.annotations,
+        )
+
+
+def text_result(result: BaseModel) -> CallToolResult:
+    """A result as structured content, and the same JSON as text for clients that read only text."""
+    payload = result.model_dump(mode="json")
+    return CallToolResult(content=[TextContent(text=json.dumps(payload, indent=1))], structured_content=payload)
+
+
+def validation_message(error: ValidationError) -> str:
+    """The failed arguments, one clause each, in words a model can act on."""
+    problems = [f"{'.'.join(str(part) for part in e['loc']) or 'arguments'}: {e['msg']}" for e in error.errors()]
+    return f"Invalid arguments ({'; '.join(problems)}). Correct them and call again."
+
+
+def lenient(arguments: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """Arguments with JSON-encoded lists and objects decoded: some clients send `"[\\"a.png\\"]"` for a list (the
+    SDK's own tools accept that too). Strings meant as strings are left alone."""
+    decoded = dict(arguments)
+    for name, value in arguments.items():
+        field = model.model_fields.get(name)
+        if field is None or field.annotation is str or not isinstance(value, str):
+            continue
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(parsed, list | dict):
+            decoded[name] = parsed
+    return decoded
+
+
+class PictopromptServer(MCPServer):
+    """An `MCPServer` whose tools are `WireTool`s: listed with their compact schemas, validated once per call.
+
+    Only `list_tools` and `call_tool`, the server's public tool entry points, are replaced; resources, prompts,
+    transports and the session machinery are the SDK's own.
+    """
+
+    def __init__(self, *args: Any, wire_tools: list[WireTool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wire_tools = {tool.name: tool for tool in wire_tools}
+        self._listing = [tool.listing() for tool in wire_tools]
+
+    async def list_tools(self) -> list[McpTool]:
+        return list(self._listing)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> CallToolResult:
+        tool = self.wire_tools.get(name)
+        if tool is None:
+            raise ToolError(f"There is no tool '{name}'; tools/list names the tools this server offers.")
+        try:
+            request = tool.arguments.model_validate(lenient(arguments, tool.arguments))
+        except ValidationError as error:
+            raise ToolError(f"Error executing tool {name}: {validation_message(error)}") from error
+        context = context or Context(mcp_server=self)
+        try:
+            return await tool.call(request, context)
+        except ToolError as error:
+            raise ToolError(f"Error executing tool {name}: {error}") from error
+        except Exception as error:
+            # A crash: its text stays in the server's log, as the SDK does for its own tools.
+            raise UnexpectedToolError(f"Error executing tool {name}") from error

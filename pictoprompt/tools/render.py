@@ -1,0 +1,250 @@
+"""The tools' shared kernel: render images from a prompt of any kind, score them, and save them.
+
+Every image-making tool goes through `render_and_score`: it applies the requested learned concept, turns the
+prompt into the generator's conditioning (a text, SD-IPC's converted image embedding, or its text-edited form),
+samples one image per seed, scores each against the references with CLIP, and saves it with its metadata. The
+tool modules stay plain (a request model, a method call, a result) and never touch tensors; this module is the
+one place of `tools/` that does.
+
+It also holds what a concept reference needs: `load_concept` gives the weights `applied_concept` uses, and
+`concept_image_embedding` what an image reference `concept:NAME` stands for. Both refuse a concept trained on
+another base model, naming the one it needs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from pydantic import BaseModel
+
+from pictoprompt.methods.concept_tuning import ConceptWeights, applied_concept, base_hash
+from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.scoring import ImageScores, score_images
+from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
+from pictoprompt.models.clip import ClipModel
+from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, ToolContext
+
+# ------------------------------------------------------------------------------------------------ what to draw
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A text prompt, encoded by the generator's own text encoder."""
+
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """SD-IPC's variation: the references' CLIP embedding (weighted mean) converted into a prompt embedding.
+    A reference may be `concept:NAME`, a learned concept's mean embedding."""
+
+    images: Sequence[str]
+    weights: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class EditPrompt:
+    """SD-IPC's text-edited conversion (paper Eq. 8) of one reference image."""
+
+    image: str
+    text: str
+    alpha: float
+
+
+Prompt = TextPrompt | ImagePrompt | EditPrompt
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: the settings every image-making request shares."""
+
+    num_images: int = 1
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    concept: str | None = None
+
+    @classmethod
+    def of(cls, request: BaseModel, **overrides: object) -> Sampling:
+        """The sampling settings `request` carries (the fields it lacks keep their defaults)."""
+        names = {field.name for field in fields(cls)} & set(type(request).model_fields)
+        return cls(**{**{name: getattr(request, name) for name in names}, **overrides})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One saved image with its scores: `image_similarity` against the references (image prompts, or
+    `score_against`), `text_similarity` against an edit's text."""
+
+    image: OutputImage
+    image_similarity: float | None = None
+    text_similarity: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+
+
+def render_and_score(
+    context: ToolContext,
+    prompt: Prompt,
+    sampling: Sampling,
+    method: str,
+    metadata: dict[str, str] | None = None,
+    score_against: torch.Tensor | None = None,
+) -> list[Rendered]:
+    """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved.
+
+    `metadata` adds PNG text chunks to the common ones (method, seed, steps, guidance, model ids);
+    `score_against` (N, P) scores text-prompted images against these CLIP embeddings.
+    """
+    pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
+    seeds = seeds_for(sampling.seed, sampling.num_images)
+    size = default_size(pipeline)
+    concept = load_concept(context, sampling.concept, pipeline, clip)
+    # Read before the concept is applied: the check that a stored concept belongs to this base hashes the
+    # untouched base.
+    stored = stored_embeddings(context, _references(prompt), pipeline, clip)
+    with applied_concept(pipeline, clip, concept) as clip:
+        conditioning, negative, references = _conditioning(context, prompt, pipeline, clip, stored)
+        images = generate(
+            pipeline,
+            conditioning,
+            negative,
+            seeds,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance,
+            width=sampling.width or size,
+            height=sampling.height or size,
+            progress=context.progress,
+        )
+        scores = _scores(clip, images, prompt, references if references is not None else score_against)
+    saved = [
+        save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
+        for image, seed in zip(images, seeds, strict=True)
+    ]
+    return [
+        Rendered(
+            output,
+            scores.to_references[i] if scores is not None else None,
+            scores.to_text[i] if scores is not None and scores.to_text is not None else None,
+        )
+        for i, output in enumerate(saved)
+    ]
+
+
+def _references(prompt: Prompt) -> list[str]:
+    if isinstance(prompt, ImagePrompt):
+        return list(prompt.images)
+    if isinstance(prompt, EditPrompt):
+        return [prompt.image]
+    return []
+
+
+def _conditioning(
+    context: ToolContext,
+    prompt: Prompt,
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    stored: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(prompt states, negative states, reference embeddings or None) for the generator."""
+    if isinstance(prompt, TextPrompt):
+        prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
+        return prompt_embeds, negative_embeds, None
+    with torch.no_grad():
+        converter = ImageToPrompt.cached(clip, pipeline)
+        references = reference_embeddings(context, _references(prompt), clip, stored)
+        if isinstance(prompt, ImagePrompt):
+            prompt_embeds = converter.prompt(average_embeddings(references, prompt.weights))
+        else:
+            prompt_embeds = converter.edit(references, prompt.text, prompt.alpha)
+    return prompt_embeds, converter.empty_states, references
+
+
+def _scores(
+    clip: ClipModel, images: list[Image.Image], prompt: Prompt, references: torch.Tensor | None
+) -> ImageScores | None:
+    if references is None:
+        return None
+    weights = prompt.weights if isinstance(prompt, ImagePrompt) else None
+    text = prompt.text if isinstance(prompt, EditPrompt) else None
+    return score_images(clip, images, references, weights, text)
+
+
+# ------------------------------------------------------------------------------------------------ seeds and saving
+
+
+def seeds_for(seed: int | None, count: int) -> list[int]:
+    """Consecutive seeds from the given one (or a random start), one per image, so each is reproducible."""
+    start = secrets.randbelow(2**32 - count) if seed is None else seed
+    return [(start + i) % 2**32 for i in range(count)]
+
+
+def _metadata(
+    context: ToolContext, method: str, seed: int, sampling: Sampling, extra: dict[str, str] | None
+) -> dict[str, str]:
+    """The PNG text chunks every output image carries."""
+    return {
+        "method": method,
+        "seed": str(seed),
+        "steps": str(sampling.steps),
+        "guidance": str(sampling.guidance),
+        **{f"model_{key}": value for key, value in context.runtime.model_ids().items()},
+        **(extra or {}),
+    }
+
+
+def save_image(context: ToolContext, image: Image.Image, seed: int, metadata: dict[str, str]) -> OutputImage:
+    saved = context.assets.save(image, metadata)
+    return OutputImage(uri=saved.uri, path=saved.path, seed=seed, width=image.width, height=image.height)
+
+
+# ------------------------------------------------------------------------------------------------ concepts
+
+
+def load_concept(
+    context: ToolContext, name: str | None, pipeline: StableDiffusionPipeline, clip: ClipModel
+) -> ConceptWeights | None:
+    """The weights of concept `name` for `applied_concept`, or None when no concept is asked for."""
+    if name is None:
+        return None
+    stored = context.concept_store().load(name, base_hash(pipeline, clip), context.runtime.model_ids())
+    return ConceptWeights.from_tensors(stored.tensors)
+
+
+def concept_image_embedding(
+    context: ToolContext, name: str, pipeline: StableDiffusionPipeline, clip: ClipModel
+) -> torch.Tensor:
+    """The (1, P) CLIP image embedding `concept:NAME` stands for: the mean of its references through the tuned
+    image encoder. Feed it to `ImageToPrompt.prompt/edit` as an image's embedding."""
+    store = context.concept_store()
+    embedding = store.mean_embedding(name, base_hash(pipeline, clip), context.runtime.model_ids())
+    return embedding.to(clip.device)
+
+
+def stored_embeddings(
+    context: ToolContext, refs: Sequence[str], pipeline: StableDiffusionPipeline, clip: ClipModel
+) -> dict[str, torch.Tensor]:
+    """The embeddings the `concept:NAME` references among `refs` stand for."""
+    return {
+        ref: concept_image_embedding(context, ref.removeprefix(CONCEPT_REF_PREFIX), pipeline, clip)
+        for ref in refs
+        if ref.startswith(CONCEPT_REF_PREFIX)
+    }
+
+
+def reference_embeddings(
+    context: ToolContext, refs: Sequence[str], clip: ClipModel, stored: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """(N, P) CLIP image embeddings of the references: pictures through `clip`, concepts from `stored`."""
+    rows = [stored[ref] if ref in stored else clip.encode_image([context.images.load(ref)]) for ref in refs]
+    return torch.cat([row.float().reshape(1, -1) for row in rows])
