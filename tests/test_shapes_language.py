@@ -161,3 +161,33 @@ def test_the_llm_stage_runs_alone_resumes_and_exports_an_adapter_llama_cpp_loads
 
     with pytest.raises(ValueError, match="can run alone"):
         train(tmp_path / "run", config, export_to=weights, only=["unet"])
+
+
+@pytest.mark.slow
+def test_the_shapes_llm_answers_in_captions_through_both_backends() -> None:
+    """The shipped adapter through llama.cpp (the default) and merged into transformers: both open the answer to
+    VGD's inversion chat with the same word, and continue it greedily into a sentence of the world."""
+    from pictoprompt.methods.vgd import vgd_prompt
+    from pictoprompt.models.llm import load_language_model
+    from pictoprompt.models.profiles import get_profile
+    from pictoprompt.models.shapes.scenes import language_words
+
+    spec = get_profile("shapes").llm
+    answers = []
+    for backend in ("llama_cpp", "transformers"):
+        llm = load_language_model(spec.model_copy(update={"backend": backend}), torch.device("cpu"))
+        assert llm.adapter_id is not None and llm.adapter_id.endswith("adapter.gguf")
+        prompt = vgd_prompt(llm, "inversion", 32, condition="circle")
+        tokens: list[int] = []
+        with llm.start(prompt, max_beams=1, max_new_tokens=24) as beams:
+            for _ in range(24):
+                token = int(beams.log_probs[0].argmax())
+                if llm.stop_tokens[token]:
+                    break
+                tokens.append(token)
+                beams.extend([0], [token])
+        answers.append(llm.detokenize(tokens).strip())
+    for answer in answers:
+        assert "circle" in answer.split(), answers
+        assert set(re.findall(r"[a-z]+", answer.lower())) <= set(language_words()), answers
+    assert answers[0].split()[0] == answers[1].split()[0], answers
