@@ -205,9 +205,9 @@ def test_customize_concept_tool_round_trip(tiny_runtime: Runtime, tmp_path: Path
     assert [c.name for c in list_concepts(ListConceptsRequest(), context).concepts] == ["noise-cat"]
 
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
-    weights = load_concept(context, "noise-cat", pipeline, clip)
-    assert load_concept(context, None, pipeline, clip) is None
-    embedding = concept_image_embedding(context, "noise-cat", pipeline, clip)
+    weights = load_concept(context, "noise-cat")
+    assert load_concept(context, None) is None
+    embedding = concept_image_embedding(context, "noise-cat")
     assert embedding.shape == (1, clip.embed_dim)
     with torch.no_grad(), applied_concept(pipeline, clip, weights) as tuned_clip:
         # The stored mean is the references' mean through the tuned encoder, as the store says.

@@ -15,6 +15,10 @@ from PIL import Image
 
 from pictoprompt.progress import Progress
 
+PromptStates = torch.Tensor
+"""The generator's conditioning (B, L, D), text states or SD-IPC's converted ones: what the tools hand from a
+method to `generate` without reading it."""
+
 
 def default_size(pipeline: StableDiffusionPipeline) -> int:
     """The resolution the generator was trained at (512 for SD 1.5, 768 for SD 2.1)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from PIL import Image
 from torch import Tensor
 
 from pictoprompt.errors import InvalidInputError
@@ -205,6 +206,33 @@ class ImageToPrompt:
         """The prompt (B, L, D) that carries both the image(s) and the edit `text` (Eq. 8)."""
         states, eos = self.text_states([text])
         return edited_prompt(self.convert(image_embeds), states, int(eos[0]), alpha)
+
+
+def embed_references(clip: ClipModel, references: Sequence[Image.Image | Tensor]) -> Tensor:
+    """(N, P) CLIP image embeddings of references: pictures through `clip`, and embeddings (a learned concept's
+    mean, say) as they are."""
+    with torch.no_grad():
+        rows = [ref if isinstance(ref, Tensor) else clip.encode_image([ref]) for ref in references]
+    return torch.cat([row.float().reshape(1, -1).to(clip.device) for row in rows])
+
+
+def variation_states(
+    clip: ClipModel, pipeline: DiffusionPipeline, image_embeds: Tensor, weights: Sequence[float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The generator's conditioning for SD-IPC's variation (Eq. 7) of the references' weighted mean: the
+    pseudo-prompt and, as the negative, the empty prompt's states."""
+    with torch.no_grad():
+        converter = ImageToPrompt.cached(clip, pipeline)
+        return converter.prompt(average_embeddings(image_embeds, weights)), converter.empty_states
+
+
+def edit_states(
+    clip: ClipModel, pipeline: DiffusionPipeline, image_embeds: Tensor, text: str, alpha: float = 0.9
+) -> tuple[Tensor, Tensor]:
+    """The generator's conditioning for SD-IPC's text-edited variation (Eq. 8), and the empty prompt's states."""
+    with torch.no_grad():
+        converter = ImageToPrompt.cached(clip, pipeline)
+        return converter.edit(image_embeds, text, alpha), converter.empty_states
 
 
 _cache: weakref.WeakKeyDictionary[ClipModel, weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()

@@ -115,6 +115,7 @@ class ClipVocabulary:
 
 
 _vocabularies: weakref.WeakKeyDictionary[ClipModel, ClipVocabulary] = weakref.WeakKeyDictionary()
+_word_lists: weakref.WeakKeyDictionary[ClipModel, dict[tuple[str, ...], ClipVocabulary]] = weakref.WeakKeyDictionary()
 _vocabulary_lock = threading.Lock()
 
 
@@ -140,16 +141,19 @@ def clip_vocabulary(
     """The words a beam may start from, with their text embeddings: `words` when given (the words a small CLIP was
     trained on), else every distinct word of the CLIP tokenizer's vocabulary.
 
-    The whole vocabulary is computed once per CLIP, kept in memory per model and, with `cache_dir`, in a file keyed
-    by `clip_fingerprint`, so a restart does not pay for the 49,408 text encodings again. A word list is small and
-    is embedded on each call.
+    Either is computed once per CLIP and kept in memory per model; the whole vocabulary also, with `cache_dir`, in a
+    file keyed by `clip_fingerprint`, so a restart does not pay for the 49,408 text encodings again.
     """
     if words is not None:
-        if not words:
+        key = tuple(words)
+        if not key:
             raise InvalidInputError("The profile's start-word list is empty; list at least one word, or drop it.")
-        with torch.no_grad():
-            embeddings = F.normalize(clip.encode_text(list(words)).float(), dim=-1)
-        return ClipVocabulary(list(words), embeddings)
+        with _vocabulary_lock:
+            known = _word_lists.setdefault(clip, {})
+            if key not in known:
+                with torch.no_grad():
+                    known[key] = ClipVocabulary(list(key), F.normalize(clip.encode_text(list(key)).float(), dim=-1))
+            return known[key]
     with _vocabulary_lock:
         if clip in _vocabularies:
             return _vocabularies[clip]

@@ -17,15 +17,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from pydantic import BaseModel
 
 from pictoprompt.methods.concept_tuning import ConceptWeights, applied_concept, base_hash
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
-from pictoprompt.methods.scoring import ImageScores, score_images
-from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
+from pictoprompt.methods.generation import PromptStates, default_size, encode_text_prompt, generate
+from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
+from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, ToolContext
 
@@ -99,7 +97,7 @@ def render_and_score(
     sampling: Sampling,
     method: str,
     metadata: dict[str, str] | None = None,
-    score_against: torch.Tensor | None = None,
+    score_against: Embeddings | None = None,
 ) -> list[Rendered]:
     """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved.
 
@@ -109,12 +107,12 @@ def render_and_score(
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     seeds = seeds_for(sampling.seed, sampling.num_images)
     size = default_size(pipeline)
-    concept = load_concept(context, sampling.concept, pipeline, clip)
+    concept = load_concept(context, sampling.concept)
     # Read before the concept is applied: the check that a stored concept belongs to this base hashes the
     # untouched base.
-    stored = stored_embeddings(context, _references(prompt), pipeline, clip)
+    stored = stored_embeddings(context, _references(prompt))
     with applied_concept(pipeline, clip, concept) as clip:
-        conditioning, negative, references = _conditioning(context, prompt, pipeline, clip, stored)
+        conditioning, negative, references = _conditioning(context, prompt, clip, stored)
         images = generate(
             pipeline,
             conditioning,
@@ -150,28 +148,25 @@ def _references(prompt: Prompt) -> list[str]:
 
 
 def _conditioning(
-    context: ToolContext,
-    prompt: Prompt,
-    pipeline: StableDiffusionPipeline,
-    clip: ClipModel,
-    stored: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(prompt states, negative states, reference embeddings or None) for the generator."""
+    context: ToolContext, prompt: Prompt, clip: ClipModel, stored: dict[str, Embeddings]
+) -> tuple[PromptStates, PromptStates, Embeddings | None]:
+    """(prompt states, negative states, reference embeddings or None) for the generator; `clip` is the one in
+    use (a learned concept's while one is applied)."""
+    pipeline = context.runtime.pipeline()
     if isinstance(prompt, TextPrompt):
         prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
         return prompt_embeds, negative_embeds, None
-    with torch.no_grad():
-        converter = ImageToPrompt.cached(clip, pipeline)
-        references = reference_embeddings(context, _references(prompt), clip, stored)
-        if isinstance(prompt, ImagePrompt):
-            prompt_embeds = converter.prompt(average_embeddings(references, prompt.weights))
-        else:
-            prompt_embeds = converter.edit(references, prompt.text, prompt.alpha)
-    return prompt_embeds, converter.empty_states, references
+    refs = _references(prompt)
+    references = embed_references(clip, [stored[ref] if ref in stored else context.images.load(ref) for ref in refs])
+    if isinstance(prompt, ImagePrompt):
+        prompt_embeds, negative_embeds = variation_states(clip, pipeline, references, prompt.weights)
+    else:
+        prompt_embeds, negative_embeds = edit_states(clip, pipeline, references, prompt.text, prompt.alpha)
+    return prompt_embeds, negative_embeds, references
 
 
 def _scores(
-    clip: ClipModel, images: list[Image.Image], prompt: Prompt, references: torch.Tensor | None
+    clip: ClipModel, images: list[Image.Image], prompt: Prompt, references: Embeddings | None
 ) -> ImageScores | None:
     if references is None:
         return None
@@ -211,40 +206,28 @@ def save_image(context: ToolContext, image: Image.Image, seed: int, metadata: di
 # ------------------------------------------------------------------------------------------------ concepts
 
 
-def load_concept(
-    context: ToolContext, name: str | None, pipeline: StableDiffusionPipeline, clip: ClipModel
-) -> ConceptWeights | None:
+def load_concept(context: ToolContext, name: str | None) -> ConceptWeights | None:
     """The weights of concept `name` for `applied_concept`, or None when no concept is asked for."""
     if name is None:
         return None
-    stored = context.concept_store().load(name, base_hash(pipeline, clip), context.runtime.model_ids())
+    runtime = context.runtime
+    stored = context.concept_store().load(name, base_hash(runtime.pipeline(), runtime.clip()), runtime.model_ids())
     return ConceptWeights.from_tensors(stored.tensors)
 
 
-def concept_image_embedding(
-    context: ToolContext, name: str, pipeline: StableDiffusionPipeline, clip: ClipModel
-) -> torch.Tensor:
+def concept_image_embedding(context: ToolContext, name: str) -> Embeddings:
     """The (1, P) CLIP image embedding `concept:NAME` stands for: the mean of its references through the tuned
-    image encoder. Feed it to `ImageToPrompt.prompt/edit` as an image's embedding."""
-    store = context.concept_store()
-    embedding = store.mean_embedding(name, base_hash(pipeline, clip), context.runtime.model_ids())
+    image encoder. SD-IPC takes it as an image's embedding."""
+    runtime = context.runtime
+    clip = runtime.clip()
+    embedding = context.concept_store().mean_embedding(name, base_hash(runtime.pipeline(), clip), runtime.model_ids())
     return embedding.to(clip.device)
 
 
-def stored_embeddings(
-    context: ToolContext, refs: Sequence[str], pipeline: StableDiffusionPipeline, clip: ClipModel
-) -> dict[str, torch.Tensor]:
+def stored_embeddings(context: ToolContext, refs: Sequence[str]) -> dict[str, Embeddings]:
     """The embeddings the `concept:NAME` references among `refs` stand for."""
     return {
-        ref: concept_image_embedding(context, ref.removeprefix(CONCEPT_REF_PREFIX), pipeline, clip)
+        ref: concept_image_embedding(context, ref.removeprefix(CONCEPT_REF_PREFIX))
         for ref in refs
         if ref.startswith(CONCEPT_REF_PREFIX)
     }
-
-
-def reference_embeddings(
-    context: ToolContext, refs: Sequence[str], clip: ClipModel, stored: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """(N, P) CLIP image embeddings of the references: pictures through `clip`, concepts from `stored`."""
-    rows = [stored[ref] if ref in stored else clip.encode_image([context.images.load(ref)]) for ref in refs]
-    return torch.cat([row.float().reshape(1, -1) for row in rows])
