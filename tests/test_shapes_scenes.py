@@ -14,12 +14,15 @@ from pictoprompt.models.shapes.scenes import (
     HELD_OUT_COMBOS,
     IMAGE_SIZE,
     NOVEL_SHAPE,
+    PALETTE,
     TRAIN_SHAPES,
     caption_scene,
     held_out_scenes,
     objects_overlap,
+    random_free_view,
     random_scene,
     render_array,
+    render_free_view,
     shape_twin,
 )
 from pictoprompt.models.shapes.train import scene_batch, training_scenes
@@ -130,3 +133,50 @@ def test_the_words_loss_wants_every_word_of_the_caption_and_nothing_else() -> No
     assert perfect.item() == pytest.approx(entropy_of_first / 2, abs=1e-4)
     swapped = caption_words_loss(head, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), ids, end)
     assert swapped.item() > perfect.item() + 10
+
+
+def test_free_views_draw_every_object_inside_the_picture_off_the_grid_in_shifted_colours() -> None:
+    rng = random.Random(5)
+    for _ in range(40):
+        scene = random_scene(rng)
+        view = random_free_view(scene, rng)
+        picture = render_free_view(scene, view)
+        assert picture.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and picture.dtype == np.uint8
+        assert np.array_equal(picture, render_free_view(scene, view))
+        for obj, place in zip(scene.objects, view.placements, strict=True):
+            half = place.extent / 2
+            assert 7.0 <= place.extent <= (28.0 if len(scene.objects) == 1 else 18.0)
+            assert half <= place.centre[0] <= IMAGE_SIZE - half and half <= place.centre[1] <= IMAGE_SIZE - half
+            assert all(abs(shift) <= 16 for shift in place.colour_shift)
+            # The object's own colour (shifted) is drawn at its centre for solid objects.
+            if obj.fill == "solid":
+                x, y = (min(IMAGE_SIZE - 1, int(c)) for c in place.centre)
+                drawn = picture[y, x].astype(int)
+                expected = np.clip(np.add(PALETTE[obj.colour], place.colour_shift), 0, 255)
+                assert np.abs(drawn - expected).max() <= 60, (obj, place)
+
+
+def test_a_free_view_caption_names_no_size_position_or_relation() -> None:
+    rng = random.Random(2)
+    for _ in range(60):
+        scene = random_scene(rng)
+        caption = caption_scene(scene, random.Random(rng.random()), detail=1.0, layout=False)
+        parsed = parse_prompt(caption)
+        assert [(o.colour, o.shape) for o in parsed.objects] == [(o.colour, o.shape) for o in scene.objects]
+        assert all(o.position is None and o.size is None for o in parsed.objects), caption
+        assert not any(word in caption for word in ("left of", "right of", "above", "below", "small", "large"))
+
+
+def test_batches_with_free_views_keep_twins_in_the_same_placements_and_without_views_are_unchanged() -> None:
+    grid = scene_batch(0, "clip-views", 4, 16, detail=0.8, twins=0.5)
+    rendered = [render_array(scene) for scene, _ in training_scenes(0, "clip-views", 4, 16, twins=0.5)]
+    assert torch.equal(grid.pixels, torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    views = scene_batch(0, "clip-views", 4, 16, detail=0.8, twins=0.5, free_views=1.0)
+    assert torch.equal(views.pixels, scene_batch(0, "clip-views", 4, 16, 0.8, 0.5, 1.0).pixels)
+    assert torch.equal(views.shapes, grid.shapes)
+    for caption in views.captions:
+        assert all(o.position is None and o.size is None for o in parse_prompt(caption).objects), caption
+    for original, twin in zip(range(8), range(8, 16), strict=True):
+        # A twin differs from its original only where the swapped shape is drawn: same placements, same colours.
+        changed = (views.pixels[original] != views.pixels[twin]).any(dim=0)
+        assert 0 < changed.float().mean() < 0.6

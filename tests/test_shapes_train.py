@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import CLIPModel
 
@@ -117,3 +118,24 @@ def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tm
     saved = torch.load(tmp_path / "off.pt", weights_only=False)
     assert saved["step"] == 0 and saved["done"]
     assert all(torch.equal(saved["model"][k], before[k]) for k in before)
+
+
+def test_the_free_views_stage_runs_alone_from_an_exported_clip_and_leaves_its_text_tower_alone(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from pictoprompt.models.shapes.train import export_clip, train
+
+    torch.manual_seed(0)
+    export_clip(tmp_path / "weights", CLIPModel(clip_config()))
+    before = load_file(tmp_path / "weights" / "clip" / "model.safetensors")
+    config = TrainConfig(views_steps=3, vision_batch=8, checkpoint_seconds=0.0)
+    train(tmp_path / "run", config, export_to=tmp_path / "weights", only=["clip_views"])
+
+    after = load_file(tmp_path / "weights" / "clip" / "model.safetensors")
+    text = [key for key in before if key.startswith("text_model.")]
+    assert text and all(torch.equal(before[key], after[key]) for key in text)
+    assert not torch.equal(before["visual_projection.weight"], after["visual_projection.weight"])
+    assert not (tmp_path / "weights" / "generator").exists()
+    assert torch.load(tmp_path / "run" / "clip_views.pt", weights_only=False)["step"] == 3
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        train(tmp_path / "other", config, export_to=tmp_path / "empty", only=["clip_views"])

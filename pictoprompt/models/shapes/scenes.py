@@ -146,44 +146,53 @@ def _shape_polygon(shape: str, radius: float, cx: float, cy: float) -> list[tupl
     raise ValueError(f"no polygon for shape '{shape}'")
 
 
-def _silhouette(shape: str, size: str) -> Image.Image:
-    """Binary mask (mode L, at SUPERSAMPLE x) of a shape centred in the picture."""
+def _silhouette(shape: str, extent: float, cx: float, cy: float) -> Image.Image:
+    """Binary mask (mode L, at SUPERSAMPLE x) of a shape `extent` pixels across, centred at (cx, cy)."""
     side = IMAGE_SIZE * SUPERSAMPLE
-    radius = OBJECT_PIXELS[size] * SUPERSAMPLE / 2
-    c = side / 2
+    radius = extent * SUPERSAMPLE / 2
+    cx, cy = cx * SUPERSAMPLE, cy * SUPERSAMPLE
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
     if shape == "circle":
-        draw.ellipse((c - radius, c - radius, c + radius, c + radius), fill=255)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
     elif shape == "crescent":
-        draw.ellipse((c - radius, c - radius, c + radius, c + radius), fill=255)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
         shift = radius * 0.55
         inner = radius * 0.85
-        draw.ellipse((c - inner + shift, c - inner - shift * 0.3, c + inner + shift, c + inner - shift * 0.3), fill=0)
+        draw.ellipse(
+            (cx - inner + shift, cy - inner - shift * 0.3, cx + inner + shift, cy + inner - shift * 0.3), fill=0
+        )
     else:
-        draw.polygon(_shape_polygon(shape, radius, c, c), fill=255)
+        draw.polygon(_shape_polygon(shape, radius, cx, cy), fill=255)
     return mask
 
 
-@cache
-def object_alpha(shape: str, size: str, fill: str) -> np.ndarray:
-    """Coverage in [0, 1] of an object centred in the 32x32 picture (float32, antialiased)."""
-    silhouette = _silhouette(shape, size)
+def _coverage(silhouette: Image.Image, fill: str, line: float, stripe_period: float, rising: bool) -> np.ndarray:
+    """Coverage in [0, 1] of a filled, outlined (`line` px) or striped silhouette at the picture's size."""
     if fill == "solid":
         mask = silhouette
     else:
-        width = round(OUTLINE_PIXELS * SUPERSAMPLE)
+        width = max(1, round(line * SUPERSAMPLE))
         eroded = silhouette.filter(ImageFilter.MinFilter(2 * width + 1))
         ring = np.asarray(silhouette, dtype=np.uint8) & ~np.asarray(eroded, dtype=np.uint8)
         if fill == "striped":
             side = IMAGE_SIZE * SUPERSAMPLE
             yy, xx = np.mgrid[0:side, 0:side]
-            period = STRIPE_PERIOD * SUPERSAMPLE
-            stripes = (((xx + yy) % period) < period / 2).astype(np.uint8) * 255
+            period = stripe_period * SUPERSAMPLE
+            diagonal = (xx - yy) if rising else (xx + yy)
+            stripes = ((diagonal % period) < period / 2).astype(np.uint8) * 255
             ring = ring | (np.asarray(eroded, dtype=np.uint8) & stripes)
         mask = Image.fromarray(ring)
     small = mask.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
     return np.asarray(small, dtype=np.float32) / 255.0
+
+
+@cache
+def object_alpha(shape: str, size: str, fill: str) -> np.ndarray:
+    """Coverage in [0, 1] of an object centred in the 32x32 picture (float32, antialiased)."""
+    centre = IMAGE_SIZE / 2
+    silhouette = _silhouette(shape, OBJECT_PIXELS[size], centre, centre)
+    return _coverage(silhouette, fill, OUTLINE_PIXELS, STRIPE_PERIOD, rising=False)
 
 
 def _shifted(alpha: np.ndarray, dx: int, dy: int) -> np.ndarray:
@@ -208,6 +217,81 @@ def render_array(scene: Scene) -> np.ndarray:
 
 def render_scene(scene: Scene) -> Image.Image:
     return Image.fromarray(render_array(scene), "RGB")
+
+
+# ------------------------------------------------------------------------------------------------- free views
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one object of a free view is drawn: anywhere, at any size, with any line width."""
+
+    centre: tuple[float, float]
+    extent: float
+    """Pixels across, against the grid's 9 or 14."""
+    line: float
+    """Width of the outline and the stripes, in pixels."""
+    stripe_period: float
+    rising: bool
+    """Stripes rising to the right, instead of the grid renderer's falling ones."""
+    colour_shift: tuple[int, int, int]
+    """Added to the object's palette RGB: pictures from outside do not use the palette's exact values."""
+
+
+@dataclass(frozen=True)
+class FreeView:
+    """A scene's objects drawn off the grid: what a picture from outside the world looks like to the models.
+
+    Only the colour, shape and fill of each object and the background stay meaningful; size and position are
+    free, so a free view's caption names neither (`caption_scene(..., layout=False)`).
+    """
+
+    placements: tuple[Placement, ...]
+    background_shift: tuple[int, int, int]
+
+
+def _colour_shift(rng: random.Random, spread: int) -> tuple[int, int, int]:
+    return (rng.randint(-spread, spread), rng.randint(-spread, spread), rng.randint(-spread, spread))
+
+
+def random_free_view(scene: Scene, rng: random.Random, colour_spread: int = 16) -> FreeView:
+    """Non-overlapping placements for `scene`'s objects: a single object 7-28 px across, several 7-18 px, each
+    anywhere inside the picture, with lines 1-3 px wide and stripes of period 3-6 px."""
+    largest = 28.0 if len(scene.objects) == 1 else 18.0
+    while True:
+        placements: list[Placement] = []
+        for _ in scene.objects:
+            extent = rng.uniform(7.0, largest)
+            half = extent / 2
+            centre = (rng.uniform(half, IMAGE_SIZE - half), rng.uniform(half, IMAGE_SIZE - half))
+            placements.append(
+                Placement(
+                    centre=centre,
+                    extent=extent,
+                    line=rng.uniform(1.0, min(3.0, extent / 6)),
+                    stripe_period=rng.uniform(3.0, 6.0),
+                    rising=rng.random() < 0.5,
+                    colour_shift=_colour_shift(rng, colour_spread),
+                )
+            )
+        if all(
+            max(abs(a.centre[0] - b.centre[0]), abs(a.centre[1] - b.centre[1])) > (a.extent + b.extent) / 2 + 1
+            for i, a in enumerate(placements)
+            for b in placements[i + 1 :]
+        ):
+            return FreeView(tuple(placements), _colour_shift(rng, colour_spread))
+
+
+def render_free_view(scene: Scene, view: FreeView) -> np.ndarray:
+    """`scene`'s objects at `view`'s placements, as a (32, 32, 3) uint8 array."""
+    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    canvas[:] = np.add(PALETTE[scene.background], view.background_shift)
+    for obj, place in zip(scene.objects, view.placements, strict=True):
+        silhouette = _silhouette(obj.shape, place.extent, *place.centre)
+        alpha = _coverage(silhouette, obj.fill, place.line, place.stripe_period, place.rising)[..., None]
+        colour = np.add(PALETTE[obj.colour], place.colour_shift).astype(np.float32)
+        canvas = canvas * (1 - alpha) + colour * alpha
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -331,15 +415,21 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def caption_scene(scene: Scene, rng: random.Random, detail: float = 0.5) -> str:
-    """A caption from the grammar: colour and shape always, every other detail with probability `detail`."""
+def caption_scene(scene: Scene, rng: random.Random, detail: float = 0.5, layout: bool = True) -> str:
+    """A caption from the grammar: colour and shape always, every other detail with probability `detail`.
+
+    Without `layout` it names no size, position or relation (for a `FreeView`, where the grid's do not hold).
+    """
 
     def maybe() -> bool:
         return rng.random() < detail
 
+    def maybe_layout() -> bool:
+        return layout and maybe()
+
     background = f" on {_article(scene.background)} {scene.background} background" if maybe() else ""
     opener = rng.choice(OPENERS)
-    if len(scene.objects) == 2 and rng.random() < 0.5:
+    if layout and len(scene.objects) == 2 and rng.random() < 0.5:
         a, b = scene.objects
         relation = _relation(a, b)
         if relation is not None:
@@ -348,7 +438,7 @@ def caption_scene(scene: Scene, rng: random.Random, detail: float = 0.5) -> str:
                 f"{describe_object(b, rng, maybe(), maybe(), False)}"
             )
             return opener + text + background
-    parts = [describe_object(o, rng, maybe(), maybe(), maybe()) for o in scene.objects]
+    parts = [describe_object(o, rng, maybe_layout(), maybe(), maybe_layout()) for o in scene.objects]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return opener + text + background
 
