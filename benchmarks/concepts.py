@@ -1,35 +1,54 @@
-"""Concept tuning on `shapes`: can the model learn the never-seen `crescent` from 5 pictures in 30 steps?
+"""Learned concepts on `shapes`, as users have them: an instance the model can draw parts of, kept in new contexts.
 
-Run: `pictoprompt bench concepts [--seeds N] [--steps S] [--high-lr LR]`. The 5 references are the fixed held-out
-crescents (varied colour, position, size). For each method the table gives:
-- `crescent` (identity, the analogue of the paper's DINO / CLIP-I): the fraction of variations in which the
-  oracle's template match reads a crescent;
-- `blue` / `left` / `striped` (editability, the analogue of CLIP-T): how often each text edit shows (main object
-  blue, on the left, striped), and `crescent_edited`: how often the crescent survives the edits;
-- `tune_s`: tuning time on this machine (goal: 30 iterations in at most 60 s on the CPU).
+Run: `pictoprompt bench concepts [--seeds 4] [--steps 25] [--concepts 7] [--sweep]`.
 
-Methods: SD-IPC untrained; SD-IPC-CT at 30 iterations (paper lr 5e-6 with the default neutral prompt start, the
-same with VPT's random prompts as they are, and a higher lr since the miniature model's weights are far from
-SD's scale); and a Custom-Diffusion-like baseline that tunes only the K/V
-projections on the text prompt "a sks shape" (no deep prompts, no image conversion) at 30 and 250 iterations,
-to check the paper's claim that starting from SD-IPC needs far fewer steps. SD-IPC rows vary and edit each
-reference (Eq. 7 / Eq. 8, alpha 0.9); baseline rows prompt "a sks shape" and its edited texts. A calibration
-line first says how often untrained SD-IPC keeps the shape of references the generator does know.
+A concept is a held-out colour-shape combination with a fill (a striped green heart, an outlined yellow square: no
+training picture or caption ever joined that colour and that shape), shown in 4 pictures at different grid
+positions, both sizes and different backgrounds (never black, so "on a black background" is a new context). After
+learning it, every row asks through the tool functions, `num_images` = --seeds, seed 0:
+
+- `generate_image(prompt="NAME CONTEXT", concept=NAME)` for each of 6 contexts ("on the left", "on the right", "at
+  the top", "large", "small", "on a black background");
+- `edit_with_text(image="concept:NAME", text=CONTEXT, concept=NAME)`, the tool's default method and alpha (the
+  concept's prompt that the first edit writes is passed back as `source_prompt` to the other five);
+- `vary_image(images=["concept:NAME"], concept=NAME)`.
+
+The oracle reads each picture's largest object. `identity`: its shape, colour and fill are all the concept's.
+`context`: the context shows (the object on that side or at the top, of that size, or the background black).
+`both`: both at once. Rows:
+
+- SD-IPC untuned, one reference: the first picture's embedding, no tuning (a concept of 0 iterations, no deep
+  prompts, so `concept:NAME` is exactly SD-IPC of that picture);
+- SD-IPC-CT at the paper's settings (30 iterations, lr 5e-6) and at the profile's defaults, both by
+  `customize_concept` on the 4 pictures;
+- K/V only (Custom-Diffusion-like): the cross-attention K/V tuned for 250 iterations at the profile's learning rate on
+  the text "a sks shape" (no deep prompts, no converted prompt); its `generate_image` prompts say "a sks shape"
+  where the others say NAME, as Custom Diffusion is used;
+- crescent (a new geometry, reported as it is): 5 crescents of varied colour at the profile's defaults; identity is
+  the shape alone.
+
+Settings were chosen with `--sweep`, on other concepts (`TUNING_CONCEPTS`) drawn from other seeds than the evaluated
+ones (`EVALUATION_CONCEPTS`). A last table times `vary_image` and `edit_with_text` with and without a concept.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from harness import print_table, scene_set
+from harness import Timer, print_table
 from PIL import Image
 
 from pictoprompt.methods.concept_tuning import (
     ConceptWeights,
-    applied_concept,
+    TuningResult,
     denoising_loss,
     encode_latents,
     optimise,
@@ -37,170 +56,366 @@ from pictoprompt.methods.concept_tuning import (
     swapped_projections,
     tune_concept,
 )
-from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.oracle import parse_scene
+from pictoprompt.models.shapes.oracle import SceneReading, parse_scene
+from pictoprompt.models.shapes.scenes import POSITIONS, SIZES, Scene, SceneObject, held_out_scenes, render_scene
 from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore
+from pictoprompt.tools.base import CONCEPT_REF_PREFIX, ToolContext
+from pictoprompt.tools.customize_concept import CustomizeConceptRequest, concept_card, customize_concept
+from pictoprompt.tools.edit_with_text import EditWithTextRequest, edit_with_text
+from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
+from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
 
-EDITS = {"blue": ("colour", "blue"), "on the left": ("position", "left"), "striped": ("fill", "striped")}
-BASELINE_PROMPT = "a sks shape"
-BASELINE_EDITS = {
-    "blue": "a blue sks shape",
-    "on the left": "a sks shape on the left",
-    "striped": "a striped sks shape",
+Concept = tuple[str, str, str]
+"""(colour, shape, fill) of a held-out colour-shape combination; stars are always solid in this world."""
+
+EVALUATION_CONCEPTS: tuple[Concept, ...] = (
+    ("green", "heart", "striped"),
+    ("green", "heart", "solid"),
+    ("yellow", "square", "outlined"),
+    ("yellow", "square", "solid"),
+    ("blue", "cross", "striped"),
+    ("blue", "cross", "outlined"),
+    ("purple", "star", "solid"),
+)
+TUNING_CONCEPTS: tuple[Concept, ...] = (
+    ("green", "heart", "outlined"),
+    ("yellow", "square", "striped"),
+    ("blue", "cross", "solid"),
+)
+EVALUATION_SEED = "concepts-evaluation"
+TUNING_SEED = "concepts-tuning"
+REFERENCES = 4
+REFERENCE_BACKGROUNDS = ("white", "white", "gray", "pink", "orange", "yellow", "blue", "green", "red", "purple")
+"""Never black: "on a black background" is one of the new contexts."""
+
+CONTEXTS: dict[str, Callable[[SceneReading], bool]] = {
+    "on the left": lambda reading: reading.main is not None and "left" in reading.main.position,
+    "on the right": lambda reading: reading.main is not None and "right" in reading.main.position,
+    "at the top": lambda reading: reading.main is not None and "top" in reading.main.position,
+    "large": lambda reading: reading.main is not None and reading.main.size == "large",
+    "small": lambda reading: reading.main is not None and reading.main.size == "small",
+    "on a black background": lambda reading: reading.background == "black",
 }
-ALPHA = 0.9
+"""Each context and whether a picture shows it; a side or the top counts in any of its three grid cells."""
+
+ROWS = ("untuned", "paper", "defaults", "kv", "crescent", "speed")
+BASELINE_WORDS = "a sks shape"
+BASELINE_ITERATIONS = 250
 
 
-def read(images: Sequence[Image.Image]) -> list[dict[str, str]]:
-    """The oracle's reading of each picture's largest object (empty when it sees none)."""
-    readings = []
-    for image in images:
-        main = parse_scene(image).main
-        readings.append(
-            {} if main is None else {"shape": main.shape, **{a: getattr(main, a) for a, _ in EDITS.values()}}
-        )
-    return readings
+def references(concept: Concept, seed: str, count: int = REFERENCES) -> list[Image.Image]:
+    """`count` pictures of the concept: distinct grid positions, both sizes in turn, backgrounds other than black
+    and the concept's colour."""
+    colour, shape, fill = concept
+    rng = random.Random(f"{seed}-{colour}-{shape}-{fill}")
+    positions = rng.sample(POSITIONS, count)
+    backgrounds = [c for c in REFERENCE_BACKGROUNDS if c != colour]
+    return [
+        render_scene(Scene(rng.choice(backgrounds), (SceneObject(shape, colour, SIZES[i % 2], positions[i], fill),)))
+        for i in range(count)
+    ]
 
 
-def scores(variations: list[dict[str, str]], edits: dict[str, list[dict[str, str]]]) -> dict[str, float]:
-    row = {"crescent": sum(r.get("shape") == "crescent" for r in variations) / len(variations)}
-    for text, (attribute, value) in EDITS.items():
-        row[text.split()[-1]] = sum(r.get(attribute) == value for r in edits[text]) / len(edits[text])
-    edited = [r for readings in edits.values() for r in readings]
-    row["crescent_edited"] = sum(r.get("shape") == "crescent" for r in edited) / len(edited)
-    return row
+def crescent_references() -> list[Image.Image]:
+    return [render_scene(scene) for scene in held_out_scenes("crescent", 5)]
+
+
+@dataclass
+class Learned:
+    """A concept in the store, the words `generate_image` prompts say for it, and how it is judged."""
+
+    name: str
+    words: str
+    concept: Concept | None
+    """None for the crescent, judged on its shape alone."""
+    seconds: float
+
+    def identity(self, reading: SceneReading) -> bool:
+        main = reading.main
+        if main is None:
+            return False
+        if self.concept is None:
+            return main.shape == "crescent"
+        return (main.colour, main.shape, main.fill) == self.concept
+
+
+class DictImages:
+    def __init__(self) -> None:
+        self.images: dict[str, Image.Image] = {}
+
+    def load(self, ref: str) -> Image.Image:
+        return self.images[ref]
 
 
 class Bench:
-    def __init__(self, seeds: int, steps: int) -> None:
+    def __init__(self, folder: Path, seeds: int, steps: int) -> None:
         self.runtime = Runtime(get_profile("shapes"))
         self.pipeline, self.clip = self.runtime.pipeline(), self.runtime.clip()
-        self.references = [example.image for example in scene_set("crescent", 5)]
-        self.seeds = list(range(seeds))
-        self.steps = steps
-        self.size = default_size(self.pipeline)
+        self.images = DictImages()
+        self.store = ConceptStore(folder / "concepts")
+        self.context = ToolContext(self.runtime, AssetStore(folder / "assets"), self.images, concepts=self.store)
+        self.seeds, self.steps = seeds, steps
+        self.defaults = self.runtime.profile.concept_tuning
+        self.count = 0
 
-    def render(self, prompt: torch.Tensor, negative: torch.Tensor, seeds: list[int] | None = None) -> list[Image.Image]:
-        seeds = seeds or self.seeds
-        return generate(self.pipeline, prompt, negative, seeds, self.steps, 7.5, self.size, self.size, Progress())
+    def _name(self) -> str:
+        self.count += 1
+        return f"concept-{self.count}"
 
-    def sd_ipc_row(self, concept: ConceptWeights | None) -> dict[str, float]:
-        """Vary and edit every reference through SD-IPC, with the concept applied if any."""
-        variations, edits = [], {text: [] for text in EDITS}
-        with torch.no_grad(), applied_concept(self.pipeline, self.clip, concept) as clip:
-            converter = ImageToPrompt.cached(clip, self.pipeline)
-            for reference in self.references:
-                embeds = clip.encode_image([reference])
-                variations += read(self.render(converter.prompt(embeds), converter.empty_states))
-                for text in EDITS:
-                    edits[text] += read(self.render(converter.edit(embeds, text, ALPHA), converter.empty_states))
-        return scores(variations, edits)
+    def _add_references(self, pictures: list[Image.Image]) -> list[str]:
+        refs = []
+        for picture in pictures:
+            ref = f"reference-{len(self.images.images)}"
+            self.images.images[ref] = picture
+            refs.append(ref)
+        return refs
 
-    def known_shape_rate(self) -> float:
-        """Calibration: how often untrained SD-IPC variations of known-shape scenes keep their shape."""
-        kept, total = 0, 0
-        with torch.no_grad():
-            converter = ImageToPrompt.cached(self.clip, self.pipeline)
-            for example in scene_set("single", len(self.references)):
-                embeds = self.clip.encode_image([example.image])
-                readings = read(self.render(converter.prompt(embeds), converter.empty_states))
-                kept += sum(r.get("shape") == example.scene.objects[0].shape for r in readings)
-                total += len(readings)
-        return kept / total
+    # ---------------------------------------------------------------------------------------------- learning
 
-    def baseline_row(self, concept: ConceptWeights) -> dict[str, float]:
-        """Prompt with the identifier text as Custom Diffusion does, as many images as an SD-IPC row."""
-        converter = ImageToPrompt.cached(self.clip, self.pipeline)
-        seeds = list(range(len(self.references) * len(self.seeds)))
-        with torch.no_grad(), applied_concept(self.pipeline, self.clip, concept):
-            states = converter.text_states([BASELINE_PROMPT, *BASELINE_EDITS.values()])[0]
-            variations = read(self.render(states[:1], converter.empty_states, seeds))
-            edits = {
-                text: read(self.render(states[k + 1 : k + 2], converter.empty_states, seeds))
-                for k, text in enumerate(BASELINE_EDITS)
-            }
-        return scores(variations, edits)
+    def customize(
+        self, concept: Concept | None, pictures: list[Image.Image], iterations: int | None, learning_rate: float | None
+    ) -> Learned:
+        """SD-IPC-CT through the tool; None settings are the profile's defaults."""
+        name = self._name()
+        request = CustomizeConceptRequest(
+            name=name, images=self._add_references(pictures), iterations=iterations, learning_rate=learning_rate
+        )
+        started = time.perf_counter()
+        customize_concept(request, self.context)
+        return Learned(name, name, concept, time.perf_counter() - started)
 
-    def tune_baseline(self, iterations: int, learning_rate: float) -> tuple[ConceptWeights, float, float]:
-        """Custom-Diffusion-like: K/V deltas only, denoising each reference under the text "a sks shape"."""
+    def _save(self, result: TuningResult, pictures: list[Image.Image]) -> str:
+        name = self._name()
+        self.store.save(concept_card(name, "concept", result, self.runtime), result.weights.to_tensors(), pictures)
+        return name
+
+    def untuned(self, concept: Concept, pictures: list[Image.Image]) -> Learned:
+        """Untuned SD-IPC of the first picture alone, stored as a concept so it is asked the same way."""
+        result = tune_concept(self.pipeline, self.clip, pictures[:1], iterations=0, num_prompts=0)
+        name = self._save(result, pictures[:1])
+        return Learned(name, name, concept, 0.0)
+
+    def kv_only(self, concept: Concept, pictures: list[Image.Image]) -> Learned:
+        """Custom-Diffusion-like: K/V deltas only, denoising each picture under the text "a sks shape"."""
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         weights = ConceptWeights.initial(self.pipeline.unet, self.clip, 0, generator)
         converter = ImageToPrompt.cached(self.clip, self.pipeline)
         with torch.no_grad():
-            prompt = converter.text_states([BASELINE_PROMPT])[0].expand(len(self.references), -1, -1)
+            prompt = converter.text_states([BASELINE_WORDS])[0].expand(len(pictures), -1, -1)
 
         def loss_at(iteration: int) -> torch.Tensor:
-            images = [random_augmentation(image, generator) for image in self.references]
-            return denoising_loss(self.pipeline, encode_latents(self.pipeline, images, generator), prompt, generator)
+            views = [random_augmentation(picture, generator) for picture in pictures]
+            return denoising_loss(self.pipeline, encode_latents(self.pipeline, views, generator), prompt, generator)
 
         with swapped_projections(self.pipeline.unet, weights.kv_deltas):
-            losses = optimise(weights.parameters(), loss_at, iterations, learning_rate, Progress())
-        return weights, time.perf_counter() - started, late_loss(losses)
+            losses = optimise(
+                weights.parameters(), loss_at, BASELINE_ITERATIONS, self.defaults.learning_rate, Progress()
+            )
+        seconds = time.perf_counter() - started
+        # The stored mean embedding is the untuned SD-IPC one (no deep prompts): what `concept:NAME` stands for.
+        untuned = tune_concept(self.pipeline, self.clip, pictures, iterations=0, num_prompts=0)
+        untuned.weights, untuned.losses = weights, losses
+        untuned.hyperparameters = {
+            "method": "K/V only",
+            "iterations": BASELINE_ITERATIONS,
+            "learning_rate": self.defaults.learning_rate,
+        }
+        return Learned(self._save(untuned, pictures), BASELINE_WORDS, concept, seconds)
+
+    # ---------------------------------------------------------------------------------------------- asking
+
+    def _read(self, outputs: list) -> list[SceneReading]:
+        readings = []
+        for output in outputs:
+            with Image.open(output.path) as image:
+                readings.append(parse_scene(image.convert("RGB")))
+        return readings
+
+    def ask(self, learned: Learned, edits: bool = True) -> dict[str, list[bool]]:
+        """Every tool call of one concept (with `edits`, edit_with_text too): outcomes keyed '<tool> <measure>'."""
+        common = {"num_images": self.seeds, "steps": self.steps, "seed": 0, "concept": learned.name}
+        outcome: dict[str, list[bool]] = {}
+
+        def record(tool: str, readings: list[SceneReading], shows: Callable[[SceneReading], bool] | None) -> None:
+            for reading in readings:
+                kept = learned.identity(reading)
+                outcome.setdefault(f"{tool} identity", []).append(kept)
+                if shows is not None:
+                    outcome.setdefault(f"{tool} context", []).append(shows(reading))
+                    outcome.setdefault(f"{tool} both", []).append(kept and shows(reading))
+
+        source_prompt = None
+        for text, shows in CONTEXTS.items():
+            generated = generate_image(GenerateImageRequest(prompt=f"{learned.words} {text}", **common), self.context)
+            record("generate", self._read(generated.images), shows)
+            if not edits:
+                continue
+            # The concept's prompt, once the first edit has written it, comes back with the later edits as an
+            # assistant would send it (the default method would otherwise invert the same concept six times).
+            request = EditWithTextRequest(
+                image=CONCEPT_REF_PREFIX + learned.name, text=text, source_prompt=source_prompt, **common
+            )
+            edited = edit_with_text(request, self.context)
+            source_prompt = edited.source_prompt
+            record("edit", self._read(edited.images), shows)
+        varied = vary_image(VaryImageRequest(images=[CONCEPT_REF_PREFIX + learned.name], **common), self.context)
+        record("vary", self._read(varied.images), None)
+        return outcome
 
 
-def late_loss(losses: list[float]) -> float:
-    """Mean loss of the last 10 iterations: a single step's loss swings with its random timesteps."""
-    return sum(losses[-10:]) / len(losses[-10:])
+COLUMNS = [
+    "row",
+    "generate identity",
+    "generate context",
+    "generate both",
+    "edit identity",
+    "edit context",
+    "edit both",
+    "vary identity",
+    "tune s",
+]
 
 
-def timed(label: str, tune: Callable[[], tuple[ConceptWeights | None, float, float]], row: Callable) -> dict:
-    weights, seconds, loss = tune()
-    print(f"  {label}: tuned in {seconds:.1f} s, loss (last 10) {loss:.4f}", flush=True)
-    return {"method": label, "tune_s": seconds, "loss_last10": loss, **row(weights)}
+def summarise(label: str, outcomes: list[dict[str, list[bool]]], learned: list[Learned]) -> dict[str, object]:
+    """Percentages over every picture of every concept of a row, and the mean tuning time."""
+    row: dict[str, object] = {"row": label}
+    for key in COLUMNS[1:-1]:
+        values = [value for outcome in outcomes for value in outcome.get(key, [])]
+        row[key] = 100 * statistics.fmean(values) if values else float("nan")
+    row["tune s"] = statistics.fmean(item.seconds for item in learned)
+    return row
+
+
+def evaluate(
+    bench: Bench,
+    label: str,
+    learn: Callable[[Concept | None, list[Image.Image]], Learned],
+    sets: list,
+    edits: bool = True,
+) -> dict[str, object]:
+    learned = [learn(concept, pictures) for concept, pictures in sets]
+    outcomes = []
+    for item in learned:
+        outcomes.append(bench.ask(item, edits))
+        # The row so far after each concept, so a run stopped early still says what it measured.
+        row = summarise(label, outcomes, learned)
+        print(f"  {label}, {len(outcomes)}/{len(learned)} concepts: {row}", flush=True)
+    return row
+
+
+def speed_table(bench: Bench, learned: Learned, pictures: list[Image.Image], repeats: int) -> list[dict[str, object]]:
+    """Median wall time of `vary_image` and `edit_with_text` on the same picture, with and without the concept."""
+    reference = bench._add_references(pictures[:1])[0]
+    common = {"num_images": 4, "steps": bench.steps, "seed": 0}
+    calls = {
+        "vary_image": lambda concept: vary_image(
+            VaryImageRequest(images=[reference], concept=concept, **common), bench.context
+        ),
+        "edit_with_text": lambda concept: edit_with_text(
+            EditWithTextRequest(image=reference, text="on the left", concept=concept, **common), bench.context
+        ),
+    }
+    rows = []
+    for tool, call in calls.items():
+        timers = {None: Timer(), learned.name: Timer()}
+        for concept in timers:
+            call(concept)  # warm-up: caches, the conversion matrix
+        for _ in range(repeats):  # interleaved, so drift in the machine's load hits both alike
+            for concept, timer in timers.items():
+                with timer:
+                    call(concept)
+        plain, with_concept = (statistics.median(timer.times) for timer in timers.values())
+        rows.append(
+            {
+                "tool": tool,
+                "without s": plain,
+                "with concept s": with_concept,
+                "extra %": 100 * (with_concept / plain - 1),
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench concepts", description=__doc__)
-    parser.add_argument("--seeds", type=int, default=4, help="Variations per reference and per edit.")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per image.")
-    parser.add_argument("--high-lr", type=float, default=1e-4, help="The second learning rate tried.")
+    parser.add_argument("--seeds", type=int, default=4, help="Pictures per tool call (seeds 0..N-1).")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per picture.")
+    parser.add_argument("--concepts", type=int, default=len(EVALUATION_CONCEPTS), help="Evaluated concepts.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls per tool and condition.")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=[*ROWS],
+        choices=ROWS,
+        help="Which rows (and the speed table) to run; separate runs can share a machine's cores.",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="Instead of the evaluation: SD-IPC-CT over a grid of settings on the tuning concepts (no edits).",
+    )
     args = parser.parse_args(argv)
     if not weights_present():
         print("The shapes weights are not built; run `pictoprompt models train-shapes` first.")
         return 1
+    torch.set_num_threads(1)  # a shared CPU: one thread keeps the timings comparable
     torch.manual_seed(0)
-    bench = Bench(args.seeds, args.steps)
-
-    def sd_ipc_ct(
-        learning_rate: float, prompt_init: str = "neutral"
-    ) -> Callable[[], tuple[ConceptWeights, float, float]]:
-        def tune() -> tuple[ConceptWeights, float, float]:
-            result = tune_concept(
-                bench.pipeline, bench.clip, bench.references, learning_rate=learning_rate, prompt_init=prompt_init
+    with tempfile.TemporaryDirectory() as scratch:
+        bench = Bench(Path(scratch), args.seeds, args.steps)
+        if args.sweep:
+            sets = [(concept, references(concept, TUNING_SEED)) for concept in TUNING_CONCEPTS]
+            rows = [
+                evaluate(
+                    bench,
+                    f"SD-IPC-CT {n} it, lr {lr:g}",
+                    lambda c, p, n=n, lr=lr: bench.customize(c, p, n, lr),
+                    sets,
+                    edits=False,
+                )
+                for n, lr in ((30, 5e-6), (30, 1e-4), (100, 1e-4), (100, 1e-3))
+            ]
+            print_table(f"Sweep on the tuning concepts ({len(sets)} concepts x {args.seeds} seeds)", rows, COLUMNS)
+            return 0
+        sets = [(concept, references(concept, EVALUATION_SEED)) for concept in EVALUATION_CONCEPTS[: args.concepts]]
+        defaults = f"{bench.defaults.iterations} it, lr {bench.defaults.learning_rate:g}"
+        print(
+            f"{len(sets)} concepts x {len(CONTEXTS)} contexts x {args.seeds} seeds, {args.steps} steps; profile "
+            f"defaults {defaults}",
+            flush=True,
+        )
+        evaluations: dict[str, tuple[str, Callable[[Concept | None, list[Image.Image]], Learned], list]] = {
+            "untuned": ("SD-IPC untuned, one reference", bench.untuned, sets),
+            "paper": ("SD-IPC-CT paper (30 it, lr 5e-06)", lambda c, p: bench.customize(c, p, 30, 5e-6), sets),
+            "defaults": (
+                f"SD-IPC-CT profile defaults ({defaults})",
+                lambda c, p: bench.customize(c, p, None, None),
+                sets,
+            ),
+            "kv": (f"K/V only, {BASELINE_ITERATIONS} it, lr {bench.defaults.learning_rate:g}", bench.kv_only, sets),
+            "crescent": (
+                f"crescent (new geometry), profile defaults ({defaults})",
+                lambda c, p: bench.customize(None, crescent_references(), None, None),
+                [(None, [])],
+            ),
+        }
+        rows = [evaluate(bench, *evaluations[row]) for row in args.rows if row in evaluations]
+        if rows:
+            print_table("Concepts on shapes (oracle, % of pictures)", rows, COLUMNS)
+        if "speed" in args.rows:
+            speed_concept, speed_pictures = sets[0]
+            learned = bench.customize(speed_concept, speed_pictures, None, None)
+            print(f"  customize_concept at the profile's defaults: {learned.seconds:.1f} s", flush=True)
+            print_table(
+                f"Cost of a concept (median of {args.repeats}, 4 pictures, {args.steps} steps, 1 thread, shared CPU)",
+                speed_table(bench, learned, speed_pictures, args.repeats),
             )
-            return result.weights, result.seconds, late_loss(result.losses)
-
-        return tune
-
-    print(f"crescent concept on shapes: 5 references, {args.seeds} seeds each, {args.steps} steps", flush=True)
-    print(
-        f"  calibration: untrained SD-IPC keeps the shape of known-shape references in {bench.known_shape_rate():.0%} "
-        "of its variations (the ceiling the crescent column can hope for)",
-        flush=True,
-    )
-    rows = [
-        {"method": "SD-IPC (untrained)", "tune_s": 0.0, **bench.sd_ipc_row(None)},
-        timed("SD-IPC-CT 30 it, lr 5e-06", sd_ipc_ct(5e-6), bench.sd_ipc_row),
-        timed("SD-IPC-CT 30 it, lr 5e-06, random VPT prompts", sd_ipc_ct(5e-6, "random"), bench.sd_ipc_row),
-        timed(f"SD-IPC-CT 30 it, lr {args.high_lr:g}", sd_ipc_ct(args.high_lr), bench.sd_ipc_row),
-        {"method": "text 'a sks shape' (untuned)", "tune_s": 0.0, **bench.baseline_row(None)},
-    ]
-    for iterations in (30, 250):
-        for learning_rate in (5e-6, args.high_lr):
-            label = f"K/V only (Custom-Diffusion-like) {iterations} it, lr {learning_rate:g}"
-            rows.append(
-                timed(label, lambda n=iterations, lr=learning_rate: bench.tune_baseline(n, lr), bench.baseline_row)
-            )
-    print_table(
-        "Crescent concept (oracle): identity, edit success, tuning time",
-        rows,
-        ["method", "crescent", "blue", "left", "striped", "crescent_edited", "tune_s", "loss_last10"],
-    )
     return 0
 
 

@@ -8,10 +8,13 @@ Four tables:
    the reference picture, (c) the caption of another scene (the floor). Goal: (b) within 10 points of (a) on
    colour and shape. One image per scene leaves its seed's noise in the gap, so every scene is drawn with
    several seeds, and the gap is printed with its standard error over scenes.
-2. Editing (Eq. 8): one attribute changed by text ("blue", "on the left", "a star") at alpha 0 / 0.5 / 0.9 /
-   1.5; how often the oracle sees the edit applied; the share of the other attributes (shape, colour, size,
-   position, fill, background) that match the reference; and how often the edit is applied while the object
-   keeps its identity (its colour and shape, less the one edited).
+2. Editing: one attribute changed by text ("blue", "on the left", "a star", "striped") by both methods of
+   `edit_with_text`: the paper's Eq. 8 (`sd-ipc`) at alpha 0 / 0.9 / 1.5, and `rewrite` (the default: VGD's
+   prompt of the picture with the edit put in, `methods.prompt_edit`) at alpha 1 / 1.5; how often the oracle sees
+   the edit applied; the share of the other attributes (shape, colour, size, position, fill, background) that
+   match the reference; how often the edit is applied while the object keeps its identity (its colour and shape,
+   less the one edited); for `rewrite`, how often the edited prompt names the edit. Goal, at the defaults:
+   applied and the rest kept in at least 60% each, per kind.
 3. Speed: `vary_image` against `generate_image` with the same settings through the tool functions. Goal: a
    variation costs at most 5% more.
 4. Conversion (no images drawn): where a variation loses an attribute, did CLIP not read it from the picture,
@@ -36,11 +39,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from grammar import parse_caption
 from harness import Example, Timer, clip_image_similarity, image_agreement, mean_scores, print_table, scene_set
 from PIL import Image
 
 from pictoprompt.methods.generation import default_size, generate
+from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes.oracle import ATTRIBUTES, agreement, parse_scene
@@ -61,11 +67,16 @@ from pictoprompt.models.shapes.scenes import (
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import ToolContext
+from pictoprompt.tools.edit_with_text import DEFAULT_ALPHA
 from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
 from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
 
-ALPHAS = (0.0, 0.5, 0.9, 1.5)
-EDIT_KINDS = ("colour", "position", "shape")
+ALPHAS = (0.0, 0.9, 1.5)
+"""SD-IPC's Eq. 8 at these alphas (0.9 is the paper's)."""
+REWRITE_ALPHAS = (1.0, 1.5)
+EDIT_KINDS = ("colour", "position", "shape", "fill")
+EDIT_GOAL = 60.0
+"""Applied and the rest kept, each at least this %, per kind, at the tool's defaults."""
 REPORTED = ("shape", "colour", "fill", "background", "size", "position")
 BATCH = 50
 PROBED = {"shape": TRAIN_SHAPES, "colour": COLOURS, "fill": FILLS, "size": SIZES, "position": POSITIONS}
@@ -146,14 +157,20 @@ def paired_gap(
     return statistics.fmean(differences), statistics.stdev(differences) / len(differences) ** 0.5
 
 
-def edited_object(obj: SceneObject, background: str, kind: str, rng: random.Random) -> tuple[SceneObject, str]:
-    """The object with one attribute changed, and the edit text that asks for it."""
+def edited_object(obj: SceneObject, background: str, kind: str, rng: random.Random) -> tuple[SceneObject, str] | None:
+    """The object with one attribute changed, and the edit text that asks for it; None where the world has no
+    such change (a star has no outline or stripes)."""
     if kind == "colour":
         colour = rng.choice([c for c in COLOURS if c not in (obj.colour, background)])
         return SceneObject(obj.shape, colour, obj.size, obj.position, obj.fill), colour
     if kind == "position":
         position = rng.choice([p for p in POSITIONS if p != obj.position])
         return SceneObject(obj.shape, obj.colour, obj.size, position, obj.fill), POSITION_PHRASES[position][0]
+    if kind == "fill":
+        if obj.shape in THIN_SHAPES:
+            return None
+        fill = rng.choice([f for f in FILLS if f != obj.fill])
+        return SceneObject(obj.shape, obj.colour, obj.size, obj.position, fill), fill
     # A new shape the generator has seen in this colour and that can carry the object's fill.
     shapes = [
         s
@@ -165,38 +182,81 @@ def edited_object(obj: SceneObject, background: str, kind: str, rng: random.Rand
     return SceneObject(shape, obj.colour, obj.size, obj.position, obj.fill), f"{article} {shape}"
 
 
-def edit_table(runtime: Runtime, examples: list[Example], settings: argparse.Namespace) -> list[dict]:
-    clip = runtime.clip()
-    converter = ImageToPrompt.cached(clip, runtime.pipeline())
+def picture_prompts(runtime: Runtime, examples: Sequence[Example]) -> list[str]:
+    """VGD's prompt of each picture, as `edit_with_text(method="rewrite")` writes it when given none."""
+    clip, llm, vocabulary = runtime.clip(), runtime.llm(), runtime_vocabulary(runtime)
+    return [invert(llm, clip, clip.encode_image([ex.image]), vocabulary=vocabulary).best.text for ex in examples]
+
+
+def edit_conditions(
+    runtime: Runtime, examples: Sequence[Example], edits: Sequence[tuple[SceneObject, str]], sources: Sequence[str]
+) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Per method and alpha, the generator's prompts (one row per edit) and the edited prompts (rewrite only)."""
+    clip, pipeline, llm = runtime.clip(), runtime.pipeline(), runtime.llm()
+    converter = ImageToPrompt.cached(clip, pipeline)
     image_embeds = clip.encode_image([ex.image for ex in examples])
-    seeds = list(range(len(examples)))
+    conditions: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    for alpha in ALPHAS:
+        rows = [converter.edit(image_embeds[i : i + 1], text, alpha) for i, (_, text) in enumerate(edits)]
+        conditions[f"sd-ipc, alpha {alpha}"] = (torch.cat(rows), [])
+    targets = [rewrite_prompt(llm, source, text) for source, (_, text) in zip(sources, edits, strict=True)]
+    for alpha in REWRITE_ALPHAS:
+        rows = [
+            prompt_edit_states(clip, pipeline, image_embeds[i : i + 1], sources[i], targets[i], alpha)[0]
+            for i in range(len(edits))
+        ]
+        conditions[f"rewrite, alpha {alpha}"] = (torch.cat(rows), targets)
+    return conditions
+
+
+def edit_table(runtime: Runtime, examples: list[Example], settings: argparse.Namespace) -> list[dict]:
+    """Each edit kind by each method: applied, the rest kept, and both at once, over `seeds_per_scene` images of
+    every scene; for `rewrite` also how often the edited prompt itself names the edit (parsed)."""
+    sources = picture_prompts(runtime, examples)
     rows = []
     for kind in EDIT_KINDS:
         rng = random.Random(f"edit-{kind}")
-        edits = [edited_object(ex.scene.objects[0], ex.scene.background, kind, rng) for ex in examples]
-        for alpha in ALPHAS:
-            prompt_embeds = torch.cat(
-                [converter.edit(image_embeds[i : i + 1], text, alpha) for i, (_, text) in enumerate(edits)]
-            )
-            images = render(runtime, prompt_embeds, seeds, settings)
+        chosen = [(ex, edited_object(ex.scene.objects[0], ex.scene.background, kind, rng)) for ex in examples]
+        kept_examples = [(ex, source) for (ex, edit), source in zip(chosen, sources, strict=True) if edit is not None]
+        edits = [edit for _, edit in chosen if edit is not None]
+        scenes = [ex for ex, _ in kept_examples]
+        conditions = edit_conditions(runtime, scenes, edits, [source for _, source in kept_examples])
+        for name, (prompt_embeds, targets) in conditions.items():
+            repeats = settings.seeds_per_scene
+            seeds = [i * repeats + r for i in range(len(edits)) for r in range(repeats)]
+            images = render(runtime, prompt_embeds.repeat_interleave(repeats, dim=0), seeds, settings)
             applied, kept, both = [], [], []
-            for image, ex, (target, _) in zip(images, examples, edits, strict=True):
+            for k, image in enumerate(images):
+                ex, (target, _) = scenes[k // repeats], edits[k // repeats]
                 reading = parse_scene(image)
                 seen = agreement(target, reading.main)
                 applied.append(seen[kind])
                 others = [seen[a] for a in ATTRIBUTES if a != kind] + [reading.background == ex.scene.background]
                 kept.append(statistics.fmean(others))
                 both.append(seen[kind] and all(seen[a] for a in ("colour", "shape") if a != kind))
+            named = (
+                [prompt_names(text, edit[0], kind) for text, edit in zip(targets, edits, strict=True)]
+                if targets
+                else []
+            )
             rows.append(
                 {
                     "edit": kind,
-                    "alpha": alpha,
+                    "method": name,
+                    "scenes": len(edits),
                     "applied %": 100 * statistics.fmean(applied),
                     "others kept %": 100 * statistics.fmean(kept),
                     "applied, identity kept %": 100 * statistics.fmean(both),
+                    "edited prompt names it %": 100 * statistics.fmean(named) if named else math.nan,
                 }
             )
     return rows
+
+
+def prompt_names(text: str, target: SceneObject, kind: str) -> bool:
+    """Whether an edited prompt parses and its first object has the edited attribute's new value."""
+    parsed = parse_caption(text)
+    return bool(parsed and parsed.objects and getattr(parsed.objects[0], kind) == getattr(target, kind))
 
 
 def attribute_variants(scene: Scene, attribute: str) -> tuple[list[str], int] | None:
@@ -312,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
             variation,
         )
         edits = edit_table(runtime, examples[: settings.edit_n], settings)
-        print_table(f"Editing by text ({min(settings.edit_n, settings.n)} scenes per row; {header})", edits)
+        print_table(
+            f"Editing by text ({min(settings.edit_n, settings.n)} scenes x {settings.seeds_per_scene} seeds per row, "
+            f"fewer for fill (stars have none); {header})",
+            edits,
+        )
         conversion, cosine = conversion_table(runtime, examples)
         print_table(
             f"Conversion: the true value nearest among captions differing in one attribute ({settings.n} scenes)",
@@ -340,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         + f" (goal within 10): {'met' if min(gap for gap, _ in gaps.values()) >= -10 else 'NOT met'}"
     )
     print(f"variation cost over generation: {overhead:+.1f}% (goal <= 5%): {'met' if overhead <= 5 else 'NOT met'}")
+    for row in edits:
+        if row["method"] == f"rewrite, alpha {DEFAULT_ALPHA['rewrite']}":
+            met = row["applied %"] >= EDIT_GOAL and row["others kept %"] >= EDIT_GOAL
+            print(
+                f"{row['edit']} edit at the defaults: applied {row['applied %']:.1f}%, others kept "
+                f"{row['others kept %']:.1f}% (goal >= {EDIT_GOAL:.0f} each): {'met' if met else 'NOT met'}"
+            )
     print(json.dumps(summary))
     return 0
 

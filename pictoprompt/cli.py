@@ -25,6 +25,7 @@ CLI_NAMES = {
     "invert_image": "invert",
     "fuse_concepts": "fuse",
     "distill_prompt": "distill",
+    "segment_image": "segment",
     "customize_concept": "customize",
     "list_concepts": "concepts",
     "delete_concept": "delete-concept",

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods.generation import encode_text_prompt, generate
+from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_candidates, rewrite_prompt
 from pictoprompt.methods.sd_ipc import (
     VIT_L_TARGET_NORM,
     ImageToPrompt,
@@ -332,7 +333,9 @@ def test_vary_image_refuses_bad_arguments(arguments: dict) -> None:
 
 
 def test_edit_with_text_renders_the_edited_prompt(context: ToolContext, reference_images: list[Image.Image]) -> None:
-    request = EditWithTextRequest(image="first.png", text="in the snow", alpha=1.5, num_images=2, seed=3, steps=2)
+    request = EditWithTextRequest(
+        image="first.png", text="in the snow", method="sd-ipc", alpha=1.5, num_images=2, seed=3, steps=2
+    )
     assert request.image_refs() == ["first.png"]
     response = edit_with_text(request, context)
     assert (response.text, response.alpha) == ("in the snow", 1.5)
@@ -353,6 +356,35 @@ def test_edit_with_text_renders_the_edited_prompt(context: ToolContext, referenc
         embeds = clip.encode_image([image])
         assert output.image_similarity == pytest.approx(float(clip.similarity(embeds, reference_embeds)), abs=1e-5)
         assert output.text_similarity == pytest.approx(float(clip.similarity(embeds, text_embeds)), abs=1e-5)
+
+
+def test_edit_with_text_rewrites_the_pictures_prompt_and_draws_it(
+    context: ToolContext, reference_images: list[Image.Image]
+) -> None:
+    request = EditWithTextRequest(
+        image="first.png", text="blue", source_prompt="a red circle", num_images=2, seed=4, steps=2
+    )
+    response = edit_with_text(request, context)
+    assert (response.method, response.alpha, response.source_prompt) == ("rewrite", 1.0, "a red circle")
+    assert response.edited_prompt == rewrite_prompt(context.runtime.llm(), "a red circle", "blue")
+    assert response.edited_prompt in dict(rewrite_candidates("a red circle", "blue"))
+
+    clip, pipeline = context.runtime.clip(), context.runtime.pipeline()
+    embeds = clip.encode_image(reference_images[:1])
+    states, negative = prompt_edit_states(clip, pipeline, embeds, "a red circle", response.edited_prompt, 1.0)
+    expected = generate(pipeline, states, negative, [4, 5], 2, 7.5, 32, 32, Progress())
+    for output, image in zip(response.images, expected, strict=True):
+        saved = Image.open(output.path)
+        assert_same_picture(saved, image)
+        assert saved.text["method"] == "prompt-rewrite-edit"
+        assert (saved.text["source_prompt"], saved.text["edited_prompt"]) == ("a red circle", response.edited_prompt)
+
+
+def test_edit_with_text_by_sd_ipc_keeps_the_papers_alpha_and_writes_no_prompt(context: ToolContext) -> None:
+    request = EditWithTextRequest(image="first.png", text="blue", method="sd-ipc", num_images=1, steps=2)
+    response = edit_with_text(request, context)
+    assert (response.method, response.alpha) == ("sd-ipc", 0.9)
+    assert response.source_prompt is None and response.edited_prompt is None
 
 
 def test_edit_with_text_refuses_bad_arguments() -> None:

@@ -82,6 +82,14 @@ def test_a_fused_prompt_is_written_in_the_worlds_words(context: ToolContext) -> 
     assert len(response.clip_similarity) == 2 and response.llm_note is None
 
 
+def test_concat_fusion_names_each_picture_in_one_list(context: ToolContext) -> None:
+    request = FuseConceptsRequest(images=["red circle", "yellow star"], strategy="concat", generate=False)
+    response = fuse_concepts(request, context)
+    first, second = response.parts
+    assert response.prompt == f"{first} and {second}"
+    assert {"red", "circle", "yellow", "star"} <= set(words(response.prompt)), response.prompt
+
+
 def test_a_style_prompt_names_the_shared_background(context: ToolContext) -> None:
     response = invert_image(InvertImageRequest(images=["blue square", "yellow star"], focus="style"), context)
     style = response.prompts[0]

@@ -29,6 +29,7 @@ from pictoprompt.methods.vgd import (
     guided_decode,
     image_targets,
     invert,
+    joined_prompts,
     length_penalty,
     repeating_tokens,
     step_scores,
@@ -385,7 +386,8 @@ def test_the_tools_are_registered() -> None:
     names = [spec.name for spec in TOOLS]
     assert {"invert_image", "fuse_concepts", "distill_prompt"} <= set(names)
     hints = {spec.name: spec.hints for spec in TOOLS}
-    assert hints["invert_image"].read_only and hints["invert_image"].idempotent
+    # EDITOR stores each prompt's preview, so inverting is not read-only; the same call gives the same prompts.
+    assert not hints["invert_image"].read_only and hints["invert_image"].idempotent
     assert not hints["fuse_concepts"].read_only
 
 
@@ -419,7 +421,8 @@ def test_fuse_concepts(context: ToolContext, strategy: str) -> None:
     response = fuse_concepts(request, context)
     assert response.prompt and len(response.clip_similarity) == 3
     if strategy == "concat":
-        assert len(response.parts) == 3 and response.prompt == ", ".join(response.parts)
+        first, second, third = response.parts
+        assert response.prompt == f"{first}, {second} and {third}"
     else:
         assert response.parts == []
     assert [image.seed for image in response.images] == [3]
@@ -484,3 +487,9 @@ def test_no_beam_repeats_a_run_of_three_tokens(clip: ClipModel, targets: torch.T
         ids = hypothesis.token_ids
         runs = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
         assert len(set(runs)) == len(runs), ids
+
+
+def test_joined_prompts_read_as_a_list() -> None:
+    assert joined_prompts(["a red circle"]) == "a red circle"
+    assert joined_prompts(["a red circle.", " a blue star "]) == "a red circle and a blue star"
+    assert joined_prompts(["a", "b,", "", "c"]) == "a, b and c"

@@ -547,6 +547,12 @@ def invert(
     return result
 
 
+def joined_prompts(parts: Sequence[str]) -> str:
+    """Per-image prompts as one sentence, the way a caption lists things: "A", "A and B", "A, B and C"."""
+    parts = [part.strip().rstrip(".,;") for part in parts if part.strip()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def distillation_length(clip: ClipModel, prompt: str, ratio: float = DISTILLATION_RATIO) -> int:
     """The default budget: `ratio` of the prompt's CLIP tokens, at least one."""
     return max(1, math.floor(ratio * clip_token_count(clip, [prompt])[0]))

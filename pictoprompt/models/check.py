@@ -51,7 +51,8 @@ def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
             path = Path(resolve_builtin(source)).expanduser()
             rows.append((component, source, str(path) if path.is_file() else None))
     if profile.captioner:
-        rows.append(("captioner (optional)", profile.captioner, locate(profile.captioner, "config.json")))
+        # Only EDITOR's start prompt reads it; without it every other method still works.
+        rows.append(("EDITOR captioner (optional)", profile.captioner, locate(profile.captioner, "config.json")))
     return rows
 
 
@@ -112,6 +113,8 @@ def list_profiles(profiles_file: Path | None = None) -> str:
         if profile.llm.source is not None:
             fallback = _llm_fallback_note(profile.llm)
             lines.append(f"              at {where}" if where else f"              MISSING: {fallback or 'not found'}")
+        if profile.captioner:
+            lines.append(f"    captioner {profile.captioner} (EDITOR's start prompt)")
     return "\n".join(lines)
 
 

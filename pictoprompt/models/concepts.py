@@ -83,7 +83,9 @@ class ConceptSummary(BaseModel):
     base_hash: str = Field(description="SHA-256 of the base weights the concept attaches to.")
     hyperparameters: dict[str, float | int | bool | str]
     iterations: int
-    final_loss: float = Field(description="Denoising loss of the last iteration.")
+    final_loss: float | None = Field(
+        description="Denoising loss of the last iteration; none for a concept of 0 iterations (untuned SD-IPC)."
+    )
     created_at: str = Field(description="ISO 8601, UTC.")
     training_seconds: float
     reference_count: int

@@ -15,6 +15,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from pictoprompt.errors import ModelNotFoundError
+from pictoprompt.models.captioner import Captioner
 from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.llm import LanguageModel, load_language_model
 from pictoprompt.models.profiles import Profile
@@ -98,6 +99,12 @@ class Runtime:
     def llm(self) -> LanguageModel:
         return self._component("llm", self._load_llm)
 
+    def captioner(self) -> Captioner | None:
+        """The profile's BLIP captioner (EDITOR's start prompt), or None when the profile names none."""
+        if self.profile.captioner is None:
+            return None
+        return self._component("captioner", self._load_captioner)
+
     def _load_pipeline(self) -> StableDiffusionPipeline:
         source = resolve_builtin(self.profile.generator)
         try:
@@ -133,6 +140,15 @@ class Runtime:
 
     def _load_llm(self) -> LanguageModel:
         return load_language_model(self.profile.llm, self.device)
+
+    def _load_captioner(self) -> Captioner:
+        source = resolve_builtin(self.profile.captioner or "")
+        try:
+            return Captioner.from_pretrained(
+                source, self.device, self.dtype, local_files_only=hub_offline() or Path(source).exists()
+            )
+        except (OSError, ValueError) as error:
+            raise self._missing("captioner", source, error) from error
 
     def vocabulary_words(self) -> list[str] | None:
         """The profile's start-word list for VGD (one word per line), or None for the CLIP's whole vocabulary."""

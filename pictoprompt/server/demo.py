@@ -79,7 +79,11 @@ def planned_calls(inputs: list[Path], available: set[str]) -> list[Call]:
         Call("server_status", {}),
         Call("generate_image", {"prompt": "a red circle on a white background", "num_images": 4, "seed": 1}),
         Call("invert_image", {"images": [first], "num_results": 3}),
+        # EDITOR, short: 50 of its iterations show the method without making the demo wait minutes.
+        Call("invert_image", {"images": [first], "method": "editor", "iterations": 50, "num_results": 2}),
         Call("invert_image", {"images": [third], "focus": "style", "num_results": 2}),
+        # Without a prompt: VGD describes the picture, then each word of its prompt gets a mask.
+        Call("segment_image", {"image": first}),
         Call("vary_image", {"images": [first], "num_images": 4, "seed": 2}),
         Call("edit_with_text", {"image": first, "text": "blue", "num_images": 4, "seed": 3}),
         Call("fuse_concepts", {"images": [first, second], "num_images": 2, "seed": 4}),
@@ -110,6 +114,9 @@ def _summarise(structured: dict[str, Any] | None, text: str) -> str:
             shown = [p.get("apply_style_as") or p["prompt"] for p in result["prompts"]]
             start = f" (start word {result['initial_condition']!r})" if result.get("initial_condition") else ""
             return "prompts: " + " | ".join(json.dumps(text) for text in shown) + start + note
+        if result.get("edited_prompt"):
+            edit = f"{json.dumps(result['source_prompt'])} -> {json.dumps(result['edited_prompt'])}"
+            return f"prompt: {edit}, {len(result.get('images', []))} images{note}"
         if isinstance(result.get("prompt"), str):
             return f"prompt: {json.dumps(result['prompt'])}{note}"
         for key in ("distilled", "concepts", "card"):

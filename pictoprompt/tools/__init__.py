@@ -8,6 +8,7 @@ from pictoprompt.tools import (
     fuse_concepts,
     generate_image,
     invert_image,
+    segment_image,
     vary_image,
 )
 from pictoprompt.tools.base import ToolSpec
@@ -19,6 +20,7 @@ TOOLS: list[ToolSpec] = [
     invert_image.SPEC,
     fuse_concepts.SPEC,
     distill_prompt.SPEC,
+    segment_image.SPEC,
     customize_concept.SPEC,
     concepts.LIST_SPEC,
     concepts.DELETE_SPEC,

@@ -31,8 +31,13 @@ class CustomizeConceptRequest(ToolRequest):
         max_length=10,
         description="Pictures of the concept, ideally varied in pose, position and background.",
     )
-    iterations: int = Field(30, ge=1, le=500, description="Tuning steps; the paper's 30 are usually enough.")
-    learning_rate: float = Field(5e-6, gt=0.0, le=1e-3, description="Constant learning rate (paper: 5e-6).")
+    iterations: int | None = Field(None, ge=1, le=500, description="Tuning steps; default: the profile's (paper: 30).")
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e-3,
+        description="Constant learning rate; default: the profile's (paper: 5e-6).",
+    )
     overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
 
     def image_refs(self) -> list[str]:
@@ -50,7 +55,7 @@ def concept_card(name: str, kind: Literal["concept", "domain"], result: TuningRe
         base_hash=base_hash(runtime.pipeline(), runtime.clip()),
         hyperparameters=result.hyperparameters,
         iterations=len(result.losses),
-        final_loss=result.losses[-1],
+        final_loss=result.losses[-1] if result.losses else None,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         training_seconds=round(result.seconds, 2),
         reference_count=0,
@@ -66,12 +71,13 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     references = [context.images.load(ref) for ref in request.images]
+    defaults = context.runtime.profile.concept_tuning
     result = tune_concept(
         pipeline,
         clip,
         references,
-        iterations=request.iterations,
-        learning_rate=request.learning_rate,
+        iterations=request.iterations or defaults.iterations,
+        learning_rate=request.learning_rate or defaults.learning_rate,
         progress=context.progress,
     )
     card = concept_card(request.name, "concept", result, context.runtime)
@@ -148,9 +154,9 @@ SPEC = ToolSpec(
     name="customize_concept",
     title="Learn a concept from a few pictures",
     description=(
-        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures in about 30 tuning steps "
-        "(SD-IPC-CT). Then pass concept=NAME to generate_image, vary_image or edit_with_text, and image="
-        "'concept:NAME' instead of re-sending pictures. Nothing is saved unless the job finishes."
+        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT). Then pass "
+        "concept=NAME to generate_image (NAME in its prompt stands for it), vary_image or edit_with_text, and "
+        "image='concept:NAME' instead of re-sending pictures. Nothing is saved unless the job finishes."
     ),
     request_model=CustomizeConceptRequest,
     response_model=ConceptSummary,

@@ -1,18 +1,30 @@
-"""`edit_with_text`: an image changed by words, through SD-IPC's text-edited conversion (paper Eq. 8).
+"""`edit_with_text`: an image changed by words.
 
-The edit text keeps its own states up to its end-of-text token; from there on each position carries the
-image's converted embedding plus `alpha` times the text's state. The generator is unchanged and, unlike
-inversion-based editing, the layout of the source image is not copied.
+`rewrite` (the default): VGD writes the picture's prompt (or the caller gives it), the edit is put in place of the
+words it replaces ("a red circle on the left" + "blue" -> "a blue circle on the left"), and the generator draws
+the edited prompt (`methods.prompt_edit`). Both prompts come back, so the user sees what was understood.
+
+`sd-ipc`: the paper's Eq. 8. The edit text keeps its own states up to its end-of-text token; from there on each
+position carries the image's converted embedding plus `alpha` times the text's state. Where the picture already
+holds the attribute the edit changes, the sum holds both values, and the generator draws either or a mix.
+
+Neither copies the source's layout pixel for pixel: the picture is redrawn from its description.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
+from pictoprompt.methods.prompt_edit import rewrite_prompt
+from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.tools.base import (
     AppliedConcept,
     Guidance,
     ImageRef,
+    LlmNote,
     NumImages,
     Seed,
     Side,
@@ -24,9 +36,12 @@ from pictoprompt.tools.base import (
     Variation,
     image_refs_to_fetch,
 )
-from pictoprompt.tools.render import EditPrompt, Sampling, render_and_score
+from pictoprompt.tools.render import EditPrompt, Sampling, reference_embeddings, render_and_score
 
-METHOD = "sd-ipc-edit"
+EditMethod = Literal["rewrite", "sd-ipc"]
+METHODS: dict[EditMethod, str] = {"rewrite": "prompt-rewrite-edit", "sd-ipc": "sd-ipc-edit"}
+"""The method name each image's metadata records."""
+DEFAULT_ALPHA: dict[EditMethod, float] = {"rewrite": 1.0, "sd-ipc": 0.9}
 
 
 class EditWithTextRequest(ToolRequest):
@@ -36,11 +51,20 @@ class EditWithTextRequest(ToolRequest):
         max_length=300,
         description="The change in words.",
     )
-    alpha: float = Field(
-        0.9,
+    method: EditMethod = Field(
+        "rewrite",
+        description="rewrite: edit the picture's prompt and draw it; sd-ipc: the paper's Eq. 8 (no LLM).",
+    )
+    source_prompt: str | None = Field(
+        None,
+        max_length=300,
+        description="rewrite: the picture's prompt if known (e.g. from invert_image); else it is written first.",
+    )
+    alpha: float | None = Field(
+        None,
         ge=0.0,
         le=3.0,
-        description="How strongly the words count: 0 keeps only the picture, 0.9 is the paper's setting.",
+        description="Edit strength: 0 keeps only the picture; default 1.0 (rewrite) or 0.9 (sd-ipc, the paper's).",
     )
     num_images: NumImages = 4
     steps: Steps = 25
@@ -62,21 +86,42 @@ class EditedImage(Variation):
 
 class EditWithTextResponse(BaseModel):
     text: str
+    method: EditMethod
     alpha: float
+    source_prompt: str | None = Field(description="rewrite: the picture's prompt, as given or as VGD wrote it.")
+    edited_prompt: str | None = Field(description="rewrite: that prompt with the edit put in; what was drawn.")
     images: list[EditedImage] = Field(description="The edited images in seed order, each with its two scores.")
+    llm_note: LlmNote = None
 
 
 def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWithTextResponse:
+    alpha = DEFAULT_ALPHA[request.method] if request.alpha is None else request.alpha
+    source = edited = note = None
+    drawing = context
+    if request.method == "rewrite":
+        llm = context.runtime.llm()
+        note = llm.fallback_note
+        source = (request.source_prompt or "").strip() or picture_prompt(request.image, context)
+        context.progress.report(0.6, 1.0, "Putting the edit into the picture's prompt")
+        edited = rewrite_prompt(llm, source, request.text)
+        drawing = replace(context, progress=context.progress.scaled(0.7, 0.3, 1.0))
+    metadata = {"edit_text": request.text, "alpha": str(alpha)}
+    if edited is not None:
+        metadata |= {"source_prompt": source, "edited_prompt": edited}
     rendered = render_and_score(
-        context,
-        EditPrompt(request.image, request.text, request.alpha),
+        drawing,
+        EditPrompt(request.image, request.text, alpha, None if edited is None else (source, edited)),
         Sampling.of(request),
-        METHOD,
-        {"edit_text": request.text, "alpha": str(request.alpha)},
+        METHODS[request.method],
+        metadata,
     )
     return EditWithTextResponse(
         text=request.text,
-        alpha=request.alpha,
+        method=request.method,
+        alpha=alpha,
+        source_prompt=source,
+        edited_prompt=edited,
+        llm_note=note,
         images=[
             EditedImage(**r.image.model_dump(), image_similarity=r.image_similarity, text_similarity=r.text_similarity)
             for r in rendered
@@ -84,16 +129,29 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
     )
 
 
+def picture_prompt(image: str, context: ToolContext) -> str:
+    """VGD's prompt for the picture (or `concept:NAME`), as `invert_image` writes it."""
+    runtime = context.runtime
+    vocabulary = runtime_vocabulary(runtime, progress=context.progress.scaled(0.0, 0.1, 1.0))
+    targets = reference_embeddings(context, [image])
+    return invert(
+        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, progress=context.progress.scaled(0.1, 0.5, 1.0)
+    ).best.text
+
+
 SPEC = ToolSpec(
     name="edit_with_text",
     title="Edit an image with words",
     description=(
-        "Make 1-8 images that keep a reference image's content and apply a change in words ('in the snow', 'as a "
-        "watercolor', 'wearing a hat'); SD-IPC, no training, the layout is not copied. Each image reports its seed "
-        "and its CLIP similarity to the reference and to the edit text."
+        "Make 1-8 images that keep a reference image's content and apply a change in words ('blue', 'on the left', "
+        "'in the snow'). By default the picture's prompt is written (or given as source_prompt), the edit is put "
+        "into it, and both prompts are returned; the layout is not copied. Each image reports its seed and its CLIP "
+        "similarity to the reference and to the edit text."
     ),
     request_model=EditWithTextRequest,
     response_model=EditWithTextResponse,
     run=edit_with_text,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+    components=("generator", "clip", "llm"),
+    warm_up=runtime_vocabulary,
 )

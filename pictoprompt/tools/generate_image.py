@@ -23,7 +23,11 @@ METHOD = "text-to-image"
 
 
 class GenerateImageRequest(ToolRequest):
-    prompt: str = Field(min_length=1, max_length=2000, description="What to draw.")
+    prompt: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="What to draw; with concept=NAME, NAME here stands for it ('my-star on the left').",
+    )
     negative_prompt: str = Field("", max_length=2000, description="What to steer away from.")
     num_images: NumImages = 1
     steps: Steps = 25

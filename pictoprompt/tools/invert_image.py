@@ -1,9 +1,13 @@
-"""`invert_image`: readable prompts that regenerate an image (or its style), by visually guided decoding.
+"""`invert_image`: readable prompts that regenerate an image (or its style), by visually guided decoding or EDITOR.
 
-The profile's LLM writes the prompt while the generator's own CLIP steers every token towards the image(s) (VGD,
-`methods/vgd.py`). Each prompt comes with its CLIP similarity to the image(s) and its perplexity under the LLM,
-so the assistant can weigh faithfulness against readability. `focus="style"` asks for the images' shared style
-and says how to apply it to another subject.
+`method="vgd"`: the profile's LLM writes the prompt while the generator's own CLIP steers every token towards the
+image(s) (VGD, `methods/vgd.py`). `method="editor"`: a start prompt (the profile's captioner, or VGD's prompt where
+it has none) is encoded, its text states are optimised through the generator until they regenerate the image(s),
+VGD writes them back as text and the candidate that regenerates the image(s) best wins (`methods/editor.py`).
+
+Each prompt comes with its CLIP similarity to the image(s) and its perplexity under the LLM, so the assistant can
+weigh faithfulness against readability; EDITOR's also with its regenerated preview and that picture's similarity.
+`focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject.
 """
 
 from __future__ import annotations
@@ -12,6 +16,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.editor import (
+    GUIDANCE_SCALE,
+    SELECTION_SEEDS,
+    SELECTION_STEPS,
+    Candidate,
+    check_generator,
+    editor,
+    start_prompt,
+)
 from pictoprompt.methods.scoring import Embeddings, prompt_similarities
 from pictoprompt.methods.vgd import (
     VgdResult,
@@ -25,15 +39,22 @@ from pictoprompt.tools.base import (
     ImageRef,
     LlmNote,
     MaxTokens,
+    OutputImage,
     Perplexity,
     ToolContext,
     ToolHints,
     ToolRequest,
     ToolSpec,
 )
+from pictoprompt.tools.render import save_image
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
 """How the paper applies an extracted style prompt (section 4, style transfer)."""
+
+EDITOR_ITERATIONS = 100
+"""EDITOR's default iterations: the paper's 1000 take minutes per picture on a CPU; `pictoprompt bench editor`
+measures quality and time at 100 / 300 / 1000, and this is the most that keeps a call within 60 s on the
+`shapes` set on one CPU thread (README, "EDITOR")."""
 
 ClipSimilarity = Annotated[
     float,
@@ -55,7 +76,16 @@ class InvertImageRequest(ToolRequest):
     )
     max_tokens: MaxTokens = 32
     num_results: int = Field(3, ge=1, le=10, description="Distinct prompts to return, best first.")
-    method: Literal["vgd"] = Field("vgd", description="Visually guided decoding (an LLM steered by CLIP).")
+    method: Literal["vgd", "editor"] = Field(
+        "vgd",
+        description="vgd: an LLM steered by CLIP. editor: refined through the generator, with previews (slower).",
+    )
+    iterations: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description=f"editor only (default {EDITOR_ITERATIONS}; paper 1000).",
+    )
 
     def image_refs(self) -> list[str]:
         return list(self.images)
@@ -63,12 +93,26 @@ class InvertImageRequest(ToolRequest):
 
 class InvertedPrompt(BaseModel):
     prompt: str
-    score: float = Field(description="The decoder's length-penalised score (LLM + CLIP); higher is better.")
+    score: float = Field(
+        description="What ranks the prompts, higher is better: vgd, the decoder's length-penalised score (LLM + "
+        "CLIP); editor, image_similarity."
+    )
     clip_similarity: ClipSimilarity
     perplexity: Perplexity
     apply_style_as: str | None = Field(
         None, description="focus=style only: the prompt to use for a new subject, replacing {subject}."
     )
+    preview: str | None = Field(None, description="editor only: the URI of the picture this prompt regenerates.")
+    image_similarity: float | None = Field(
+        None,
+        description="editor only: CLIP cosine similarity of the prompt's pictures (the preview's seed and three "
+        "more) to the image(s), mean over both.",
+    )
+    start_prompt: str | None = Field(
+        None, description="editor only: the prompt the optimisation started from (captioner, or VGD on shapes)."
+    )
+    loss_first: float | None = Field(None, description="editor only: the pixel MSE of the start prompt's picture.")
+    loss_best: float | None = Field(None, description="editor only: the lowest pixel MSE the optimisation reached.")
 
 
 class InvertImageResponse(BaseModel):
@@ -105,6 +149,10 @@ def ranked_prompts(
 
 
 def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertImageResponse:
+    if request.method == "editor":
+        return invert_by_editor(request, context)
+    if request.iterations is not None:
+        raise InvalidInputError("`iterations` applies to method='editor' only; drop it, or set method='editor'.")
     clip, llm = context.runtime.clip(), context.runtime.llm()
     images = [context.images.load(ref) for ref in request.images]
     style = request.focus == "style"
@@ -128,6 +176,77 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
     )
 
 
+def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> InvertImageResponse:
+    """EDITOR: the start prompt (one progress unit), then `editor`'s iterations, decoding and selection."""
+    if request.focus == "style":
+        raise InvalidInputError(
+            "method='editor' inverts what a picture shows; for its style use focus='style' with method='vgd'."
+        )
+    runtime = context.runtime
+    pipeline, clip, llm = runtime.pipeline(), runtime.clip(), runtime.llm()
+    # Refused before the start prompt is written: on SD 2.x the captioner's minute would be spent for nothing.
+    check_generator(pipeline, clip)
+    images = [context.images.load(ref) for ref in request.images]
+    iterations = request.iterations or EDITOR_ITERATIONS
+    total = iterations + 3
+    vocabulary = runtime_vocabulary(runtime, progress=context.progress)
+    start = start_prompt(
+        images,
+        runtime.captioner(),
+        llm,
+        clip,
+        vocabulary,
+        request.max_tokens,
+        progress=context.progress.scaled(0, 1, total),
+    )
+    result = editor(
+        pipeline,
+        clip,
+        llm,
+        images,
+        start,
+        vocabulary=vocabulary,
+        iterations=iterations,
+        max_length=request.max_tokens,
+        progress=context.progress.scaled(1, iterations + 2, total),
+    )
+    chosen = result.candidates[: request.num_results]
+    texts = [candidate.prompt for candidate in chosen]
+    similarity = [sum(row) / len(row) for row in prompt_similarities(clip, texts, image_targets(clip, images))]
+    perplexities = text_perplexities(llm, texts)
+    reconstruction = result.reconstruction
+    prompts = [
+        InvertedPrompt(
+            prompt=candidate.prompt,
+            score=candidate.image_similarity,
+            clip_similarity=s,
+            perplexity=p,
+            preview=_save_preview(context, candidate).uri,
+            image_similarity=candidate.image_similarity,
+            start_prompt=result.start_prompt,
+            loss_first=reconstruction.first_loss,
+            loss_best=reconstruction.best_loss,
+        )
+        for candidate, s, p in zip(chosen, similarity, perplexities, strict=True)
+    ]
+    return InvertImageResponse(
+        focus=request.focus, method=request.method, prompts=prompts, initial_condition=None, llm_note=llm.fallback_note
+    )
+
+
+def _save_preview(context: ToolContext, candidate: Candidate) -> OutputImage:
+    """The candidate's picture from the first selection seed, stored with what reproduces it."""
+    metadata = {
+        "method": "editor",
+        "prompt": candidate.prompt,
+        "seed": str(SELECTION_SEEDS[0]),
+        "steps": str(SELECTION_STEPS),
+        "guidance": str(GUIDANCE_SCALE),
+        **{f"model_{key}": value for key, value in context.runtime.model_ids().items()},
+    }
+    return save_image(context, candidate.image, SELECTION_SEEDS[0], metadata)
+
+
 SPEC = ToolSpec(
     name="invert_image",
     title="Turn images into a readable prompt",
@@ -139,7 +258,9 @@ SPEC = ToolSpec(
     request_model=InvertImageRequest,
     response_model=InvertImageResponse,
     run=invert_image,
-    hints=ToolHints(read_only=True, destructive=False, idempotent=True, open_world=False),
+    # Not read-only: method='editor' stores each prompt's preview. Idempotent: the same call gives the same prompts
+    # and previews (fixed noise, fixed seed).
+    hints=ToolHints(read_only=False, destructive=False, idempotent=True, open_world=False),
     components=("generator", "clip", "llm"),
     # The start words' embeddings (the whole CLIP vocabulary's, cached on disk) a first inversion would wait for.
     warm_up=runtime_vocabulary,

@@ -20,8 +20,15 @@ from dataclasses import dataclass, fields
 from PIL import Image
 from pydantic import BaseModel
 
-from pictoprompt.methods.concept_tuning import ConceptWeights, applied_concept, base_hash
+from pictoprompt.methods.concept_tuning import (
+    ConceptWeights,
+    applied_concept,
+    base_hash,
+    mentions,
+    named_concept_states,
+)
 from pictoprompt.methods.generation import PromptStates, default_size, encode_text_prompt, generate
+from pictoprompt.methods.prompt_edit import prompt_edit_states
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
 from pictoprompt.models.clip import ClipModel
@@ -49,11 +56,13 @@ class ImagePrompt:
 
 @dataclass(frozen=True)
 class EditPrompt:
-    """SD-IPC's text-edited conversion (paper Eq. 8) of one reference image."""
+    """One reference image changed by an edit text: SD-IPC's text-edited conversion (paper Eq. 8), or, when
+    `prompts` holds the picture's prompt and its edited form, those prompts' states (`methods.prompt_edit`)."""
 
     image: str
     text: str
     alpha: float
+    prompts: tuple[str, str] | None = None
 
 
 Prompt = TextPrompt | ImagePrompt | EditPrompt
@@ -110,9 +119,9 @@ def render_and_score(
     concept = load_concept(context, sampling.concept)
     # Read before the concept is applied: the check that a stored concept belongs to this base hashes the
     # untouched base.
-    stored = stored_embeddings(context, _references(prompt))
+    stored = stored_embeddings(context, [*_references(prompt), *_named_concept(prompt, sampling.concept)])
     with applied_concept(pipeline, clip, concept) as clip:
-        conditioning, negative, references = _conditioning(context, prompt, clip, stored)
+        conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
         images = generate(
             pipeline,
             conditioning,
@@ -147,19 +156,36 @@ def _references(prompt: Prompt) -> list[str]:
     return []
 
 
+def _named_concept(prompt: Prompt, concept: str | None) -> list[str]:
+    """`concept:NAME` when a text prompt names the applied concept ("my-star on the left"), else nothing."""
+    if isinstance(prompt, TextPrompt) and concept is not None and mentions(prompt.prompt, concept):
+        return [CONCEPT_REF_PREFIX + concept]
+    return []
+
+
 def _conditioning(
-    context: ToolContext, prompt: Prompt, clip: ClipModel, stored: dict[str, Embeddings]
+    context: ToolContext, prompt: Prompt, clip: ClipModel, stored: dict[str, Embeddings], concept: str | None
 ) -> tuple[PromptStates, PromptStates, Embeddings | None]:
     """(prompt states, negative states, reference embeddings or None) for the generator; `clip` is the one in
-    use (a learned concept's while one is applied)."""
+    use (a learned concept's while one is applied). A text prompt that names the applied concept gets the
+    concept's converted embedding where the name stands."""
     pipeline = context.runtime.pipeline()
     if isinstance(prompt, TextPrompt):
-        prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
+        named = _named_concept(prompt, concept)
+        if named:
+            prompt_embeds, negative_embeds = named_concept_states(
+                clip, pipeline, prompt.prompt, prompt.negative_prompt, str(concept), stored[named[0]]
+            )
+        else:
+            prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
         return prompt_embeds, negative_embeds, None
     refs = _references(prompt)
     references = embed_references(clip, [stored[ref] if ref in stored else context.images.load(ref) for ref in refs])
     if isinstance(prompt, ImagePrompt):
         prompt_embeds, negative_embeds = variation_states(clip, pipeline, references, prompt.weights)
+    elif prompt.prompts is not None:
+        source, edited = prompt.prompts
+        prompt_embeds, negative_embeds = prompt_edit_states(clip, pipeline, references, source, edited, prompt.alpha)
     else:
         prompt_embeds, negative_embeds = edit_states(clip, pipeline, references, prompt.text, prompt.alpha)
     return prompt_embeds, negative_embeds, references
@@ -222,6 +248,13 @@ def concept_image_embedding(context: ToolContext, name: str) -> Embeddings:
     clip = runtime.clip()
     embedding = context.concept_store().mean_embedding(name, base_hash(runtime.pipeline(), clip), runtime.model_ids())
     return embedding.to(clip.device)
+
+
+def reference_embeddings(context: ToolContext, refs: Sequence[str]) -> Embeddings:
+    """(N, P) CLIP image embeddings of image references, `concept:NAME` among them, through the base CLIP."""
+    stored = stored_embeddings(context, refs)
+    images = [stored[ref] if ref in stored else context.images.load(ref) for ref in refs]
+    return embed_references(context.runtime.clip(), images)
 
 
 def stored_embeddings(context: ToolContext, refs: Sequence[str]) -> dict[str, Embeddings]:

@@ -1,0 +1,439 @@
+"""Segmentation from the generator's own cross-attention (EDITOR paper 003_ccad9491c5e4f205, appendix B,
+"Unsupervised Segmentation", after DiffuMask and Attend-and-Excite).
+
+A word of the prompt is drawn where the U-Net's pixels attend to it, so its cross-attention map is a soft mask:
+
+1. *Look at the picture through the generator* (`record_attention`): the picture, stretched to the generator's
+   native square, is encoded to latents, noised to `timestep` and denoised for `num_steps` DDIM steps conditioned
+   on the prompt. Several noise draws go through as one batch: a single draw leaves its grain in the maps.
+2. *Record*: every attention layer runs `RecordingAttnProcessor`, diffusers' `AttnProcessor` that also keeps the
+   probabilities `attn.get_attention_scores` gives, at the `num_resolutions` finest maps carrying cross-attention:
+   per head for cross-attention (queries: latent pixels; keys: the 77 prompt tokens), averaged over heads for
+   self-attention.
+3. *Aggregate per word* (`word_maps`): a word may be several BPE tokens; its map in one head is the sum of its
+   tokens' probabilities, averaged over steps and noise draws. Each head's map is spread along the self-attention
+   of its resolution (`refinement_steps` products: pixels that attend to each other belong to one thing), then
+   standardised and oriented (`_orient`: a small U-Net's heads may mark a word's thing by attending to it *less*).
+   Heads and layers are averaged per resolution, each resolution is upsampled (bilinear) to the picture, and the
+   resolutions are averaged.
+4. *Threshold* (`word_mask`): Otsu's threshold on the word's map, min-max normalised, gives its mask.
+
+Which words name nothing visible, and get no mask (`no_mask_reason`):
+- a piece without a letter (punctuation, numbers on their own): "punctuation";
+- a function word (`STOP_WORDS`: articles, prepositions, conjunctions, pronouns, auxiliaries): "stop word";
+- a word past the text encoder's context: "beyond the text encoder's context";
+- "flat attention": the word's raw attention hardly varies over the picture (standard deviation under
+  `MIN_CONTRAST` of its mean), or its map has no two classes (Otsu's separability under `MIN_SEPARABILITY`). A
+  generator that places a word nowhere spreads its attention evenly (the random-weight `tiny` set does for every
+  word). On `shapes` this test rarely fires: its attention follows the picture's regions for any token, so a word
+  the picture lacks ("dog") still gets a mask there; only the form of the word (stop word, punctuation) is a
+  reliable sign on that model.
+
+The defaults were tuned on the `shapes` world's tuning scenes (`benchmarks/segment.py --tune`). Everything runs
+under `torch.no_grad`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor
+from PIL import Image
+from torch import Tensor
+
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.generation import default_size, encode_text_prompt
+from pictoprompt.models.clip import preprocess_images
+from pictoprompt.progress import Progress
+
+STOP_WORDS = frozenset(
+    word
+    for group in (
+        "a an the this that these those some any each every no",  # articles, determiners
+        "of on in at to for from by with without into onto over under above below between behind near beside",
+        "and or but nor so yet as than then",  # conjunctions
+        "is are was were be been being am has have had do does did will would can could should may might must",
+        "it its he she they them their his her we us our you your i me my",  # pronouns
+        "there here which who whom whose what where when while very too also not just only",
+        "picture image 's 't",  # "a picture of ...", "an image of ...": the whole picture; clitics
+    )
+    for word in group.split()
+)
+"""Words that never name a thing in the picture. Also the openers of captions ("a picture of ..."): they name the
+whole picture, so their mask would be everything."""
+
+MIN_SEPARABILITY = 0.7
+"""Otsu's eta below which a map counts as flat (a uniform histogram scores 0.75, two clean classes 1.0)."""
+
+MIN_CONTRAST = 0.05
+"""The map's standard deviation over its mean below which it counts as flat, whatever its histogram."""
+
+MAX_MAP_SIDE = 1024
+"""Maps and masks are made at the picture's size up to this longest side (the finest attention map of SD 1.5 at
+512 px is 64 x 64, so more pixels would only interpolate); a 40-megapixel picture would otherwise cost gigabytes
+per word."""
+
+
+# ------------------------------------------------------------------------------------------------ words
+
+
+@dataclass(frozen=True)
+class PromptWord:
+    """One word of the prompt as the generator's tokenizer splits it: its text and its token positions in the
+    text encoder's sequence (after the start token)."""
+
+    text: str
+    positions: tuple[int, ...]
+    no_mask_reason: str | None = None
+    """Set when the word names nothing visible by its form (punctuation, a stop word, cut off by the context)."""
+
+
+_HAS_LETTER = re.compile(r"[^\W\d_]")
+
+
+def prompt_words(pipeline: StableDiffusionPipeline, prompt: str) -> list[PromptWord]:
+    """The prompt's words in order, each with the token positions the text encoder reads it at.
+
+    Words are the tokenizer's own pieces: CLIP's BPE marks the last token of each piece with `</w>`, so tokens are
+    grouped up to that mark ("xylophonist" -> "xy", "lo", "ph", "onist</w>" is one word; "don't" is "don" and "'t").
+    """
+    tokenizer = pipeline.tokenizer
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False).input_ids)
+    context = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    words: list[PromptWord] = []
+    pieces: list[str] = []
+    begin = 0
+    for index, token in enumerate(tokens):
+        pieces.append(token)
+        if not token.endswith("</w>") and index < len(tokens) - 1:
+            continue
+        text = "".join(pieces).removesuffix("</w>")
+        positions = tuple(range(begin + 1, index + 2))
+        reason = None
+        if not _HAS_LETTER.search(text):
+            reason = "punctuation"
+        elif text in STOP_WORDS:
+            reason = "stop word"
+        elif positions[-1] > context:
+            reason = "beyond the text encoder's context"
+        words.append(PromptWord(text, positions, reason))
+        pieces, begin = [], index + 1
+    return words
+
+
+# ------------------------------------------------------------------------------------------------ recording
+
+
+@dataclass
+class AttentionRecord:
+    """What the U-Net's attention layers saw at the recorded resolutions, averaged over the noise draws and (by
+    `cross_maps`, `self_maps`) over the denoising steps: per cross-attention layer its per-head probabilities
+    (heads, Q, L), and per resolution the self-attention probabilities averaged over heads and layers (Q, Q)."""
+
+    cross: dict[str, list[Tensor]] = field(default_factory=dict)
+    self_attention: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def cross_maps(self) -> dict[str, Tensor]:
+        return {name: torch.stack(calls).mean(0) for name, calls in self.cross.items()}
+
+    def self_maps(self) -> dict[int, Tensor]:
+        """Rows still sum to one: a mean of attention matrices is one."""
+        return {queries: torch.stack(calls).mean(0) for queries, calls in self.self_attention.items()}
+
+
+class RecordingAttnProcessor(AttnProcessor):
+    """diffusers' `AttnProcessor` that also adds the attention probabilities of its layer to `record`, when the
+    layer's query count is one of `queries`: per head for cross-attention, averaged over heads for self-attention.
+
+    The probabilities come from the layer's own projections and `attn.get_attention_scores`, on the same inputs
+    the parent then attends with, so they are the ones the layer uses; the output is the parent's.
+    """
+
+    def __init__(self, record: AttentionRecord, name: str, queries: frozenset[int]) -> None:
+        self.record = record
+        self.name = name
+        self.queries = queries
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        batch, queries = hidden_states.shape[0], hidden_states.shape[1]
+        if hidden_states.ndim == 3 and queries in self.queries:
+            keys_from = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(keys_from))
+            mask = attn.prepare_attention_mask(attention_mask, keys_from.shape[1], batch)
+            probabilities = attn.get_attention_scores(query, key, mask).unflatten(0, (batch, attn.heads)).float()
+            if encoder_hidden_states is None:
+                self.record.self_attention.setdefault(queries, []).append(probabilities.mean((0, 1)))
+            else:
+                self.record.cross.setdefault(self.name, []).append(probabilities.mean(0))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def cross_attention_sides(pipeline: StableDiffusionPipeline, num_resolutions: int) -> list[int]:
+    """The sides of the `num_resolutions` finest attention maps carrying cross-attention, finest first.
+
+    Each down block halves the latents after it; the first cross-attention block sets the finest map (the latents'
+    own side for SD 1.x and 2.x, half of it for `shapes`).
+    """
+    blocks = pipeline.unet.config.down_block_types
+    first = next(i for i, block in enumerate(blocks) if "CrossAttn" in block)
+    last = max(i for i, block in enumerate(blocks) if "CrossAttn" in block)
+    side = pipeline.unet.config.sample_size
+    return [side // 2**i for i in range(first, min(last + 1, first + num_resolutions))]
+
+
+def record_attention(
+    pipeline: StableDiffusionPipeline,
+    image: Image.Image,
+    prompt_embeds: Tensor,
+    *,
+    sides: Sequence[int],
+    timestep: int,
+    num_steps: int,
+    num_noise: int,
+    seed: int,
+    progress: Progress,
+) -> AttentionRecord:
+    """The U-Net's attention while it denoises `image` under `prompt_embeds` (1, L, D), at the maps of `sides`.
+
+    The picture, stretched to the generator's native square, is encoded, noised to `timestep` with `num_noise`
+    noise draws at once, and denoised for `num_steps` DDIM steps of `timestep / num_steps` each.
+    """
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    size = default_size(pipeline)
+    half = (0.5, 0.5, 0.5)  # mean = std = 0.5 maps [0, 1] to the VAE's [-1, 1]
+    pixels = preprocess_images([image.convert("RGB").resize((size, size), Image.BICUBIC)], size, half, half)
+    generator = torch.Generator().manual_seed(seed)
+    record = AttentionRecord()
+    queries = frozenset(side * side for side in sides)
+    with torch.no_grad():
+        vae = pipeline.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        latents = latents.expand(num_noise, -1, -1, -1)
+        # DDIM's step goes from t to t - train_steps // num_inference_steps: a schedule of that many steps makes
+        # `num_steps` of them span `timestep`.
+        train_steps = scheduler.config.num_train_timesteps
+        scheduler.set_timesteps(max(1, round(train_steps * num_steps / timestep)), device=latents.device)
+        stride = train_steps // scheduler.num_inference_steps
+        timesteps = [timestep - i * stride for i in range(num_steps) if timestep - i * stride > 0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        latents = scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+        states = prompt_embeds.to(latents.device, unet.dtype).expand(num_noise, -1, -1)
+
+        original = unet.attn_processors
+        unet.set_attn_processor(
+            {name: RecordingAttnProcessor(record, name.removesuffix(".processor"), queries) for name in original}
+        )
+        try:
+            for step, t in enumerate(timesteps):
+                progress.step(step, len(timesteps), f"denoising step {step + 1}/{len(timesteps)}")
+                noise_pred = unet(latents, t, encoder_hidden_states=states).sample
+                latents = scheduler.step(noise_pred, t, latents).prev_sample
+        finally:
+            unet.set_attn_processor(original)
+    progress.step(len(timesteps), len(timesteps), "aggregating attention")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ maps and masks
+
+
+def _orient(maps: Tensor) -> Tensor:
+    """Each map (N, h, w), standardised and signed so that its high side holds at most half of the picture's
+    border: the high side is meant to be the word's thing, and a thing is what its surroundings frame.
+
+    Why a sign at all: in a small U-Net many heads attend to a word *less* on its thing than around it (they read
+    "where the circle is not"), and which heads do flips from picture to picture with the colours, so no fixed sign
+    per head holds and plain averaging cancels them out (`shapes`: mean IoU 0.38 plain, 0.49 oriented, on the
+    tuning scenes). The price: a word for the surroundings themselves ("background", "sky") gets the thing they
+    frame rather than the frame.
+    """
+    standard = (maps - maps.mean((1, 2), keepdim=True)) / (maps.std((1, 2), keepdim=True) + 1e-12)
+    border = torch.ones_like(standard[0], dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    high = standard > 0
+    sign = torch.where((high & border).flatten(1).sum(1) * 2 > border.sum(), -1.0, 1.0)
+    return standard * sign[:, None, None]
+
+
+def word_maps(
+    record: AttentionRecord,
+    words: Sequence[PromptWord],
+    height: int,
+    width: int,
+    refinement_steps: int = 3,
+) -> tuple[Tensor, Tensor]:
+    """Each word's map for thresholding (W, height, width) and its raw attention (W, height, width).
+
+    Per cross-attention layer and head, the word's tokens' probabilities are summed, spread `refinement_steps`
+    times along the self-attention of that resolution (pixels that attend to each other belong together, so a
+    blob grows to its object's edges), and oriented (`_orient`). Heads and layers are averaged per resolution,
+    each resolution is upsampled (bilinear) to the picture, and resolutions are averaged. The raw attention is the
+    plain mean of the probabilities, upsampled alike, for the flatness test and the mean attention.
+    """
+    selves = record.self_maps()
+    positions = [list(word.positions) for word in words]
+    spread: dict[int, list[Tensor]] = {}
+    raw: dict[int, list[Tensor]] = {}
+    for probabilities in record.cross_maps().values():
+        queries = probabilities.shape[1]
+        per_word = torch.stack([probabilities[:, :, p].sum(-1) for p in positions], 1)  # (heads, W, Q)
+        raw.setdefault(queries, []).append(per_word.mean(0))
+        for _ in range(refinement_steps):
+            per_word = per_word @ selves[queries].T
+        spread.setdefault(queries, []).append(per_word)
+    oriented: dict[int, list[Tensor]] = {}
+    for queries, layers in spread.items():
+        side = round(queries**0.5)  # the picture was stretched square, so every map is too
+        for heads in layers:
+            maps = _orient(heads.reshape(-1, side, side)).reshape(*heads.shape[:2], queries)
+            oriented.setdefault(queries, []).append(maps.mean(0))
+
+    def upsampled(per_resolution: dict[int, list[Tensor]]) -> Tensor:
+        grids = []
+        for queries, maps in per_resolution.items():
+            side = round(queries**0.5)
+            grid = torch.stack(maps).mean(0).reshape(1, len(words), side, side)
+            grids.append(F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0])
+        return torch.stack(grids).mean(0)
+
+    return upsampled(oriented), upsampled(raw)
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """Otsu's threshold of `values` and its separability eta (between-class over total variance, 0-1)."""
+    histogram, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weights = histogram / histogram.sum()
+    below = np.cumsum(weights)
+    below_mean = np.cumsum(weights * centres)
+    total_mean = below_mean[-1]
+    above = 1 - below
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mean * below - below_mean) ** 2 / (below * above)
+    between = np.nan_to_num(between[:-1])
+    best = int(between.argmax())
+    total = float(((centres - total_mean) ** 2 * weights).sum())
+    return float(edges[best + 1]), float(between[best] / total) if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class WordSegment:
+    """One word's result at `map_size` of the picture: its mask, unless it names nothing visible
+    (`no_mask_reason`)."""
+
+    word: str
+    mean_attention: float
+    """The share of the picture's cross-attention the word gets: its probability averaged over pixels, heads,
+    layers and steps at the recorded resolutions."""
+    mask: np.ndarray | None
+    """Boolean (height, width)."""
+    score: np.ndarray
+    """The map the mask is thresholded from, in [0, 1] (height, width)."""
+    no_mask_reason: str | None = None
+
+    @property
+    def area(self) -> float:
+        """The share of the picture the mask covers (0 without a mask)."""
+        return float(self.mask.mean()) if self.mask is not None else 0.0
+
+
+def map_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the maps and masks for `image`: its own, shrunk to `MAX_MAP_SIDE` on its longest side."""
+    scale = min(1.0, MAX_MAP_SIDE / max(image.size))
+    return max(1, round(image.height * scale)), max(1, round(image.width * scale))
+
+
+def word_mask(score: np.ndarray, attention: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(mask, None) by Otsu's threshold on the word's map, or (None, "flat attention") when its raw attention is
+    nearly the same everywhere or its map has no two clear classes."""
+    level = float(attention.mean())
+    if level <= 0 or float(attention.std()) / level < MIN_CONTRAST:
+        return None, "flat attention"
+    threshold, separability = otsu(score)
+    if separability < MIN_SEPARABILITY:
+        return None, "flat attention"
+    return score > threshold, None
+
+
+def segment(
+    pipeline: StableDiffusionPipeline,
+    image: Image.Image,
+    prompt: str,
+    *,
+    words: Sequence[str] | None = None,
+    timestep: int = 100,
+    num_steps: int = 1,
+    num_noise: int = 4,
+    num_resolutions: int = 1,
+    refinement_steps: int = 3,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[WordSegment]:
+    """Masks of the prompt's words on `image`, in the prompt's order, at `map_size(image)` (the picture's own size
+    up to `MAX_MAP_SIDE`).
+
+    `words` restricts the result to these words of the prompt (as the tokenizer splits it, lower case); by default
+    every word is returned, with its mask or the reason it has none. The defaults were tuned on the `shapes`
+    world's tuning scenes (`benchmarks/segment.py`).
+    """
+    if not prompt.strip():
+        raise InvalidInputError("The prompt is empty; give the words to find in the picture, or omit the prompt.")
+    if not 0 < timestep < pipeline.scheduler.config.num_train_timesteps:
+        raise InvalidInputError(
+            f"timestep must be between 1 and {pipeline.scheduler.config.num_train_timesteps - 1}, got {timestep}."
+        )
+    found = prompt_words(pipeline, prompt)
+    if words is not None:
+        found = _select(found, words, prompt)
+    if not found:
+        raise InvalidInputError(f"The prompt {prompt!r} has no words to segment.")
+    prompt_embeds, _ = encode_text_prompt(pipeline, prompt)
+    record = record_attention(
+        pipeline,
+        image,
+        prompt_embeds,
+        sides=cross_attention_sides(pipeline, num_resolutions),
+        timestep=timestep,
+        num_steps=num_steps,
+        num_noise=num_noise,
+        seed=seed,
+        progress=progress or Progress(),
+    )
+    height, width = map_size(image)
+    scores, attention = word_maps(record, found, height, width, refinement_steps)
+    segments = []
+    for word, score, raw in zip(found, scores.cpu().numpy(), attention.cpu().numpy(), strict=True):
+        score = (score - score.min()) / max(float(score.max() - score.min()), 1e-12)
+        mask, reason = (None, word.no_mask_reason) if word.no_mask_reason else word_mask(score, raw)
+        segments.append(WordSegment(word.text, float(raw.mean()), mask, score, reason))
+    return segments
+
+
+def _select(found: list[PromptWord], words: Sequence[str], prompt: str) -> list[PromptWord]:
+    """The prompt's words named in `words` (each once, in the prompt's order), refusing a word it lacks."""
+    wanted = {word.strip().lower() for word in words}
+    known = {word.text for word in found}
+    missing = sorted(wanted - known)
+    if missing:
+        verb = "is not a word" if len(missing) == 1 else "are not words"
+        raise InvalidInputError(
+            f"{', '.join(repr(w) for w in missing)} {verb} of the prompt {prompt!r}; its words are: "
+            f"{', '.join(dict.fromkeys(w.text for w in found))}."
+        )
+    return [word for word in found if word.text in wanted]

@@ -1,0 +1,181 @@
+"""A learned concept named in a prompt ("my-star on the left", concept="my-star"), and the profiles' tuning defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.concept_tuning import mentions, named_concept_prompt, tune_concept
+from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.server.assets import AssetStore
+from pictoprompt.tools.base import ToolContext
+from pictoprompt.tools.customize_concept import CustomizeConceptRequest, concept_card, customize_concept
+from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
+
+
+def pictures(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+class DictImages:
+    def __init__(self, images: dict[str, Image.Image]) -> None:
+        self.images = images
+
+    def load(self, ref: str) -> Image.Image:
+        return self.images[ref]
+
+
+def test_mentions_finds_the_name_as_a_whole_word_in_any_case() -> None:
+    assert mentions("my-star on the left", "my-star")
+    assert mentions("a large My-Star, on a black background", "my-star")
+    assert not mentions("my-stars on the left", "my-star")
+    assert not mentions("not-my-star", "my-star")
+    assert not mentions("a star on the left", "my-star")
+
+
+def test_the_name_becomes_the_concepts_converted_embedding(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embedding = torch.randn(1, clip.embed_dim)
+    with torch.no_grad():
+        f_cnvrt = converter.convert(embedding)[0]
+        context, _ = converter.text_states(["on the left"])
+        states = named_concept_prompt(converter, "my-star on the left", "my-star", embedding)
+    assert states.shape == converter.empty_states.shape
+    assert torch.equal(states[0, 0], context[0, 0])  # the start token
+    assert torch.equal(states[0, 1], f_cnvrt)  # where the name stood
+    # Every other position is the text's own: "on the left", its end-of-text token and the padding, one later.
+    assert torch.equal(states[0, 2:], context[0, 1:-1])
+
+
+def test_the_name_can_stand_anywhere_and_more_than_once(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embedding = torch.randn(1, clip.embed_dim)
+    with torch.no_grad():
+        f_cnvrt = converter.convert(embedding)[0]
+        text, _ = converter.text_states(["a and a"])
+        states = named_concept_prompt(converter, "a obj-1 and a OBJ-1", "obj-1", embedding)
+    assert torch.equal(states[0, 1], text[0, 1])  # "a"
+    assert torch.equal(states[0, 2], f_cnvrt)
+    assert torch.equal(states[0, 3:5], text[0, 2:4])  # "and a"
+    assert torch.equal(states[0, 5], f_cnvrt)
+    with pytest.raises(InvalidInputError, match="does not name"):
+        named_concept_prompt(converter, "a red circle", "obj-1", embedding)
+
+
+def test_the_names_spelling_never_reaches_the_generator(tiny_runtime: Runtime) -> None:
+    """Only the concept's embedding stands for it: 'my-star' draws no more of a star than 'obj-1' does."""
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embedding = torch.randn(1, clip.embed_dim)
+    with torch.no_grad():
+        star = named_concept_prompt(converter, "my-star on the left", "my-star", embedding)
+        other = named_concept_prompt(converter, "obj-1 on the left", "obj-1", embedding)
+    assert torch.equal(star, other)
+
+
+def test_generate_image_draws_the_named_concept(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    store = ConceptStore(tmp_path / "concepts")
+    context = ToolContext(tiny_runtime, AssetStore(tmp_path / "assets"), DictImages({}), concepts=store)
+    result = tune_concept(pipeline, clip, pictures(3), iterations=1, num_prompts=2)
+    other = tune_concept(pipeline, clip, pictures(3, seed=5), iterations=1, num_prompts=2)
+    for name, tuned in (("my-star", result), ("obj-1", result), ("obj-2", other)):
+        store.save(concept_card(name, "concept", tuned, tiny_runtime), tuned.weights.to_tensors(), pictures(1))
+
+    def draw(prompt: str, concept: str | None) -> np.ndarray:
+        request = GenerateImageRequest(prompt=prompt, concept=concept, seed=3, steps=2)
+        with Image.open(generate_image(request, context).images[0].path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    named = draw("my-star on the left", "my-star")
+    # The same concept under another name draws the same picture: the name's words play no part.
+    assert np.array_equal(named, draw("obj-1 on the left", "obj-1"))
+    # Another concept (other references) draws another picture from the same words.
+    assert not np.array_equal(named, draw("obj-2 on the left", "obj-2"))
+    # Without the name the prompt is plain text, with or without the concept's weights applied.
+    assert not np.array_equal(named, draw("on the left", "my-star"))
+
+
+def test_a_concept_of_no_iterations_is_untuned_sd_ipc_and_stores(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    """The concept benchmark's untuned row: 0 iterations, no deep prompts, so `concept:NAME` is plain SD-IPC."""
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    result = tune_concept(pipeline, clip, pictures(1), iterations=0, num_prompts=0)
+    card = concept_card("untuned", "concept", result, tiny_runtime)
+    assert card.final_loss is None and card.iterations == 0
+    store = ConceptStore(tmp_path / "concepts")
+    store.save(card, result.weights.to_tensors(), pictures(1))
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(clip.encode_image(pictures(1)), dim=-1)
+    stored = store.mean_embedding("untuned", card.base_hash, tiny_runtime.model_ids())
+    assert store.get("untuned").final_loss is None
+    assert torch.allclose(stored, plain, atol=1e-6)
+
+
+def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    store = ConceptStore(tmp_path / "concepts")
+    refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
+    profile = tiny_runtime.profile.model_copy(
+        update={"concept_tuning": ConceptTuning(iterations=2, learning_rate=1e-4)}
+    )
+    runtime = Runtime(profile)
+    runtime._components = tiny_runtime._components  # the same loaded models, another profile's defaults
+    context = ToolContext(runtime, assets=None, images=DictImages(refs), concepts=store)  # type: ignore[arg-type]
+
+    card = customize_concept(CustomizeConceptRequest(name="by-default", images=list(refs)), context)
+    assert card.iterations == 2 and card.hyperparameters["learning_rate"] == 1e-4
+    card = customize_concept(
+        CustomizeConceptRequest(name="asked", images=list(refs), iterations=3, learning_rate=2e-4), context
+    )
+    assert card.iterations == 3 and card.hyperparameters["learning_rate"] == 2e-4
+
+
+def test_profiles_keep_the_paper_defaults_unless_their_models_need_others() -> None:
+    paper = ConceptTuning()
+    assert (paper.iterations, paper.learning_rate) == (30, 5e-6)
+    assert BUILTIN_PROFILES["sd15"].concept_tuning == paper
+    assert BUILTIN_PROFILES["sd21"].concept_tuning == paper
+    assert BUILTIN_PROFILES["shapes"].concept_tuning != paper
+
+
+@pytest.mark.slow
+def test_shapes_a_named_concept_is_drawn_in_the_context_its_prompt_gives(tmp_path: Path) -> None:
+    from pictoprompt.models.profiles import get_profile
+    from pictoprompt.models.shapes import weights_present
+
+    if not weights_present():
+        pytest.skip("the shapes weights are not built yet")
+    from pictoprompt.models.shapes.oracle import parse_scene
+    from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
+
+    runtime = Runtime(get_profile("shapes"))
+    refs = {
+        f"ref{i}": render_scene(Scene(background, (SceneObject("heart", "green", size, position, "striped"),)))
+        for i, (background, size, position) in enumerate(
+            [("white", "small", "top left"), ("gray", "large", "right"), ("pink", "small", "bottom")]
+        )
+    }
+    store = ConceptStore(tmp_path / "concepts")
+    context = ToolContext(runtime, AssetStore(tmp_path / "assets"), DictImages(refs), concepts=store)
+    card = customize_concept(CustomizeConceptRequest(name="my-heart", images=list(refs)), context)
+    assert (card.iterations, card.hyperparameters["learning_rate"]) == (100, 1e-4)  # the shapes profile's defaults
+
+    request = GenerateImageRequest(prompt="my-heart on the left", concept="my-heart", num_images=8, seed=0)
+    readings = []
+    for output in generate_image(request, context).images:
+        with Image.open(output.path) as image:
+            readings.append(parse_scene(image.convert("RGB")).main)
+    # The prompt's words place it: only one reference is anywhere near the left.
+    assert sum(main is not None and "left" in main.position for main in readings) >= 6
+    # The concept's colour comes from its pictures, not from any word of the prompt.
+    assert sum(main is not None and main.colour == "green" for main in readings) >= 6
