@@ -1,5 +1,5 @@
-"""Editing through the picture's readable prompt: invert the picture to words, put the edit into those words, draw
-the new words, with what the words missed taken from the picture.
+"""Editing through the picture's readable prompt: invert the picture to words, put the edit into those words, and
+draw the new words (optionally with what the words missed taken back from the picture).
 
 SD-IPC's Eq. 8 adds the edit text's states to the picture's converted embedding. When the picture already carries
 the attribute the edit changes (a red circle, edited to "blue"), the sum holds both values, and the generator
@@ -7,15 +7,16 @@ draws one of them or a mix (purple). Here the edit replaces the attribute instea
 
 1. `T_src`, the picture's prompt: written by VGD (`invert_image`), or given by the caller.
 2. `T_tgt = rewrite_prompt(T_src, edit)`: the edit put in place of the words of `T_src` it replaces ("a red circle
-   on the left" + "blue" -> "a blue circle on the left"), or appended when it replaces nothing. Which words it
-   replaces is decided by the LLM: every replacement of a run of at most (edit length + 1) words is a candidate,
-   and the one the LLM finds most likely (mean log-probability per token) as the answer to VGD's inversion chat
-   whose condition is the edit wins, so the result reads as a prompt and names the edit.
+   on the left" + "blue" -> "a blue circle on the left"), inserted, or appended (`rewrite_candidates`). Which is
+   decided by the LLM: the candidate it finds most likely (mean log-probability per token) as the answer to VGD's
+   inversion chat whose condition is the edit wins, so the result reads as a prompt and names the edit.
 3. The generator's states: those of `T_tgt`, and from its EOS on, `alpha` times the edit direction
    `h_tgt - h_src` added to the picture's converted embedding's share that `T_src` does not explain:
    `states[i >= eos] = h_src_eos + alpha * (h_tgt[i] - h_src_eos) + residual * (f_cnvrt - h_src_eos)`.
    At `alpha = 1` and `residual = 0` that is exactly `T_tgt`'s states; `alpha` > 1 pushes further along the edit,
-   and `residual` brings back what the words missed (SD-IPC's `f_cnvrt`, Eq. 6).
+   and `residual` brings back what the words missed (SD-IPC's `f_cnvrt`, Eq. 6). On the bundled set a residual
+   kept no more of the picture and applied the edit less often (40 held-out scenes, colour edits: applied 82.5 %
+   at 0, 77.5 % at 0.5, 70 % at 1; the rest kept 50 % at each), so it is 0 by default.
 """
 
 from __future__ import annotations
