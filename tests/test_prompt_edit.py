@@ -47,8 +47,8 @@ class JudgingLM(LanguageModel):
         return [self.means.get(text, -9.0) * len(text.split()) for text in texts]
 
 
-def texts(candidates: list[tuple[str, int]]) -> list[str]:
-    return [text for text, _ in candidates]
+def texts(candidates: list[tuple[str, int, int]]) -> list[str]:
+    return [text for text, _, _ in candidates]
 
 
 def test_candidates_replace_a_word_by_a_word_and_insert_it_but_never_keep_the_source() -> None:
@@ -60,7 +60,7 @@ def test_candidates_replace_a_word_by_a_word_and_insert_it_but_never_keep_the_so
     assert "a red circle on the left" not in texts(candidates)
     # A one-word edit replaces one word at most.
     assert "a blue on the left" not in texts(candidates)
-    assert dict(candidates)["a blue circle on the left"] == 1
+    assert ("a blue circle on the left", 1, 1) in candidates and ("a blue red circle on the left", 1, 0) in candidates
 
 
 def test_longer_edits_replace_longer_runs_and_articles_follow_the_next_word() -> None:
@@ -83,6 +83,13 @@ def test_the_llm_picks_the_rewrite_and_an_earlier_change_wins_a_near_tie() -> No
     assert rewrite_prompt(judge, source, "red") == "a red triangle on an orange background"
     judge = JudgingLM({"a red triangle on an orange background": -1.5, "a white triangle on a red background": -1.0})
     assert rewrite_prompt(judge, source, "red") == "a white triangle on a red background"
+
+
+def test_within_the_margin_the_rewrite_dropping_fewer_words_wins() -> None:
+    judge = JudgingLM({"a star on the left": -1.0, "a red star on the left": -1.08})
+    assert rewrite_prompt(judge, "a red circle on the left", "a star") == "a red star on the left"
+    judge = JudgingLM({"a star on the left": -1.0, "a red star on the left": -1.3})
+    assert rewrite_prompt(judge, "a red circle on the left", "a star") == "a star on the left"
 
 
 def test_edited_states_are_the_targets_at_alpha_one_and_the_sources_eos_at_alpha_zero() -> None:

@@ -367,7 +367,7 @@ def test_edit_with_text_rewrites_the_pictures_prompt_and_draws_it(
     response = edit_with_text(request, context)
     assert (response.method, response.alpha, response.source_prompt) == ("rewrite", 1.0, "a red circle")
     assert response.edited_prompt == rewrite_prompt(context.runtime.llm(), "a red circle", "blue")
-    assert response.edited_prompt in dict(rewrite_candidates("a red circle", "blue"))
+    assert response.edited_prompt in [text for text, _, _ in rewrite_candidates("a red circle", "blue")]
 
     clip, pipeline = context.runtime.clip(), context.runtime.pipeline()
     embeds = clip.encode_image(reference_images[:1])

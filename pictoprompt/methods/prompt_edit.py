@@ -39,7 +39,8 @@ PROMPT_BUDGET = 32
 RESIDUAL = 0.0
 """How much of what the source prompt misses of the picture comes back (`edited_states`)."""
 EARLIER_MARGIN = 0.1
-"""Nats per token within which a rewrite changing an earlier word wins over a more likely one."""
+"""Nats per token within which a rewrite dropping fewer words, or changing an earlier one, wins over a more likely
+one."""
 
 
 def _fix_articles(text: str) -> str:
@@ -49,9 +50,10 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"\ban (?=[^aeiou\W])", "a ", text)
 
 
-def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int]]:
-    """Every way of putting `edit` into `source`, each with the index of the first word it changes: in place of a
-    run of source words, before a source word, or after the whole prompt; distinct.
+def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int, int]]:
+    """Every way of putting `edit` into `source`, each with the index of the first word it changes and how many
+    source words it drops: in place of a run of source words, before a source word, or after the whole prompt;
+    distinct.
 
     A one-word edit replaces one word ("blue" for "red"); a longer one a run of up to two words more than its own
     ("on the right" for "in the bottom left corner"). The edit's leading article is dropped where the source
@@ -65,30 +67,32 @@ def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int]]:
     insertions = [edit_words]
     if len(edit_words) > 1 and edit_words[0].lower() in ARTICLES:
         insertions.append(edit_words[1:])
-    candidates: dict[str, int] = {}
+    candidates: dict[str, tuple[int, int]] = {}
     for insertion in insertions:
         longest = 1 if len(insertion) == 1 else len(insertion) + 2
         for start in range(len(words)):
             for end in range(start, min(len(words), start + longest) + 1):
                 text = _fix_articles(" ".join([*words[:start], *insertion, *words[end:]]))
-                candidates.setdefault(text, start)
-    candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')}, {edit}"), len(words))
+                candidates.setdefault(text, (start, end - start))
+    candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')}, {edit}"), (len(words), 0))
     candidates.pop(_fix_articles(source), None)
-    return list(candidates.items())
+    return [(text, start, dropped) for text, (start, dropped) in candidates.items()]
 
 
 def rewrite_prompt(llm: LanguageModel, source: str, edit: str) -> str:
     """`source` with `edit` put in (the module's step 2): the candidate the LLM finds most likely, by mean
-    log-probability per token; where two are within `EARLIER_MARGIN`, the one changing an earlier word, since a
-    prompt names its subject first and an edit that does not say otherwise ("on a red background") is about it."""
+    log-probability per token. Among those within `EARLIER_MARGIN` of the best, the one dropping the fewest source
+    words wins (an edit changes one thing: "a star" makes "a red circle" a red star, not "a star"), then the one
+    changing the earliest word (a prompt names its subject first, and an edit that does not say otherwise, such as
+    "on a red background", is about it)."""
     candidates = rewrite_candidates(source.strip(), edit.strip())
     prompt = llm.chat_prompt(*vgd_messages("inversion", PROMPT_BUDGET, condition=edit.strip()))
-    tokens = [llm.tokenize(text) for text, _ in candidates]
+    tokens = [llm.tokenize(text) for text, _, _ in candidates]
     totals = llm.log_likelihoods(prompt, tokens)
     means = [total / max(1, len(ids)) for total, ids in zip(totals, tokens, strict=True)]
     best = max(means)
     close = [i for i, mean in enumerate(means) if mean >= best - EARLIER_MARGIN]
-    return candidates[min(close, key=lambda i: (candidates[i][1], -means[i]))][0]
+    return candidates[min(close, key=lambda i: (candidates[i][2], candidates[i][1], -means[i]))][0]
 
 
 def edited_states(
