@@ -19,9 +19,10 @@ and the parsed object paired with the true one carries it: a sentence about "the
    64, 128 and non-square sizes, anywhere, with any line width, some RGBA (flattened as the server does). The
    share of VGD's prompts naming the right colour (goal >= 85%) and shape (goal >= 75%), that parse, and their
    judged perplexity.
-3. fuse_concepts: pairs of held-out single-object pictures, fused by both of the tool's strategies (`joint`, the
-   default: one prompt decoded against both; `concat`: a prompt per picture, joined); the share naming both
-   objects' colour and shape (goal >= 60%, on the default).
+3. fuse_concepts: pairs of held-out single-object pictures, fused by each of the tool's strategies (`merge`, the
+   default: a prompt per picture, then one sentence distilled from them; `joint`: one prompt decoded against
+   both; `concat`: a prompt per picture, joined); the share naming both objects' colour and shape (goal >= 60%,
+   on the default).
 4. Style: pairs of held-out scenes sharing only a fill (striped or outlined) or only a background, decoded with
    the style task against their shared direction (as `invert_image(focus="style")` does); the share of style
    prompts ("striped shapes on a black background", `grammar.parse_style`) naming what the pair shares.
@@ -45,8 +46,9 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +71,15 @@ from PIL import Image
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
+    FuseStrategy,
     Task,
     Variant,
     clip_token_count,
     distill,
+    fuse,
     guided_decode,
     image_targets,
     invert,
-    joined_prompts,
     runtime_vocabulary,
     style_target,
     text_perplexities,
@@ -407,20 +410,25 @@ def same_object(a: Scene, b: Scene) -> bool:
 
 
 def fuse_table(decoder: Decoder, judge: Perplexity, n: int) -> list[dict]:
-    """Both strategies of `fuse_concepts` on the same pairs: `joint` (the tool's default: one prompt decoded against
-    both pictures) and `concat` (one prompt per picture in half the budget, joined as a list)."""
+    """The three strategies of `fuse_concepts` (`methods.vgd.fuse`) on the same pairs: `merge` (the tool's default),
+    `joint` and `concat`."""
     rows = []
-    for strategy in ("joint", "concat"):
+    for strategy in get_args(FuseStrategy):
         prompts, both, either = [], [], []
         timer = Timer()
         for a, b in fuse_pairs(n):
             with timer:
                 targets = image_targets(decoder.clip, [a.image, b.image])
-                if strategy == "joint":
-                    prompts.append(decoder(targets))
-                else:
-                    half = replace(decoder, max_tokens=max(4, decoder.max_tokens // 2))
-                    prompts.append(joined_prompts([half(targets[i : i + 1]) for i in range(2)]))
+                fusion = fuse(
+                    decoder.llm,
+                    decoder.clip,
+                    targets,
+                    strategy=strategy,
+                    vocabulary=decoder.vocabulary,
+                    max_length=decoder.max_tokens,
+                )
+                prompts.append(fusion.prompt)
+                decoder.conditions.update(fusion.initial_conditions)
             truth = [a.scene.objects[0], b.scene.objects[0]]
             parsed = parse_caption(prompts[-1])
             partners = match_parsed(truth, parsed.objects, ("colour", "shape")) if parsed else [None, None]
@@ -655,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fuse" not in settings.skip:
         rows = fuse_table(decoder, judge, settings.fuse_n)
         print_table(f"fuse_concepts on pairs of single-object pictures, in % ({header})", rows)
-        goals = [goal("fused prompts (joint, the default) naming both objects (%)", rows[0]["names both"], FUSE_GOAL)]
+        goals = [goal("fused prompts (merge, the default) naming both objects (%)", rows[0]["names both"], FUSE_GOAL)]
         print_goals(goals)
         summary["fuse"], summary["fuse goals"] = rows, goals
     if "style" not in settings.skip:

@@ -73,13 +73,20 @@ def test_inverted_prompts_are_the_worlds_captions_and_name_what_is_drawn(context
     assert named >= 3
 
 
-def test_a_fused_prompt_is_written_in_the_worlds_words(context: ToolContext) -> None:
-    """Only the language is held here: on this CLIP a joint prompt often names one picture's object, not both
+def test_a_fused_prompt_names_both_pictures_objects_in_one_sentence(context: ToolContext) -> None:
+    response = fuse_concepts(FuseConceptsRequest(images=["red circle", "yellow star"], generate=False), context)
+    assert response.strategy == "merge" and len(response.parts) == 2
+    assert set(words(response.prompt)) <= WORLD_WORDS, response.prompt
+    assert {"red", "circle", "yellow", "star"} <= set(words(response.prompt)), response.prompt
+    assert len(response.clip_similarity) == 2 and response.llm_note is None
+
+
+def test_a_joint_prompt_is_written_in_the_worlds_words(context: ToolContext) -> None:
+    """Only the language is held here: a joint prompt often names one picture's object, not both
     (`pictoprompt bench vgd`, fuse table)."""
-    request = FuseConceptsRequest(images=["red circle", "yellow star"], generate=False)
+    request = FuseConceptsRequest(images=["red circle", "yellow star"], strategy="joint", generate=False)
     response = fuse_concepts(request, context)
     assert set(words(response.prompt)) <= WORLD_WORDS, response.prompt
-    assert len(response.clip_similarity) == 2 and response.llm_note is None
 
 
 def test_concat_fusion_names_each_picture_in_one_list(context: ToolContext) -> None:

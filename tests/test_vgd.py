@@ -26,6 +26,7 @@ from pictoprompt.methods.vgd import (
     clip_vocabulary,
     distill,
     distillation_length,
+    fuse,
     guided_decode,
     image_targets,
     invert,
@@ -413,20 +414,39 @@ def test_invert_image(context: ToolContext, focus: str) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("strategy", ["joint", "concat"])
+@pytest.mark.parametrize("strategy", ["merge", "joint", "concat"])
 def test_fuse_concepts(context: ToolContext, strategy: str) -> None:
     request = FuseConceptsRequest(
         images=["red.png", "blue.png", "star.png"], strategy=strategy, max_tokens=9, num_images=1, steps=2, seed=3
     )
     response = fuse_concepts(request, context)
     assert response.prompt and len(response.clip_similarity) == 3
-    if strategy == "concat":
-        first, second, third = response.parts
-        assert response.prompt == f"{first}, {second} and {third}"
-    else:
+    if strategy == "joint":
         assert response.parts == []
+    else:
+        first, second, third = response.parts
+    if strategy == "concat":
+        assert response.prompt == f"{first}, {second} and {third}"
+    if strategy == "merge":
+        assert clip_token_count(context.runtime.clip(), [response.prompt])[0] <= 9
     assert [image.seed for image in response.images] == [3]
     assert context.assets.saved[0]["prompt"] == response.prompt  # type: ignore[attr-defined]
+
+
+def test_merge_writes_one_prompt_from_the_per_image_prompts(tiny_runtime: Runtime, targets: torch.Tensor) -> None:
+    """merge = a prompt per image (at least MERGE_PART_TOKENS long), then VGD distillation of their list."""
+    llm, clip = tiny_runtime.llm(), tiny_runtime.clip()
+    vocabulary = small_vocabulary(clip)
+    fusion = fuse(llm, clip, targets[:2], strategy="merge", vocabulary=vocabulary, max_length=8)
+    alone = [invert(llm, clip, targets[i : i + 1], vocabulary=vocabulary, max_length=16).best.text for i in range(2)]
+    assert fusion.parts == alone
+    assert fusion.prompt == distill(llm, clip, joined_prompts(alone), max_length=8).best.text
+    assert clip_token_count(clip, [fusion.prompt])[0] <= 8
+
+
+def test_fusing_one_image_is_refused(tiny_runtime: Runtime, targets: torch.Tensor) -> None:
+    with pytest.raises(InvalidInputError, match="at least two images"):
+        fuse(tiny_runtime.llm(), tiny_runtime.clip(), targets[:1])
 
 
 def test_distill_prompt(context: ToolContext) -> None:

@@ -1,20 +1,17 @@
 """`fuse_concepts`: one readable prompt holding the concepts of several images, and images made from it.
 
-`joint` (the default) decodes one prompt against all images at once: each step's CLIP score is the average of the
-per-image log-softmax. `concat` is the paper's multi-concept recipe (section 4.2): one prompt per image, joined as
-a caption lists things ("A and B"). On the bundled set neither names both objects of a pair often (`pictoprompt
-bench vgd`, 30 pairs: joint 13%, concat 7%): a small LLM seldom goes on past the first object, the averaged CLIP
-score cannot tell which colour goes with which shape, and concat's parts each name their own background.
+Three strategies (`methods.vgd.fuse`): `merge` (the default) writes one prompt per image and then one sentence
+against their joined text (VGD's distillation task); `joint` decodes one prompt against all images at once;
+`concat` is the paper's multi-concept recipe, the per-image prompts joined as a list. `pictoprompt bench vgd`
+measures all three on the same pairs.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
 
 from pictoprompt.methods.scoring import prompt_similarities
-from pictoprompt.methods.vgd import image_targets, invert, joined_prompts, runtime_vocabulary, text_perplexities
+from pictoprompt.methods.vgd import FuseStrategy, fuse, image_targets, runtime_vocabulary, text_perplexities
 from pictoprompt.tools.base import (
     Guidance,
     ImageRef,
@@ -37,9 +34,10 @@ METHOD = "vgd-fusion"
 
 class FuseConceptsRequest(ToolRequest):
     images: list[ImageRef] = Field(min_length=2, max_length=5, description="2-5 images, one concept each.")
-    strategy: Literal["joint", "concat"] = Field(
-        "joint",
-        description="joint: one prompt against all images at once; concat: one prompt per image, joined ('A and B').",
+    strategy: FuseStrategy = Field(
+        "merge",
+        description="merge: one prompt per image, then one sentence written from them; joint: one prompt decoded "
+        "against all images at once; concat: the per-image prompts joined as a list ('A and B').",
     )
     max_tokens: MaxTokens = 32
     generate: bool = Field(True, description="Also generate images from the fused prompt.")
@@ -54,8 +52,8 @@ class FuseConceptsRequest(ToolRequest):
 
 class FuseConceptsResponse(BaseModel):
     prompt: str = Field(description="The fused prompt.")
-    strategy: Literal["joint", "concat"]
-    parts: list[str] = Field(description="concat: the per-image prompts that were joined; joint: empty.")
+    strategy: FuseStrategy
+    parts: list[str] = Field(description="merge and concat: the per-image prompts, in image order; joint: empty.")
     clip_similarity: list[float] = Field(
         description="Per input image, CLIP cosine similarity between it and the fused prompt; a low one means "
         "that image's concept is weakly present."
@@ -73,20 +71,16 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
     references = [context.images.load(ref) for ref in request.images]
     embeddings = image_targets(clip, references)
     vocabulary = runtime_vocabulary(context.runtime, progress=context.progress)
-    parts: list[str] = []
-    if request.strategy == "joint":
-        result = invert(
-            llm, clip, embeddings, vocabulary=vocabulary, max_length=request.max_tokens, progress=context.progress
-        )
-        prompt = result.best.text
-    else:
-        budget = max(4, request.max_tokens // len(references))
-        for i in range(len(references)):
-            progress = context.progress.scaled(i / len(references), 1 / len(references), 1.0)
-            row = embeddings[i : i + 1]
-            result = invert(llm, clip, row, vocabulary=vocabulary, max_length=budget, progress=progress)
-            parts.append(result.best.text)
-        prompt = joined_prompts(parts)
+    fusion = fuse(
+        llm,
+        clip,
+        embeddings,
+        strategy=request.strategy,
+        vocabulary=vocabulary,
+        max_length=request.max_tokens,
+        progress=context.progress,
+    )
+    prompt = fusion.prompt
     images: list[Variation] = []
     if request.generate:
         rendered = render_and_score(
@@ -96,7 +90,7 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
     return FuseConceptsResponse(
         prompt=prompt,
         strategy=request.strategy,
-        parts=parts,
+        parts=fusion.parts,
         clip_similarity=prompt_similarities(clip, [prompt], embeddings)[0],
         perplexity=text_perplexities(llm, [prompt])[0],
         images=images,
