@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import CLIPModel
 
 from pictoprompt.methods.sd_ipc import ImageToPrompt, target_norm
+from pictoprompt.methods.vgd import image_targets
 from pictoprompt.models.clip import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -20,6 +21,7 @@ from pictoprompt.models.clip import (
     TransformersClip,
     pad_to_square,
     preprocess_images,
+    shifted_views,
 )
 from pictoprompt.models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
 from pictoprompt.models.profiles import ClipSpec, Profile
@@ -84,6 +86,11 @@ def test_sizes(clip: ClipModel) -> None:
     assert clip.vocab_size == 49408
     assert clip.context_length == 77
     assert clip.device == torch.device("cpu")
+
+
+def test_image_size_is_the_towers_input(clip: ClipModel) -> None:
+    assert clip.image_size == 32
+    assert preprocess_images([Image.new("RGB", (80, 50))], clip.image_size).shape == (1, 3, 32, 32)
 
 
 def test_tokenize_and_eos(clip: ClipModel) -> None:
@@ -202,3 +209,24 @@ def test_wide_pictures_are_padded_with_their_background_not_cropped() -> None:
     assert reddish >= 9, "the object must survive preprocessing"
     # A square picture is left as it was.
     assert pad_to_square(square) is square
+
+
+def test_shifted_views_move_the_picture_by_one_input_pixel() -> None:
+    """A 64 px picture for a 32 px tower: one input pixel is 2 picture pixels; the uncovered edge is background."""
+    picture = Image.new("RGB", (64, 48), (245, 245, 245))
+    picture.paste((220, 30, 30), (30, 20, 34, 24))
+    views = shifted_views(picture, 32)
+    assert [view.size for view in views] == [(64, 64)] * 5
+    assert views[0].tobytes() == pad_to_square(picture).tobytes()
+    marker = np.argwhere((np.asarray(views[0]) == (220, 30, 30)).all(-1)).min(0)
+    moved = [np.argwhere((np.asarray(view) == (220, 30, 30)).all(-1)).min(0) - marker for view in views[1:]]
+    assert [tuple(int(v) for v in m) for m in moved] == [(0, 2), (0, -2), (2, 0), (-2, 0)]  # (row, column)
+    assert views[1].getpixel((0, 30)) == views[2].getpixel((63, 30)) == (245, 245, 245)
+
+
+def test_image_targets_are_the_mean_direction_of_the_views(clip: ClipModel, images: list[Image.Image]) -> None:
+    targets = image_targets(clip, images)
+    assert targets.shape == (2, clip.embed_dim)
+    torch.testing.assert_close(targets.norm(dim=-1), torch.ones(2))
+    views = torch.nn.functional.normalize(clip.encode_image(shifted_views(images[0], clip.image_size)), dim=-1)
+    torch.testing.assert_close(targets[0], torch.nn.functional.normalize(views.mean(0), dim=0), atol=1e-5, rtol=1e-5)

@@ -291,6 +291,10 @@ class PromptedClip(ClipModel):
     def vocab_size(self) -> int:
         return self.base.vocab_size
 
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         return self.base.tokenize(texts)
 

@@ -47,7 +47,7 @@ from PIL import Image
 from torch import Tensor
 
 from pictoprompt.errors import InvalidInputError, PictopromptError
-from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.clip import ClipModel, shifted_views
 from pictoprompt.models.llm import LanguageModel, perplexity
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
@@ -75,9 +75,13 @@ _VOCABULARY_PROBE = "a photo of a red circle on a blue background"
 
 
 def image_targets(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
-    """One target row per image (N, P): the decoder averages their per-row log-softmax (fusion of concepts)."""
+    """One unit target row per image (N, P): the mean direction of its `shifted_views`, which reads a picture
+    drawn at another size as steadily as the CLIP's own renders. Several rows: the decoder averages their per-row
+    log-softmax."""
+    views = [view for image in images for view in shifted_views(image, clip.image_size)]
     with torch.no_grad():
-        return clip.encode_image(images).float()
+        embeddings = F.normalize(clip.encode_image(views).float(), dim=-1)
+    return F.normalize(embeddings.view(len(images), -1, embeddings.shape[-1]).mean(1), dim=-1)
 
 
 def style_target(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
