@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from grammar import WORLD_WORDS, match_parsed, named_attributes, parse_caption, parse_style
 from harness import (
     OUTSIDE_N,
+    OUTSIDE_SEED,
     Example,
     OutsideExample,
     Perplexity,
@@ -354,9 +355,9 @@ def held_out_goals(pooled: dict[str, dict[str, list[float]]]) -> list[dict]:
 # ------------------------------------------------------------------------------------------ outside pictures
 
 
-def outside_table(decoder: Decoder, judge: Perplexity, n: int) -> list[dict]:
+def outside_table(decoder: Decoder, judge: Perplexity, n: int, seed: int = OUTSIDE_SEED) -> list[dict]:
     """VGD's prompts for pictures drawn outside the project, by group of pictures and over all of them."""
-    examples = outside_set(n)
+    examples = outside_set(n, seed)
     prompts, named = [], []
     for ex in examples:
         prompts.append(decoder(image_targets(decoder.clip, [ex.flat])))
@@ -615,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="shapes")
     parser.add_argument("--n", type=int, default=200, help="held-out scenes for inversion, a third per kind")
     parser.add_argument("--outside-n", type=int, default=OUTSIDE_N, help="pictures drawn outside the project")
+    parser.add_argument(
+        "--outside-seed", type=int, default=OUTSIDE_SEED, help="another seed draws a fresh outside set (a check)"
+    )
     parser.add_argument("--fuse-n", type=int, default=50, help="pairs of pictures to fuse")
     parser.add_argument("--style-n", type=int, default=40, help="pairs of scenes sharing a style (half fill)")
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
@@ -655,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         print_goals(goals)
         summary["inversion"], summary["inversion goals"] = rows, goals
     if "outside" not in settings.skip:
-        rows = outside_table(decoder, judge, settings.outside_n)
+        rows = outside_table(decoder, judge, settings.outside_n, settings.outside_seed)
         print_table(f"Pictures drawn outside the project, VGD's top prompt, in % ({header})", rows)
         goals = [goal(f"outside pictures, named {a} (%)", rows[-1][f"named {a}"], b) for a, b in OUTSIDE_GOALS.items()]
         print_goals(goals)
