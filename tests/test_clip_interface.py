@@ -36,7 +36,7 @@ TINY_OPEN_CLIP_CONFIG = {
 }
 
 
-def build_open_clip(directory: Path) -> OpenClipClip:
+def build_open_clip(directory: Path, dtype: torch.dtype = torch.float32) -> OpenClipClip:
     """A seeded random-init open_clip model from a tiny config registered in open_clip's model registry."""
     import open_clip
 
@@ -44,7 +44,7 @@ def build_open_clip(directory: Path) -> OpenClipClip:
     config_path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
     open_clip.add_model_config(config_path)
     torch.manual_seed(0)
-    return OpenClipClip.from_pretrained(TINY_OPEN_CLIP, None, torch.device("cpu"), torch.float32)
+    return OpenClipClip.from_pretrained(TINY_OPEN_CLIP, None, torch.device("cpu"), dtype)
 
 
 def build_transformers_clip(directory: Path) -> TransformersClip:
@@ -230,3 +230,12 @@ def test_image_targets_are_the_mean_direction_of_the_views(clip: ClipModel, imag
     torch.testing.assert_close(targets.norm(dim=-1), torch.ones(2))
     views = torch.nn.functional.normalize(clip.encode_image(shifted_views(images[0], clip.image_size)), dim=-1)
     torch.testing.assert_close(targets[0], torch.nn.functional.normalize(views.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_in_half_precision_embeds_images(tmp_path: Path, images: list[Image.Image]) -> None:
+    """open_clip's fp16 keeps the positional embedding in float32 while the patch convolution is float16."""
+    clip = build_open_clip(tmp_path, torch.float16)
+    assert clip.model.visual.conv1.weight.dtype == torch.float16
+    embeddings = clip.encode_image(images)
+    assert embeddings.dtype == torch.float32 and embeddings.shape == (2, 16)
+    assert torch.isfinite(embeddings).all()

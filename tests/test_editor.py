@@ -3,6 +3,7 @@ on a tiny random-init BLIP built here from a config: nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -133,6 +134,43 @@ def test_a_batch_of_problems_gets_what_each_gets_alone(runtime: Runtime) -> None
         [alone] = ed.reverse_engineer(pipeline, [start], [target], iterations=3)
         assert batched.losses == pytest.approx(alone.losses, rel=1e-4, abs=1e-6)
         assert batched.states.shape == start.shape
+
+
+def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = runtime.pipeline()
+    unet, vae = pipeline.unet, pipeline.vae
+    start = ed.start_states(pipeline, "a red circle")
+    seen_in_backward: list[tuple[bool, bool]] = []
+
+    def record(*args: object) -> None:
+        seen_in_backward.append((unet.is_gradient_checkpointing, vae.is_gradient_checkpointing))
+
+    hook = unet.conv_in.register_full_backward_hook(record)
+    try:
+        [checkpointed] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+    finally:
+        hook.remove()
+    # On while EDITOR backpropagates through the shared pipeline, off again for every other caller.
+    assert seen_in_backward and all(state == (True, True) for state in seen_in_backward)
+    assert not unet.is_gradient_checkpointing and not vae.is_gradient_checkpointing
+    # Recomputing the activations changes the memory, not the trajectory.
+    monkeypatch.setattr(ed, "recomputed_activations", lambda pipeline: contextlib.nullcontext())
+    [stored] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+    assert checkpointed.losses == pytest.approx(stored.losses, rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(checkpointed.states, stored.states)
+
+
+def test_checkpointing_that_was_on_stays_on(runtime: Runtime) -> None:
+    unet, vae = runtime.pipeline().unet, runtime.pipeline().vae
+    unet.enable_gradient_checkpointing()
+    try:
+        with ed.recomputed_activations(runtime.pipeline()):
+            assert unet.is_gradient_checkpointing and vae.is_gradient_checkpointing
+        assert unet.is_gradient_checkpointing and not vae.is_gradient_checkpointing
+    finally:
+        unet.disable_gradient_checkpointing()
 
 
 def test_progress_every_iteration_and_cancel_between_iterations(runtime: Runtime) -> None:

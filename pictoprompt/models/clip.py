@@ -326,5 +326,7 @@ class OpenClipClip(ClipModel):
 
     def encode_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = preprocess_images(images, self.image_size, self.image_mean, self.image_std)
-        dtype = self.model.positional_embedding.dtype
+        # open_clip's half precision keeps some parameters (the text positional embedding among them) in float32;
+        # the pixels must match the patch convolution's dtype.
+        dtype = self.model.visual.conv1.weight.dtype
         return self.model.encode_image(pixels.to(self.device, dtype)).float()

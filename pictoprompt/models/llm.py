@@ -26,6 +26,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
@@ -35,6 +36,9 @@ from pictoprompt.errors import InvalidInputError, ModelNotFoundError, Pictopromp
 from pictoprompt.models.lora import merge_gguf_adapter
 from pictoprompt.models.profiles import LlmSpec
 from pictoprompt.models.sources import hub_offline, resolve_builtin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -740,18 +744,17 @@ TINY_WORDS = (
 )
 
 
-def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
-    """A seeded random-init Llama with a word-level tokenizer and a chat template, in the transformers layout.
+def write_word_level_tokenizer(directory: Path, words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` with a chat template, saved in `directory` (made if missing).
 
-    Its words are ones a CLIP tokenizer knows, so guided decoding with it produces text CLIP can score. Meant for
-    tests and the `tiny` model set: the choices it makes are arbitrary but deterministic.
+    Its words are split on whitespace, so any word a CLIP tokenizer knows stays one token the CLIP can score.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "\n"]
-    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(TINY_WORDS.split())])}
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -769,6 +772,19 @@ def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
         "{% if add_generation_prompt %}<|assistant|> {% endif %}"
     )
     tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def write_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
+    """A seeded random-init Llama with a word-level tokenizer and a chat template, in the transformers layout.
+
+    Its words are ones a CLIP tokenizer knows, so guided decoding with it produces text CLIP can score. Meant for
+    tests and the `tiny` model set: the choices it makes are arbitrary but deterministic.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = write_word_level_tokenizer(directory, TINY_WORDS.split())
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(vocab),
