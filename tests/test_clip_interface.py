@@ -239,3 +239,17 @@ def test_open_clip_in_half_precision_embeds_images(tmp_path: Path, images: list[
     embeddings = clip.encode_image(images)
     assert embeddings.dtype == torch.float32 and embeddings.shape == (2, 16)
     assert torch.isfinite(embeddings).all()
+
+
+def test_text_embeddings_read_the_tokens_up_to_the_last_eos_only(clip: ClipModel, monkeypatch) -> None:
+    """Cut at the batch's last EOS (9 tokens here, not 77): the causal tower gives the same EOS states."""
+    texts = ["a red circle", "a small blue square on the left"]
+    input_ids = clip.tokenize(texts)
+    full = clip.text_states(input_ids)[torch.arange(2), clip.eos_positions(input_ids)] @ clip.text_projection.T
+    lengths = []
+    text_states = type(clip).text_states
+    monkeypatch.setattr(
+        type(clip), "text_states", lambda self, ids: lengths.append(ids.shape[1]) or text_states(self, ids)
+    )
+    torch.testing.assert_close(clip.encode_text(texts), full.float(), rtol=1e-4, atol=1e-5)
+    assert lengths == [int(clip.eos_positions(input_ids).max()) + 1] == [9]

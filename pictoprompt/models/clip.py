@@ -74,7 +74,8 @@ class ClipModel(ABC):
 
     @abstractmethod
     def text_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-layer-normed text states of shape (B, context_length, D)."""
+        """Final-layer-normed text states (B, L, D) of token ids (B, L), L at most the context length (the
+        generator reads all of them; `encode_text` passes fewer)."""
 
     @abstractmethod
     def encode_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -83,8 +84,11 @@ class ClipModel(ABC):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings of shape (B, P): `W_t` applied to the EOS state."""
         input_ids = self.tokenize(texts)
-        states = self.text_states(input_ids)
-        eos = states[torch.arange(states.shape[0], device=states.device), self.eos_positions(input_ids)]
+        positions = self.eos_positions(input_ids)
+        # The text tower's attention is causal, so no state sees the padding after it: the batch is cut at its last
+        # EOS (a few tokens rather than 77 for VGD's candidates, its main cost on a real CLIP), same embeddings.
+        states = self.text_states(input_ids[:, : int(positions.max()) + 1])
+        eos = states[torch.arange(states.shape[0], device=states.device), positions.to(states.device)]
         return eos.float() @ self.text_projection.T
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -319,9 +323,10 @@ class OpenClipClip(ClipModel):
         # open_clip's `encode_text` up to (and including) `ln_final`, before pooling and projection.
         model = self.model
         cast_dtype = model.transformer.get_cast_dtype()
+        length = input_ids.shape[1]
         x = model.token_embedding(input_ids.to(self.device)).to(cast_dtype)
-        x = x + model.positional_embedding.to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
         return model.ln_final(x)
 
     def encode_image(self, images: Sequence[Image.Image]) -> torch.Tensor:
