@@ -222,6 +222,9 @@ def test_shifted_views_move_the_picture_by_one_input_pixel() -> None:
     moved = [np.argwhere((np.asarray(view) == (220, 30, 30)).all(-1)).min(0) - marker for view in views[1:]]
     assert [tuple(int(v) for v in m) for m in moved] == [(0, 2), (0, -2), (2, 0), (-2, 0)]  # (row, column)
     assert views[1].getpixel((0, 30)) == views[2].getpixel((63, 30)) == (245, 245, 245)
+    # A picture at the tower's own size is not resampled: it is read as it is.
+    small = picture.resize((32, 24))
+    assert [view.tobytes() for view in shifted_views(small, 32)] == [pad_to_square(small).tobytes()]
 
 
 def test_image_targets_are_the_mean_direction_of_the_views(clip: ClipModel, images: list[Image.Image]) -> None:
@@ -230,6 +233,9 @@ def test_image_targets_are_the_mean_direction_of_the_views(clip: ClipModel, imag
     torch.testing.assert_close(targets.norm(dim=-1), torch.ones(2))
     views = torch.nn.functional.normalize(clip.encode_image(shifted_views(images[0], clip.image_size)), dim=-1)
     torch.testing.assert_close(targets[0], torch.nn.functional.normalize(views.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+    # The second picture is at the tower's size: one view, its own unit embedding.
+    alone = torch.nn.functional.normalize(clip.encode_image(images[1:]), dim=-1)[0]
+    torch.testing.assert_close(targets[1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_open_clip_in_half_precision_embeds_images(tmp_path: Path, images: list[Image.Image]) -> None:

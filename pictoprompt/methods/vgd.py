@@ -78,10 +78,11 @@ def image_targets(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
     """One unit target row per image (N, P): the mean direction of its `shifted_views`, which reads a picture
     drawn at another size as steadily as the CLIP's own renders. Several rows: the decoder averages their per-row
     log-softmax."""
-    views = [view for image in images for view in shifted_views(image, clip.image_size)]
+    views = [shifted_views(image, clip.image_size) for image in images]
     with torch.no_grad():
-        embeddings = F.normalize(clip.encode_image(views).float(), dim=-1)
-    return F.normalize(embeddings.view(len(images), -1, embeddings.shape[-1]).mean(1), dim=-1)
+        embeddings = F.normalize(clip.encode_image([view for group in views for view in group]).float(), dim=-1)
+    means = [group.mean(0) for group in embeddings.split([len(group) for group in views])]
+    return F.normalize(torch.stack(means), dim=-1)
 
 
 def style_target(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
