@@ -595,8 +595,8 @@ def fuse(
     - `merge` (the default) decodes one prompt per image, joins them, and then writes one sentence of at most
       `max_length` CLIP tokens against the joined text's CLIP embedding with VGD's distillation task (the
       LLM sees the joined text in its instruction). Text space composes where the mean of images does not:
-      on 12 pairs of `shapes` pictures it named both objects in 10, joint in 2 (`pictoprompt bench vgd`
-      measures all three).
+      on 30 pairs of `shapes` pictures it names both objects in 76.7 %, joint in 13.3 %, concat in 6.7 %
+      (`pictoprompt bench vgd`, fuse table).
     """
     if targets.shape[0] < 2:
         raise InvalidInputError("Fusing needs at least two images; to describe one image, invert it.")
