@@ -33,6 +33,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 from pictoprompt.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from pictoprompt.models.clip_tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer, write_clip_tokenizer
 from pictoprompt.models.profiles import ClipSpec, LlmSpec, Profile
+from pictoprompt.models.shapes.train import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +110,9 @@ def sd_vae_config(set_name: SetName) -> dict:
 
 
 def sd_scheduler(set_name: SetName) -> DDIMScheduler:
-    """SD's noise schedule; SD 2.1 (768-v) predicts v instead of the noise."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if set_name == "sd21" else "epsilon",
-    )
+    """SD's noise schedule (the one the `shapes` set trains with); SD 2.1 (768-v) predicts v instead of the noise."""
+    prediction_type = "v_prediction" if set_name == "sd21" else "epsilon"
+    return DDIMScheduler.from_config(build_scheduler().config, prediction_type=prediction_type)
 
 
 def vit_l14_config() -> CLIPConfig:
