@@ -1,4 +1,5 @@
-"""SD-IPC-CT/FT on the tiny set (and the `shapes` set when its weights are present).
+"""SD-IPC-CT/FT on the tiny set (and the `shapes` set when its weights are present), and on a tiny open_clip ViT
+in place of the tiny CLIP (SD 2.x's case).
 
 The tiny models are random, so the paper's learning rate (5e-6) moves nothing measurable in a few steps there;
 tests that need the loss to move use 1e-3 on tiny and say so. The `shapes` test uses the paper's defaults.
@@ -21,6 +22,7 @@ from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods.concept_tuning import (
     ConceptWeights,
     DeepPromptedVision,
+    PromptedClip,
     applied_concept,
     base_hash,
     clip_pixels,
@@ -30,12 +32,16 @@ from pictoprompt.methods.concept_tuning import (
     swapped_projections,
     train_domain,
     tune_concept,
+    vision_tower,
 )
 from pictoprompt.methods.generation import generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.models.clip import OpenClipClip
 from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.models.profiles import ClipSpec, Profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import ToolContext
 from pictoprompt.tools.concepts import DeleteConceptRequest, ListConceptsRequest, delete_concept, list_concepts
 from pictoprompt.tools.customize_concept import (
@@ -44,9 +50,18 @@ from pictoprompt.tools.customize_concept import (
     read_captions,
     train_domain_adapter,
 )
+from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
 from pictoprompt.tools.render import concept_image_embedding, load_concept
+from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
 
 TINY_LR = 1e-3  # random tiny weights: the paper's 5e-6 would change nothing visible in a handful of steps
+TINY_OPEN_CLIP = "pictoprompt-test-tuning-vit"
+TINY_OPEN_CLIP_CONFIG = {  # text width 32: the tiny generator's, so SD-IPC converts into its prompt space
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+OPEN_CLIP_LAYERS, OPEN_CLIP_WIDTH = 3, 48
 
 
 def pictures(count: int, seed: int = 0) -> list[Image.Image]:
@@ -105,6 +120,32 @@ def evaluation_loss(runtime: Runtime, weights: ConceptWeights, images: list[Imag
                 float(denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator))
             )
     return sum(losses) / len(losses)
+
+
+@pytest.fixture(scope="module")
+def open_clip_runtime(tiny_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    """The tiny generator with a seeded random-init open_clip ViT as its CLIP: an SD 2.x profile in miniature."""
+    import open_clip
+
+    config_path = tmp_path_factory.mktemp("open-clip") / f"{TINY_OPEN_CLIP}.json"
+    config_path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(config_path)
+    clip = ClipSpec(library="open_clip", source=TINY_OPEN_CLIP)
+    runtime = Runtime(Profile(name="tiny-open-clip", generator="builtin:tiny/generator", clip=clip))
+    torch.manual_seed(0)
+    assert isinstance(runtime.clip(), OpenClipClip)
+    runtime.pipeline()
+    return runtime
+
+
+def sequence_first(clip: OpenClipClip) -> OpenClipClip:
+    """A copy of `clip` whose vision blocks run sequence first, as open_clip before 2.26 (and `batch_first=False`)."""
+    copied = copy.deepcopy(clip)
+    transformer = copied.model.visual.transformer
+    transformer.batch_first = False
+    for block in transformer.resblocks:
+        block.attn.batch_first = False
+    return copied
 
 
 def test_deep_prompted_tower_without_prompts_is_the_clip_image_encoder(tiny_runtime: Runtime) -> None:
@@ -320,3 +361,108 @@ def test_neutral_prompts_keep_the_shapes_conversion() -> None:
         with torch.no_grad():
             prompted = DeepPromptedVision(clip, start.weights.deep_prompts).encode_image(images)
         assert low < float(torch.nn.functional.cosine_similarity(prompted, base).mean()) < high
+
+
+# ------------------------------------------------------------------------------------------ on an open_clip ViT
+
+
+@pytest.mark.parametrize("layout", ["batch first", "sequence first"])
+def test_deep_prompted_open_clip_tower_without_prompts_is_the_clip_image_encoder(
+    open_clip_runtime: Runtime, layout: str
+) -> None:
+    clip = open_clip_runtime.clip()
+    if layout == "sequence first":
+        clip = sequence_first(clip)
+    vision = vision_tower(clip)
+    assert (vision.num_layers, vision.width, vision.patch_size) == (OPEN_CLIP_LAYERS, OPEN_CLIP_WIDTH, 8)
+    assert vision.sequence_first == (layout == "sequence first")
+    images = pictures(3)
+    with torch.no_grad():
+        base = clip.encode_image(images)
+        plain = DeepPromptedVision(clip, None).encode_image(images)
+        prompted = DeepPromptedVision(clip, torch.randn(OPEN_CLIP_LAYERS, 4, OPEN_CLIP_WIDTH)).encode_image(images)
+        # `clip_pixels` is the preprocessing `encode_image` uses, through open_clip's own forward pass
+        library = clip.model.encode_image(clip_pixels(clip, images))
+    assert base.shape == plain.shape == prompted.shape == (3, 16)
+    assert torch.allclose(plain, base, atol=1e-5) and torch.allclose(library.float(), base, atol=1e-5)
+    assert (prompted - base).abs().max() > 1e-2
+
+
+def test_tune_concept_on_open_clip_trains_the_deep_prompts_and_kv_deltas(open_clip_runtime: Runtime) -> None:
+    pipeline, clip = open_clip_runtime.pipeline(), open_clip_runtime.clip()
+    images = pictures(3)
+    before = {key: value.clone() for key, value in clip.model.state_dict().items()}
+    options = {"learning_rate": TINY_LR, "num_prompts": 4, "augment": False}
+    start = tune_concept(pipeline, clip, images, iterations=0, **options)  # the same seed: where tuning starts
+    result = tune_concept(pipeline, clip, images, iterations=2, **options)
+
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert all(torch.equal(value, clip.model.state_dict()[key]) for key, value in before.items())
+    assert result.weights.deep_prompts.shape == (OPEN_CLIP_LAYERS, 4, OPEN_CLIP_WIDTH)
+    assert set(result.weights.kv_deltas) == set(cross_attention_projections(pipeline.unet))
+    assert all(delta.abs().max() > 0 for delta in result.weights.kv_deltas.values())
+    assert result.mean_image_embedding.shape == (1, 16) and result.mean_converted_embedding.shape == (1, 32)
+    with torch.no_grad():
+        base = clip.encode_image(images)
+        untrained = DeepPromptedVision(clip, start.weights.deep_prompts).encode_image(images)
+        tuned = DeepPromptedVision(clip, result.weights.deep_prompts).encode_image(images)
+    # The neutral start keeps the base embeddings; two steps move the prompted tower away from that start.
+    assert float(torch.nn.functional.cosine_similarity(untrained, base).mean()) > 0.95
+    assert (tuned - untrained).abs().max() > 1e-4
+
+
+def test_a_stored_concept_applies_on_open_clip(open_clip_runtime: Runtime, tmp_path: Path) -> None:
+    store = ConceptStore(tmp_path / "concepts")
+    refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
+    context = ToolContext(open_clip_runtime, AssetStore(tmp_path / "assets"), DictImages(refs), concepts=store)
+    card = customize_concept(
+        CustomizeConceptRequest(name="noise-cat", images=list(refs), iterations=2, learning_rate=TINY_LR), context
+    )
+    pipeline, clip = open_clip_runtime.pipeline(), open_clip_runtime.clip()
+    assert card.method == "SD-IPC-CT" and card.iterations == 2 and card.base_models["profile"] == "tiny-open-clip"
+    assert card.base_hash == base_hash(pipeline, clip)
+
+    weights = load_concept(context, "noise-cat")
+    embedding = concept_image_embedding(context, "noise-cat")
+    with torch.no_grad(), applied_concept(pipeline, clip, weights) as tuned_clip:
+        assert isinstance(tuned_clip, PromptedClip) and tuned_clip.base is clip
+        tuned = tuned_clip.encode_image(list(refs.values()))
+        references = torch.nn.functional.normalize(tuned, dim=-1)
+        assert torch.allclose(embedding, references.mean(0, keepdim=True), atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(tuned, clip.encode_image(list(refs.values())), atol=1e-4)
+
+    def draw(request: GenerateImageRequest | VaryImageRequest) -> np.ndarray:
+        tool = generate_image if isinstance(request, GenerateImageRequest) else vary_image
+        with Image.open(tool(request, context).images[0].path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    named = draw(GenerateImageRequest(prompt="noise-cat on the left", concept="noise-cat", seed=3, steps=2))
+    plain = draw(GenerateImageRequest(prompt="on the left", seed=3, steps=2))
+    varied = draw(VaryImageRequest(images=["concept:noise-cat"], concept="noise-cat", seed=3, steps=2, num_images=1))
+    assert named.shape == plain.shape == varied.shape == (32, 32, 3)
+    assert not np.array_equal(named, plain)
+
+
+def test_train_domain_on_open_clip(open_clip_runtime: Runtime) -> None:
+    pipeline, clip = open_clip_runtime.pipeline(), open_clip_runtime.clip()
+    result = train_domain(
+        pipeline,
+        clip,
+        pictures(4, seed=2),
+        [f"picture {i}" for i in range(4)],
+        iterations=2,
+        batch_size=2,
+        learning_rate=TINY_LR,
+        num_prompts=4,
+    )
+    assert result.hyperparameters["method"] == "SD-IPC-FT" and len(result.losses) == 2
+    assert result.weights.deep_prompts.shape == (OPEN_CLIP_LAYERS, 4, OPEN_CLIP_WIDTH)
+    assert all(delta.abs().max() > 0 for delta in result.weights.kv_deltas.values())
+
+
+def test_an_open_clip_without_a_class_token_tower_is_refused(open_clip_runtime: Runtime) -> None:
+    clip = copy.deepcopy(open_clip_runtime.clip())
+    clip.model.visual.pool_type = "avg"
+    with pytest.raises(InvalidInputError, match="pools its class token"):
+        tune_concept(open_clip_runtime.pipeline(), clip, pictures(1), iterations=1, num_prompts=2)

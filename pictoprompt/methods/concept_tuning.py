@@ -17,6 +17,9 @@ The base model is never written to. The K/V changes are float32 deltas, added by
 for `to_k`/`to_v` only while a concept is in use (`applied_concept`); the deep prompts live in a separate forward
 pass of the vision tower (`DeepPromptedVision`). Leaving the block puts the original modules back, so a call
 without a concept gives the base model's output bit for bit.
+
+The CLIP may be a transformers one (SD 1.x) or an open_clip ViT (SD 2.x): `VisionTower` gives the steps of either
+image transformer between which the deep prompts go.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +42,7 @@ from torch import Tensor, nn
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.generation import default_size
 from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
-from pictoprompt.models.clip import ClipModel, TransformersClip, preprocess_images
+from pictoprompt.models.clip import ClipModel, OpenClipClip, TransformersClip, preprocess_images
 from pictoprompt.models.concepts import weights_fingerprint
 from pictoprompt.progress import Progress
 
@@ -58,18 +62,6 @@ CROP_SCALE = (0.8, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ what is trained
-
-
-def transformers_clip(clip: ClipModel) -> TransformersClip:
-    """The CLIP as a transformers model: deep prompts are run layer by layer through its vision tower."""
-    if isinstance(clip, PromptedClip):
-        clip = clip.base
-    if not isinstance(clip, TransformersClip):
-        raise InvalidInputError(
-            "Concept tuning needs a transformers CLIP (the SD 1.x, shapes and tiny profiles); this profile's "
-            f"{type(clip).__name__} is not supported yet."
-        )
-    return clip
 
 
 def cross_attention_projections(unet: UNet2DConditionModel) -> dict[str, nn.Linear]:
@@ -92,14 +84,10 @@ def cross_attention_projections(unet: UNet2DConditionModel) -> dict[str, nn.Line
 def base_hash(pipeline: StableDiffusionPipeline, clip: ClipModel) -> str:
     """Fingerprint of the base weights a concept attaches to: every tuned K/V projection and the CLIP weights
     that decide the converted prompt's direction (class embedding, final norm, both projections)."""
-    vision = transformers_clip(clip).model
     tensors = {
         f"{UNET_PREFIX}{key}": linear.weight for key, linear in cross_attention_projections(pipeline.unet).items()
     }
-    tensors["clip.class_embedding"] = vision.vision_model.embeddings.class_embedding
-    tensors["clip.post_layernorm"] = vision.vision_model.post_layernorm.weight
-    tensors["clip.visual_projection"] = vision.visual_projection.weight
-    tensors["clip.text_projection"] = vision.text_projection.weight
+    tensors.update(vision_tower(clip).conversion_weights())
     return weights_fingerprint(tensors)
 
 
@@ -114,7 +102,7 @@ class ConceptWeights:
 
     @classmethod
     def initial(
-        cls, unet: UNet2DConditionModel, clip: TransformersClip, num_prompts: int, generator: torch.Generator
+        cls, unet: UNet2DConditionModel, clip: ClipModel, num_prompts: int, generator: torch.Generator
     ) -> ConceptWeights:
         """Zero deltas (the start is the untrained SD-IPC) and VPT's Xavier-uniform prompts, all trainable."""
         kv_deltas = {
@@ -123,11 +111,11 @@ class ConceptWeights:
         }
         deep_prompts = None
         if num_prompts > 0:
-            config = clip.model.config.vision_config
-            bound = math.sqrt(6.0 / (3 * config.patch_size**2 + config.hidden_size))
-            shape = (config.num_hidden_layers, num_prompts, config.hidden_size)
+            vision = vision_tower(clip)
+            bound = math.sqrt(6.0 / (3 * vision.patch_size**2 + vision.width))
+            shape = (vision.num_layers, num_prompts, vision.width)
             values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-            deep_prompts = nn.Parameter(values.to(clip.device))
+            deep_prompts = nn.Parameter(values.to(vision.clip.device))
         return cls(kv_deltas, deep_prompts)
 
     def parameters(self) -> list[Tensor]:
@@ -207,11 +195,145 @@ def swapped_projections(unet: UNet2DConditionModel, kv_deltas: dict[str, Tensor]
 # ------------------------------------------------------------------------------------------ the deep prompts
 
 
-def clip_pixels(clip: TransformersClip, images: Sequence[Image.Image]) -> Tensor:
-    """The CLIP's own preprocessing (the same as `TransformersClip.encode_image`)."""
-    size = clip.model.config.vision_config.image_size
-    pixels = preprocess_images(images, size, clip.image_mean, clip.image_std)
-    return pixels.to(clip.device, clip.model.dtype)
+class VisionTower(ABC):
+    """A CLIP's image transformer taken apart where VPT-deep prompts go in, whichever library holds it.
+
+    `embed`, then `layer` for every layer in turn, then `pool` is the CLIP's own `encode_image`; the deep prompts
+    are inserted between those steps (`DeepPromptedVision`). Hidden states are batch first, class token first.
+    """
+
+    clip: ClipModel
+    """The base CLIP (a `PromptedClip`'s base, not the wrapper)."""
+    num_layers: int
+    width: int
+    patch_size: int
+
+    @abstractmethod
+    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
+        """The CLIP's own preprocessing, on its device and in its image tower's dtype."""
+
+    @abstractmethod
+    def embed(self, pixels: Tensor) -> Tensor:
+        """The tokens entering the first layer (B, 1 + patches, width): patch, class and position embeddings,
+        then the pre-layernorm."""
+
+    @abstractmethod
+    def layer(self, index: int, hidden: Tensor) -> Tensor:
+        """Layer `index` applied to `hidden` (B, tokens, width)."""
+
+    @abstractmethod
+    def pool(self, hidden: Tensor) -> Tensor:
+        """The projected image embedding (B, P), float32, from the last layer's class token."""
+
+    @abstractmethod
+    def conversion_weights(self) -> dict[str, Tensor]:
+        """The weights that decide the converted prompt's direction, named alike for both libraries (`base_hash`)."""
+
+
+class TransformersVisionTower(VisionTower):
+    """A transformers `CLIPModel`'s vision model (SD 1.x, `shapes`, `tiny`)."""
+
+    def __init__(self, clip: TransformersClip) -> None:
+        config = clip.model.config.vision_config
+        self.clip = clip
+        self.model = clip.model
+        self.num_layers, self.width, self.patch_size = config.num_hidden_layers, config.hidden_size, config.patch_size
+
+    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
+        pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
+        return pixels.to(self.clip.device, self.model.dtype)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        vision = self.model.vision_model
+        return vision.pre_layrnorm(vision.embeddings(pixels))
+
+    def layer(self, index: int, hidden: Tensor) -> Tensor:
+        return self.model.vision_model.encoder.layers[index](hidden, None)
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        pooled = self.model.vision_model.post_layernorm(hidden[:, 0])
+        return self.model.visual_projection(pooled).float()
+
+    def conversion_weights(self) -> dict[str, Tensor]:
+        return {
+            "clip.class_embedding": self.model.vision_model.embeddings.class_embedding,
+            "clip.post_layernorm": self.model.vision_model.post_layernorm.weight,
+            "clip.visual_projection": self.model.visual_projection.weight,
+            "clip.text_projection": self.model.text_projection.weight,
+        }
+
+
+class OpenClipVisionTower(VisionTower):
+    """An open_clip ViT's `visual` (SD 2.x's OpenCLIP ViT-H/14): `VisionTransformer.forward` step by step."""
+
+    def __init__(self, clip: OpenClipClip) -> None:
+        from open_clip.transformer import VisionTransformer  # imported on use, as `OpenClipClip` does
+
+        visual = clip.model.visual
+        # Deep prompts need a ViT whose embedding is its class token through `ln_post` and `proj` (what `pool`
+        # computes); ResNet and timm towers, attentional or average pooling are something else.
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
+            raise InvalidInputError(
+                "Concept tuning needs a ViT image tower that pools its class token; this open_clip CLIP's image "
+                f"tower ({type(visual).__name__}) does not. Use a profile with OpenCLIP ViT-H/14 (SD 2.x) or a "
+                "transformers CLIP (SD 1.x)."
+            )
+        self.clip = clip
+        self.visual = visual
+        self.num_layers = len(visual.transformer.resblocks)
+        self.width = visual.conv1.out_channels
+        self.patch_size = visual.conv1.kernel_size[0]
+        # open_clip >= 2.26 runs its blocks batch first unless built with `batch_first=False`; 2.24 and 2.25 have
+        # no such attribute and run them sequence first (the tower transposes around the whole stack).
+        self.sequence_first = not getattr(visual.transformer, "batch_first", False)
+
+    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
+        pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
+        # open_clip's half precision keeps some parameters in float32: the patch convolution decides.
+        return pixels.to(self.clip.device, self.visual.conv1.weight.dtype)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        visual = self.visual
+        patches = visual.conv1(pixels).flatten(2).transpose(1, 2)  # (B, grid * grid, width)
+        class_token = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        hidden = torch.cat([class_token, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
+        return visual.ln_pre(visual.patch_dropout(hidden))  # patch dropout is the identity outside training
+
+    def layer(self, index: int, hidden: Tensor) -> Tensor:
+        block = self.visual.transformer.resblocks[index]
+        if self.sequence_first:
+            return block(hidden.transpose(0, 1), attn_mask=None).transpose(0, 1)
+        return block(hidden, attn_mask=None)
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        return (self.visual.ln_post(hidden[:, 0]) @ self.visual.proj).float()
+
+    def conversion_weights(self) -> dict[str, Tensor]:
+        return {
+            "clip.class_embedding": self.visual.class_embedding,
+            "clip.post_layernorm": self.visual.ln_post.weight,
+            "clip.visual_projection": self.visual.proj,
+            "clip.text_projection": self.clip.text_projection,
+        }
+
+
+def vision_tower(clip: ClipModel) -> VisionTower:
+    """The image transformer of `clip` (of its base, for a `PromptedClip`), ready for deep prompts."""
+    if isinstance(clip, PromptedClip):
+        clip = clip.base
+    if isinstance(clip, TransformersClip):
+        return TransformersVisionTower(clip)
+    if isinstance(clip, OpenClipClip):
+        return OpenClipVisionTower(clip)
+    raise InvalidInputError(
+        f"Concept tuning needs a transformers or open_clip CLIP; this profile's {type(clip).__name__} is not "
+        "supported. Use an SD 1.x or SD 2.x profile."
+    )
+
+
+def clip_pixels(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
+    """The CLIP's own preprocessing (the same as its `encode_image`)."""
+    return vision_tower(clip).pixels(images)
 
 
 class DeepPromptedVision:
@@ -219,33 +341,30 @@ class DeepPromptedVision:
 
     Each layer sees the class and patch tokens followed by its own prompts; the prompts' outputs are dropped
     before the next layer (which brings its own), so only the class and patch tokens carry on. The class token
-    then goes through the post-layernorm and `visual_projection` as usual. With no prompts this is exactly
-    `TransformersClip.encode_image`.
+    then goes through the final layer norm and the visual projection as usual. With no prompts this is exactly
+    the CLIP's `encode_image`.
     """
 
-    def __init__(self, clip: TransformersClip, deep_prompts: Tensor | None, dropout: float = 0.1) -> None:
-        layers = clip.model.config.vision_config.num_hidden_layers
-        if deep_prompts is not None and deep_prompts.shape[0] != layers:
+    def __init__(self, clip: ClipModel, deep_prompts: Tensor | None, dropout: float = 0.1) -> None:
+        self.vision = vision_tower(clip)
+        if deep_prompts is not None and deep_prompts.shape[0] != self.vision.num_layers:
             raise InvalidInputError(
-                f"The concept has deep prompts for {deep_prompts.shape[0]} layers but this CLIP has {layers}; "
-                "tune the concept again on this model."
+                f"The concept has deep prompts for {deep_prompts.shape[0]} layers but this CLIP has "
+                f"{self.vision.num_layers}; tune the concept again on this model."
             )
-        self.clip = clip
         self.deep_prompts = deep_prompts
         self.dropout = dropout
 
     def __call__(self, pixels: Tensor, dropout_generator: torch.Generator | None = None) -> Tensor:
         """Embeddings of preprocessed `pixels`; prompt dropout is applied when a generator is given (training)."""
-        vision = self.clip.model.vision_model
-        hidden = vision.pre_layrnorm(vision.embeddings(pixels))
+        hidden = self.vision.embed(pixels)
         tokens = hidden.shape[1]
-        for index, layer in enumerate(vision.encoder.layers):
+        for index in range(self.vision.num_layers):
             if self.deep_prompts is not None:
                 prompts = self._prompts(index, dropout_generator).to(hidden.dtype).expand(hidden.shape[0], -1, -1)
                 hidden = torch.cat([hidden[:, :tokens], prompts], dim=1)
-            hidden = layer(hidden, None)
-        pooled = vision.post_layernorm(hidden[:, 0])
-        return self.clip.model.visual_projection(pooled).float()
+            hidden = self.vision.layer(index, hidden)
+        return self.vision.pool(hidden)
 
     def _prompts(self, layer: int, generator: torch.Generator | None) -> Tensor:
         prompts = self.deep_prompts[layer]
@@ -256,13 +375,13 @@ class DeepPromptedVision:
         return prompts * keep / (1 - self.dropout)
 
     def encode_image(self, images: Sequence[Image.Image]) -> Tensor:
-        return self(clip_pixels(self.clip, images))
+        return self(self.vision.pixels(images))
 
 
 class PromptedClip(ClipModel):
     """A `ClipModel` whose image encoder carries a concept's deep prompts; everything else is the base CLIP."""
 
-    def __init__(self, base: TransformersClip, deep_prompts: Tensor) -> None:
+    def __init__(self, base: ClipModel, deep_prompts: Tensor) -> None:
         self.base = base
         self.context_length = base.context_length
         self.tower = DeepPromptedVision(base, deep_prompts.to(base.device), dropout=0.0)
@@ -332,7 +451,7 @@ def applied_concept(
         if concept.deep_prompts is None:
             yield clip
         else:
-            yield PromptedClip(transformers_clip(clip), concept.deep_prompts)
+            yield PromptedClip(vision_tower(clip).clip, concept.deep_prompts)
 
 
 # ------------------------------------------------------------------------------------------ a concept by name
@@ -446,7 +565,7 @@ PromptInit = Literal["neutral", "random"]
 
 
 def fit_neutral_prompts(
-    clip: TransformersClip, deep_prompts: Tensor, images: Sequence[Image.Image], progress: Progress
+    clip: ClipModel, deep_prompts: Tensor, images: Sequence[Image.Image], progress: Progress
 ) -> None:
     """Move fresh deep prompts (in place) until the prompted encoder gives `images` their original embeddings.
 
@@ -519,10 +638,10 @@ def _mean_embeddings(
 
 @dataclass
 class _Start:
-    """What both tunings start from: the CLIP's image tower and the SD-IPC converter on it, the seeded generator,
-    the initial weights (zero K/V deltas, deep prompts) and the deep-prompted tower they train through."""
+    """What both tunings start from: the base CLIP and the SD-IPC converter on it, the seeded generator, the initial
+    weights (zero K/V deltas, deep prompts) and the deep-prompted tower they train through."""
 
-    vision: TransformersClip
+    clip: ClipModel
     converter: ImageToPrompt
     generator: torch.Generator
     weights: ConceptWeights
@@ -543,13 +662,13 @@ def _start(
     """The shared set-up; with `prompt_init="neutral"` the deep prompts are first fitted (`fit_neutral_prompts`) on
     the images `neutral_fit_images` picks with the generator."""
     started = time.perf_counter()
-    vision = transformers_clip(clip)
+    base = vision_tower(clip).clip
     generator = torch.Generator().manual_seed(seed)
-    weights = ConceptWeights.initial(pipeline.unet, vision, num_prompts, generator)
+    weights = ConceptWeights.initial(pipeline.unet, base, num_prompts, generator)
     if weights.deep_prompts is not None and prompt_init == "neutral":
-        fit_neutral_prompts(vision, weights.deep_prompts, neutral_fit_images(generator), progress)
-    tower = DeepPromptedVision(vision, weights.deep_prompts, prompt_dropout)
-    return _Start(vision, ImageToPrompt.cached(vision, pipeline), generator, weights, tower, started)
+        fit_neutral_prompts(base, weights.deep_prompts, neutral_fit_images(generator), progress)
+    tower = DeepPromptedVision(base, weights.deep_prompts, prompt_dropout)
+    return _Start(base, ImageToPrompt.cached(base, pipeline), generator, weights, tower, started)
 
 
 def _result(
@@ -592,7 +711,7 @@ def tune_concept(
 
     def loss_at(iteration: int) -> Tensor:
         images = [random_augmentation(image, generator) if augment else image for image in references]
-        prompt = start.converter.prompt(start.tower(clip_pixels(start.vision, images), generator))
+        prompt = start.converter.prompt(start.tower(clip_pixels(start.clip, images), generator))
         return denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator)
 
     with swapped_projections(pipeline.unet, start.weights.kv_deltas):
@@ -690,7 +809,7 @@ def train_domain(
         ]
         reference_latents = encode_latents(pipeline, references, generator)
         target_latents = reference_latents if partners == batch else encode_latents(pipeline, targets, generator)
-        image_prompt = converter.prompt(start.tower(clip_pixels(start.vision, references), generator))
+        image_prompt = converter.prompt(start.tower(clip_pixels(start.clip, references), generator))
         loss_convert = denoising_loss(pipeline, target_latents, image_prompt, generator)
         loss_text = denoising_loss(pipeline, reference_latents, caption_states[batch], generator)
         return loss_convert + loss_text
