@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow serve install lint clean
+.PHONY: demo test test-slow test-ray serve install lint clean
 
 $(BIN)/pictoprompt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ demo: install
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray"
 	$(BIN)/ruff check pictoprompt tests benchmarks
 
 test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu and not ray"
+
+# Serving on Ray Serve (`serve --http --ray`): installs the `ray` extra, then starts a local Ray with two replicas.
+test-ray: install
+	$(BIN)/python -m pip install -e ".[ray]"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
 
 serve: install
 	$(BIN)/pictoprompt serve

@@ -248,6 +248,10 @@ def _settings(args: argparse.Namespace) -> Any:
         overrides["allow_dirs"] = [Path(p).expanduser().resolve() for p in args.allow_dir]
     if getattr(args, "allow_private_urls", False):
         overrides["allow_private_urls"] = True
+    if getattr(args, "ray", None) is not None:
+        overrides["ray"] = True
+        if args.ray:
+            overrides["ray_address"] = args.ray
     return Settings(**overrides)
 
 
@@ -268,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-dir", action="append", help="Let tools read local images under this folder.")
     serve.add_argument("--allow-private-urls", action="store_true", help="Allow URLs on private networks.")
     serve.add_argument("--asset-dir", type=Path, help="Where output images are stored.")
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="Run the models on Ray Serve replicas: on the Ray cluster at ADDRESS, or a local Ray without it "
+        "(needs `pip install 'pictoprompt[ray]'`; PICTOPROMPT_RAY_* settings set the replicas).",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     for spec in TOOLS:

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     allow_home: bool = Field(True, description="Allow local paths under the home directory (stdio only).")
     allow_private_urls: bool = False
     token: str | None = Field(None, description="Bearer token required on HTTP; set PICTOPROMPT_TOKEN.")
+    ray: bool = Field(False, description="Hand the model work to a Ray Serve deployment (`serve --http --ray`).")
+    ray_address: str | None = Field(None, description="An existing Ray cluster; default: start a local Ray.")
+    ray_min_replicas: int = Field(1, ge=0, description="Fewest replicas, each holding one runtime.")
+    ray_max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler may start.")
+    ray_target_ongoing_requests: float = Field(1.0, gt=0, description="Requests per replica the autoscaler aims at.")
+    ray_replica_cpus: float = Field(1.0, gt=0, description="CPUs per replica (also its torch threads on a CPU).")
+    ray_replica_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica; default 1 when the cluster has GPUs, else 0."
+    )
 
     @property
     def assets_root(self) -> Path:

@@ -37,8 +37,10 @@ TENSOR_LIBRARIES = {"torch", "diffusers", "transformers", "open_clip"}
 OPTIONAL_IMPORTS = {
     "pictoprompt.models.shapes.oracle": {"scipy": "bench"},
     "pictoprompt.server.demo": {"skimage": "demo"},
+    "pictoprompt.server.ray_serve": {"ray": "ray"},
 }
-"""Third-party imports that only an extra provides, by module: the benchmarks' oracle and the demo's photos."""
+"""Third-party imports that only an extra provides, by module: the benchmarks' oracle, the demo's photos and the
+serving on Ray Serve."""
 
 
 def module_name(path: Path) -> str:
@@ -210,13 +212,27 @@ def needs_an_extra_to_import(module: str) -> bool:
     return bool(names & set(OPTIONAL_IMPORTS.get(module, {})))
 
 
+def top_level_package_imports(module: str) -> set[str]:
+    """The package modules `module` imports when it is itself imported (not inside a function)."""
+    names = set()
+    for node in ast.parse(MODULES[module].read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {node.module or ""} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name in MODULES and name != module}
+
+
 def test_no_runtime_module_needs_an_extra():
     assert needs_an_extra_to_import("pictoprompt.models.shapes.oracle")
     assert not needs_an_extra_to_import("pictoprompt.server.demo"), "the demo asks for its extra when it needs it"
+    # The server reaches Ray Serve only when asked to serve on it, and says how to install it otherwise.
+    assert needs_an_extra_to_import("pictoprompt.server.ray_serve")
+    assert "pictoprompt.server.ray_serve" in package_imports("pictoprompt.server.app")
     users = [
         f"{module} imports {imported}"
         for module in MODULES
-        for imported in package_imports(module)
+        for imported in top_level_package_imports(module)
         if needs_an_extra_to_import(imported)
     ]
     assert users == []

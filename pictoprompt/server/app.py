@@ -23,12 +23,12 @@ from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.server.assets import AssetStore
+from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.http_transport import CLIENT_GONE
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
-from pictoprompt.server.jobs import Job, JobRunner
+from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, worker_status
 from pictoprompt.server.prompts import add_workflow_prompts
-from pictoprompt.server.results import InlineMode, JobInfo, RecordingSink, job_info, job_result
+from pictoprompt.server.results import InlineMode, JobInfo, job_info, job_result
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
@@ -68,7 +68,7 @@ class ServerState:
     runtime: Runtime
     assets: AssetStore
     resolver: ImageResolver
-    jobs: JobRunner
+    jobs: JobService
     concepts: ConceptStore
 
 
@@ -120,22 +120,16 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
 
     async def call_as_job(request: Any, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
+
+        async def resolve_images() -> PreResolvedImages:
+            return await state.resolver.resolve_all(request.image_refs())
+
         try:
-            # A place in the queue before anything is fetched or decoded: when the queue is full, the call is
-            # refused as busy having cost its request and nothing more.
-            slot = state.jobs.reserve()
-            try:
-                images = await state.resolver.resolve_all(request.image_refs())
-            except BaseException:
-                slot.release()
-                raise
-            sink = RecordingSink(state.assets)
-            # The job keeps the sink (what it saved) for get_job; the inputs go with the work when it ends.
-            job = state.jobs.submit(spec.name, _job_work(spec, state, request, sink, images), slot, keep=sink)
+            job_id = await state.jobs.submit(spec, request, resolve_images)
+            job = await _wait_for_job(state, job_id, request.wait_seconds, ctx)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
-        await _wait_for_job(state, job, request.wait_seconds, ctx)
-        return job_result(job, state.assets, request.inline, sink.saved)
+        return job_result(job, state.assets, request.inline)
 
     output = create_model(
         f"{spec.response_model.__name__}Job",
@@ -145,15 +139,6 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
         result=(spec.response_model | None, None),
     )
     return WireTool(spec.name, spec.title, spec.description, arguments, output, annotations_for(spec), call_as_job)
-
-
-def _job_work(
-    spec: ToolSpec, state: ServerState, request: BaseModel, sink: RecordingSink, images: PreResolvedImages
-) -> Callable[[Progress], Any]:
-    def work(progress: Progress) -> Any:
-        return spec.run(request, ToolContext(state.runtime, sink, images, progress, state.concepts))
-
-    return work
 
 
 def _client_gone(ctx: Context) -> anyio.Event | None:
@@ -167,7 +152,7 @@ def _client_gone(ctx: Context) -> anyio.Event | None:
     return gone if isinstance(gone, anyio.Event) else None
 
 
-async def _wait_for_job(state: ServerState, job: Job, wait_seconds: float, ctx: Context) -> None:
+async def _wait_for_job(state: ServerState, job_id: str, wait_seconds: float, ctx: Context) -> JobView:
     pending: set[asyncio.Task] = set()
 
     def forward(done: float, total: float | None, message: str | None) -> None:
@@ -178,24 +163,26 @@ async def _wait_for_job(state: ServerState, job: Job, wait_seconds: float, ctx: 
     gone = _client_gone(ctx)
     try:
         if gone is None:
-            await state.jobs.wait(job, wait_seconds, forward)
-            return
+            return await state.jobs.wait(job_id, wait_seconds, forward)
         async with anyio.create_task_group() as group:
 
             async def stop_when_the_client_is_gone() -> None:
                 # On the pre-2026 wire a client that dies does not cancel its call: the session outlives the
                 # connection, so without this the job would run to its end for nobody.
                 await gone.wait()
-                logger.info("the client of job %s disconnected; cancelling the job", job.id)
-                state.jobs.cancel(job.id)
+                logger.info("the client of job %s disconnected; cancelling the job", job_id)
+                state.jobs.request_cancel(job_id)
                 group.cancel_scope.cancel()
 
             group.start_soon(stop_when_the_client_is_gone)
-            await state.jobs.wait(job, wait_seconds, forward)
+            job = await state.jobs.wait(job_id, wait_seconds, forward)
             group.cancel_scope.cancel()
+        if gone.is_set():
+            return await state.jobs.wait(job_id, 0)  # nobody reads it: the job as the cancel left it
+        return job
     except asyncio.CancelledError:
         # The client cancelled its request: stop the work it asked for, between two steps.
-        state.jobs.cancel(job.id)
+        state.jobs.request_cancel(job_id)
         raise
 
 
@@ -225,6 +212,9 @@ class ServerStatus(BaseModel):
     memory: dict[str, float]
     queue: QueueStatus
     asset_dir: str
+    replicas: list[str] = Field(
+        default_factory=list, description="The Ray Serve replicas holding the models (served with --ray)."
+    )
 
 
 def _warm_up(runtime: Runtime, warm_ups: list[Callable[[Runtime, Progress], object]], progress: Progress) -> None:
@@ -261,13 +251,18 @@ def create_server(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
-        jobs = JobRunner(runtime.gpu_lock, depth=settings.queue_depth)
+        jobs: JobService
+        if settings.ray:
+            # The replicas hold the models; this process only validates, resolves images and waits.
+            jobs = await ray_jobs(settings)
+        else:
+            jobs = LocalJobs(JobRunner(runtime.gpu_lock, depth=settings.queue_depth), runtime, assets, concepts)
         state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs, concepts)
         holder["state"] = state
         await anyio.to_thread.run_sync(assets.expire)
         warming = Progress()
         warm_up = None
-        if preload:
+        if preload and not settings.ray:
             needed = {component for spec in TOOLS for component in spec.components}
             await anyio.to_thread.run_sync(runtime.preload, needed)
             warm_ups = list(dict.fromkeys(spec.warm_up for spec in TOOLS if spec.warm_up is not None))
@@ -276,7 +271,7 @@ def create_server(
         try:
             yield state
         finally:
-            jobs.shutdown()
+            await jobs.shutdown()
             if warm_up is not None:
                 # A session can end while the warm-up still runs native code; the process must not exit under it.
                 warming.cancel()
@@ -325,6 +320,18 @@ def create_server(
     return server
 
 
+async def ray_jobs(settings: Settings) -> JobService:
+    """The Ray Serve service (`pictoprompt.server.ray_serve`), or an error saying how to install it."""
+    try:
+        from pictoprompt.server.ray_serve import connect
+    except ImportError as error:
+        raise PictopromptError(
+            f"Serving with --ray needs Ray Serve, which is not installed ({error}): install the extra with "
+            "`pip install 'pictoprompt[ray]'`, or serve without --ray on one machine."
+        ) from error
+    return await connect(settings)
+
+
 def resource_error(error: PictopromptError) -> ResourceError:
     """A missing asset or concept is the client's `-32602` (not found); any other refusal is a `-32603`."""
     return ResourceNotFoundError(str(error)) if isinstance(error, NotFoundError) else ResourceError(str(error))
@@ -353,41 +360,40 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
     async def get_job(request: GetJobRequest, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
         try:
-            job = state.jobs.get(request.job_id)
+            job = await state.jobs.wait(request.job_id, request.wait_seconds)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
-        await state.jobs.wait(job, request.wait_seconds)
-        sink = job.keep
-        return job_result(job, state.assets, request.inline, sink.saved if isinstance(sink, RecordingSink) else [])
+        return job_result(job, state.assets, request.inline)
 
     async def cancel_job(request: CancelJobRequest, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
         try:
-            job = state.jobs.get(request.job_id)
-            ending = job.state in {"queued", "running"}
-            state.jobs.cancel(request.job_id)
+            job, ending = await state.jobs.cancel(request.job_id)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
         return text_result(CancelOutcome(job=job_info(job), cancelled=ending))
 
     async def server_status(request: ServerStatusRequest, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
-        runtime = state.runtime
-        jobs = state.jobs.jobs()
+        jobs = await state.jobs.views()
+        workers = await state.jobs.workers()
+        # Every replica holds the same profile; the first one to report speaks for the models.
+        models = workers[0] if workers else worker_status("none reported yet", state.runtime)
         status = ServerStatus(
             version=__version__,
-            profile=runtime.profile.name,
-            device=str(runtime.device),
-            dtype=str(runtime.dtype).removeprefix("torch."),
-            loaded_models=runtime.loaded_components(),
-            model_ids=runtime.model_ids(),
-            memory=runtime.memory(),
+            profile=models.profile,
+            device=models.device,
+            dtype=models.dtype,
+            loaded_models=models.loaded_models,
+            model_ids=models.model_ids,
+            memory=models.memory,
             queue=QueueStatus(
                 running=[job_info(job) for job in jobs if job.state == "running"],
                 queued=sum(job.state == "queued" for job in jobs),
                 depth=state.settings.queue_depth,
             ),
             asset_dir=str(state.assets.root),
+            replicas=[worker.name for worker in workers if state.settings.ray],
         )
         return text_result(status)
 

@@ -241,6 +241,19 @@ class AssetStore:
         )
 
 
+class RecordingSink:
+    """An `AssetSink` that stores through the asset store and remembers what one job saved."""
+
+    def __init__(self, store: AssetStore) -> None:
+        self.store = store
+        self.saved: list[SavedImage] = []
+
+    def save(self, image: Image.Image, metadata: dict[str, str]) -> SavedImage:
+        saved = self.store.save(image, metadata)
+        self.saved.append(saved)
+        return saved
+
+
 def _remove(path: Path) -> int:
     try:
         path.unlink()

@@ -1,5 +1,9 @@
 """Jobs: a bounded FIFO queue in front of the GPU lock, one worker thread, progress and cancellation.
 
+The server talks to a `JobService`: on one machine `LocalJobs`, this module's queue and worker thread running the
+tools on the process's own runtime; beyond one machine `pictoprompt.server.ray_serve.RayJobs`, where Ray Serve
+routes and queues and the replicas hold the runtimes. Both answer with `JobView`s.
+
 A model-heavy tool call becomes a job. The caller waits up to `wait_seconds` for it; if it is not done by
 then it gets the job's id and `get_job` / `cancel_job` act on it later. Finished jobs are kept for a while so
 their results can still be fetched; a finished job keeps only its result, never its inputs.
@@ -16,18 +20,102 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
 
 from pictoprompt.errors import BusyError, JobCancelledError, NotFoundError, PictopromptError
+from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore, RecordingSink
+from pictoprompt.server.images import PreResolvedImages
+from pictoprompt.tools.base import SavedImage, ToolContext, ToolRequest, ToolSpec
 
 logger = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ENDED: frozenset[JobState] = frozenset({"succeeded", "failed", "cancelled"})
 ProgressListener = Callable[[float, float | None, str | None], None]
+ImagesResolver = Callable[[], Awaitable[PreResolvedImages]]
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as a caller sees it at one moment, whichever service runs it."""
+
+    id: str
+    tool: str
+    state: JobState
+    fraction: float | None
+    message: str | None
+    elapsed: float
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    """The tool's result as JSON, once the job succeeded."""
+    saved: list[SavedImage] = field(default_factory=list)
+    """The images the job stored, in order."""
+    replica: str | None = None
+    """The Ray Serve replica that ran it; None on one machine."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What one holder of the models (this process, or a Ray Serve replica) reports about itself."""
+
+    name: str
+    profile: str
+    device: str
+    dtype: str
+    loaded_models: list[str]
+    model_ids: dict[str, str]
+    memory: dict[str, float]
+
+
+def worker_status(name: str, runtime: Runtime) -> WorkerStatus:
+    return WorkerStatus(
+        name=name,
+        profile=runtime.profile.name,
+        device=str(runtime.device),
+        dtype=str(runtime.dtype).removeprefix("torch."),
+        loaded_models=runtime.loaded_components(),
+        model_ids=runtime.model_ids(),
+        memory=runtime.memory(),
+    )
+
+
+class JobService(Protocol):
+    """Who runs the model-heavy calls, as the server's tools need it."""
+
+    async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
+        """Queue `spec.run(request)` on the images `resolve_images` gives, and return the job's id. Refuses with
+        `BusyError` when the queue is full (before resolving the images where the service can tell)."""
+        ...
+
+    async def wait(self, job_id: str, seconds: float, listener: ProgressListener | None = None) -> JobView:
+        """The job after waiting up to `seconds` for it to end, its progress sent to `listener` meanwhile."""
+        ...
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask the job to stop (between two steps) without waiting for an answer."""
+        ...
+
+    async def cancel(self, job_id: str) -> tuple[JobView, bool]:
+        """Cancel the job; True if it will stop (or had not started), False if it had already ended."""
+        ...
+
+    async def views(self) -> list[JobView]:
+        """Every job still remembered."""
+        ...
+
+    async def workers(self) -> list[WorkerStatus]:
+        """Who holds the models."""
+        ...
+
+    async def shutdown(self) -> None: ...
 
 
 @dataclass
@@ -225,3 +313,66 @@ class JobRunner:
             if surplus > 0 or now - (job.finished or now) > self._keep_finished:
                 del self._jobs[job.id]
                 surplus -= 1
+
+
+class LocalJobs:
+    """The one-machine service: `JobRunner`'s queue and worker thread, running the tools on this process's runtime.
+
+    A call takes its place in the queue before its images are fetched or decoded, so a full queue refuses it
+    while it has cost its request and nothing more."""
+
+    def __init__(self, runner: JobRunner, runtime: Runtime, assets: AssetStore, concepts: ConceptStore) -> None:
+        self.runner, self.runtime, self.assets, self.concepts = runner, runtime, assets, concepts
+
+    async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
+        slot = self.runner.reserve()
+        try:
+            images = await resolve_images()
+        except BaseException:
+            slot.release()
+            raise
+        sink = RecordingSink(self.assets)
+
+        def work(progress: Progress) -> BaseModel:
+            return spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts))
+
+        # The job keeps the sink (what it saved) for get_job; the inputs go with the work when it ends.
+        return self.runner.submit(spec.name, work, slot, keep=sink).id
+
+    async def wait(self, job_id: str, seconds: float, listener: ProgressListener | None = None) -> JobView:
+        job = self.runner.get(job_id)
+        await self.runner.wait(job, seconds, listener)
+        return local_view(job)
+
+    def request_cancel(self, job_id: str) -> None:
+        self.runner.cancel(job_id)
+
+    async def cancel(self, job_id: str) -> tuple[JobView, bool]:
+        job = self.runner.get(job_id)
+        ending = job.state in {"queued", "running"}
+        self.runner.cancel(job_id)
+        return local_view(job), ending
+
+    async def views(self) -> list[JobView]:
+        return [local_view(job) for job in self.runner.jobs()]
+
+    async def workers(self) -> list[WorkerStatus]:
+        return [worker_status("local", self.runtime)]
+
+    async def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+def local_view(job: Job) -> JobView:
+    result = job.future.result() if job.state == "succeeded" else None
+    return JobView(
+        id=job.id,
+        tool=job.tool,
+        state=job.state,
+        fraction=job.fraction,
+        message=job.message,
+        elapsed=job.elapsed(),
+        error=job.error,
+        result=result.model_dump(mode="json") if isinstance(result, BaseModel) else None,
+        saved=list(job.keep.saved) if isinstance(job.keep, RecordingSink) else [],
+    )

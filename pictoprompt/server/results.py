@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Literal
+from typing import Literal
 
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, Field
 
 from pictoprompt.server.assets import AssetStore
-from pictoprompt.server.jobs import Job, JobState
+from pictoprompt.server.jobs import JobState, JobView
 from pictoprompt.tools.base import SavedImage
 
 InlineMode = Literal["full", "thumbnail", "none"]
@@ -26,30 +26,19 @@ class JobInfo(BaseModel):
     progress: float | None = Field(None, description="Fraction done, 0-1, when known.")
     message: str | None = None
     elapsed_seconds: float
+    replica: str | None = Field(None, description="The Ray Serve replica that ran the job (served with --ray).")
 
 
-def job_info(job: Job) -> JobInfo:
+def job_info(job: JobView) -> JobInfo:
     return JobInfo(
         job_id=job.id,
         tool=job.tool,
         state=job.state,
         progress=job.fraction,
         message=job.message,
-        elapsed_seconds=round(job.elapsed(), 3),
+        elapsed_seconds=round(job.elapsed, 3),
+        replica=job.replica,
     )
-
-
-class RecordingSink:
-    """An `AssetSink` that stores through the asset store and remembers what one job saved."""
-
-    def __init__(self, store: AssetStore) -> None:
-        self.store = store
-        self.saved: list[SavedImage] = []
-
-    def save(self, image: Any, metadata: dict[str, str]) -> SavedImage:
-        saved = self.store.save(image, metadata)
-        self.saved.append(saved)
-        return saved
 
 
 def _image_blocks(store: AssetStore, saved: list[SavedImage], inline: InlineMode, budget: int) -> list[ContentBlock]:
@@ -72,7 +61,7 @@ def _image_blocks(store: AssetStore, saved: list[SavedImage], inline: InlineMode
     return blocks
 
 
-def job_result(job: Job, store: AssetStore, inline: InlineMode, saved: list[SavedImage]) -> CallToolResult:
+def job_result(job: JobView, store: AssetStore, inline: InlineMode) -> CallToolResult:
     """The result of a model-heavy call: `{job, result}` when done, `{job, result: null}` while it runs."""
     info = job_info(job)
     if job.state in {"failed", "cancelled"}:
@@ -85,10 +74,9 @@ def job_result(job: Job, store: AssetStore, inline: InlineMode, saved: list[Save
             f"job_id='{job.id}' to wait for its result, or cancel_job to stop it."
         )
         return CallToolResult(content=[TextContent(text=text)], structured_content=structured)
-    result: BaseModel = job.future.result()
-    payload = result.model_dump(mode="json")
+    payload = job.result or {}
     structured = {"job": info.model_dump(mode="json"), "result": payload}
     text = json.dumps(payload, indent=1)
     budget = MAX_RESULT_BYTES - 2 * len(text) - 4096
-    content: list[ContentBlock] = [TextContent(text=text), *_image_blocks(store, saved, inline, budget)]
+    content: list[ContentBlock] = [TextContent(text=text), *_image_blocks(store, job.saved, inline, budget)]
     return CallToolResult(content=content, structured_content=structured)

@@ -1,0 +1,412 @@
+"""Beyond one machine: the model work on a Ray Serve deployment (`pictoprompt serve --http --ray [ADDRESS]`).
+
+- `ModelReplica`, the deployment: each replica holds one `Runtime` for the profile (one GPU on a GPU cluster, CPUs
+  otherwise) and runs one job at a time (`max_ongoing_requests=1`, as the GPU lock does on one machine). Serve
+  routes each call to a free replica, queues the rest, and refuses beyond `queue_depth` waiting calls per front
+  (backpressure), which the caller gets as the "busy" answer. Replicas scale between the settings' limits.
+- `JobBoard`, a detached named actor: the record of every job (state, progress, result, the replica that runs
+  it). The replicas write to it; every front reads it, so `get_job` and `cancel_job` work from any front, and a
+  job outlives the front that started it. It only records: Ray Serve does the routing and queueing.
+- `RayJobs`, a front's `JobService`: the MCP app stays a small streamable-HTTP front that validates input, resolves
+  images, hands the work to the deployment through a Serve handle and waits on the board.
+
+Cancelling sets the job's flag on the board and cancels the Serve request; the replica stops between two steps
+either way. A replica that dies mid-job fails that job with a message saying so; Serve starts a new replica and
+the next call runs.
+
+Shared state: assets and concepts are folders (`PICTOPROMPT_ASSET_DIR`, `PICTOPROMPT_DATA_DIR`) that every replica
+and front must see at the same path: on a cluster, mount one shared volume (NFS, a cloud file store) there on every
+node. The stores write atomically and read from disk on every call, so a concept one replica learns is usable by
+every other at once, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+import anyio
+import ray
+import torch
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
+from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore, RecordingSink
+from pictoprompt.server.images import PreResolvedImages
+from pictoprompt.server.jobs import (
+    ENDED,
+    ImagesResolver,
+    JobState,
+    JobView,
+    ProgressListener,
+    WorkerStatus,
+    worker_status,
+)
+from pictoprompt.settings import Settings
+from pictoprompt.tools import TOOLS
+from pictoprompt.tools.base import SavedImage, ToolContext, ToolRequest, ToolSpec
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "pictoprompt"
+APP_NAME = "pictoprompt"
+DEPLOYMENT_NAME = "ModelReplica"
+BOARD_NAME = "pictoprompt-job-board"
+POLL_SECONDS = 0.25
+"""How often a waiting front reads the board."""
+REPORT_SECONDS = 0.2
+"""A replica sends a job's progress to the board (and learns whether it was cancelled) at most this often."""
+SPECS = {spec.name: spec for spec in TOOLS if spec.uses_models}
+
+
+# ------------------------------------------------------------------------------------------------ the job board
+
+
+class JobBoard:
+    """The jobs of every front and replica: plain records, kept an hour (at most 1,000) after they end."""
+
+    def __init__(self, keep_finished_seconds: float = 3600, keep_finished_count: int = 1000) -> None:
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._workers: dict[str, dict[str, Any]] = {}
+        self._keep_seconds, self._keep_count = keep_finished_seconds, keep_finished_count
+
+    async def create(self, job_id: str, tool: str) -> None:
+        self._forget_old()
+        self._jobs[job_id] = {
+            **dict(id=job_id, tool=tool, state="queued", created=time.time(), started=None, finished=None),
+            **dict(done=0.0, total=None, message=None, error=None, result=None, saved=[], replica=None),
+            "cancel": False,
+        }
+
+    async def start(self, job_id: str, replica: str) -> bool:
+        """Mark the job running on `replica`; False if it must not run (cancelled while queued, or unknown)."""
+        job = self._jobs.get(job_id)
+        if job is None or job["state"] != "queued":
+            return False
+        job.update(state="running", started=time.time(), replica=replica)
+        return True
+
+    async def report(self, job_id: str, done: float, total: float | None, message: str | None) -> bool:
+        """Record progress; True if the job was asked to stop."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return True
+        job.update(done=done, total=total, message=message)
+        return bool(job["cancel"])
+
+    async def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        result: dict[str, Any] | None = None,
+        saved: list[dict[str, str]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """End the job, unless it already ended (the first word stands: the replica's, or the front's)."""
+        job = self._jobs.get(job_id)
+        if job is None or job["state"] in ENDED:
+            return
+        job.update(state=state, finished=time.time(), result=result, saved=saved or [], error=error)
+
+    async def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None, False
+        ending = job["state"] in {"queued", "running"}
+        job["cancel"] = True
+        if job["state"] == "queued":
+            job.update(state="cancelled", finished=time.time(), error="cancelled before it started")
+        return dict(job), ending
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else dict(job)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        self._forget_old()
+        return [dict(job) for job in self._jobs.values()]
+
+    async def register(self, worker: dict[str, Any]) -> None:
+        self._workers[worker["name"]] = worker
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return list(self._workers.values())
+
+    def _forget_old(self) -> None:
+        now = time.time()
+        ended = sorted((job for job in self._jobs.values() if job["finished"]), key=lambda job: job["finished"])
+        surplus = len(ended) - self._keep_count
+        for job in ended:
+            if surplus > 0 or now - job["finished"] > self._keep_seconds:
+                del self._jobs[job["id"]]
+                surplus -= 1
+
+
+def job_board() -> ray.actor.ActorHandle:
+    """The cluster's board, created by the first front or replica that asks for it."""
+    board = ray.remote(JobBoard).options(
+        name=BOARD_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+    )
+    return board.remote()
+
+
+def job_view(record: dict[str, Any]) -> JobView:
+    started = record["started"] or record["created"]
+    total = record["total"]
+    return JobView(
+        id=record["id"],
+        tool=record["tool"],
+        state=record["state"],
+        fraction=min(1.0, record["done"] / total) if total else None,
+        message=record["message"],
+        elapsed=(record["finished"] or time.time()) - started,
+        error=record["error"],
+        result=record["result"],
+        saved=[SavedImage(**saved) for saved in record["saved"]],
+        replica=record["replica"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the replicas
+
+
+class ModelReplica:
+    """One runtime for the profile, running the tools one job at a time and writing each job to the board."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(settings.ray_replica_cpus)))
+        self.name = serve.get_replica_context().replica_id.unique_id
+        self.runtime = Runtime(get_profile(settings.profile, settings.profiles_file), settings.cache_dir)
+        self.assets = AssetStore(settings.assets_root, settings.asset_ttl_seconds, settings.asset_max_bytes)
+        self.concepts = ConceptStore(settings.data_dir / "concepts")
+        self.board = job_board()
+        self.runtime.preload({component for spec in SPECS.values() for component in spec.components})
+        for warm_up in dict.fromkeys(spec.warm_up for spec in SPECS.values() if spec.warm_up is not None):
+            warm_up(self.runtime, Progress())
+        self._register()
+
+    async def run(self, job_id: str, tool: str, arguments: dict[str, Any], images: PreResolvedImages) -> str:
+        """Run one job to its end and return its state; the result goes to the board."""
+        if not await self.board.start.remote(job_id, self.name):
+            return "cancelled"
+        progress = self._progress(job_id)
+        work = asyncio.get_running_loop().run_in_executor(
+            None, self._run_tool, job_id, SPECS[tool], arguments, images, progress
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The Serve request was cancelled: stop between two steps, then let the request end.
+            progress.cancel()
+            await asyncio.wait({work})
+            raise
+
+    def _run_tool(
+        self, job_id: str, spec: ToolSpec, arguments: dict[str, Any], images: PreResolvedImages, progress: Progress
+    ) -> JobState:
+        sink = RecordingSink(self.assets)
+        state: JobState
+        result, error = None, None
+        try:
+            with self.runtime.gpu_lock:
+                progress.check()
+                request = spec.request_model.model_validate(arguments)
+                output = spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts))
+            state, result = "succeeded", output.model_dump(mode="json")
+        except JobCancelledError as cancelled:
+            state, error = "cancelled", str(cancelled)
+        except PictopromptError as refused:
+            state, error = "failed", str(refused)
+        except Exception as crash:
+            logger.exception("job %s (%s) crashed on replica %s", job_id, spec.name, self.name)
+            state, error = "failed", f"Internal error in {spec.name}: {type(crash).__name__}: {crash}"
+        saved = [image.model_dump() for image in sink.saved]
+        ray.get(self.board.finish.remote(job_id, state, result, saved, error))
+        self._register()
+        return state
+
+    def _progress(self, job_id: str) -> Progress:
+        """Progress that reaches the board at most every `REPORT_SECONDS`, and stops when the board says so."""
+        last_sent = 0.0
+
+        def report(done: float, total: float | None, message: str | None) -> None:
+            nonlocal last_sent
+            if time.monotonic() - last_sent < REPORT_SECONDS:
+                return
+            last_sent = time.monotonic()
+            if ray.get(self.board.report.remote(job_id, done, total, message)):
+                progress.cancel()
+
+        progress = Progress(report)
+        return progress
+
+    def _register(self) -> None:
+        ray.get(self.board.register.remote(vars(worker_status(self.name, self.runtime))))
+
+
+# ------------------------------------------------------------------------------------------------- the front
+
+
+class RayJobs:
+    """A front's `JobService`: submits through a Serve handle and answers from the board."""
+
+    def __init__(self, handle: DeploymentHandle, board: ray.actor.ActorHandle, owns_ray: bool) -> None:
+        self._handle, self._board, self._owns_ray = handle, board, owns_ray
+        self._requests: dict[str, DeploymentResponse] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
+        images = await resolve_images()
+        job_id = secrets.token_hex(8)
+        await self._board.create.remote(job_id, spec.name)
+        # The tool's own arguments: the call's `wait_seconds` and `inline` concern this front only.
+        arguments = request.model_dump(mode="json", include=set(spec.request_model.model_fields))
+        response = self._handle.run.remote(job_id, spec.name, arguments, images)
+        self._requests[job_id] = response
+        watcher = asyncio.create_task(self._watch(job_id, response))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return job_id
+
+    async def _watch(self, job_id: str, response: DeploymentResponse) -> None:
+        """Wait for the request and record on the board how it ended when the replica could not."""
+        try:
+            await response
+        except BackPressureError:
+            await self._fail(
+                job_id,
+                "The server is busy: every replica is working and the queue is full. Try again in a little while, "
+                "or cancel a job you no longer need with cancel_job.",
+            )
+        except RequestCancelledError:
+            await self._board.finish.remote(job_id, "cancelled", error="cancelled")
+        except (RayActorError, ActorUnavailableError) as error:
+            logger.warning("the replica running job %s stopped: %s", job_id, error)
+            await self._fail(
+                job_id,
+                "The replica running this job stopped before it finished (it crashed or its machine went away); "
+                "nothing was kept from it. Call the tool again: another replica takes the work.",
+            )
+        except Exception as error:
+            logger.exception("job %s failed in Ray Serve", job_id)
+            await self._fail(job_id, f"Ray Serve could not run the job: {type(error).__name__}: {error}")
+        finally:
+            self._requests.pop(job_id, None)
+
+    async def _fail(self, job_id: str, message: str) -> None:
+        await self._board.finish.remote(job_id, "failed", error=message)
+
+    async def wait(self, job_id: str, seconds: float, listener: ProgressListener | None = None) -> JobView:
+        deadline = time.monotonic() + seconds
+        heard = None
+        while True:
+            record = await self._board.get.remote(job_id)
+            if record is None:
+                raise NotFoundError(
+                    f"There is no job '{job_id}'; it may have finished over an hour ago. Start the work again."
+                )
+            progress = (record["done"], record["total"], record["message"])
+            if listener is not None and record["state"] == "running" and progress != heard:
+                heard = progress
+                listener(*progress)
+            left = deadline - time.monotonic()
+            if record["state"] in ENDED or left <= 0:
+                return job_view(record)
+            await asyncio.sleep(min(POLL_SECONDS, left))
+
+    def request_cancel(self, job_id: str) -> None:
+        self._board.cancel.remote(job_id)
+        request = self._requests.get(job_id)
+        if request is not None:
+            request.cancel()
+
+    async def cancel(self, job_id: str) -> tuple[JobView, bool]:
+        record, ending = await self._board.cancel.remote(job_id)
+        if record is None:
+            raise NotFoundError(f"There is no job '{job_id}'; it may have finished over an hour ago.")
+        request = self._requests.get(job_id)
+        if request is not None:
+            request.cancel()
+        return job_view(record), ending
+
+    async def views(self) -> list[JobView]:
+        return [job_view(record) for record in await self._board.jobs.remote()]
+
+    async def workers(self) -> list[WorkerStatus]:
+        return [WorkerStatus(**worker) for worker in await self._board.workers.remote()]
+
+    async def shutdown(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        if self._owns_ray:
+            # A local Ray this front started ends with it; a cluster's deployment stays for the other fronts.
+            await anyio.to_thread.run_sync(_shut_down_ray)
+
+
+def _shut_down_ray() -> None:
+    serve.shutdown()
+    ray.shutdown()
+
+
+async def connect(settings: Settings) -> RayJobs:
+    """Join the Ray cluster at `settings.ray_address` (or start a local one), deploy the replicas unless another
+    front already has, and return the front's service."""
+    return await anyio.to_thread.run_sync(_connect, settings)
+
+
+def _connect(settings: Settings) -> RayJobs:
+    owns_ray = False
+    if not ray.is_initialized():
+        owns_ray = settings.ray_address is None
+        try:
+            ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False)
+        except ConnectionError as error:
+            raise PictopromptError(
+                f"Could not reach the Ray cluster at {settings.ray_address} ({error}). Check the address (the head's "
+                "`ray start --head` prints it, e.g. 10.0.0.5:6379), or leave it out to start a local Ray."
+            ) from error
+    board = job_board()
+    return RayJobs(deploy(settings), board, owns_ray)
+
+
+def deploy(settings: Settings) -> DeploymentHandle:
+    """The deployment's handle: the running application if a front already deployed it, else a new one."""
+    applications = serve.status().applications
+    if APP_NAME in applications and applications[APP_NAME].status == "RUNNING":
+        return serve.get_app_handle(APP_NAME)
+    gpus = settings.ray_replica_gpus
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    replicas: dict[str, Any]
+    if settings.ray_min_replicas == settings.ray_max_replicas:
+        replicas = {"num_replicas": settings.ray_max_replicas}
+    else:
+        replicas = {
+            "autoscaling_config": {
+                "min_replicas": settings.ray_min_replicas,
+                "max_replicas": settings.ray_max_replicas,
+                "target_ongoing_requests": settings.ray_target_ongoing_requests,
+            }
+        }
+    deployment = serve.deployment(
+        ModelReplica,
+        name=DEPLOYMENT_NAME,
+        max_ongoing_requests=1,
+        max_queued_requests=settings.queue_depth,
+        ray_actor_options={"num_cpus": settings.ray_replica_cpus, "num_gpus": gpus},
+        **replicas,
+    )
+    serve.start(proxy_location="Disabled")
+    logger.info("deploying %s: %s, %s CPUs and %s GPUs each", APP_NAME, replicas, settings.ray_replica_cpus, gpus)
+    return serve.run(deployment.bind(settings), name=APP_NAME, route_prefix=None)

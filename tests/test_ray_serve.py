@@ -1,0 +1,208 @@
+"""The model work on Ray Serve: two MCP HTTP fronts (subprocesses) on a local Ray, one deployment of two replicas.
+
+A local Ray on the CPU (tiny profile, one torch thread per replica). Starting it, the fronts and the replicas takes
+a minute or more, so the tests share one cluster and are marked `ray`: `make test-ray` runs them, CI too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from PIL import Image, ImageDraw
+
+ray = pytest.importorskip("ray", reason="the `ray` extra is not installed: pip install -e '.[ray]'")
+from mcp import Client  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+
+from pictoprompt.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, NAMESPACE  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.anyio]
+
+LONG_JOB = {"prompt": "a long job", "steps": 150, "num_images": 8, "width": 64, "height": 64, "inline": "none"}
+"""Tens of seconds on a replica: long enough to cancel, or to kill its replica, while it runs."""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A local Ray, then two fronts on it; the first deploys the two replicas, the second finds them running."""
+    folder = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=4, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PICTOPROMPT_PROFILE": "tiny",
+        # Every front and replica shares these folders, as the nodes of a cluster share a volume.
+        "PICTOPROMPT_ASSET_DIR": str(folder / "assets"),
+        "PICTOPROMPT_DATA_DIR": str(folder / "data"),
+        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(folder)]),
+        "PICTOPROMPT_QUEUE_DEPTH": "3",
+        "PICTOPROMPT_RAY_MIN_REPLICAS": "2",
+        "PICTOPROMPT_RAY_MAX_REPLICAS": "2",
+    }
+    fronts: list[subprocess.Popen] = []
+    urls = []
+    try:
+        for _ in range(2):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            command = [sys.executable, "-m", "pictoprompt.cli", "serve", "--http", "--port", str(port)]
+            front = subprocess.Popen([*command, "--ray", address], env=environment, stderr=subprocess.PIPE)
+            fronts.append(front)
+            urls.append(wait_for_port(front, port, timeout=600))
+        yield {"urls": urls, "folder": folder}
+    finally:
+        for front in fronts:
+            front.terminate()
+            front.wait(timeout=60)
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_for_port(process: subprocess.Popen, port: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the front exited: {process.stderr.read().decode()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return f"http://127.0.0.1:{port}/mcp"
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the front did not open port {port} within {timeout} s")
+
+
+async def call(url: str, tool: str, arguments: dict[str, Any]) -> Any:
+    async with Client(streamable_http_client(url), read_timeout_seconds=600) as client:
+        return await client.call_tool(tool, arguments)
+
+
+def job_of(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content[0].text
+    return result.structured_content["job"]
+
+
+async def wait_until_running(url: str, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = job_of(await call(url, "get_job", {"job_id": job_id, "wait_seconds": 0}))
+        if job["state"] == "running":
+            return job
+        await anyio.sleep(0.3)
+    pytest.fail(f"job {job_id} never started")
+
+
+async def test_calls_are_spread_over_both_replicas(cluster):
+    url = cluster["urls"][0]
+    replicas = set()
+    for round in range(2):
+        async with anyio.create_task_group() as group:
+
+            async def one(seed: int) -> None:
+                result = await call(url, "generate_image", {"prompt": "a red circle", "steps": 8, "seed": seed})
+                replicas.add(job_of(result)["replica"])
+                image = result.structured_content["result"]["images"][0]
+                assert Path(image["path"]).is_file() and image["seed"] == seed
+
+            group.start_soon(one, 2 * round)
+            group.start_soon(one, 2 * round + 1)
+    assert len(replicas) == 2 and None not in replicas
+
+    status = (await call(url, "server_status", {})).structured_content
+    assert sorted(status["replicas"]) == sorted(replicas)
+    assert status["profile"] == "tiny" and "generator" in status["loaded_models"]
+
+
+async def test_get_job_and_cancel_from_another_front(cluster):
+    first, second = cluster["urls"]
+    started = job_of(await call(first, "generate_image", {"prompt": "a blue star", "steps": 4, "wait_seconds": 0}))
+    finished = await call(second, "get_job", {"job_id": started["job_id"], "wait_seconds": 120})
+    assert job_of(finished)["state"] == "succeeded"
+    assert finished.structured_content["result"]["images"][0]["width"] > 0
+
+    long = job_of(await call(first, "generate_image", {**LONG_JOB, "wait_seconds": 0}))
+    await wait_until_running(second, long["job_id"])
+    cancelled = (await call(second, "cancel_job", {"job_id": long["job_id"]})).structured_content
+    assert cancelled["cancelled"] is True
+    ended = await call(first, "get_job", {"job_id": long["job_id"], "wait_seconds": 60})
+    assert ended.is_error and "cancelled" in ended.content[0].text
+    # The replica stopped between two steps and takes work again at once.
+    after = await call(first, "generate_image", {"prompt": "next", "steps": 2, "inline": "none"})
+    assert job_of(after)["state"] == "succeeded"
+
+
+async def test_a_full_queue_answers_busy(cluster):
+    url = cluster["urls"][0]
+    started = [job_of(await call(url, "generate_image", {**LONG_JOB, "wait_seconds": 0})) for _ in range(7)]
+    try:
+        # Two run and three wait for a replica (PICTOPROMPT_QUEUE_DEPTH=3); Serve turns the next ones away.
+        views = [await call(url, "get_job", {"job_id": job["job_id"], "wait_seconds": 1}) for job in started]
+        busy = [view for view in views if view.is_error and "busy" in view.content[0].text]
+        assert 1 <= len(busy) <= 2
+        assert all(not view.is_error for view in views[:5])
+    finally:
+        for job in started:
+            await call(url, "cancel_job", {"job_id": job["job_id"]})
+
+
+async def test_a_concept_learned_on_one_replica_is_used_on_the_other(cluster):
+    url, folder = cluster["urls"][0], cluster["folder"]
+    references = []
+    for index in range(3):
+        picture = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(picture).ellipse((10 + 4 * index, 12, 50, 52), fill="purple")
+        references.append(folder / f"reference-{index}.png")
+        picture.save(references[-1])
+    learned = await call(
+        url, "customize_concept", {"name": "purple-disc", "images": [str(p) for p in references], "iterations": 2}
+    )
+    learned_on = job_of(learned)["replica"]
+
+    used_on: dict[str, Any] = {}
+    for _ in range(3):  # two calls at once go to two replicas; a few rounds make sure the other one was among them
+        async with anyio.create_task_group() as group:
+
+            async def use(seed: int) -> None:
+                arguments = {"prompt": "purple-disc on the left", "concept": "purple-disc", "steps": 4, "seed": seed}
+                result = await call(url, "generate_image", arguments)
+                used_on[job_of(result)["replica"]] = result.structured_content["result"]
+
+            group.start_soon(use, 1)
+            group.start_soon(use, 2)
+        if set(used_on) - {learned_on}:
+            break
+    other = set(used_on) - {learned_on}
+    assert other, f"every use of the concept ran on the replica that learned it ({learned_on})"
+    assert used_on[other.pop()]["images"]
+
+
+async def test_a_killed_replica_fails_its_job_clearly_and_the_next_call_runs(cluster):
+    url = cluster["urls"][1]
+    started = job_of(await call(url, "generate_image", {**LONG_JOB, "wait_seconds": 0}))
+    running = await wait_until_running(url, started["job_id"])
+    replica = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{running['replica']}", namespace="serve")
+    ray.kill(replica, no_restart=True)
+
+    ended = await call(url, "get_job", {"job_id": started["job_id"], "wait_seconds": 60})
+    assert ended.is_error
+    message = ended.content[0].text
+    assert "replica running this job stopped" in message and "Call the tool again" in message
+
+    after = await call(url, "generate_image", {"prompt": "after the crash", "steps": 2, "inline": "none"})
+    assert job_of(after)["state"] == "succeeded"
+    assert job_of(after)["replica"] != running["replica"]
+    assert json.loads(after.content[0].text)["images"]
