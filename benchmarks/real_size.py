@@ -284,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         if settings.quick:
             words = Path(scratch) / "start-words.txt"
             words.write_text("\n".join(START_WORDS) + "\n")
-            profile = profile.model_copy(update={"vocabulary": str(words)})
+            # customize's neutral deep-prompt fit is 50 passes with gradients through the image tower by default:
+            # hours on one CPU core with ViT-L or ViT-H, so a quick run fits the prompts in as many steps as it
+            # tunes.
+            tuning = profile.concept_tuning.model_copy(update={"neutral_fit_steps": settings.tuning_iterations})
+            profile = profile.model_copy(update={"vocabulary": str(words), "concept_tuning": tuning})
         runtime = Runtime(profile)
         with one_thread_on_cpu(runtime.device):
             rows = run_tools(runtime, settings, ConceptStore(Path(scratch) / "concepts"))

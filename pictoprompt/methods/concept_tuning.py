@@ -565,7 +565,11 @@ PromptInit = Literal["neutral", "random"]
 
 
 def fit_neutral_prompts(
-    clip: ClipModel, deep_prompts: Tensor, images: Sequence[Image.Image], progress: Progress
+    clip: ClipModel,
+    deep_prompts: Tensor,
+    images: Sequence[Image.Image],
+    progress: Progress,
+    steps: int = NEUTRAL_FIT_STEPS,
 ) -> None:
     """Move fresh deep prompts (in place) until the prompted encoder gives `images` their original embeddings.
 
@@ -581,7 +585,7 @@ def fit_neutral_prompts(
         target = DeepPromptedVision(clip, None)(pixels)
     optimizer = torch.optim.Adam([deep_prompts], lr=NEUTRAL_FIT_LR)
     with torch.enable_grad():
-        for _ in range(NEUTRAL_FIT_STEPS):
+        for _ in range(steps):
             loss = 1 - F.cosine_similarity(tower(pixels), target).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -656,6 +660,7 @@ def _start(
     num_prompts: int,
     prompt_dropout: float,
     prompt_init: PromptInit,
+    neutral_fit_steps: int,
     seed: int,
     progress: Progress,
 ) -> _Start:
@@ -666,7 +671,7 @@ def _start(
     generator = torch.Generator().manual_seed(seed)
     weights = ConceptWeights.initial(pipeline.unet, base, num_prompts, generator)
     if weights.deep_prompts is not None and prompt_init == "neutral":
-        fit_neutral_prompts(base, weights.deep_prompts, neutral_fit_images(generator), progress)
+        fit_neutral_prompts(base, weights.deep_prompts, neutral_fit_images(generator), progress, neutral_fit_steps)
     tower = DeepPromptedVision(base, weights.deep_prompts, prompt_dropout)
     return _Start(base, ImageToPrompt.cached(base, pipeline), generator, weights, tower, started)
 
@@ -691,6 +696,7 @@ def tune_concept(
     num_prompts: int = 50,
     prompt_dropout: float = 0.1,
     prompt_init: PromptInit = "neutral",
+    neutral_fit_steps: int = NEUTRAL_FIT_STEPS,
     augment: bool = True,
     seed: int = 0,
     progress: Progress | None = None,
@@ -700,13 +706,23 @@ def tune_concept(
     Each iteration takes every reference (randomly flipped and cropped when `augment`), converts it into its
     pseudo-prompt through the deep-prompted image encoder, `W_t_pinv` and Eq. 7, and takes one AdamW step on
     the denoising loss of that same image under that prompt (`L_convrt` only), constant learning rate.
-    `prompt_init="random"` starts from VPT's random prompts as they are; "neutral" first fits them so the
-    encoder is unchanged on the references (see `fit_neutral_prompts`).
+    `prompt_init="random"` starts from VPT's random prompts as they are; "neutral" first fits them, in
+    `neutral_fit_steps` Adam steps, so the encoder is unchanged on the references (see `fit_neutral_prompts`).
     """
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")
     progress = progress or Progress()
-    start = _start(pipeline, clip, lambda _: references, num_prompts, prompt_dropout, prompt_init, seed, progress)
+    start = _start(
+        pipeline,
+        clip,
+        lambda _: references,
+        num_prompts,
+        prompt_dropout,
+        prompt_init,
+        neutral_fit_steps,
+        seed,
+        progress,
+    )
     generator = start.generator
 
     def loss_at(iteration: int) -> Tensor:
@@ -724,6 +740,7 @@ def tune_concept(
         "num_prompts": num_prompts,
         "prompt_dropout": prompt_dropout,
         "prompt_init": prompt_init,
+        "neutral_fit_steps": neutral_fit_steps,
         "augment": augment,
         "seed": seed,
     }
@@ -769,6 +786,7 @@ def train_domain(
     num_prompts: int = 50,
     prompt_dropout: float = 0.1,
     prompt_init: PromptInit = "neutral",
+    neutral_fit_steps: int = NEUTRAL_FIT_STEPS,
     augment: bool = True,
     seed: int = 0,
     progress: Progress | None = None,
@@ -791,7 +809,9 @@ def train_domain(
     def neutral_fit_sample(generator: torch.Generator) -> list[Image.Image]:
         return [images[i] for i in torch.randperm(len(images), generator=generator)[:NEUTRAL_FIT_IMAGES].tolist()]
 
-    start = _start(pipeline, clip, neutral_fit_sample, num_prompts, prompt_dropout, prompt_init, seed, progress)
+    start = _start(
+        pipeline, clip, neutral_fit_sample, num_prompts, prompt_dropout, prompt_init, neutral_fit_steps, seed, progress
+    )
     generator, converter = start.generator, start.converter
     with torch.no_grad():
         caption_states = converter.text_states(list(captions))[0].detach()
@@ -825,6 +845,7 @@ def train_domain(
         "num_prompts": num_prompts,
         "prompt_dropout": prompt_dropout,
         "prompt_init": prompt_init,
+        "neutral_fit_steps": neutral_fit_steps,
         "augment": augment,
         "ab_targets": classes is not None,
         "seed": seed,

@@ -76,6 +76,14 @@ class ConceptTuning(BaseModel):
 
     iterations: int = Field(30, ge=1, le=500, description="Tuning steps (paper: 30).")
     learning_rate: float = Field(5e-6, gt=0.0, le=1e-3, description="Constant learning rate (paper: 5e-6).")
+    neutral_fit_steps: int = Field(
+        50,
+        ge=1,
+        le=500,
+        description="Steps fitting the fresh deep prompts to leave the references' embeddings unchanged, before "
+        "tuning (not in the paper; see methods.concept_tuning.fit_neutral_prompts). Each is a pass with gradients "
+        "through the image tower: seconds on a GPU, minutes on a CPU with a ViT-L or larger.",
+    )
 
 
 class Profile(BaseModel):

@@ -78,6 +78,7 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         references,
         iterations=request.iterations or defaults.iterations,
         learning_rate=request.learning_rate or defaults.learning_rate,
+        neutral_fit_steps=defaults.neutral_fit_steps,
         progress=context.progress,
     )
     card = concept_card(request.name, "concept", result, context.runtime)
@@ -143,6 +144,7 @@ def train_domain_adapter(
         iterations=iterations,
         learning_rate=learning_rate,
         batch_size=batch_size,
+        neutral_fit_steps=runtime.profile.concept_tuning.neutral_fit_steps,
         progress=progress,
     )
     card = concept_card(name, "domain", result, runtime)
