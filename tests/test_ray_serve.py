@@ -86,9 +86,9 @@ def wait_for_port(process: subprocess.Popen, port: int, timeout: float) -> str:
     pytest.fail(f"the front did not open port {port} within {timeout} s")
 
 
-async def call(url: str, tool: str, arguments: dict[str, Any]) -> Any:
+async def call(url: str, tool: str, arguments: dict[str, Any], on_progress: Any = None) -> Any:
     async with Client(streamable_http_client(url), read_timeout_seconds=600) as client:
-        return await client.call_tool(tool, arguments)
+        return await client.call_tool(tool, arguments, progress_callback=on_progress)
 
 
 def job_of(result: Any) -> dict[str, Any]:
@@ -125,6 +125,20 @@ async def test_calls_are_spread_over_both_replicas(cluster):
     status = (await call(url, "server_status", {})).structured_content
     assert sorted(status["replicas"]) == sorted(replicas)
     assert status["profile"] == "tiny" and "generator" in status["loaded_models"]
+
+
+async def test_progress_reaches_the_caller(cluster):
+    seen: list[tuple[float, float | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total))
+
+    arguments = {**LONG_JOB, "steps": 40, "num_images": 4}
+    result = await call(cluster["urls"][0], "generate_image", arguments, on_progress)
+    assert job_of(result)["state"] == "succeeded"
+    # The replica reports at most every 0.2 s and the front reads the board every 0.25 s: some steps, in order.
+    assert len(seen) >= 2 and {total for _, total in seen if total is not None} == {40}
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
 async def test_get_job_and_cancel_from_another_front(cluster):

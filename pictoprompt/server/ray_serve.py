@@ -65,7 +65,8 @@ BOARD_NAME = "pictoprompt-job-board"
 POLL_SECONDS = 0.25
 """How often a waiting front reads the board."""
 REPORT_SECONDS = 0.2
-"""A replica sends a job's progress to the board (and learns whether it was cancelled) at most this often."""
+"""A replica sends a job's progress to the board (and learns whether it was cancelled) at most this often, and always
+its last step."""
 SPECS = {spec.name: spec for spec in TOOLS if spec.uses_models}
 
 
@@ -242,7 +243,8 @@ class ModelReplica:
 
         def report(done: float, total: float | None, message: str | None) -> None:
             nonlocal last_sent
-            if time.monotonic() - last_sent < REPORT_SECONDS:
+            finished = total is not None and done >= total
+            if time.monotonic() - last_sent < REPORT_SECONDS and not finished:
                 return
             last_sent = time.monotonic()
             if ray.get(self.board.report.remote(job_id, done, total, message)):
