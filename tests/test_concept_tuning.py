@@ -139,7 +139,7 @@ def open_clip_runtime(tiny_runtime: Runtime, tmp_path_factory: pytest.TempPathFa
 
 
 def sequence_first(clip: OpenClipClip) -> OpenClipClip:
-    """A copy of `clip` whose vision blocks run sequence first, as open_clip before 2.26 (and `batch_first=False`)."""
+    """A copy of `clip` whose vision blocks run sequence first, as open_clip builds them with `batch_first=False`."""
     copied = copy.deepcopy(clip)
     transformer = copied.model.visual.transformer
     transformer.batch_first = False

@@ -283,9 +283,9 @@ class OpenClipVisionTower(VisionTower):
         self.num_layers = len(visual.transformer.resblocks)
         self.width = visual.conv1.out_channels
         self.patch_size = visual.conv1.kernel_size[0]
-        # open_clip >= 2.26 runs its blocks batch first unless built with `batch_first=False`; 2.24 and 2.25 have
-        # no such attribute and run them sequence first (the tower transposes around the whole stack).
-        self.sequence_first = not getattr(visual.transformer, "batch_first", False)
+        # open_clip runs its blocks batch first unless the model was built with `batch_first=False` (the tower then
+        # transposes around the whole stack).
+        self.sequence_first = not getattr(visual.transformer, "batch_first", True)
 
     def pixels(self, images: Sequence[Image.Image]) -> Tensor:
         pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
