@@ -126,7 +126,7 @@ def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tm
     store = ConceptStore(tmp_path / "concepts")
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
     profile = tiny_runtime.profile.model_copy(
-        update={"concept_tuning": ConceptTuning(iterations=2, learning_rate=1e-4)}
+        update={"concept_tuning": ConceptTuning(iterations=2, learning_rate=1e-4, neutral_fit_steps=3)}
     )
     runtime = Runtime(profile)
     runtime._components = tiny_runtime._components  # the same loaded models, another profile's defaults
@@ -134,6 +134,7 @@ def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tm
 
     card = customize_concept(CustomizeConceptRequest(name="by-default", images=list(refs)), context)
     assert card.iterations == 2 and card.hyperparameters["learning_rate"] == 1e-4
+    assert card.hyperparameters["neutral_fit_steps"] == 3
     card = customize_concept(
         CustomizeConceptRequest(name="asked", images=list(refs), iterations=3, learning_rate=2e-4), context
     )
