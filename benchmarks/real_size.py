@@ -20,11 +20,10 @@ On the CPU (2 cores here, one torch thread):
     pictoprompt bench real_size --set sd15 --quick          # 128 px, 2 steps, VGD of 4 tokens
     pictoprompt bench real_size --set sd15 --quick --only generate "vary, 1 reference" "edit, sd-ipc" segment
 
-Measured with --quick on a shared two-core machine (sd15): generate to edit under 30 s each, invert (VGD) about 3
-minutes, EDITOR (2 iterations, then its fixed 25-step selection) 17 minutes, fuse 12, distill 1.5, customize 1.5
-(sd21: 4.6), about 40 minutes in all. customize's neutral deep-prompt fit is 50 passes with gradients through the
-image tower at the profile's default, hours on one core and seconds on a GPU, so --quick fits in as many steps as
-it tunes. Leave the slow rows out with --only on a CPU.
+Measured with --quick on this two-core machine: a whole run takes 12 minutes on sd15 (EDITOR, 2 iterations then
+its fixed 25-step selection, 7 of them; fuse 2; customize 1.5) and 13 on sd21 (fuse and customize 5 each).
+customize's neutral deep-prompt fit is 50 passes with gradients through the image tower at the profile's default,
+an hour or more on one core and seconds on a GPU, so --quick fits in as many steps as it tunes. --only picks rows.
 
 On a GPU it defaults to the native resolution (512 / 768 px) in float16 with 25 steps:
 
