@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from mcp import Client, MCPError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
 from PIL import Image
 
+from pictoprompt.errors import PictopromptError
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.server.app import create_server
+from pictoprompt.server.app import create_server, ray_jobs
 from pictoprompt.tools import TOOLS
 
 pytestmark = pytest.mark.anyio
@@ -322,3 +324,10 @@ async def test_a_session_ending_during_the_warm_up_leaves_no_native_work_running
     async with Client(create_server(settings, runtime=tiny_runtime, preload=True)) as client:
         assert (await client.list_tools()).tools
     assert [thread.name for thread in threading.enumerate() if thread.name == "warm-up"] == []
+
+
+async def test_serving_on_ray_without_the_extra_says_how_to_install_it(settings, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as on a plain install
+    monkeypatch.delitem(sys.modules, "pictoprompt.server.ray_serve", raising=False)
+    with pytest.raises(PictopromptError, match=r"pip install 'pictoprompt\[ray\]'"):
+        await ray_jobs(settings.model_copy(update={"ray": True}))
