@@ -23,6 +23,7 @@ from pictoprompt.errors import PictopromptError
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.app import create_server, ray_jobs
+from pictoprompt.server.serve import serve
 from pictoprompt.tools import TOOLS
 
 pytestmark = pytest.mark.anyio
@@ -331,3 +332,6 @@ async def test_serving_on_ray_without_the_extra_says_how_to_install_it(settings,
     monkeypatch.delitem(sys.modules, "pictoprompt.server.ray_serve", raising=False)
     with pytest.raises(PictopromptError, match=r"pip install 'pictoprompt\[ray\]'"):
         await ray_jobs(settings.model_copy(update={"ray": True}))
+    # `serve --ray` says it before any server starts.
+    with pytest.raises(PictopromptError, match=r"pip install 'pictoprompt\[ray\]'"):
+        serve(settings.model_copy(update={"ray": True}), http=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -320,15 +321,24 @@ def create_server(
     return server
 
 
+RAY_MISSING = (
+    "Serving with --ray needs Ray Serve, which is not installed: install the extra with "
+    "`pip install 'pictoprompt[ray]'`, or serve without --ray on one machine."
+)
+
+
+def check_ray_installed() -> None:
+    """Refuse at once, before a server starts, when `--ray` is asked for without the extra."""
+    if importlib.util.find_spec("ray") is None:
+        raise PictopromptError(RAY_MISSING)
+
+
 async def ray_jobs(settings: Settings) -> JobService:
     """The Ray Serve service (`pictoprompt.server.ray_serve`), or an error saying how to install it."""
     try:
         from pictoprompt.server.ray_serve import connect
     except ImportError as error:
-        raise PictopromptError(
-            f"Serving with --ray needs Ray Serve, which is not installed ({error}): install the extra with "
-            "`pip install 'pictoprompt[ray]'`, or serve without --ray on one machine."
-        ) from error
+        raise PictopromptError(f"{RAY_MISSING} ({error})") from error
     return await connect(settings)
 
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp
 
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.server.app import create_server
+from pictoprompt.server.app import check_ray_installed, create_server
 from pictoprompt.server.http_transport import (
     HttpGuard,
     http_transport_security,
@@ -106,6 +106,8 @@ def uvicorn_config(app: ASGIApp, host: str, port: int, **options: Any) -> uvicor
 
 
 def serve(settings: Settings, http: bool = False, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    if settings.ray:
+        check_ray_installed()
     if not http:
         with protocol_on_private_stdout():
             create_server(settings, transport="stdio").run("stdio")
