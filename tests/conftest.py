@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -66,6 +67,26 @@ def settings(tmp_path: Path) -> Settings:
         allow_dirs=[tmp_path],
         allow_home=False,
     )
+
+
+@pytest.fixture(scope="session")
+def server_environment() -> Callable[..., dict[str, str]]:
+    """The environment of a server subprocess on the tiny profile: `folder` holds its assets and data and is the
+    one folder it may read images from; `extra` adds or overrides variables."""
+
+    def environment(folder: Path, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PICTOPROMPT_PROFILE": "tiny",
+            "PICTOPROMPT_ASSET_DIR": str(folder / "assets"),
+            "PICTOPROMPT_DATA_DIR": str(folder / "data"),
+            "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(folder)]),
+            **extra,
+        }
+
+    return environment
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ a minute or more, so the tests share one cluster and are marked `ray`: `make tes
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -33,24 +32,18 @@ LONG_JOB = {"prompt": "a long job", "steps": 150, "num_images": 8, "width": 64, 
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, server_environment) -> Iterator[dict[str, Any]]:
     """A local Ray, then two fronts on it; the first deploys the two replicas, the second finds them running."""
     folder = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=4, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PICTOPROMPT_PROFILE": "tiny",
-        # Every front and replica shares these folders, as the nodes of a cluster share a volume.
-        "PICTOPROMPT_ASSET_DIR": str(folder / "assets"),
-        "PICTOPROMPT_DATA_DIR": str(folder / "data"),
-        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(folder)]),
-        "PICTOPROMPT_QUEUE_DEPTH": "3",
-        "PICTOPROMPT_RAY_MIN_REPLICAS": "2",
-        "PICTOPROMPT_RAY_MAX_REPLICAS": "2",
-    }
+    # Every front and replica shares the folder, as the nodes of a cluster share a volume.
+    environment = server_environment(
+        folder,
+        PICTOPROMPT_QUEUE_DEPTH="3",
+        PICTOPROMPT_RAY_MIN_REPLICAS="2",
+        PICTOPROMPT_RAY_MAX_REPLICAS="2",
+    )
     fronts: list[subprocess.Popen] = []
     urls = []
     try:

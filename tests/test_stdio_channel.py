@@ -8,7 +8,6 @@ after the session; the client reads the raw stream and every line of it must be 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +50,8 @@ def message(id_: int | None, method: str, params: dict) -> bytes:
     return (json.dumps(payload) + "\n").encode()
 
 
-def test_native_writes_to_fd_1_cannot_corrupt_the_protocol(tmp_path: Path):
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PICTOPROMPT_PROFILE": "tiny",
-        "PICTOPROMPT_ASSET_DIR": str(tmp_path / "assets"),
-        "PICTOPROMPT_DATA_DIR": str(tmp_path / "data"),
-    }
+def test_native_writes_to_fd_1_cannot_corrupt_the_protocol(tmp_path: Path, server_environment):
+    environment = server_environment(tmp_path)
     server = subprocess.Popen(
         [sys.executable, "-c", NOISY_SERVER],
         stdin=subprocess.PIPE,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,19 +24,7 @@ pytestmark = pytest.mark.anyio
 TOKEN = "test-token-0123456789abcdef"
 
 
-def server_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PICTOPROMPT_PROFILE": "tiny",
-        "PICTOPROMPT_ASSET_DIR": str(tmp_path / "assets"),
-        "PICTOPROMPT_DATA_DIR": str(tmp_path / "data"),
-        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(tmp_path)]),
-        **extra,
-    }
-
-
-async def test_stdio_subprocess_session(tmp_path):
+async def test_stdio_subprocess_session(tmp_path, server_environment):
     parameters = StdioServerParameters(
         command=sys.executable, args=["-m", "pictoprompt.cli", "serve"], env=server_environment(tmp_path)
     )
@@ -63,7 +49,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def http_server(tmp_path) -> Iterator[str]:
+def http_server(tmp_path, server_environment) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pictoprompt.cli", "serve", "--http", "--port", str(port)],
@@ -115,7 +101,7 @@ def test_non_loopback_bind_without_token_is_refused():
     assert "token_verifier" in http_auth_options(Settings(token="s3cret-token"), "0.0.0.0", 8765)
 
 
-def test_cli_refuses_public_bind_without_token(tmp_path):
+def test_cli_refuses_public_bind_without_token(tmp_path, server_environment):
     environment = server_environment(tmp_path)
     environment.pop("PICTOPROMPT_TOKEN", None)
     completed = subprocess.run(

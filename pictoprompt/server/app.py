@@ -27,7 +27,7 @@ from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.http_transport import CLIENT_GONE
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
-from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, worker_status
+from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, ModelsStatus, worker_status
 from pictoprompt.server.prompts import add_workflow_prompts
 from pictoprompt.server.results import InlineMode, JobInfo, job_info, job_result
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
@@ -203,14 +203,8 @@ class QueueStatus(BaseModel):
     depth: int
 
 
-class ServerStatus(BaseModel):
+class ServerStatus(ModelsStatus):
     version: str
-    profile: str
-    device: str
-    dtype: str
-    loaded_models: list[str]
-    model_ids: dict[str, str]
-    memory: dict[str, float]
     queue: QueueStatus
     asset_dir: str
     replicas: list[str] = Field(
@@ -391,12 +385,7 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
         models = workers[0] if workers else worker_status("none reported yet", state.runtime)
         status = ServerStatus(
             version=__version__,
-            profile=models.profile,
-            device=models.device,
-            dtype=models.dtype,
-            loaded_models=models.loaded_models,
-            model_ids=models.model_ids,
-            memory=models.memory,
+            **models.model_dump(include=set(ModelsStatus.model_fields)),
             queue=QueueStatus(
                 running=[job_info(job) for job in jobs if job.state == "running"],
                 queued=sum(job.state == "queued" for job in jobs),

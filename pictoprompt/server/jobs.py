@@ -62,17 +62,21 @@ class JobView:
     """The Ray Serve replica that ran it; None on one machine."""
 
 
-@dataclass(frozen=True)
-class WorkerStatus:
-    """What one holder of the models (this process, or a Ray Serve replica) reports about itself."""
+class ModelsStatus(BaseModel):
+    """The models one runtime holds, as `server_status` reports them."""
 
-    name: str
     profile: str
     device: str
     dtype: str
     loaded_models: list[str]
     model_ids: dict[str, str]
     memory: dict[str, float]
+
+
+class WorkerStatus(ModelsStatus):
+    """What one holder of the models (this process, or a Ray Serve replica) reports about itself."""
+
+    name: str
 
 
 def worker_status(name: str, runtime: Runtime) -> WorkerStatus:

@@ -254,7 +254,7 @@ class ModelReplica:
         return progress
 
     def _register(self) -> None:
-        ray.get(self.board.register.remote(vars(worker_status(self.name, self.runtime))))
+        ray.get(self.board.register.remote(worker_status(self.name, self.runtime).model_dump()))
 
 
 # ------------------------------------------------------------------------------------------------- the front
