@@ -1,4 +1,5 @@
-"""The U-Net stages' conditioning: SD-IPC's prompt layout with a caption's own EOS state, and the share of it."""
+"""The U-Net stages' conditioning (SD-IPC's prompt layout with a caption's own EOS state, and the share of it), their
+offset noise, and the stages that run alone from exported weights."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ class RecordingUNet(torch.nn.Module):
         return SimpleNamespace(sample=noisy * self.scale)
 
 
-def _one_step(tmp_path: Path, layout_share: float) -> tuple[RecordingUNet, list[str], torch.nn.Module, object]:
+def _one_step(
+    tmp_path: Path, layout_share: float, noise_offset: float = 0.0
+) -> tuple[RecordingUNet, list[str], torch.nn.Module, object]:
     torch.manual_seed(0)
     config = TrainConfig(unet_batch=16, caption_dropout=0.25)
     write_clip_tokenizer(tmp_path)
@@ -66,6 +69,7 @@ def _one_step(tmp_path: Path, layout_share: float) -> tuple[RecordingUNet, list[
         1.0,
         tokenizer,
         layout_share=layout_share,
+        noise_offset=noise_offset,
     )
     losses = step_fn(3)
     # A step's pictures, captions, noise and timesteps are fixed by (seed, stage, step): a resumed stage repeats it.
@@ -98,6 +102,52 @@ def test_the_layout_share_replaces_captions_states_and_nothing_else(tmp_path: Pa
         assert not torch.allclose(every_states[row], full[row], atol=1e-3)
         kinds["caption"] += 1
     assert kinds["caption"] > 0 and kinds["dropped"] > 0, kinds
+
+
+def test_offset_noise_shifts_each_latent_channel_by_one_constant_and_changes_nothing_else(tmp_path: Path) -> None:
+    plain, _, _, _ = _one_step(tmp_path, layout_share=0.3)
+    offset, _, _, _ = _one_step(tmp_path, layout_share=0.3, noise_offset=0.3)
+    (plain_noisy, plain_states), (offset_noisy, offset_states) = plain.fed[0], offset.fed[0]
+    assert torch.equal(plain_states, offset_states)
+    shift = offset_noisy - plain_noisy
+    # One draw per picture and channel, spread over the whole latent; scaled by the step's noise level.
+    per_channel = shift.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-5)
+    assert per_channel.abs().mean() > 0.05
+
+
+def test_the_offset_noise_stage_runs_alone_from_an_exported_generator_and_changes_only_the_unet(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from pictoprompt.models.shapes.train import build_unet, export_generator, train
+
+    torch.manual_seed(0)
+    write_clip_tokenizer(tmp_path / "tokenizer")
+    vae = build_vae()
+    vae.register_to_config(scaling_factor=0.5)
+    text_encoder = CLIPTextModel(clip_config().text_config)
+    export_generator(tmp_path / "weights", text_encoder, vae, build_unet(), load_clip_tokenizer(tmp_path / "tokenizer"))
+    generator = tmp_path / "weights" / "generator"
+    before = {
+        part: load_file(next((generator / part).glob("*.safetensors"))) for part in ("unet", "vae", "text_encoder")
+    }
+    config = TrainConfig(offset_steps=2, unet_batch=4, checkpoint_seconds=0.0)
+    train(tmp_path / "run", config, export_to=tmp_path / "weights", only=["unet_offset"])
+
+    after = {part: load_file(next((generator / part).glob("*.safetensors"))) for part in before}
+    for part in ("vae", "text_encoder"):
+        assert all(torch.equal(before[part][key], after[part][key]) for key in before[part]), part
+    assert any(not torch.equal(before["unet"][key], after["unet"][key]) for key in before["unet"])
+    assert "_name_or_path" not in json.loads((generator / "vae" / "config.json").read_text())
+    assert json.loads((generator / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+    assert json.loads((tmp_path / "weights" / "training.json").read_text())["stages"]["unet_offset"]["steps"] == 2
+    with pytest.raises(FileNotFoundError, match="holds none"):
+        train(tmp_path / "other", config, export_to=tmp_path / "empty", only=["unet_offset"])
 
 
 def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tmp_path: Path) -> None:

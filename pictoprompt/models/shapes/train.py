@@ -57,10 +57,10 @@ from pictoprompt.progress import Progress
 
 TEXT_WIDTH = 64
 LATENT_SIZE = IMAGE_SIZE // 2
-STAGES = ("clip", "vae", "unet", "unet_layout", "clip_vision", "clip_views", "llm")
-ALONE_STAGES = ("clip_views", "llm")
-"""Stages that can run alone (`--only`): the LLM's adapter needs no other stage's weights, and the free views go on
-from the exported CLIP (that of `--export`) when the run holds no CLIP of its own."""
+STAGES = ("clip", "vae", "unet", "unet_layout", "unet_offset", "clip_vision", "clip_views", "llm")
+ALONE_STAGES = ("unet_offset", "clip_views", "llm")
+"""Stages that can run alone (`--only`): the LLM's adapter needs no other stage's weights, the free views go on from
+the exported CLIP and the offset-noise stage from the exported generator (those of `--export`)."""
 
 
 @dataclass
@@ -93,6 +93,11 @@ class TrainConfig:
     layout_lr: float = 2e-4
     layout_ema: float = 0.995
     layout_share: float = 0.3
+    offset_steps: int = 100000
+    offset_minutes: float = 35.0
+    offset_lr: float = 2e-4
+    offset_ema: float = 0.995
+    noise_offset: float = 0.3
     vision_steps: int = 20000
     vision_minutes: float = 15.0
     vision_batch: int = 64
@@ -492,9 +497,11 @@ def _denoising_step_fn(
     scaling_factor: float,
     tokenizer: CLIPTokenizer,
     layout_share: float = 0.0,
+    noise_offset: float = 0.0,
 ) -> Callable[[int], dict[str, float]]:
-    """One epsilon-prediction step on a fresh batch: captions dropped to "" for classifier-free guidance, and a
-    share `layout_share` of the rest given as `eos_layout` instead of their full states."""
+    """One epsilon-prediction step on a fresh batch: captions dropped to "" for classifier-free guidance, a share
+    `layout_share` of the rest given as `eos_layout` instead of their full states, and `noise_offset` times one
+    normal draw per picture and channel added to the noise (offset noise, see `train_unet_offset`)."""
     noise_schedule = DDPMScheduler.from_config(build_scheduler().config)
     generator = torch.Generator(device="cpu")
 
@@ -518,6 +525,10 @@ def _denoising_step_fn(
             pick = (torch.rand(len(captions), generator=generator) < layout_share) & ~drop
             eos = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
             states = torch.where(pick[:, None, None].to(device), eos_layout(states, eos), states)
+        if noise_offset > 0:
+            # Drawn after everything else, for the same reason.
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(device)
+            noise = noise + noise_offset * offset
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
         loss = F.mse_loss(prediction, noise)
@@ -552,6 +563,8 @@ class DenoiserStage:
     ema_decay: float
     layout_share: float = 0.0
     """The share of captions given in SD-IPC's prompt layout (`eos_layout`) instead of their full states."""
+    noise_offset: float = 0.0
+    """The scale of offset noise: one normal draw per picture and latent channel, added to the noise."""
 
 
 def _train_denoiser(
@@ -560,12 +573,12 @@ def _train_denoiser(
     out: Path,
     config: TrainConfig,
     device: torch.device,
-    clip: CLIPModel,
+    text_model: torch.nn.Module,
     vae: AutoencoderKL,
     scaling_factor: float,
     progress: Progress,
 ) -> UNet2DConditionModel:
-    """Train `model` on epsilon prediction with the CLIP's text states, keeping an EMA copy, which it returns."""
+    """Train `model` on epsilon prediction with the text tower's states, keeping an EMA copy, which it returns."""
     ema = build_unet().to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
@@ -576,11 +589,12 @@ def _train_denoiser(
         device,
         model,
         optimizer,
-        clip.text_model.eval().requires_grad_(False),
+        text_model.eval().requires_grad_(False),
         vae,
         scaling_factor,
         load_clip_tokenizer(out / "tokenizer"),
         layout_share=stage.layout_share,
+        noise_offset=stage.noise_offset,
     )
     after_step = _ema_updater(ema, model, stage.ema_decay)
     models = {"model": model, "ema": ema}
@@ -604,7 +618,7 @@ def train_unet(
     unet = build_unet().to(device).train()
     vae.requires_grad_(False)
     stage = DenoiserStage("unet", 0, config.unet_steps, config.unet_minutes, config.unet_lr, config.unet_ema)
-    return _train_denoiser(stage, unet, out, config, device, clip, vae, scaling_factor, progress)
+    return _train_denoiser(stage, unet, out, config, device, clip.text_model, vae, scaling_factor, progress)
 
 
 def train_unet_layout(
@@ -638,7 +652,42 @@ def train_unet_layout(
         config.layout_ema,
         config.layout_share,
     )
-    return _train_denoiser(stage, model, out, config, device, clip, vae, scaling_factor, progress)
+    return _train_denoiser(stage, model, out, config, device, clip.text_model, vae, scaling_factor, progress)
+
+
+def train_unet_offset(
+    out: Path,
+    config: TrainConfig,
+    device: torch.device,
+    text_model: torch.nn.Module,
+    vae: AutoencoderKL,
+    scaling_factor: float,
+    unet: UNet2DConditionModel,
+    progress: Progress,
+) -> UNet2DConditionModel:
+    """Go on training the U-Net (from its EMA weights) with offset noise, so that the prompt sets the background.
+
+    The scaled-linear schedule leaves `sqrt(alpha_bar_T)` = 0.068 of the picture in the noisiest latents, and a
+    picture's background is most of its mean. Trained on that leak, the U-Net read the background from the mean of
+    the starting noise rather than from the prompt: "a red circle on a white background" came out pink 5 times in
+    8, "... on a black background" blue or gray 9 times in 10, while adding the leak a white (black) picture would
+    have left to the same starting noise drew white (black) 10 times in 10 (MODEL_CARD.md). Offset noise (a normal
+    draw per picture and channel, times `noise_offset`, added to the noise) hides that leak, so the mean must come
+    from the text. The SD-IPC layout share of the previous stage continues, to keep its property.
+    """
+    model = build_unet().to(device).train()
+    model.load_state_dict(unet.state_dict())
+    stage = DenoiserStage(
+        "unet_offset",
+        2,
+        config.offset_steps,
+        config.offset_minutes,
+        config.offset_lr,
+        config.offset_ema,
+        config.layout_share,
+        config.noise_offset,
+    )
+    return _train_denoiser(stage, model, out, config, device, text_model, vae, scaling_factor, progress)
 
 
 @dataclass(frozen=True)
@@ -805,10 +854,21 @@ def export(
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
     vae.register_to_config(scaling_factor=scaling_factor)
+    export_generator(directory, text_encoder, vae, unet, load_clip_tokenizer(tokenizer_dir))
+
+
+def export_generator(
+    directory: Path,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    """Write `generator/` in the diffusers layout, in float16."""
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=load_clip_tokenizer(tokenizer_dir),
+        tokenizer=tokenizer,
         unet=unet,
         scheduler=build_scheduler(),
         safety_checker=None,
@@ -889,6 +949,7 @@ def train(
         config.vae_minutes,
         config.unet_minutes,
         config.layout_minutes,
+        config.offset_minutes,
         config.vision_minutes,
         config.views_minutes,
         config.llm_minutes,
@@ -904,9 +965,10 @@ def train(
     _log(f"[vae] latent scaling factor {scaling_factor:.4f}")
     unet = train_unet(out, config, torch_device, clip, vae, scaling_factor, part(2))
     unet = train_unet_layout(out, config, torch_device, clip, vae, scaling_factor, unet, part(3))
-    clip = train_clip_vision(out, config, torch_device, clip, part(4))
-    clip = train_clip_views(out, config, torch_device, clip, part(5))
-    adapter, llm = train_llm(out, config, torch_device, part(6))
+    unet = train_unet_offset(out, config, torch_device, clip.text_model, vae, scaling_factor, unet, part(4))
+    clip = train_clip_vision(out, config, torch_device, clip, part(5))
+    clip = train_clip_views(out, config, torch_device, clip, part(6))
+    adapter, llm = train_llm(out, config, torch_device, part(7))
     if export_to is not None:
         stages = _stage_summary(out, STAGES)
         export(export_to, clip, vae, unet, scaling_factor, out / "tokenizer")
@@ -927,6 +989,29 @@ def _train_alone(
     unknown = sorted(set(only) - set(ALONE_STAGES))
     if unknown:
         raise ValueError(f"only {', '.join(ALONE_STAGES)} can run alone, not {', '.join(unknown)}")
+    if "unet_offset" in only:
+        generator_dir = (export_to or WEIGHTS_DIR) / "generator"
+        if not generator_dir.is_dir():
+            raise FileNotFoundError(
+                f"--only unet_offset goes on from an exported generator, and {generator_dir} holds none"
+            )
+        write_clip_tokenizer(out / "tokenizer")
+        exported = StableDiffusionPipeline.from_pretrained(str(generator_dir), dtype=torch.float32)
+        # Fresh modules with the exported weights, so that nothing of where they were read from is written back.
+        text_encoder = CLIPTextModel(exported.text_encoder.config)
+        text_encoder.load_state_dict(exported.text_encoder.state_dict())
+        vae = build_vae()
+        vae.load_state_dict(exported.vae.state_dict())
+        scaling_factor = exported.vae.config.scaling_factor
+        vae.register_to_config(scaling_factor=scaling_factor)
+        vae.to(device).requires_grad_(False)
+        unet = train_unet_offset(
+            out, config, device, text_encoder.to(device), vae, scaling_factor, exported.unet.to(device), progress
+        )
+        if export_to is not None:
+            export_generator(export_to, text_encoder, vae, unet, load_clip_tokenizer(out / "tokenizer"))
+            _write_training_record(export_to, config, str(device), _stage_summary(out, ["unet_offset"]))
+            _log(f"exported the generator to {export_to}")
     if "clip_views" in only:
         clip_dir = (export_to or WEIGHTS_DIR) / "clip"
         if not clip_dir.is_dir():
