@@ -1,5 +1,5 @@
 """Train the `shapes` model set from seeds: CLIP (contrastive), the VAE, the U-Net (then on SD-IPC's prompt
-layout too), CLIP's image side, the LLM's adapter; export.
+layout too, then with offset noise), CLIP's image side, the LLM's adapter; export.
 
     python -m pictoprompt.models.shapes.train --out runs/shapes            # train, then export into the package
     python -m pictoprompt.models.shapes.train --out runs/shapes --device cuda
