@@ -222,13 +222,21 @@ async def test_vary_and_edit_through_the_client_with_every_reference_kind(tmp_pa
         asset_uri = made.structured_content["result"]["images"][0]["uri"]
         varied = await client.call_tool(
             "vary_image",
-            {"images": [str(local), _png_data_uri((0, 0, 255)), asset_uri], "num_images": 2, "steps": 2, "seed": 4},
+            {
+                "images": [str(local), _png_data_uri((0, 0, 255)), asset_uri],
+                "num_images": 2,
+                "steps": 2,
+                "seed": 4,
+                "wait_seconds": 600,
+            },
         )
         assert not varied.is_error, varied.content
         images = varied.structured_content["result"]["images"]
         assert [image["seed"] for image in images] == [4, 5]
         edited = await client.call_tool(
-            "edit_with_text", {"image": asset_uri, "text": "in the snow", "num_images": 1, "steps": 2}
+            # The default rewrite runs VGD first: on a loaded machine it can outlast the default wait.
+            "edit_with_text",
+            {"image": asset_uri, "text": "in the snow", "num_images": 1, "steps": 2, "wait_seconds": 600},
         )
         assert not edited.is_error, edited.content
     # The scores are CLIP's cosine similarities of the saved pictures, recomputed here from the files.
