@@ -212,7 +212,7 @@ class Bench:
 
         def loss_at(iteration: int) -> torch.Tensor:
             views = [random_augmentation(picture, generator) for picture in pictures]
-            return denoising_loss(self.pipeline, encode_latents(self.pipeline, views, generator), prompt, generator)
+            return denoising_loss(self.pipeline, encode_latents(self.pipeline, views), prompt, generator)
 
         with swapped_projections(self.pipeline.unet, weights.kv_deltas):
             losses = optimise(

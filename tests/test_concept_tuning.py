@@ -34,7 +34,7 @@ from pictoprompt.methods.concept_tuning import (
     tune_concept,
     vision_tower,
 )
-from pictoprompt.methods.generation import generate
+from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.models.clip import OpenClipClip
 from pictoprompt.models.concepts import ConceptStore
@@ -116,9 +116,7 @@ def evaluation_loss(runtime: Runtime, weights: ConceptWeights, images: list[Imag
     with torch.no_grad(), swapped_projections(pipeline.unet, weights.kv_deltas):
         prompt = converter.prompt(tower(clip_pixels(clip, images)))
         for _ in range(16):
-            losses.append(
-                float(denoising_loss(pipeline, encode_latents(pipeline, images, generator), prompt, generator))
-            )
+            losses.append(float(denoising_loss(pipeline, encode_latents(pipeline, images), prompt, generator)))
     return sum(losses) / len(losses)
 
 
@@ -155,6 +153,19 @@ def test_deep_prompted_tower_without_prompts_is_the_clip_image_encoder(tiny_runt
         assert torch.equal(DeepPromptedVision(clip, None).encode_image(images), clip.encode_image(images))
         prompts = torch.randn(clip.model.config.vision_config.num_hidden_layers, 4, 32)
         assert not torch.allclose(DeepPromptedVision(clip, prompts).encode_image(images), clip.encode_image(images))
+
+
+def test_tuning_latents_are_the_posterior_mean_not_a_draw(tiny_runtime: Runtime) -> None:
+    pipeline = tiny_runtime.pipeline()
+    size = default_size(pipeline)
+    images = [Image.new("RGB", (size, size), (200, 30, 30)), Image.new("RGB", (size, size), (20, 20, 220))]
+    latents = encode_latents(pipeline, images)
+    assert torch.equal(latents, encode_latents(pipeline, images))
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1) for image in images])
+    pixels = pixels.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        posterior = pipeline.vae.encode(pixels).latent_dist
+    torch.testing.assert_close(latents, posterior.mean * pipeline.vae.config.scaling_factor, atol=1e-4, rtol=1e-4)
 
 
 def test_only_the_named_parameters_change(tiny_runtime: Runtime) -> None:
