@@ -169,7 +169,7 @@ def test_shapes_a_named_concept_is_drawn_in_the_context_its_prompt_gives(tmp_pat
     store = ConceptStore(tmp_path / "concepts")
     context = ToolContext(runtime, AssetStore(tmp_path / "assets"), DictImages(refs), concepts=store)
     card = customize_concept(CustomizeConceptRequest(name="my-heart", images=list(refs)), context)
-    assert (card.iterations, card.hyperparameters["learning_rate"]) == (100, 1e-4)  # the shapes profile's defaults
+    assert (card.iterations, card.hyperparameters["learning_rate"]) == (30, 1e-4)  # the shapes profile's defaults
 
     request = GenerateImageRequest(prompt="my-heart on the left", concept="my-heart", num_images=8, seed=0)
     readings = []
