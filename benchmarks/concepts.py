@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import Timer, print_table
+from harness import DictImages, Timer, print_table
 from PIL import Image
 
 from pictoprompt.methods.concept_tuning import (
@@ -143,14 +143,6 @@ class Learned:
         if self.concept is None:
             return main.shape == "crescent"
         return (main.colour, main.shape, main.fill) == self.concept
-
-
-class DictImages:
-    def __init__(self) -> None:
-        self.images: dict[str, Image.Image] = {}
-
-    def load(self, ref: str) -> Image.Image:
-        return self.images[ref]
 
 
 class Bench:

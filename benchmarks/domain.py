@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import Timer, image_agreement, mean_scores, print_table
+from harness import DictImages, Timer, image_agreement, mean_scores, print_table
 from PIL import Image
 from sd_ipc import paired_gap
 
@@ -186,14 +186,6 @@ class Adapter:
         count = len(self.losses)
         part = self.losses[int(start * count) : max(int(end * count), int(start * count) + 1)]
         return statistics.fmean(part)
-
-
-class DictImages:
-    def __init__(self) -> None:
-        self.images: dict[str, Image.Image] = {}
-
-    def load(self, ref: str) -> Image.Image:
-        return self.images[ref]
 
 
 class Bench:

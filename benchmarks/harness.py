@@ -262,6 +262,16 @@ class BertScore:
         return float(2 * precision * recall / (precision + recall))
 
 
+class DictImages:
+    """The tools' image loader over pictures a benchmark holds in memory: `images[ref]` is what `ref` names."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, Image.Image] = {}
+
+    def load(self, ref: str) -> Image.Image:
+        return self.images[ref]
+
+
 # --------------------------------------------------------------------------------------------- time and tables
 
 
