@@ -104,6 +104,8 @@ CONTEXTS: dict[str, Callable[[SceneReading], bool]] = {
 }
 """Each context and whether a picture shows it; a side or the top counts in any of its three grid cells."""
 
+SWEEP = ((30, 5e-6, None), (30, 1e-4, None), (100, 1e-4, None), (100, 1e-3, None), (30, 1e-4, 1e-3), (30, 1e-4, 1e-2))
+"""(iterations, learning rate, the deep prompts' learning rate or None for the same) of `--sweep`."""
 ROWS = ("untuned", "paper", "defaults", "kv", "crescent", "speed")
 BASELINE_WORDS = "a sks shape"
 BASELINE_ITERATIONS = 250
@@ -181,6 +183,17 @@ class Bench:
         started = time.perf_counter()
         customize_concept(request, self.context)
         return Learned(name, name, concept, time.perf_counter() - started)
+
+    def tune(self, concept: Concept | None, pictures: list[Image.Image], **options: object) -> Learned:
+        """SD-IPC-CT with `tune_concept`'s options, some of which the tool does not take, stored as the tool stores
+        it."""
+        started = time.perf_counter()
+        result = tune_concept(
+            self.pipeline, self.clip, pictures, neutral_fit_steps=self.defaults.neutral_fit_steps, **options
+        )
+        seconds = time.perf_counter() - started
+        name = self._save(result, pictures)
+        return Learned(name, name, concept, seconds)
 
     def _save(self, result: TuningResult, pictures: list[Image.Image]) -> str:
         name = self._name()
@@ -366,12 +379,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = [
                 evaluate(
                     bench,
-                    f"SD-IPC-CT {n} it, lr {lr:g}",
-                    lambda c, p, n=n, lr=lr: bench.customize(c, p, n, lr),
+                    f"SD-IPC-CT {n} it, lr {lr:g}, deep prompts' lr {prompt_lr or lr:g}",
+                    lambda c, p, n=n, lr=lr, prompt_lr=prompt_lr: bench.tune(
+                        c, p, iterations=n, learning_rate=lr, prompt_learning_rate=prompt_lr
+                    ),
                     sets,
                     edits=False,
                 )
-                for n, lr in ((30, 5e-6), (30, 1e-4), (100, 1e-4), (100, 1e-3))
+                for n, lr, prompt_lr in SWEEP
             ]
             print_table(f"Sweep on the tuning concepts ({len(sets)} concepts x {args.seeds} seeds)", rows, COLUMNS)
             return 0

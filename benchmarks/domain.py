@@ -1,9 +1,10 @@
 """SD-IPC-FT on `shapes`: does a domain adapter make `vary_image` keep more inside its domain, and what does it cost
 outside?
 
-Run: `pictoprompt bench domain [--train-n 500] [--n 40] [--seeds-per-scene 4] [--iterations 1000]
-[--learning-rate 1e-5] [--steps 25] [--threads 1]`, or with `--learning-rates 1e-5 1e-4 1e-3` to compare rates
-on the domain's tuning scenes instead of the evaluation.
+Run: `pictoprompt bench domain [--train-n 500] [--n 40] [--seeds-per-scene 4] [--iterations N] [--learning-rate R]
+[--prompt-learning-rate R] [--caption-alignment W] [--captions class|grammar] [--ab-targets] [--steps 25]
+[--threads 1]` (unset training options are the `shapes` profile's `domain_tuning`), or with `--learning-rates 1e-5
+1e-4` to compare rates on the domain's tuning scenes instead of the evaluation.
 
 The domain (`STRIPED_ON_DARK`): one striped object on a dark background (black, gray, purple or blue), of any colour
 but the background's. Stars are left out (they are always solid in this world), and so are the crescent and the
@@ -12,9 +13,11 @@ of their full caption (`split`): a tenth for evaluation, a tenth for tuning the 
 no set depends on another's size and training never sees an evaluated scene.
 
 Training: the first `--train-n` scenes of the training part in a fixed shuffled order, rendered to PNGs and
-captioned by the world's grammar (`caption_scene`, detail 0.5 as the generator was trained), in the captions file
-`pictoprompt train-domain` reads, and trained by the same function (`train_domain_adapter`), timed (wall seconds,
-`--threads` torch threads).
+captioned, in the captions file `pictoprompt train-domain` reads, and trained by the same function
+(`train_domain_adapter`), timed (wall seconds, `--threads` torch threads). The captions (`--captions`) are `class`
+by default, naming exactly what a variation should keep ("a striped pink square on a gray background", as a user
+would caption a domain), or `grammar`, the world's grammar with each detail named half the time, as the generator
+was trained (`caption_scene`, detail 0.5).
 
 Evaluation: `vary_image` on each of `--n` evaluation scenes of the domain, and on `--n` held-out single-object
 scenes outside it (`held_out_scenes("single")` less those the domain contains), `--seeds-per-scene` images per call
@@ -28,13 +31,14 @@ than where. The gain is paired by scene, with its standard error over scenes.
 Floor (the issue's): the adapter keeps all four in at least 10 points more of the in-domain variations. A last
 table gives the training time, seconds per iteration and per `vary_image` call with and without the adapter.
 
-The defaults are `train-domain`'s (1000 iterations, lr 1e-5): 1000 iterations of batch 4 took 210-220 s on one
-thread of this 2-core CPU shared with two other benchmarks (0.21 s each, plus 5-6 s of set-up). The sweep (500
-training scenes, 1000 iterations, 40 tuning scenes x 2 seeds) found no rate that helps: all kept went 6.2%
-without an adapter, 6.2% / 3.8% / 0.0% with lr 1e-5 / 1e-4 / 1e-3 (standard errors 4-5 points); a larger rate
-lowers the loss more (0.18 -> 0.18 / 0.16 / 0.10) and buys background (66% -> 71% / 76% / 81%) at the cost of
-colour and shape (at 1e-3: 35% and 16%). The stripes are what variations lose, with or without an adapter: fill
-kept in 6-8% of them.
+At the paper's settings (1000 iterations, lr 1e-5 for both the K/V deltas and the deep prompts, grammar
+captions) no rate helped on the tuning scenes (500 training scenes, 40 tuning scenes x 2 seeds): all kept went
+6.2% without an adapter, 6.2% / 3.8% / 0.0% with lr 1e-5 / 1e-4 / 1e-3, and A/B targets (class = the four
+attributes) gave +0.0 and -1.2 points at 1e-5 and 1e-4. The stripes were what variations lost, adapter or not
+(fill kept in 7.5%), while the same U-Net drew them from the caption's end-of-text state in 57.5%: the image side
+loses them. Caption alignment (`CaptionAlignment`) with the deep prompts at lr 1e-2 gave +10.0 points there
+(+11.2 with its cosine term alone, which lost the shape, 75% -> 42.5%; alignment weight 3: +10.0), and is the
+profile's default.
 """
 
 from __future__ import annotations
@@ -90,9 +94,6 @@ FLOOR = 10.0
 CAPTION_DETAIL = 0.5
 """As the `shapes` generator's captions: colour and shape always, each other detail half the time."""
 SPLIT_BUCKETS = 10
-DEFAULT_ITERATIONS = 1000
-DEFAULT_LEARNING_RATE = 1e-5
-"""Both `pictoprompt train-domain`'s defaults."""
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,39 @@ def outside_scenes(domain: Domain, n: int) -> list[Scene]:
     return scenes
 
 
-def write_training_set(scenes: Iterable[Scene], folder: Path) -> Path:
-    """A PNG per scene in `folder` and the captions file `read_captions` reads; returns that file."""
+def scene_class(scene: Scene) -> str:
+    """What a variation of the scene should keep (`HEADLINE`), as the class of A/B targets."""
+    obj = scene.objects[0]
+    return f"{obj.colour} {obj.fill} {obj.shape} on {scene.background}"
+
+
+def class_caption(scene: Scene) -> str:
+    """The caption naming what a variation should keep (`HEADLINE`) and nothing else: "a striped pink square on a
+    gray background"."""
+    obj = scene.objects[0]
+    return f"a {obj.fill} {obj.colour} {obj.shape} on a {scene.background} background"
+
+
+CAPTIONS = ("grammar", "class")
+"""How the training captions are written: the world's grammar as the generator was trained (`CAPTION_DETAIL`), or
+`class_caption`."""
+
+
+def write_training_set(
+    scenes: Iterable[Scene], folder: Path, ab_targets: bool = False, captions: str = "grammar"
+) -> Path:
+    """A PNG per scene in `folder` and the captions file `read_captions` reads; returns that file. With
+    `ab_targets` each line carries its scene's class (`scene_class`), which turns on A/B training."""
     rng = random.Random("domain-captions")
     lines = []
     for i, scene in enumerate(scenes):
         name = f"scene-{i:05d}.png"
         render_scene(scene).save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": caption_scene(scene, rng, CAPTION_DETAIL)}))
+        text = caption_scene(scene, rng, CAPTION_DETAIL) if captions == "grammar" else class_caption(scene)
+        entry = {"file_name": name, "text": text}
+        if ab_targets:
+            entry["class"] = scene_class(scene)
+        lines.append(json.dumps(entry))
     captions = folder / "metadata.jsonl"
     captions.write_text("\n".join(lines) + "\n")
     return captions
@@ -201,7 +227,7 @@ class Bench:
         name = f"{domain.name}-{len(self.store.list())}"
         images_dir = self.folder / name
         images_dir.mkdir()
-        captions = write_training_set(scenes, images_dir)
+        captions = write_training_set(scenes, images_dir, self.settings.ab_targets, self.settings.captions)
         iterations = self.settings.iterations
         stamps: list[float] = []
 
@@ -220,6 +246,8 @@ class Bench:
                 captions,
                 iterations=iterations,
                 learning_rate=learning_rate,
+                caption_alignment=self.settings.caption_alignment,
+                prompt_learning_rate=self.settings.prompt_learning_rate,
                 progress=Progress(report),
             )
         seconds = time.perf_counter() - started
@@ -232,6 +260,16 @@ class Bench:
             flush=True,
         )
         return adapter
+
+    def label(self, adapter: Adapter) -> str:
+        label = f"adapter, lr {adapter.learning_rate:g}"
+        if self.settings.prompt_learning_rate not in (None, adapter.learning_rate):
+            label += f" (prompts {self.settings.prompt_learning_rate:g})"
+        if self.settings.caption_alignment:
+            label += f", alignment {self.settings.caption_alignment:g}"
+        if self.settings.captions != "grammar":
+            label += f", {self.settings.captions} captions"
+        return label + (", A/B targets" if self.settings.ab_targets else "")
 
     def vary(self, scenes: list[Scene], concepts: list[str | None], label: str) -> dict[str | None, list[dict]]:
         """Per concept (None: none), each scene's scores averaged over its images; a scene's calls are made one
@@ -313,7 +351,7 @@ def sweep(bench: Bench, domain: Domain, training: list[Scene], settings: argpars
     """One adapter per learning rate, compared on the domain's tuning scenes (never the evaluated ones)."""
     adapters = [bench.train(domain, training, rate) for rate in settings.learning_rates]
     labels: dict[str | None, str] = {None: "no adapter"}
-    labels |= {adapter.name: f"adapter, lr {adapter.learning_rate:g}" for adapter in adapters}
+    labels |= {adapter.name: bench.label(adapter) for adapter in adapters}
     per_scene = bench.vary(domain_scenes(domain, "tuning", settings.n), list(labels), "tuning")
     rows = rows_of("tuning scenes, in domain", per_scene, labels)
     for row, adapter in zip(rows[1:], adapters, strict=True):
@@ -330,7 +368,7 @@ def sweep(bench: Bench, domain: Domain, training: list[Scene], settings: argpars
 
 def evaluate(bench: Bench, domain: Domain, training: list[Scene], settings: argparse.Namespace) -> None:
     adapter = bench.train(domain, training, settings.learning_rate)
-    labels: dict[str | None, str] = {None: "no adapter", adapter.name: f"adapter, lr {adapter.learning_rate:g}"}
+    labels: dict[str | None, str] = {None: "no adapter", adapter.name: bench.label(adapter)}
     sets = {
         "in domain": domain_scenes(domain, "evaluation", settings.n),
         "outside": outside_scenes(domain, settings.n),
@@ -355,18 +393,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-n", type=int, default=500, help="Training scenes of the domain.")
     parser.add_argument("--n", type=int, default=40, help="Evaluated scenes per set (in the domain, outside it).")
     parser.add_argument("--seeds-per-scene", type=int, default=4, help="Variations per scene and condition.")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="Training iterations (batch 4).")
+    parser.add_argument("--iterations", type=int, help="Training iterations (batch 4); default: the profile's.")
     rates = parser.add_mutually_exclusive_group()
-    rates.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="Adapter learning rate.")
+    rates.add_argument("--learning-rate", type=float, help="The K/V deltas' rate; default: the profile's.")
     rates.add_argument(
         "--learning-rates",
         type=float,
         nargs="+",
         help="Instead of the evaluation: one adapter per rate, compared on the domain's tuning scenes.",
     )
+    parser.add_argument(
+        "--ab-targets",
+        action="store_true",
+        help="A/B training: each reference's target is another training scene of its class (colour, fill, shape "
+        "and background: what a variation should keep).",
+    )
+    parser.add_argument(
+        "--captions",
+        choices=CAPTIONS,
+        default="class",
+        help="Training captions: the world's grammar (each detail named half the time) or 'class' (fill, colour, "
+        "shape and background, always).",
+    )
+    parser.add_argument(
+        "--caption-alignment",
+        type=float,
+        help="Weight of the caption-alignment loss (0: the paper's); default: the profile's.",
+    )
+    parser.add_argument("--prompt-learning-rate", type=float, help="The deep prompts' rate; default: the profile's.")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per variation.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable).")
     settings = parser.parse_args(argv)
+    defaults = get_profile("shapes").domain_tuning
+    for option in ("iterations", "learning_rate", "caption_alignment", "prompt_learning_rate"):
+        if getattr(settings, option) is None:
+            setattr(settings, option, getattr(defaults, option))
     if min(settings.train_n, settings.n, settings.seeds_per_scene, settings.iterations) < 1:
         parser.error("--train-n, --n, --seeds-per-scene and --iterations must be at least 1")
     if not weights_present():

@@ -191,6 +191,8 @@ def cmd_train_domain(args: argparse.Namespace) -> int:
             args.captions,
             iterations=args.iterations,
             learning_rate=args.learning_rate,
+            caption_alignment=args.caption_alignment,
+            prompt_learning_rate=args.prompt_learning_rate,
             overwrite=args.overwrite,
             progress=Progress(bar.update),
         )
@@ -308,8 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     domain.add_argument("--images", type=Path, required=True, help="Folder of ~100 training images.")
     domain.add_argument("--captions", type=Path, required=True, help="Captions file (see README).")
     domain.add_argument("--name", required=True, help="Name to store the adapter under (use as concept=NAME).")
-    domain.add_argument("--iterations", type=int, default=1000)
-    domain.add_argument("--learning-rate", type=float, default=1e-5)
+    domain.add_argument("--iterations", type=int, default=None, help="Steps of batch 4; default: the profile's.")
+    domain.add_argument(
+        "--learning-rate", type=float, default=None, help="K/V deltas' rate; default: the profile's (paper: 1e-5)."
+    )
+    domain.add_argument(
+        "--caption-alignment",
+        type=float,
+        default=None,
+        help="Weight of the loss pulling each image's converted prompt towards its own caption (not in the paper; "
+        "0 = the paper's loss; default: the profile's). Captions should name what the adapter must keep.",
+    )
+    domain.add_argument(
+        "--prompt-learning-rate",
+        type=float,
+        default=None,
+        help="The image encoder's deep prompts' rate; default: the profile's (paper: --learning-rate).",
+    )
     domain.add_argument("--overwrite", action="store_true")
     domain.set_defaults(handler=cmd_train_domain)
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods.concept_tuning import (
+    CaptionAlignment,
     ConceptWeights,
     DeepPromptedVision,
     PromptedClip,
@@ -317,7 +318,70 @@ def test_train_domain_with_ab_targets(tiny_runtime: Runtime, tmp_path: Path) -> 
     assert all(torch.equal(value, snapshot(tiny_runtime)[key]) for key, value in before.items())
     assert card.kind == "domain" and card.method == "SD-IPC-FT" and card.hyperparameters["ab_targets"] is True
     assert card.hyperparameters["schedule"] == "cosine" and card.iterations == 2
+    # The tiny profile keeps the paper's settings; the bundled set's own are in its profile.
+    assert card.hyperparameters["learning_rate"] == 1e-5 and card.hyperparameters["prompt_learning_rate"] == 1e-5
+    assert card.hyperparameters["caption_alignment"] == 0.0
+    tuned = train_domain_adapter(
+        tiny_runtime,
+        store,
+        "aligned",
+        images_dir,
+        tmp_path / "metadata.jsonl",
+        iterations=1,
+        batch_size=2,
+        caption_alignment=2.0,
+        prompt_learning_rate=1e-2,
+    )
+    assert tuned.hyperparameters["caption_alignment"] == 2.0 and tuned.hyperparameters["prompt_learning_rate"] == 1e-2
     assert store.load("noise", card.base_hash, tiny_runtime.model_ids()).tensors["vision.deep_prompts"].shape[1] == 50
+
+
+def test_caption_alignment_pulls_the_converted_prompts_towards_the_captions(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    images = pictures(4, seed=3)
+    captions = ["a red circle", "a blue square on the left", "a small green star", "a striped pink heart"]
+    converter = ImageToPrompt.cached(clip, pipeline)
+    with torch.no_grad():
+        states, eos = converter.text_states(captions)
+    alignment = CaptionAlignment(captions, states[torch.arange(4), eos])
+
+    def misalignment(deep_prompts: torch.Tensor) -> float:
+        with torch.no_grad():
+            converted = converter.convert(DeepPromptedVision(clip, deep_prompts, 0.0).encode_image(images))
+            return float(alignment.loss(converted, range(4)))
+
+    options = {
+        "iterations": 20,
+        "batch_size": 4,
+        "learning_rate": TINY_LR,
+        "prompt_learning_rate": 1e-2,
+        "num_prompts": 4,
+        "augment": False,
+    }
+    plain = train_domain(pipeline, clip, images, captions, **options)
+    aligned = train_domain(pipeline, clip, images, captions, caption_alignment=1.0, **options)
+    assert misalignment(aligned.weights.deep_prompts) < misalignment(plain.weights.deep_prompts) - 0.1
+    assert aligned.hyperparameters["caption_alignment"] == 1.0 and plain.hyperparameters["caption_alignment"] == 0.0
+    assert aligned.hyperparameters["prompt_learning_rate"] == 1e-2
+
+
+def test_caption_alignment_is_lowest_at_the_own_caption_and_shares_repeated_captions() -> None:
+    states = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    alignment = CaptionAlignment(["a", "b", "c", "a"], states)
+    assert alignment.distinct.shape == (3, 3) and alignment.owner.tolist() == [0, 1, 2, 0]
+    own = alignment.loss(states[:2], [0, 1])
+    swapped = alignment.loss(states[[1, 0]], [0, 1])
+    assert float(own) < 0.05 < 1.0 < float(swapped)
+
+
+def test_parameter_groups_give_the_deep_prompts_their_own_rate(tiny_runtime: Runtime) -> None:
+    weights = ConceptWeights.initial(tiny_runtime.pipeline().unet, tiny_runtime.clip(), 2, torch.Generator())
+    kv, prompts = weights.parameter_groups(1e-5, 1e-2)
+    assert kv["lr"] == 1e-5 and len(kv["params"]) == len(weights.kv_deltas)
+    assert prompts["lr"] == 1e-2 and prompts["params"][0] is weights.deep_prompts
+    assert [group["lr"] for group in weights.parameter_groups(1e-5, None)] == [1e-5, 1e-5]
+    without_prompts = ConceptWeights.initial(tiny_runtime.pipeline().unet, tiny_runtime.clip(), 0, torch.Generator())
+    assert len(without_prompts.parameter_groups(1e-5, 1e-2)) == 1
 
 
 def test_train_domain_rejects_unpaired_inputs(tiny_runtime: Runtime) -> None:

@@ -125,14 +125,18 @@ def train_domain_adapter(
     name: str,
     images_dir: Path,
     captions_file: Path,
-    iterations: int = 1000,
-    learning_rate: float = 1e-5,
+    iterations: int | None = None,
+    learning_rate: float | None = None,
     batch_size: int = 4,
+    caption_alignment: float | None = None,
+    prompt_learning_rate: float | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ConceptSummary:
-    """`pictoprompt train-domain`: SD-IPC-FT on captioned images, saved in the store as a 'domain' concept."""
+    """`pictoprompt train-domain`: SD-IPC-FT on captioned images, saved in the store as a 'domain' concept. Settings
+    left None are the profile's (`Profile.domain_tuning`)."""
     store.check_free(name, overwrite)
+    defaults = runtime.profile.domain_tuning
     images, captions, classes = read_captions(images_dir, captions_file)
     pipeline, clip = runtime.pipeline(), runtime.clip()
     result = train_domain(
@@ -141,9 +145,11 @@ def train_domain_adapter(
         images,
         captions,
         classes,
-        iterations=iterations,
-        learning_rate=learning_rate,
+        iterations=iterations or defaults.iterations,
+        learning_rate=learning_rate or defaults.learning_rate,
         batch_size=batch_size,
+        caption_alignment=defaults.caption_alignment if caption_alignment is None else caption_alignment,
+        prompt_learning_rate=prompt_learning_rate or defaults.prompt_learning_rate,
         neutral_fit_steps=runtime.profile.concept_tuning.neutral_fit_steps,
         progress=progress,
     )
