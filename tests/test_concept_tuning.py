@@ -387,6 +387,9 @@ def test_parameter_groups_give_the_deep_prompts_their_own_rate(tiny_runtime: Run
 def test_train_domain_rejects_unpaired_inputs(tiny_runtime: Runtime) -> None:
     with pytest.raises(InvalidInputError, match="one caption"):
         train_domain(tiny_runtime.pipeline(), tiny_runtime.clip(), pictures(2), ["only one"])
+    for options in ({"caption_alignment": -1.0}, {"learning_rate": 0.0}, {"prompt_learning_rate": -1e-3}):
+        with pytest.raises(InvalidInputError, match="must be positive"):
+            train_domain(tiny_runtime.pipeline(), tiny_runtime.clip(), pictures(2), ["a", "b"], **options)
 
 
 def test_bad_captions_file_is_refused(tmp_path: Path) -> None:

@@ -856,6 +856,10 @@ def train_domain(
         raise InvalidInputError("Give exactly one caption (and one class, if any) per training image.")
     if not images:
         raise InvalidInputError("Domain training needs at least one captioned image.")
+    if caption_alignment < 0 or learning_rate <= 0 or (prompt_learning_rate is not None and prompt_learning_rate <= 0):
+        raise InvalidInputError(
+            "The learning rates must be positive and the caption alignment's weight at least 0 (0 turns it off)."
+        )
     progress = progress or Progress()
 
     def neutral_fit_sample(generator: torch.Generator) -> list[Image.Image]:
