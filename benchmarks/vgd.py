@@ -7,14 +7,15 @@ and the parsed object paired with the true one carries it: a sentence about "the
 "circle" names nothing.
 
 1. Held-out scenes (a third each: single object, two objects, held-out colour-shape combinations): the attributes
-   the prompt names, the share of prompts that parse, the oracle's agreement between the scene and an image
-   regenerated from the prompt (same seed for every method), CLIP image-text similarity, median perplexity under
-   a fixed judge (the unadapted SmolLM2 without context, `harness.Perplexity`, so an adapter cannot grade itself)
-   and under the profile's own LLM in VGD's chat, and seconds per inversion. Rows: VGD; its `llm_only` and
-   `clip_only` ablations (paper Table 2); "vgd (old LLM)", the same profile without its LLM adapter; a PEZ-style
-   baseline (projected gradient descent on CLIP similarity, Wen et al. 2023, written here); the ground-truth
-   caption as the ceiling. Goals: VGD's named attributes and regenerated shapes at least clip_only's, its judged
-   perplexity at most 1.5x llm_only's, and at least 90% of its prompts parse.
+   the prompt names, the share of prompts that parse, the share that parse and name as many objects as the scene
+   has ("right count": an invented second object or a dropped one counts against it), the oracle's agreement
+   between the scene and an image regenerated from the prompt (same seed for every method), CLIP image-text
+   similarity, median perplexity under a fixed judge (the unadapted SmolLM2 without context, `harness.Perplexity`,
+   so an adapter cannot grade itself) and under the profile's own LLM in VGD's chat, and seconds per inversion.
+   Rows: VGD; its `llm_only` and `clip_only` ablations (paper Table 2); "vgd (old LLM)", the same profile without
+   its LLM adapter; a PEZ-style baseline (projected gradient descent on CLIP similarity, Wen et al. 2023, written
+   here); the ground-truth caption as the ceiling. Goals: VGD's named attributes and regenerated shapes at least
+   clip_only's, its judged perplexity at most 1.5x llm_only's, and at least 90% of its prompts parse.
 2. Outside pictures (`harness.outside_set`): the world's shapes and colours drawn with PIL by the benchmark at
    64, 128 and non-square sizes, anywhere, with any line width, some RGBA (flattened as the server does). The
    share of VGD's prompts naming the right colour (goal >= 85%) and shape (goal >= 75%), that parse, and their
@@ -250,8 +251,9 @@ def scenes_of_kind(n: int, kind: str) -> int:
 
 
 def scene_scores(prompt: str, image: Image.Image, example: Example) -> dict[str, float]:
-    """One prompt's scores in [0, 1]: the attributes it names (parsed), whether it parses, and the oracle's reading
-    of the image regenerated from it."""
+    """One prompt's scores in [0, 1]: the attributes it names (parsed), whether it parses and names as many objects
+    as the scene has (a prompt inventing a second object, or dropping one, counts as wrong), and the oracle's
+    reading of the image regenerated from it."""
     scene = example.scene
     parsed = parse_caption(prompt)
     named = named_attributes(parsed, scene.objects, scene.background, NAMED)
@@ -261,6 +263,7 @@ def scene_scores(prompt: str, image: Image.Image, example: Example) -> dict[str,
         "named shape": named["shape"],
         "named all": statistics.fmean(named[a] for a in NAMED),
         "parse %": float(parsed is not None),
+        "right count": float(parsed is not None and len(parsed.objects) == len(scene.objects)),
         "regen colour": seen["colour"],
         "regen shape": seen["shape"],
         "regen all": statistics.fmean(seen.values()),
