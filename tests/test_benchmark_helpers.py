@@ -23,9 +23,9 @@ from grammar import (
     parse_caption,
     parse_style,
 )
-from harness import OUTSIDE_N, OUTSIDE_SIZES, OutsideExample, outside_picture, outside_set
+from harness import OUTSIDE_N, OUTSIDE_SIZES, OutsideExample, outside_picture, outside_set, scene_set
 from sd_ipc import attribute_variants, paired_gap
-from vgd import KINDS, STYLE_FILLS, scenes_of_kind, style_pairs
+from vgd import KINDS, STYLE_FILLS, scene_scores, scenes_of_kind, style_pairs
 
 from pictoprompt.models.shapes.oracle import nearest_colour
 from pictoprompt.models.shapes.scenes import (
@@ -410,3 +410,12 @@ def test_style_pairs_share_exactly_the_named_property_and_differ_in_shape_and_co
         assert x.shape != y.shape and x.colour != y.colour
         assert (x.fill == y.fill == pair.value) == (pair.shared == "fill")
         assert (a.background == b.background == pair.value) == (pair.shared == "background")
+
+
+def test_a_prompt_inventing_an_object_names_the_true_one_but_has_the_wrong_count() -> None:
+    example = scene_set("single", 1)[0]
+    invented = example.caption.replace(" on a", " and a blue star on a", 1)
+    assert scene_scores(example.caption, example.image, example)["right count"] == 1.0
+    scores = scene_scores(invented, example.image, example)
+    assert scores["parse %"] == 1.0 and scores["named shape"] == 1.0 and scores["right count"] == 0.0
+    assert scene_scores("a picture of something", example.image, example)["right count"] == 0.0
