@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from domain import STRIPED_ON_DARK, domain_scenes, outside_scenes, split, write_training_set
+from domain import STRIPED_ON_DARK, class_caption, domain_scenes, outside_scenes, split, write_training_set
+from grammar import parse_caption
 
 from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 from pictoprompt.tools.customize_concept import read_captions
@@ -53,3 +54,17 @@ def test_the_training_set_is_what_train_domain_reads(tmp_path: Path):
     assert [image.tobytes() for image in images] == [render_scene(scene).tobytes() for scene in scenes]
     assert all(f"{s.objects[0].colour} {s.objects[0].shape}" in c for s, c in zip(scenes, captions, strict=True))
     assert classes is None
+
+
+def test_class_captions_name_the_four_kept_attributes_and_ab_targets_carry_the_class(tmp_path: Path):
+    scenes = domain_scenes(STRIPED_ON_DARK, "training", 6)
+    _, captions, classes = read_captions(
+        tmp_path, write_training_set(scenes, tmp_path, ab_targets=True, captions="class")
+    )
+    assert captions == [class_caption(scene) for scene in scenes]
+    for scene, caption, scene_class in zip(scenes, captions, classes, strict=True):
+        (parsed,) = parse_caption(caption).objects
+        obj = scene.objects[0]
+        assert (parsed.colour, parsed.shape, parsed.fill) == (obj.colour, obj.shape, "striped")
+        assert caption.endswith(f"on a {scene.background} background")
+        assert scene_class == f"{obj.colour} striped {obj.shape} on {scene.background}"
