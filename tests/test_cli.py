@@ -111,3 +111,23 @@ def test_bench_outside_a_checkout_says_it_needs_one(tmp_path, capsys):
     assert main(["bench", "--benchmarks-dir", str(tmp_path), "vgd"]) == 2
     error = capsys.readouterr().err
     assert "source checkout" in error and "--benchmarks-dir" in error
+
+
+def test_train_domain_passes_its_options_and_falls_back_to_the_profiles(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "white"]):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a {colour} picture"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    common = ["train-domain", "--profile", "tiny", "--images", str(tmp_path), "--captions"]
+    common += [str(tmp_path / "metadata.jsonl"), "--iterations", "1"]
+    assert main([*common, "--name", "plain"]) == 0
+    plain = json.loads(capsys.readouterr().out)["hyperparameters"]
+    assert plain["caption_alignment"] == 0.0 and plain["learning_rate"] == plain["prompt_learning_rate"] == 1e-5
+    options = ["--caption-alignment", "2", "--prompt-learning-rate", "0.01", "--learning-rate", "0.001"]
+    assert main([*common, "--name", "aligned", *options]) == 0
+    aligned = json.loads(capsys.readouterr().out)["hyperparameters"]
+    assert aligned["caption_alignment"] == 2.0 and aligned["prompt_learning_rate"] == 0.01
+    assert aligned["learning_rate"] == 0.001 and aligned["iterations"] == 1

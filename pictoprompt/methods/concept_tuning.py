@@ -782,11 +782,13 @@ class CaptionAlignment:
     TEMPERATURE = 0.05
 
     def __init__(self, captions: Sequence[str], eos_states: Tensor) -> None:
-        distinct = sorted(set(captions))
-        first = {caption: captions.index(caption) for caption in distinct}
+        first: dict[str, int] = {}
+        for i, caption in enumerate(captions):
+            first.setdefault(caption, i)
+        index = {caption: k for k, caption in enumerate(first)}
         self.targets = eos_states.detach().float()
-        self.owner = torch.tensor([distinct.index(caption) for caption in captions], device=self.targets.device)
-        self.distinct = self.targets[[first[caption] for caption in distinct]]
+        self.owner = torch.tensor([index[caption] for caption in captions], device=self.targets.device)
+        self.distinct = self.targets[list(first.values())]
         self.centre = self.distinct.mean(dim=0, keepdim=True)
 
     def loss(self, f_cnvrt: Tensor, batch: Sequence[int]) -> Tensor:
