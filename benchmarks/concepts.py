@@ -21,6 +21,10 @@ The oracle reads each picture's largest object. `identity`: its shape, colour an
   prompts, so `concept:NAME` is exactly SD-IPC of that picture);
 - SD-IPC-CT at the paper's settings (30 iterations, lr 5e-6) and at the profile's defaults, both by
   `customize_concept` on the 4 pictures;
+- described: the profile's defaults with `description="a COLOUR SHAPE"` ("a green heart"), the colour and the kind
+  a user would name, never the fill, which only the pictures show;
+- those words alone: `generate_image(prompt="a COLOUR SHAPE CONTEXT")` with no concept, the control that says
+  what the description gives without the pictures (generation only);
 - K/V only (Custom-Diffusion-like): the cross-attention K/V tuned for 250 iterations at the profile's learning rate on
   the text "a sks shape" (no deep prompts, no converted prompt); its `generate_image` prompts say "a sks shape"
   where the others say NAME, as Custom Diffusion is used;
@@ -106,7 +110,7 @@ CONTEXTS: dict[str, Callable[[SceneReading], bool]] = {
 
 SWEEP = ((30, 5e-6, None), (30, 1e-4, None), (100, 1e-4, None), (100, 1e-3, None), (30, 1e-4, 1e-3), (30, 1e-4, 1e-2))
 """(iterations, learning rate, the deep prompts' learning rate or None for the same) of `--sweep`."""
-ROWS = ("untuned", "paper", "defaults", "kv", "crescent", "speed")
+ROWS = ("untuned", "paper", "defaults", "described", "words", "kv", "crescent", "speed")
 BASELINE_WORDS = "a sks shape"
 BASELINE_ITERATIONS = 250
 
@@ -128,6 +132,12 @@ def crescent_references() -> list[Image.Image]:
     return [render_scene(scene) for scene in held_out_scenes("crescent", 5)]
 
 
+def described(concept: Concept) -> str:
+    """What a user would say of the concept: its colour and kind, not its fill."""
+    colour, shape, _ = concept
+    return f"a {colour} {shape}"
+
+
 @dataclass
 class Learned:
     """A concept in the store, the words `generate_image` prompts say for it, and how it is judged."""
@@ -137,6 +147,8 @@ class Learned:
     concept: Concept | None
     """None for the crescent, judged on its shape alone."""
     seconds: float
+    stored: bool = True
+    """False for words alone: nothing learned, prompts carry no concept."""
 
     def identity(self, reading: SceneReading) -> bool:
         main = reading.main
@@ -173,12 +185,21 @@ class Bench:
     # ---------------------------------------------------------------------------------------------- learning
 
     def customize(
-        self, concept: Concept | None, pictures: list[Image.Image], iterations: int | None, learning_rate: float | None
+        self,
+        concept: Concept | None,
+        pictures: list[Image.Image],
+        iterations: int | None,
+        learning_rate: float | None,
+        description: str | None = None,
     ) -> Learned:
         """SD-IPC-CT through the tool; None settings are the profile's defaults."""
         name = self._name()
         request = CustomizeConceptRequest(
-            name=name, images=self._add_references(pictures), iterations=iterations, learning_rate=learning_rate
+            name=name,
+            images=self._add_references(pictures),
+            iterations=iterations,
+            learning_rate=learning_rate,
+            description=description,
         )
         started = time.perf_counter()
         customize_concept(request, self.context)
@@ -205,6 +226,10 @@ class Bench:
         result = tune_concept(self.pipeline, self.clip, pictures[:1], iterations=0, num_prompts=0)
         name = self._save(result, pictures[:1])
         return Learned(name, name, concept, 0.0)
+
+    def words_alone(self, concept: Concept, pictures: list[Image.Image]) -> Learned:
+        """No concept: the prompts say the description's words where the others say NAME."""
+        return Learned("", described(concept), concept, 0.0, stored=False)
 
     def kv_only(self, concept: Concept, pictures: list[Image.Image]) -> Learned:
         """Custom-Diffusion-like: K/V deltas only, denoising each picture under the text "a sks shape"."""
@@ -245,7 +270,7 @@ class Bench:
 
     def ask(self, learned: Learned, edits: bool = True) -> dict[str, list[bool]]:
         """Every tool call of one concept (with `edits`, edit_with_text too): outcomes keyed '<tool> <measure>'."""
-        common = {"num_images": self.seeds, "steps": self.steps, "seed": 0, "concept": learned.name}
+        common = {"num_images": self.seeds, "steps": self.steps, "seed": 0, "concept": learned.name or None}
         outcome: dict[str, list[bool]] = {}
 
         def record(tool: str, readings: list[SceneReading], shows: Callable[[SceneReading], bool] | None) -> None:
@@ -260,7 +285,7 @@ class Bench:
         for text, shows in CONTEXTS.items():
             generated = generate_image(GenerateImageRequest(prompt=f"{learned.words} {text}", **common), self.context)
             record("generate", self._read(generated.images), shows)
-            if not edits:
+            if not edits or not learned.stored:
                 continue
             # The concept's prompt, once the first edit has written it, comes back with the later edits as an
             # assistant would send it (the default method would otherwise invert the same concept six times).
@@ -270,6 +295,8 @@ class Bench:
             edited = edit_with_text(request, self.context)
             source_prompt = edited.source_prompt
             record("edit", self._read(edited.images), shows)
+        if not learned.stored:
+            return outcome
         varied = vary_image(VaryImageRequest(images=[CONCEPT_REF_PREFIX + learned.name], **common), self.context)
         record("vary", self._read(varied.images), None)
         return outcome
@@ -391,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             print_table(f"Sweep on the tuning concepts ({len(sets)} concepts x {args.seeds} seeds)", rows, COLUMNS)
             return 0
         sets = [(concept, references(concept, EVALUATION_SEED)) for concept in EVALUATION_CONCEPTS[: args.concepts]]
-        defaults = f"{bench.defaults.iterations} it, lr {bench.defaults.learning_rate:g}"
+        tuning = bench.defaults
+        defaults = f"{tuning.iterations} it, lr {tuning.learning_rate:g}, deep prompts' lr " + (
+            f"{tuning.prompt_learning_rate or tuning.learning_rate:g}"
+        )
         print(
             f"{len(sets)} concepts x {len(CONTEXTS)} contexts x {args.seeds} seeds, {args.steps} steps; profile "
             f"defaults {defaults}",
@@ -405,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda c, p: bench.customize(c, p, None, None),
                 sets,
             ),
+            "described": (
+                f"SD-IPC-CT profile defaults, described as 'a COLOUR SHAPE' ({defaults})",
+                lambda c, p: bench.customize(c, p, None, None, described(c)),
+                sets,
+            ),
+            "words": ("those words alone, no concept (generate only)", bench.words_alone, sets),
             "kv": (f"K/V only, {BASELINE_ITERATIONS} it, lr {bench.defaults.learning_rate:g}", bench.kv_only, sets),
             "crescent": (
                 f"crescent (new geometry), profile defaults ({defaults})",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.concept_tuning import mentions, named_concept_prompt, tune_concept
+from pictoprompt.methods.concept_tuning import TuningResult, mentions, named_concept_prompt, tune_concept
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
@@ -18,6 +18,7 @@ from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import ToolContext
 from pictoprompt.tools.customize_concept import CustomizeConceptRequest, concept_card, customize_concept
+from pictoprompt.tools.edit_with_text import EditWithTextRequest, edit_with_text
 from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
 
 
@@ -71,6 +72,30 @@ def test_the_name_can_stand_anywhere_and_more_than_once(tiny_runtime: Runtime) -
     assert torch.equal(states[0, 5], f_cnvrt)
     with pytest.raises(InvalidInputError, match="does not name"):
         named_concept_prompt(converter, "a red circle", "obj-1", embedding)
+
+
+def test_a_description_follows_the_placeholder_as_class_words(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embedding = torch.randn(1, clip.embed_dim)
+    with torch.no_grad():
+        f_cnvrt = converter.convert(embedding)[0]
+        text, _ = converter.text_states(["a green heart on the left and a green heart"])
+        states = named_concept_prompt(
+            converter, "my-star on the left and my-star", "my-star", embedding, description="  a green heart "
+        )
+        _, first_mention_end = converter.text_states(["a green heart on the left and"])
+    words = int(first_mention_end[0])  # start token + the first mention's text: where the second mention stands
+    assert torch.equal(states[0, 0], text[0, 0])
+    assert torch.equal(states[0, 1], f_cnvrt)  # the placeholder, then the description's words
+    assert torch.equal(states[0, 2 : words + 1], text[0, 1:words])
+    assert torch.equal(states[0, words + 1], f_cnvrt)  # the second mention, its words after it
+    assert torch.equal(states[0, words + 2 :], text[0, words:-2])
+    # An empty description is none: the plain placeholder form.
+    assert torch.equal(
+        named_concept_prompt(converter, "my-star on the left", "my-star", embedding, description=" "),
+        named_concept_prompt(converter, "my-star on the left", "my-star", embedding),
+    )
 
 
 def test_the_names_spelling_never_reaches_the_generator(tiny_runtime: Runtime) -> None:
@@ -180,3 +205,54 @@ def test_shapes_a_named_concept_is_drawn_in_the_context_its_prompt_gives(tmp_pat
     assert sum(main is not None and "left" in main.position for main in readings) >= 6
     # The concept's colour comes from its pictures, not from any word of the prompt.
     assert sum(main is not None and main.colour == "green" for main in readings) >= 6
+
+
+def test_tuning_with_a_description_pulls_the_concept_towards_it(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    with torch.no_grad():
+        states, eos = converter.text_states(["a green heart"])
+        words = states[0, int(eos[0])]
+    options = {"iterations": 20, "learning_rate": 1e-3, "prompt_learning_rate": 1e-2, "num_prompts": 4}
+    plain = tune_concept(pipeline, clip, pictures(3), augment=False, **options)
+    aligned = tune_concept(
+        pipeline, clip, pictures(3), augment=False, description="a green heart", caption_alignment=1.0, **options
+    )
+
+    def closeness(result: TuningResult) -> float:
+        return float(torch.nn.functional.cosine_similarity(result.mean_converted_embedding[0], words, dim=0))
+
+    assert closeness(aligned) > closeness(plain) + 0.1
+    assert aligned.hyperparameters["caption_alignment"] == 1.0 and plain.hyperparameters["caption_alignment"] == 0.0
+    # Without words to align to, the weight does nothing and the card says so.
+    unaligned = tune_concept(pipeline, clip, pictures(3), iterations=1, num_prompts=2, caption_alignment=1.0)
+    assert unaligned.hyperparameters["caption_alignment"] == 0.0
+    with pytest.raises(InvalidInputError, match="at least 0"):
+        tune_concept(pipeline, clip, pictures(3), iterations=1, description="a heart", caption_alignment=-1.0)
+
+
+def test_a_described_concept_is_drawn_with_its_words_and_edited_from_them(
+    tiny_runtime: Runtime, tmp_path: Path
+) -> None:
+    store = ConceptStore(tmp_path / "concepts")
+    refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
+    context = ToolContext(tiny_runtime, AssetStore(tmp_path / "assets"), DictImages(refs), concepts=store)
+    request = CustomizeConceptRequest(name="my-heart", images=list(refs), iterations=1, description=" a  green heart ")
+    card = customize_concept(request, context)
+    assert card.description == "a green heart" and store.get("my-heart").description == "a green heart"
+    # The same weights without the words: the description is exactly words after the placeholder.
+    stored = store.load("my-heart", card.base_hash, tiny_runtime.model_ids())
+    plain = stored.card.model_copy(update={"name": "plain", "description": None})
+    store.save(plain, stored.tensors, pictures(1))
+
+    def draw(prompt: str, concept: str) -> np.ndarray:
+        request = GenerateImageRequest(prompt=prompt, concept=concept, seed=3, steps=2)
+        with Image.open(generate_image(request, context).images[0].path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    described = draw("my-heart on the left", "my-heart")
+    assert np.array_equal(described, draw("plain a green heart on the left", "plain"))
+    assert not np.array_equal(described, draw("plain on the left", "plain"))
+
+    edit = EditWithTextRequest(image="concept:my-heart", text="blue", num_images=1, steps=2, concept="my-heart")
+    assert edit_with_text(edit, context).source_prompt == "a green heart"

@@ -474,14 +474,19 @@ def mentions(prompt: str, name: str) -> bool:
     return name_pattern(name).search(prompt) is not None
 
 
-def named_concept_prompt(converter: ImageToPrompt, prompt: str, name: str, concept_embedding: Tensor) -> Tensor:
+def named_concept_prompt(
+    converter: ImageToPrompt, prompt: str, name: str, concept_embedding: Tensor, description: str | None = None
+) -> Tensor:
     """The generator's states (1, L, D) for a prompt that names a learned concept: "my-star on the left".
 
     The name works as a placeholder token bound to the concept: it is taken out of the text, which is encoded as
     usual ("on the left"), and where it stood one position carries the concept's converted embedding `f_cnvrt`
     (Eq. 6); every other position keeps the text's own state, the end-of-text and padding states too, so the
-    context the words give applies. The concept's identity comes from `f_cnvrt` alone, never from how its name
-    happens to be spelled (a name "my-star" must not draw any star). Each further mention adds one more position.
+    context the words give applies. The concept's identity comes from `f_cnvrt` and the concept's `description`,
+    never from how its name happens to be spelled (a name "my-star" must not draw any star). Each further mention
+    adds one more position. A concept learned with a description ("a green heart") has its words follow the
+    placeholder, as DreamBooth's "a [V] dog" names the class beside the identifier: "[f_cnvrt] a green heart on
+    the left".
 
     On `shapes` this beat Eq. 8's form (`f_cnvrt + alpha * h_text` from the end-of-text token on) on the tuning
     concepts of `pictoprompt bench concepts`: the context showed in 67% of pictures against 38% (alpha 0.9), and
@@ -491,6 +496,9 @@ def named_concept_prompt(converter: ImageToPrompt, prompt: str, name: str, conce
     if len(pieces) == 1:
         raise InvalidInputError(f"The prompt does not name the concept '{name}'.")
     f_cnvrt = converter.convert(concept_embedding).reshape(1, 1, -1)
+    words = (description or "").strip()
+    if words:
+        pieces = [pieces[0], *(f"{words} {piece}".strip() for piece in pieces[1:])]
     states, _ = converter.text_states([" ".join(piece for piece in pieces if piece)])
     # The encoder is causal: the text's states up to the end of a prefix are the prefix's own states, so the
     # prefix's end-of-text index is where the name stood in the text.
@@ -511,13 +519,14 @@ def named_concept_states(
     negative_prompt: str,
     name: str,
     concept_embedding: Tensor,
+    description: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The generator's conditioning for a text prompt that names the applied concept (`named_concept_prompt`),
     and the negative prompt's own states."""
     with torch.no_grad():
         converter = ImageToPrompt.cached(clip, pipeline)
         negative = converter.text_states([negative_prompt])[0].float() if negative_prompt else converter.empty_states
-        return named_concept_prompt(converter, prompt, name, concept_embedding), negative
+        return named_concept_prompt(converter, prompt, name, concept_embedding, description), negative
 
 
 # ------------------------------------------------------------------------------------------ the losses
@@ -712,6 +721,8 @@ def tune_concept(
     neutral_fit_steps: int = NEUTRAL_FIT_STEPS,
     augment: bool = True,
     prompt_learning_rate: float | None = None,
+    description: str | None = None,
+    caption_alignment: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> TuningResult:
@@ -722,9 +733,19 @@ def tune_concept(
     the denoising loss of that same image under that prompt (`L_convrt` only), constant learning rate.
     `prompt_init="random"` starts from VPT's random prompts as they are; "neutral" first fits them, in
     `neutral_fit_steps` Adam steps, so the encoder is unchanged on the references (see `fit_neutral_prompts`).
+
+    With a `description` of the concept ("a green heart") and `caption_alignment` > 0, the loss adds that weight
+    times `CaptionAlignment`'s pull of every reference's `f_cnvrt` towards the description's end-of-text state
+    (not in the paper; one caption, so no contrastive term): what the words say of the concept steers the
+    conversion, and the pictures still give what the words leave out.
     """
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")
+    if caption_alignment < 0 or learning_rate <= 0 or (prompt_learning_rate is not None and prompt_learning_rate <= 0):
+        raise InvalidInputError(
+            "The learning rates must be positive and the caption alignment's weight at least 0 (0 turns it off)."
+        )
+    description = (description or "").strip() or None
     progress = progress or Progress()
     start = _start(
         pipeline,
@@ -737,12 +758,22 @@ def tune_concept(
         seed,
         progress,
     )
-    generator = start.generator
+    generator, converter = start.generator, start.converter
+    alignment = None
+    if description is not None and caption_alignment:
+        with torch.no_grad():
+            states, eos_index = converter.text_states([description])
+            alignment = CaptionAlignment([description], states[:1, int(eos_index[0])])
+    owners = [0] * len(references)
 
     def loss_at(iteration: int) -> Tensor:
         images = [random_augmentation(image, generator) if augment else image for image in references]
-        prompt = start.converter.prompt(start.tower(clip_pixels(start.clip, images), generator))
-        return denoising_loss(pipeline, encode_latents(pipeline, images), prompt, generator)
+        f_cnvrt = converter.convert(start.tower(clip_pixels(start.clip, images), generator))
+        prompt = pseudo_prompt(f_cnvrt, converter.start_state, converter.length)
+        loss = denoising_loss(pipeline, encode_latents(pipeline, images), prompt, generator)
+        if alignment is not None:
+            loss = loss + caption_alignment * alignment.loss(f_cnvrt, owners)
+        return loss
 
     groups = start.weights.parameter_groups(learning_rate, prompt_learning_rate)
     with swapped_projections(pipeline.unet, start.weights.kv_deltas):
@@ -758,6 +789,7 @@ def tune_concept(
         "neutral_fit_steps": neutral_fit_steps,
         "augment": augment,
         "prompt_learning_rate": prompt_learning_rate or learning_rate,
+        "caption_alignment": caption_alignment if alignment is not None else 0.0,
         "seed": seed,
     }
     return _result(start, losses, references, hyperparameters)
@@ -793,6 +825,8 @@ class CaptionAlignment:
 
     def loss(self, f_cnvrt: Tensor, batch: Sequence[int]) -> Tensor:
         pulled = 1 - F.cosine_similarity(f_cnvrt, self.targets[batch]).mean()
+        if len(self.distinct) == 1:  # nothing to tell the caption apart from
+            return pulled
         similarity = F.normalize(f_cnvrt - self.centre, dim=-1) @ F.normalize(self.distinct - self.centre, dim=-1).T
         return pulled + self.CONTRAST * F.cross_entropy(similarity / self.TEMPERATURE, self.owner[batch])
 

@@ -90,6 +90,11 @@ class ConceptSummary(BaseModel):
     training_seconds: float
     reference_count: int
     thumbnails: list[str] = Field(description="Thumbnail files of the references, relative to the folder.")
+    description: str | None = Field(
+        None,
+        description="The words the concept was taught with ('a green heart'), which follow its name in a prompt; "
+        "none if it was taught from pictures alone.",
+    )
 
 
 class ConceptCard(ConceptSummary):

@@ -38,18 +38,32 @@ class CustomizeConceptRequest(ToolRequest):
         le=1e-3,
         description="Constant learning rate; default: the profile's (paper: 5e-6).",
     )
+    description: str | None = Field(
+        None,
+        max_length=200,
+        description="Optional: what the pictures show in a few words, the kind of thing and what you see of it ('a "
+        "green heart', 'a ginger cat'). Tuning aligns the concept with these words, and they follow its name in "
+        "later prompts; the pictures give what the words leave out.",
+    )
     overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
 
     def image_refs(self) -> list[str]:
         return list(self.images)
 
 
-def concept_card(name: str, kind: Literal["concept", "domain"], result: TuningResult, runtime: Runtime) -> ConceptCard:
+def concept_card(
+    name: str,
+    kind: Literal["concept", "domain"],
+    result: TuningResult,
+    runtime: Runtime,
+    description: str | None = None,
+) -> ConceptCard:
     """The card of a finished tuning on `runtime`'s base models; the store fills in the thumbnails and the
     reference count."""
     return ConceptCard(
         name=name,
         kind=kind,
+        description=description,
         method=str(result.hyperparameters["method"]),
         base_models=runtime.model_ids(),
         base_hash=base_hash(runtime.pipeline(), runtime.clip()),
@@ -72,16 +86,20 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     references = [context.images.load(ref) for ref in request.images]
     defaults = context.runtime.profile.concept_tuning
+    description = " ".join((request.description or "").split()) or None
     result = tune_concept(
         pipeline,
         clip,
         references,
         iterations=request.iterations or defaults.iterations,
         learning_rate=request.learning_rate or defaults.learning_rate,
+        prompt_learning_rate=defaults.prompt_learning_rate,
         neutral_fit_steps=defaults.neutral_fit_steps,
+        description=description,
+        caption_alignment=defaults.caption_alignment,
         progress=context.progress,
     )
-    card = concept_card(request.name, "concept", result, context.runtime)
+    card = concept_card(request.name, "concept", result, context.runtime, description)
     return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
 
 
@@ -162,9 +180,10 @@ SPEC = ToolSpec(
     name="customize_concept",
     title="Learn a concept from a few pictures",
     description=(
-        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT). Then pass "
-        "concept=NAME to generate_image (NAME in its prompt stands for it), vary_image or edit_with_text, and "
-        "image='concept:NAME' instead of re-sending pictures. Nothing is saved unless the job finishes."
+        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT), optionally with a "
+        "few words of what it is. Then pass concept=NAME to generate_image (NAME in its prompt stands for it), "
+        "vary_image or edit_with_text, and image='concept:NAME' instead of re-sending pictures. Nothing is saved "
+        "unless the job finishes."
     ),
     request_model=CustomizeConceptRequest,
     response_model=ConceptSummary,

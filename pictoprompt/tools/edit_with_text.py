@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.prompt_edit import rewrite_prompt
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.tools.base import (
+    CONCEPT_REF_PREFIX,
     AppliedConcept,
     Guidance,
     ImageRef,
@@ -130,7 +131,12 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
 
 
 def picture_prompt(image: str, context: ToolContext) -> str:
-    """VGD's prompt for the picture (or `concept:NAME`), as `invert_image` writes it."""
+    """VGD's prompt for the picture, as `invert_image` writes it; for `concept:NAME` taught with a description,
+    that description (the user's own words for it, where VGD may invent a second object)."""
+    if image.startswith(CONCEPT_REF_PREFIX):
+        description = context.concept_store().get(image.removeprefix(CONCEPT_REF_PREFIX)).description
+        if description:
+            return description
     runtime = context.runtime
     vocabulary = runtime_vocabulary(runtime, progress=context.progress.scaled(0.0, 0.1, 1.0))
     targets = reference_embeddings(context, [image])

@@ -168,13 +168,15 @@ def _conditioning(
 ) -> tuple[PromptStates, PromptStates, Embeddings | None]:
     """(prompt states, negative states, reference embeddings or None) for the generator; `clip` is the one in
     use (a learned concept's while one is applied). A text prompt that names the applied concept gets the
-    concept's converted embedding where the name stands."""
+    concept's converted embedding where the name stands, followed by its description if it has one."""
     pipeline = context.runtime.pipeline()
     if isinstance(prompt, TextPrompt):
         named = _named_concept(prompt, concept)
         if named:
+            name = str(concept)
+            description = context.concept_store().get(name).description
             prompt_embeds, negative_embeds = named_concept_states(
-                clip, pipeline, prompt.prompt, prompt.negative_prompt, str(concept), stored[named[0]]
+                clip, pipeline, prompt.prompt, prompt.negative_prompt, name, stored[named[0]], description
             )
         else:
             prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
