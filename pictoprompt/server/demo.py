@@ -41,9 +41,14 @@ class Call:
     images: list[Path] = field(default_factory=list)
 
 
+CONCEPT_DESCRIPTION = {"shapes": "an orange heart"}
+"""The words the demo's concept is taught with, per profile; the photos' concept is the cat."""
+
+
 def sample_inputs(folder: Path, profile: str) -> list[Path]:
     """Pictures to work on: `shapes` scenes on the bundled set, scikit-image's sample photos otherwise (the
-    `demo` extra: real models deserve real photos, and the package ships none)."""
+    `demo` extra: real models deserve real photos, and the package ships none). The last three, `concept-*`,
+    show one thing three ways, the concept the demo teaches."""
     folder.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, Image.Image]] = []
     if profile == "shapes":
@@ -54,6 +59,9 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
             "blue-star": Scene("white", (SceneObject("star", "blue", "large", "left"),)),
             "striped-green-square": Scene("black", (SceneObject("square", "green", "large", "center", "striped"),)),
             "yellow-heart": Scene("gray", (SceneObject("heart", "yellow", "large", "top right"),)),
+            "concept-1": Scene("white", (SceneObject("heart", "orange", "small", "top left", "outlined"),)),
+            "concept-2": Scene("gray", (SceneObject("heart", "orange", "large", "right", "outlined"),)),
+            "concept-3": Scene("pink", (SceneObject("heart", "orange", "small", "bottom", "outlined"),)),
         }
         images = [(name, render_scene(scene)) for name, scene in scenes.items()]
     else:
@@ -65,6 +73,13 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
                 "`pip install 'pictoprompt[demo]'`, or run the demo on the bundled set with --profile shapes."
             ) from error
         images = [(name, Image.fromarray(getattr(data, name)())) for name in ("astronaut", "chelsea", "coffee")]
+        cat = Image.fromarray(data.chelsea())
+        width, height = cat.size
+        images += [
+            ("concept-1", cat),
+            ("concept-2", cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+            ("concept-3", cat.crop((width // 8, 0, width, height))),
+        ]
     paths = []
     for name, image in images:
         path = folder / f"{name}.png"
@@ -73,8 +88,11 @@ def sample_inputs(folder: Path, profile: str) -> list[Path]:
     return paths
 
 
-def planned_calls(inputs: list[Path], available: set[str]) -> list[Call]:
+def planned_calls(inputs: list[Path], available: set[str], profile: str = "shapes") -> list[Call]:
+    concept = [str(path) for path in inputs if path.stem.startswith("concept-")]
+    inputs = [path for path in inputs if not path.stem.startswith("concept-")]
     first, second, third = str(inputs[0]), str(inputs[1 % len(inputs)]), str(inputs[2 % len(inputs)])
+    teach = {"name": "demo-concept", "images": concept, "description": CONCEPT_DESCRIPTION.get(profile, "a cat")}
     plan = [
         Call("server_status", {}),
         Call("generate_image", {"prompt": "a red circle on a white background", "num_images": 4, "seed": 1}),
@@ -88,9 +106,22 @@ def planned_calls(inputs: list[Path], available: set[str]) -> list[Call]:
         Call("edit_with_text", {"image": first, "text": "blue", "num_images": 4, "seed": 3}),
         Call("fuse_concepts", {"images": [first, second], "num_images": 2, "seed": 4}),
         Call("distill_prompt", {"prompt": LONG_PROMPT, "generate_preview": True}),
-        Call("customize_concept", {"name": "demo-concept", "images": [str(p) for p in inputs[:3]], "overwrite": True}),
+        Call("customize_concept", {**teach, "overwrite": True}),
         Call("list_concepts", {}),
-        Call("generate_image", {"prompt": "a small star", "concept": "demo-concept", "num_images": 2, "seed": 5}),
+        Call(
+            "generate_image",
+            {"prompt": "demo-concept on a black background", "concept": "demo-concept", "num_images": 4, "seed": 5},
+        ),
+        Call(
+            "edit_with_text",
+            {
+                "image": "concept:demo-concept",
+                "text": "on the left",
+                "concept": "demo-concept",
+                "num_images": 4,
+                "seed": 6,
+            },
+        ),
         Call("delete_concept", {"name": "demo-concept"}),
     ]
     calls = [call for call in plan if call.tool in available]
@@ -143,7 +174,7 @@ async def run_calls(output: Path, profile: str | None) -> tuple[list[str], list[
     parameters = StdioServerParameters(command=sys.executable, args=arguments, env=environment)
     async with Client(parameters, read_timeout_seconds=900) as client:
         tools = sorted(tool.name for tool in (await client.list_tools()).tools)
-        calls = planned_calls(inputs, set(tools))
+        calls = planned_calls(inputs, set(tools), profile or _default_profile())
         for call in calls:
             started = time.perf_counter()
             result = await client.call_tool(call.tool, call.arguments)
