@@ -150,20 +150,21 @@ def test_a_concept_of_no_iterations_is_untuned_sd_ipc_and_stores(tiny_runtime: R
 def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tmp_path: Path) -> None:
     store = ConceptStore(tmp_path / "concepts")
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
-    profile = tiny_runtime.profile.model_copy(
-        update={"concept_tuning": ConceptTuning(iterations=2, learning_rate=1e-4, neutral_fit_steps=3)}
-    )
+    tuning = ConceptTuning(iterations=2, learning_rate=1e-4, neutral_fit_steps=3, prompt_learning_rate=1e-2)
+    profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning})
     runtime = Runtime(profile)
     runtime._components = tiny_runtime._components  # the same loaded models, another profile's defaults
     context = ToolContext(runtime, assets=None, images=DictImages(refs), concepts=store)  # type: ignore[arg-type]
 
     card = customize_concept(CustomizeConceptRequest(name="by-default", images=list(refs)), context)
     assert card.iterations == 2 and card.hyperparameters["learning_rate"] == 1e-4
-    assert card.hyperparameters["neutral_fit_steps"] == 3
+    assert card.hyperparameters["neutral_fit_steps"] == 3 and card.hyperparameters["prompt_learning_rate"] == 1e-2
     card = customize_concept(
         CustomizeConceptRequest(name="asked", images=list(refs), iterations=3, learning_rate=2e-4), context
     )
     assert card.iterations == 3 and card.hyperparameters["learning_rate"] == 2e-4
+    # A rate the request sets is every weight's: the profile's deep-prompt rate goes with the profile's rate.
+    assert card.hyperparameters["prompt_learning_rate"] == 2e-4
 
 
 def test_profiles_keep_the_paper_defaults_unless_their_models_need_others() -> None:

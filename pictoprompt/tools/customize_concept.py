@@ -36,7 +36,8 @@ class CustomizeConceptRequest(ToolRequest):
         None,
         gt=0.0,
         le=1e-3,
-        description="Constant learning rate; default: the profile's (paper: 5e-6).",
+        description="Constant learning rate, of every tuned weight; default: the profile's (paper: 5e-6), with its "
+        "own rate for the deep prompts if it has one.",
     )
     description: str | None = Field(
         None,
@@ -93,7 +94,8 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         references,
         iterations=request.iterations or defaults.iterations,
         learning_rate=request.learning_rate or defaults.learning_rate,
-        prompt_learning_rate=defaults.prompt_learning_rate,
+        # The profile's rate for the deep prompts goes with its own learning rate, not with one the request sets.
+        prompt_learning_rate=defaults.prompt_learning_rate if request.learning_rate is None else None,
         neutral_fit_steps=defaults.neutral_fit_steps,
         description=description,
         caption_alignment=defaults.caption_alignment,
