@@ -736,8 +736,8 @@ def tune_concept(
 
     With a `description` of the concept ("a green heart") and `caption_alignment` > 0, the loss adds that weight
     times `CaptionAlignment`'s pull of every reference's `f_cnvrt` towards the description's end-of-text state
-    (not in the paper; one caption, so no contrastive term): what the words say of the concept steers the
-    conversion, and the pictures still give what the words leave out.
+    (not in the paper; one caption, so no contrastive term): the words steer the conversion while the denoising
+    loss still fits the pictures.
     """
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")

@@ -43,8 +43,8 @@ class CustomizeConceptRequest(ToolRequest):
         None,
         max_length=200,
         description="Optional: what the pictures show in a few words, the kind of thing and what you see of it ('a "
-        "green heart', 'a ginger cat'). Tuning aligns the concept with these words, and they follow its name in "
-        "later prompts; the pictures give what the words leave out.",
+        "green heart', 'a ginger cat'). Tuning aligns the concept with these words, they follow its name in later "
+        "prompts, and edits of image='concept:NAME' start from them.",
     )
     overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
 
