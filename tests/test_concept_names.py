@@ -150,7 +150,9 @@ def test_a_concept_of_no_iterations_is_untuned_sd_ipc_and_stores(tiny_runtime: R
 def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tmp_path: Path) -> None:
     store = ConceptStore(tmp_path / "concepts")
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
-    tuning = ConceptTuning(iterations=2, learning_rate=1e-4, neutral_fit_steps=3, prompt_learning_rate=1e-2)
+    tuning = ConceptTuning(
+        iterations=2, learning_rate=1e-4, neutral_fit_steps=3, caption_alignment=1.0, aligned_prompt_learning_rate=1e-2
+    )
     profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning})
     runtime = Runtime(profile)
     runtime._components = tiny_runtime._components  # the same loaded models, another profile's defaults
@@ -158,9 +160,18 @@ def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tm
 
     card = customize_concept(CustomizeConceptRequest(name="by-default", images=list(refs)), context)
     assert card.iterations == 2 and card.hyperparameters["learning_rate"] == 1e-4
-    assert card.hyperparameters["neutral_fit_steps"] == 3 and card.hyperparameters["prompt_learning_rate"] == 1e-2
+    assert card.hyperparameters["neutral_fit_steps"] == 3
+    # Without a description nothing is aligned and the deep prompts share the K/V deltas' rate.
+    assert (card.hyperparameters["prompt_learning_rate"], card.hyperparameters["caption_alignment"]) == (1e-4, 0.0)
     card = customize_concept(
-        CustomizeConceptRequest(name="asked", images=list(refs), iterations=3, learning_rate=2e-4), context
+        CustomizeConceptRequest(name="described", images=list(refs), description="a red square"), context
+    )
+    assert (card.hyperparameters["prompt_learning_rate"], card.hyperparameters["caption_alignment"]) == (1e-2, 1.0)
+    card = customize_concept(
+        CustomizeConceptRequest(
+            name="asked", images=list(refs), iterations=3, learning_rate=2e-4, description="a red square"
+        ),
+        context,
     )
     assert card.iterations == 3 and card.hyperparameters["learning_rate"] == 2e-4
     # A rate the request sets is every weight's: the profile's deep-prompt rate goes with the profile's rate.

@@ -17,6 +17,7 @@ from pydantic import Field
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
+from pictoprompt.models.profiles import ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools.base import ConceptName, ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
@@ -81,6 +82,13 @@ def concept_card(
     )
 
 
+def prompt_learning_rate(defaults: ConceptTuning, description: str | None, asked: float | None) -> float | None:
+    """The deep prompts' own rate: the profile's for aligning to a description, unless the request sets the
+    learning rate (then every weight's); None means the K/V deltas' rate."""
+    aligned = description is not None and defaults.caption_alignment > 0
+    return defaults.aligned_prompt_learning_rate if aligned and asked is None else None
+
+
 def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
     store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
@@ -94,8 +102,7 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         references,
         iterations=request.iterations or defaults.iterations,
         learning_rate=request.learning_rate or defaults.learning_rate,
-        # The profile's rate for the deep prompts goes with its own learning rate, not with one the request sets.
-        prompt_learning_rate=defaults.prompt_learning_rate if request.learning_rate is None else None,
+        prompt_learning_rate=prompt_learning_rate(defaults, description, request.learning_rate),
         neutral_fit_steps=defaults.neutral_fit_steps,
         description=description,
         caption_alignment=defaults.caption_alignment,
