@@ -189,7 +189,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             # at 100 steps), and the fastest (6 s on a shared CPU core). The larger rate than the paper's suits
             # these small weights. With a description, aligning to it with the deep prompts at 1e-2 gave 40% on
             # those concepts against 36% at 1e-4 and 33% for the words alone; without one, the deep prompts at
-            # 1e-2 lost identity (22% there, 7% on the first 3 evaluated concepts), so they keep 1e-4 (README,
+            # 1e-2 lost identity (22% there, 6.9% on the first 3 evaluated concepts), so they keep 1e-4 (README,
             # "Learned concepts on the bundled set").
             concept_tuning=ConceptTuning(
                 iterations=30, learning_rate=1e-4, caption_alignment=1.0, aligned_prompt_learning_rate=1e-2
