@@ -37,8 +37,8 @@ class CustomizeConceptRequest(ToolRequest):
         None,
         gt=0.0,
         le=1e-3,
-        description="Constant learning rate, of every tuned weight; default: the profile's (paper: 5e-6), with its "
-        "own rate for the deep prompts if it has one.",
+        description="Constant learning rate of every tuned weight; default: the profile's (paper: 5e-6), which may "
+        "give the deep prompts their own while aligning to a description.",
     )
     description: str | None = Field(
         None,
