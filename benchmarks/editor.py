@@ -18,6 +18,11 @@ full size is `--n 60` (hours on one CPU thread); the figures in the README come 
 3. The issue's goals: EDITOR's regenerated colour, shape and position at least VGD's + 5 points on the single and
    two sets; its median judged perplexity at most 2x VGD's; the default call within 60 s per picture.
 
+`--selection-study` runs only a study of step 4 instead (`selection_study`): per scene, every candidate at the
+default setting (the start and the decoded prompts) is scored as each selection rule sees it and read by the
+oracle on `--study-seeds` evaluation seeds the selection never saw. Each rule's row is then what choosing by it
+would regenerate, and "the oracle's best" is the most any rule could get from these candidates.
+
 The last line is every table as JSON.
 """
 
@@ -39,6 +44,8 @@ from harness import Example, Perplexity, Timer, clip_image_similarity, image_agr
 from vgd import KINDS, median, percent, pez_prompt, render
 
 from pictoprompt.methods.editor import (
+    SELECTION_SEEDS,
+    SELECTION_STEPS,
     DecodeTarget,
     Reconstruction,
     decode_candidates,
@@ -50,6 +57,7 @@ from pictoprompt.methods.editor import (
     target_pixels,
 )
 from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.scoring import score_images
 from pictoprompt.methods.vgd import ClipVocabulary, image_targets, runtime_vocabulary
 from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.profiles import get_profile
@@ -188,6 +196,121 @@ def time_tool_path(models: Models, examples: Sequence[Example], iterations: int)
     return Timing(starts.mean, each, totals.mean - starts.mean - iterations * each)
 
 
+# ------------------------------------------------------------------------------------------ the selection study
+
+STUDY_SEED = 1000
+"""Evaluation seeds of scene i: STUDY_SEED + k * i ... (k seeds each), apart from the selection's seeds."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate prompt of one scene: what each selection rule sees of it, and what the oracle reads."""
+
+    prompt: str
+    source: str
+    image_similarity: float
+    """EDITOR's rule: mean CLIP image-image cosine of its pictures on the selection seeds to the scene."""
+    pixel_error: float
+    """Mean pixel MSE in [0, 1] of those pictures to the scene: the loss EDITOR optimises."""
+    prompt_similarity: float
+    """CLIP cosine of the prompt itself to the scene (what VGD's decoder scores)."""
+    readings: dict[str, float]
+    """The oracle's agreement per attribute (and count), mean over the evaluation seeds."""
+
+    @property
+    def regenerated(self) -> float:
+        return sum(self.readings[attribute] for attribute in REPORTED)
+
+
+SELECTION_RULES: dict[str, Callable[[Sequence[Scored]], Scored]] = {
+    "start (VGD's prompt)": lambda scored: next(c for c in scored if c.source == "start"),
+    "CLIP image-image (EDITOR's)": lambda scored: max(scored, key=lambda c: c.image_similarity),
+    "pixel MSE": lambda scored: min(scored, key=lambda c: c.pixel_error),
+    "CLIP image-image - 5 x pixel MSE": lambda scored: max(
+        scored, key=lambda c: c.image_similarity - 5 * c.pixel_error
+    ),
+    "CLIP prompt-picture": lambda scored: max(scored, key=lambda c: c.prompt_similarity),
+    "the oracle's best (upper bound)": lambda scored: max(scored, key=lambda c: c.regenerated),
+}
+
+
+def score_candidates(
+    models: Models, example: Example, index: int, states: torch.Tensor, start: str, study_seeds: int
+) -> list[Scored]:
+    """Every distinct candidate of one scene (the start first, so a decoded copy of it counts as the start)."""
+    runtime, clip = models.runtime, models.clip
+    decoded = decode_candidates(runtime.llm(), clip, states, models.vocabulary, ("eos",))
+    sources: dict[str, str] = {}
+    for prompt, source in [(start, "start"), *decoded]:
+        sources.setdefault(prompt, source)
+    prompts = list(sources)
+    size = default_size(runtime.pipeline())
+
+    def pictures(seeds: Sequence[int]) -> list[list]:
+        flat = render(runtime, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), SELECTION_STEPS)
+        return [flat[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
+
+    selection = pictures(SELECTION_SEEDS)
+    evaluation = pictures([STUDY_SEED + study_seeds * index + k for k in range(study_seeds)])
+    references = image_targets(clip, [example.image])
+    target = target_pixels([example.image], size)[0]
+    with torch.no_grad():
+        to_prompt = torch.nn.functional.cosine_similarity(
+            clip.encode_text(prompts), clip.encode_image([example.image]).expand(len(prompts), -1)
+        ).tolist()
+    scored = []
+    for prompt, seen, judged, prompt_similarity in zip(prompts, selection, evaluation, to_prompt, strict=True):
+        readings = [image_agreement(image, example.scene) for image in judged]
+        scored.append(
+            Scored(
+                prompt,
+                sources[prompt],
+                statistics.fmean(score_images(clip, seen, references).to_references),
+                float(((target_pixels(seen, size) - target) ** 2).mean()),
+                prompt_similarity,
+                {key: statistics.fmean(r[key] for r in readings) for key in readings[0]},
+            )
+        )
+    return scored
+
+
+def rule_rows(per_scene: Sequence[Sequence[Scored]], kind: str) -> list[dict]:
+    """What each rule regenerates (% over scenes and evaluation seeds), and how often it keeps the start."""
+    rows = []
+    for name, rule in SELECTION_RULES.items():
+        chosen = [rule(scored) for scored in per_scene]
+        rows.append(
+            {
+                "scenes": f"{kind} ({len(per_scene)})",
+                "selection": name,
+                **{f"regen {a}": 100 * statistics.fmean(c.readings[a] for c in chosen) for a in (*REPORTED, "count")},
+                "start kept %": percent(c.source == "start" for c in chosen),
+            }
+        )
+    return rows
+
+
+def selection_study(models: Models, iterations: int) -> None:
+    """Step 4 alone, at the default setting: which rule, among the same candidates, regenerates the scene best."""
+    settings, llm = models.settings, models.runtime.llm()
+    rows = []
+    for kind in settings.kinds:
+        examples = scene_set(kind, settings.n)
+        starts = [start_prompt([ex.image], None, llm, models.clip, models.vocabulary) for ex in examples]
+        runs = optimise(models, examples, starts, iterations)
+        per_scene = [
+            score_candidates(models, ex, i, run.best_within(iterations), start, settings.study_seeds)
+            for i, (ex, run, start) in enumerate(zip(examples, runs, starts, strict=True))
+        ]
+        rows += rule_rows(per_scene, kind)
+    print_table(
+        f"EDITOR's selection rules, {iterations} iterations, EOS target: regenerated on {settings.study_seeds} "
+        "evaluation seeds per scene (%)",
+        rows,
+    )
+    print(json.dumps({"selection study": rows}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench editor", description=__doc__)
     parser.add_argument("--profile", default="shapes")
@@ -201,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the regenerated images")
     parser.add_argument("--pez-iterations", type=int, default=500, help="0 leaves the PEZ row out")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--selection-study", action="store_true", help="only compare selection rules on the same candidates"
+    )
+    parser.add_argument("--study-seeds", type=int, default=4, help="evaluation seeds per scene in the study")
     settings = parser.parse_args(argv)
     torch.set_num_threads(settings.torch_threads)
 
@@ -208,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     models = Models(runtime, runtime_vocabulary(runtime), Perplexity(), settings)
     clip, llm = models.clip, runtime.llm()
     default = settings.default_iterations
+    if settings.selection_study:
+        selection_study(models, default)
+        return 0
     timing = time_tool_path(models, scene_set("single", settings.timing_n + 50)[50:], default)
     header = f"profile {settings.profile}, {runtime.device}, {torch.get_num_threads()} thread(s)"
     print(
