@@ -44,6 +44,7 @@ from harness import Example, Perplexity, Timer, clip_image_similarity, image_agr
 from vgd import KINDS, median, percent, pez_prompt, render
 
 from pictoprompt.methods.editor import (
+    CANDIDATES_PER_TARGET,
     SELECTION_SEEDS,
     SELECTION_STEPS,
     DecodeTarget,
@@ -239,7 +240,9 @@ def score_candidates(
 ) -> list[Scored]:
     """Every distinct candidate of one scene (the start first, so a decoded copy of it counts as the start)."""
     runtime, clip = models.runtime, models.clip
-    decoded = decode_candidates(runtime.llm(), clip, states, models.vocabulary, ("eos",))
+    decoded = decode_candidates(
+        runtime.llm(), clip, states, models.vocabulary, ("eos",), per_target=models.settings.study_candidates
+    )
     sources: dict[str, str] = {}
     for prompt, source in [(start, "start"), *decoded]:
         sources.setdefault(prompt, source)
@@ -304,8 +307,8 @@ def selection_study(models: Models, iterations: int) -> None:
         ]
         rows += rule_rows(per_scene, kind)
     print_table(
-        f"EDITOR's selection rules, {iterations} iterations, EOS target: regenerated on {settings.study_seeds} "
-        "evaluation seeds per scene (%)",
+        f"EDITOR's selection rules, {iterations} iterations, EOS target, {settings.study_candidates} decoded "
+        f"prompts and the start per scene: regenerated on {settings.study_seeds} evaluation seeds per scene (%)",
         rows,
     )
     print(json.dumps({"selection study": rows}))
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         "--selection-study", action="store_true", help="only compare selection rules on the same candidates"
     )
     parser.add_argument("--study-seeds", type=int, default=4, help="evaluation seeds per scene in the study")
+    parser.add_argument(
+        "--study-candidates", type=int, default=CANDIDATES_PER_TARGET, help="decoded prompts per scene in the study"
+    )
     settings = parser.parse_args(argv)
     torch.set_num_threads(settings.torch_threads)
 
