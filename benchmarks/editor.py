@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from grammar import named_attributes, parse_caption
 from harness import Example, Perplexity, Timer, clip_image_similarity, image_agreement, print_table, scene_set
+from PIL import Image
 from vgd import KINDS, median, percent, pez_prompt, render
 
 from pictoprompt.methods.editor import (
@@ -212,7 +213,7 @@ class Scored:
     image_similarity: float
     """EDITOR's rule: mean CLIP image-image cosine of its pictures on the selection seeds to the scene."""
     pixel_error: float
-    """Mean pixel MSE in [0, 1] of those pictures to the scene: the loss EDITOR optimises."""
+    """Mean pixel MSE in [0, 1] of those pictures to the scene: EDITOR's loss, here on the full sampler's pictures."""
     prompt_similarity: float
     """CLIP cosine of the prompt itself to the scene (what VGD's decoder scores)."""
     readings: dict[str, float]
@@ -249,7 +250,7 @@ def score_candidates(
     prompts = list(sources)
     size = default_size(runtime.pipeline())
 
-    def pictures(seeds: Sequence[int]) -> list[list]:
+    def pictures(seeds: Sequence[int]) -> list[list[Image.Image]]:
         flat = render(runtime, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), SELECTION_STEPS)
         return [flat[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
 
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         "--study-candidates", type=int, default=CANDIDATES_PER_TARGET, help="decoded prompts per scene in the study"
     )
     settings = parser.parse_args(argv)
+    if settings.study_seeds < 1 or settings.study_candidates < 1:
+        parser.error("--study-seeds and --study-candidates must be at least 1")
     torch.set_num_threads(settings.torch_threads)
 
     runtime = Runtime(get_profile(settings.profile), cache_dir=Path(tempfile.gettempdir()) / "pictoprompt-bench")
