@@ -40,7 +40,16 @@ from pathlib import Path
 
 import torch
 from grammar import named_attributes, parse_caption
-from harness import Example, Perplexity, Timer, clip_image_similarity, image_agreement, print_table, scene_set
+from harness import (
+    Example,
+    Perplexity,
+    Timer,
+    clip_image_similarity,
+    clip_text_similarity,
+    image_agreement,
+    print_table,
+    scene_set,
+)
 from PIL import Image
 from vgd import KINDS, median, percent, pez_prompt, render
 
@@ -258,10 +267,7 @@ def score_candidates(
     evaluation = pictures([STUDY_SEED + study_seeds * index + k for k in range(study_seeds)])
     references = image_targets(clip, [example.image])
     target = target_pixels([example.image], size)[0]
-    with torch.no_grad():
-        to_prompt = torch.nn.functional.cosine_similarity(
-            clip.encode_text(prompts), clip.encode_image([example.image]).expand(len(prompts), -1)
-        ).tolist()
+    to_prompt = clip_text_similarity(clip, [example.image] * len(prompts), prompts).tolist()
     scored = []
     for prompt, seen, judged, prompt_similarity in zip(prompts, selection, evaluation, to_prompt, strict=True):
         readings = [image_agreement(image, example.scene) for image in judged]
