@@ -22,7 +22,9 @@ The oracle reads each picture's largest object. `identity`: its shape, colour an
 - SD-IPC-CT at the paper's settings (30 iterations, lr 5e-6) and at the profile's defaults, both by
   `customize_concept` on the 4 pictures;
 - described: the profile's defaults with `description="a COLOUR SHAPE"` ("a green heart"), the colour and the kind
-  a user would name, never the fill, which only the pictures show;
+  a user would name, never the fill, which only the pictures show; the tool completes it with the word that best
+  explains the pictures (`complete_description`, on by default), and the row prints which words it added;
+- described as given: the same with `complete_description=False`, the words as the user wrote them;
 - those words alone: `generate_image(prompt="a COLOUR SHAPE CONTEXT")` with no concept, the control that says
   what the description gives without the pictures (generation only);
 - K/V only (Custom-Diffusion-like): the cross-attention K/V tuned for 250 iterations at the profile's learning rate on
@@ -30,6 +32,12 @@ The oracle reads each picture's largest object. `identity`: its shape, colour an
   where the others say NAME, as Custom Diffusion is used;
 - crescent (a new geometry, reported as it is): 5 crescents of varied colour at the profile's defaults; identity is
   the shape alone.
+
+`--completion` instead judges `customize_concept`'s completion of a description alone: on the 10 concepts (tuning and
+evaluated) it says which word "a COLOUR SHAPE" gains, and on 36 concepts of 4 pictures drawn with PIL (not the
+project's renderer: `harness.outside_concept`, 64 to 128 px, anywhere, of any size and line width, on other
+backgrounds) whether the word is the fill, none, 'solid' for a pattern or the other pattern, without and with the
+profile's alignment.
 
 Settings were chosen with `--sweep`, on other concepts (`TUNING_CONCEPTS`) drawn from other seeds than the evaluated
 ones (`EVALUATION_CONCEPTS`). A last table times `vary_image` and `edit_with_text` with and without a concept.
@@ -47,9 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import DictImages, Timer, print_table
+from harness import DictImages, Timer, outside_concept, print_table
 from PIL import Image
 
+from pictoprompt.methods.concept_description import complete_description
 from pictoprompt.methods.concept_tuning import (
     ConceptWeights,
     TuningResult,
@@ -110,7 +119,7 @@ CONTEXTS: dict[str, Callable[[SceneReading], bool]] = {
 
 SWEEP = ((30, 5e-6, None), (30, 1e-4, None), (100, 1e-4, None), (100, 1e-3, None), (30, 1e-4, 1e-3), (30, 1e-4, 1e-2))
 """(iterations, learning rate, the deep prompts' learning rate or None for the same) of `--sweep`."""
-ROWS = ("untuned", "paper", "defaults", "described", "words", "kv", "crescent", "speed")
+ROWS = ("untuned", "paper", "defaults", "described", "given", "words", "kv", "crescent", "speed")
 BASELINE_WORDS = "a sks shape"
 BASELINE_ITERATIONS = 250
 
@@ -191,6 +200,7 @@ class Bench:
         iterations: int | None,
         learning_rate: float | None,
         description: str | None = None,
+        complete: bool = True,
     ) -> Learned:
         """SD-IPC-CT through the tool; None settings are the profile's defaults."""
         name = self._name()
@@ -200,9 +210,12 @@ class Bench:
             iterations=iterations,
             learning_rate=learning_rate,
             description=description,
+            complete_description=complete,
         )
         started = time.perf_counter()
-        customize_concept(request, self.context)
+        summary = customize_concept(request, self.context)
+        if summary.completed_with is not None:
+            print(f"  {description!r} of {concept} completed to {summary.description!r}", flush=True)
         return Learned(name, name, concept, time.perf_counter() - started)
 
     def tune(self, concept: Concept | None, pictures: list[Image.Image], **options: object) -> Learned:
@@ -375,6 +388,61 @@ def speed_table(bench: Bench, learned: Learned, pictures: list[Image.Image], rep
     return rows
 
 
+DRAWN_CONCEPTS = [
+    (shape, colour, fill)
+    for shape in ("square", "circle", "heart", "cross")
+    for colour in ("red", "blue", "green")
+    for fill in ("solid", "outlined", "striped")
+]
+"""36 concepts drawn with PIL (`harness.outside_concept`), every fill of four shapes in three colours."""
+DRAWN_VERDICTS = {
+    "right fill": "right",
+    "no word": "none",
+    "'solid' for a pattern": "solid",
+    "the other pattern": "wrong",
+}
+"""How a drawn concept's completion went. A wrong 'solid' draws what the words alone draw (the shapes generator
+draws 'a COLOUR SHAPE' solid 86% of the time); the other pattern changes the concept."""
+
+
+def completion_study(bench: Bench) -> None:
+    """Which word `customize_concept` adds to "a COLOUR SHAPE": the bench's concepts, then pictures drawn with PIL."""
+    tuning = bench.defaults
+    words = tuning.completion_words or []
+    for concept, seed in [
+        *((c, TUNING_SEED) for c in TUNING_CONCEPTS),
+        *((c, EVALUATION_SEED) for c in EVALUATION_CONCEPTS),
+    ]:
+        result = complete_description(
+            bench.pipeline,
+            bench.clip,
+            references(concept, seed),
+            described(concept),
+            words,
+            alignment=tuning.completion_alignment,
+        )
+        best = sorted(result.gains.items(), key=lambda item: item[1])[:2]
+        print(f"  {concept}: {result.description!r}; best gains {[(w, round(100 * g, 1)) for w, g in best]} %")
+    sets = [(concept, outside_concept(*concept, count=REFERENCES, seed="completion")) for concept in DRAWN_CONCEPTS]
+    rows = []
+    for alignment in sorted({0, tuning.completion_alignment}):
+        verdicts = []
+        for (shape, colour, fill), pictures in sets:
+            added = complete_description(
+                bench.pipeline, bench.clip, pictures, f"a {colour} {shape}", words, alignment=alignment
+            ).added
+            verdicts.append(
+                "none" if added is None else "right" if added == fill else "solid" if added == "solid" else "wrong"
+            )
+        rows.append(
+            {
+                "alignment (px)": alignment,
+                **{column: verdicts.count(verdict) for column, verdict in DRAWN_VERDICTS.items()},
+            }
+        )
+    print_table(f"Completion of 'a COLOUR SHAPE' on {len(sets)} concepts of 4 pictures drawn with PIL", rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench concepts", description=__doc__)
     parser.add_argument("--seeds", type=int, default=4, help="Pictures per tool call (seeds 0..N-1).")
@@ -393,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Instead of the evaluation: SD-IPC-CT over a grid of settings on the tuning concepts (no edits).",
     )
+    parser.add_argument(
+        "--completion",
+        action="store_true",
+        help="Instead of the evaluation: the word the tool adds to a description, on the concepts and on drawn ones.",
+    )
     args = parser.parse_args(argv)
     if not weights_present():
         print("The shapes weights are not built; run `pictoprompt models train-shapes` first.")
@@ -401,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
         bench = Bench(Path(scratch), args.seeds, args.steps)
+        if args.completion:
+            completion_study(bench)
+            return 0
         if args.sweep:
             sets = [(concept, references(concept, TUNING_SEED)) for concept in TUNING_CONCEPTS]
             rows = [
@@ -419,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         sets = [(concept, references(concept, EVALUATION_SEED)) for concept in EVALUATION_CONCEPTS[: args.concepts]]
         tuning = bench.defaults
-        defaults = f"{tuning.iterations} it, lr {tuning.learning_rate:g}, deep prompts' lr " + (
-            f"{tuning.prompt_learning_rate or tuning.learning_rate:g}"
+        defaults = f"{tuning.iterations} it, lr {tuning.learning_rate:g}, deep prompts' lr when described " + (
+            f"{tuning.aligned_prompt_learning_rate or tuning.learning_rate:g}"
         )
         print(
             f"{len(sets)} concepts x {len(CONTEXTS)} contexts x {args.seeds} seeds, {args.steps} steps; profile "
@@ -440,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda c, p: bench.customize(c, p, None, None, described(c)),
                 sets,
             ),
+            "given": (
+                f"the same, the description as given (complete_description=False; {defaults})",
+                lambda c, p: bench.customize(c, p, None, None, described(c), complete=False),
+                sets,
+            ),
             "words": ("those words alone, no concept (generate only)", bench.words_alone, sets),
             "kv": (f"K/V only, {BASELINE_ITERATIONS} it, lr {bench.defaults.learning_rate:g}", bench.kv_only, sets),
             "crescent": (
@@ -455,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             speed_concept, speed_pictures = sets[0]
             learned = bench.customize(speed_concept, speed_pictures, None, None)
             print(f"  customize_concept at the profile's defaults: {learned.seconds:.1f} s", flush=True)
+            with_words = bench.customize(speed_concept, speed_pictures, None, None, described(speed_concept))
+            print(f"  the same with a description, completed: {with_words.seconds:.1f} s", flush=True)
             print_table(
                 f"Cost of a concept (median of {args.repeats}, 4 pictures, {args.steps} steps, 1 thread, shared CPU)",
                 speed_table(bench, learned, speed_pictures, args.repeats),

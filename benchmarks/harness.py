@@ -445,6 +445,29 @@ def outside_picture(index: int, seed: int = OUTSIDE_SEED) -> OutsideExample:
         obj = DrawnObject(shape, colour, fill, centre, radius, line_width)
         if all(_apart(obj, o) for o in objects):
             objects.append(obj)
+    return _painted(size, background, transparent, tuple(objects), rng)
+
+
+def outside_concept(shape: str, colour: str, fill: str, count: int, seed: str) -> list[Image.Image]:
+    """`count` pictures of one object as `outside_picture` draws them (its sizes, anywhere, of any size and line
+    width), each on its own background: a concept's references as a user might draw them."""
+    rng = random.Random(f"outside-concept-{seed}-{shape}-{colour}-{fill}")
+    pictures = []
+    for index in range(count):
+        size = OUTSIDE_SIZES[index % len(OUTSIDE_SIZES)]
+        background = rng.choice([c for c in COLOURS if c != colour])
+        radius = min(size) * rng.uniform(0.2, 0.4)
+        centre = (rng.uniform(radius + 1, size[0] - radius - 1), rng.uniform(radius + 1, size[1] - radius - 1))
+        line_width = 0.0 if fill == "solid" else max(1.5, radius * rng.uniform(0.1, 0.3))
+        obj = DrawnObject(shape, colour, fill, centre, radius, line_width)
+        pictures.append(_painted(size, background, False, (obj,), rng).flat)
+    return pictures
+
+
+def _painted(
+    size: tuple[int, int], background: str, transparent: bool, objects: tuple[DrawnObject, ...], rng: random.Random
+) -> OutsideExample:
+    side = min(size)
     scale = 4 if rng.random() < 0.7 else 1
     rgb = np.zeros((size[1], size[0], 3), dtype=np.float32)
     alpha = np.zeros((size[1], size[0]), dtype=np.float32)
@@ -463,7 +486,7 @@ def outside_picture(index: int, seed: int = OUTSIDE_SEED) -> OutsideExample:
         image = Image.fromarray(rgba, "RGBA")
     else:
         image = Image.fromarray(pixels, "RGB")
-    return OutsideExample(image, background, tuple(objects))
+    return OutsideExample(image, background, objects)
 
 
 def outside_set(n: int, seed: int = OUTSIDE_SEED) -> list[OutsideExample]:

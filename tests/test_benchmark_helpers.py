@@ -23,7 +23,15 @@ from grammar import (
     parse_caption,
     parse_style,
 )
-from harness import OUTSIDE_N, OUTSIDE_SIZES, OutsideExample, outside_picture, outside_set, scene_set
+from harness import (
+    OUTSIDE_N,
+    OUTSIDE_SIZES,
+    OutsideExample,
+    outside_concept,
+    outside_picture,
+    outside_set,
+    scene_set,
+)
 from sd_ipc import attribute_variants, paired_gap
 from vgd import KINDS, STYLE_FILLS, scene_scores, scenes_of_kind, style_pairs
 
@@ -323,6 +331,20 @@ def test_the_outside_set_is_fixed_and_has_every_kind_of_picture(outside: list[Ou
     assert len({obj.colour for obj in drawn}) >= 8
     # Not the world's 3x3 grid: object centres are anywhere.
     assert len({(round(x), round(y)) for x, y in (obj.centre for obj in drawn)}) > 40
+
+
+def test_an_outside_concept_is_one_object_drawn_anew_in_each_picture() -> None:
+    pictures = outside_concept("heart", "green", "striped", count=4, seed="test")
+    assert [picture.size for picture in pictures] == list(OUTSIDE_SIZES[:4])
+    assert all(picture.mode == "RGB" for picture in pictures)
+    again = outside_concept("heart", "green", "striped", count=4, seed="test")
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pictures, again, strict=True))
+    other = outside_concept("heart", "green", "striped", count=4, seed="other")
+    assert not np.array_equal(np.asarray(pictures[0]), np.asarray(other[0]))
+    for picture in pictures:
+        pixels = np.asarray(picture).astype(np.float32).reshape(-1, 3)
+        colours = {nearest_colour(pixel) for pixel in pixels[:: max(1, len(pixels) // 400)]}
+        assert "green" in colours and len(colours - {"green"}) >= 1  # the object on a background of another colour
 
 
 def test_a_transparent_picture_is_transparent_around_its_objects_and_flattens_onto_white(

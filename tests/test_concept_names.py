@@ -249,7 +249,9 @@ def test_a_described_concept_is_drawn_with_its_words_and_edited_from_them(
     store = ConceptStore(tmp_path / "concepts")
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
     context = ToolContext(tiny_runtime, AssetStore(tmp_path / "assets"), DictImages(refs), concepts=store)
-    request = CustomizeConceptRequest(name="my-heart", images=list(refs), iterations=1, description=" a  green heart ")
+    request = CustomizeConceptRequest(
+        name="my-heart", images=list(refs), iterations=1, description=" a  green heart ", complete_description=False
+    )
     card = customize_concept(request, context)
     assert card.description == "a green heart" and store.get("my-heart").description == "a green heart"
     # The same weights without the words: the description is exactly words after the placeholder.

@@ -95,6 +95,11 @@ class ConceptSummary(BaseModel):
         description="The words the concept was taught with ('a green heart'), which follow its name in a prompt; "
         "none if it was taught from pictures alone.",
     )
+    completed_with: str | None = Field(
+        None,
+        description="The word the generator added to the description the user gave, because it explained the "
+        "pictures better (customize_concept's `complete_description`); none if nothing was added.",
+    )
 
 
 class ConceptCard(ConceptSummary):

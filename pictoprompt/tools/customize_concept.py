@@ -15,7 +15,9 @@ from PIL import Image
 from pydantic import Field
 
 from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.concept_description import closest_words, complete_description
 from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
+from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
 from pictoprompt.models.profiles import ConceptTuning
 from pictoprompt.models.runtime import Runtime
@@ -47,6 +49,12 @@ class CustomizeConceptRequest(ToolRequest):
         "green heart', 'a ginger cat'). Tuning aligns the concept with these words, they follow its name in later "
         "prompts, and edits of image='concept:NAME' start from them.",
     )
+    complete_description: bool = Field(
+        True,
+        description="Let the generator add to the description the one word (from the profile's list, or the words "
+        "CLIP finds closest to the pictures) that best explains the pictures, such as a fill or a colour the "
+        "description left out; the word added is returned as `completed_with`. False keeps the words as given.",
+    )
     overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
 
     def image_refs(self) -> list[str]:
@@ -59,6 +67,7 @@ def concept_card(
     result: TuningResult,
     runtime: Runtime,
     description: str | None = None,
+    completed_with: str | None = None,
 ) -> ConceptCard:
     """The card of a finished tuning on `runtime`'s base models; the store fills in the thumbnails and the
     reference count."""
@@ -66,6 +75,7 @@ def concept_card(
         name=name,
         kind=kind,
         description=description,
+        completed_with=completed_with,
         method=str(result.hyperparameters["method"]),
         base_models=runtime.model_ids(),
         base_hash=base_hash(runtime.pipeline(), runtime.clip()),
@@ -89,6 +99,15 @@ def prompt_learning_rate(defaults: ConceptTuning, description: str | None, asked
     return defaults.aligned_prompt_learning_rate if aligned and asked is None else None
 
 
+def completion_candidates(runtime: Runtime, references: list[Image.Image], defaults: ConceptTuning) -> list[list[str]]:
+    """The groups of words a description may be completed with: the profile's, else each of the vocabulary's words
+    closest to the pictures alone."""
+    if defaults.completion_words is not None:
+        return defaults.completion_words
+    words = closest_words(runtime.clip(), runtime_vocabulary(runtime), references, defaults.completion_candidates)
+    return [[word] for word in words]
+
+
 def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
     store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
@@ -96,6 +115,22 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
     references = [context.images.load(ref) for ref in request.images]
     defaults = context.runtime.profile.concept_tuning
     description = " ".join((request.description or "").split()) or None
+    completed_with, tuning_progress = None, context.progress
+    if description is not None and request.complete_description:
+        # Judging ~16 words at 16 timesteps costs about a fifth of the tuning's passes, each without gradients.
+        completion = complete_description(
+            pipeline,
+            clip,
+            references,
+            description,
+            completion_candidates(context.runtime, references, defaults),
+            timesteps=defaults.completion_timesteps,
+            threshold=defaults.completion_threshold,
+            alignment=defaults.completion_alignment,
+            progress=context.progress.scaled(0.0, 0.2, 1.0),
+        )
+        description, completed_with = completion.description, completion.added
+        tuning_progress = context.progress.scaled(0.2, 0.8, 1.0)
     result = tune_concept(
         pipeline,
         clip,
@@ -106,9 +141,9 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         neutral_fit_steps=defaults.neutral_fit_steps,
         description=description,
         caption_alignment=defaults.caption_alignment,
-        progress=context.progress,
+        progress=tuning_progress,
     )
-    card = concept_card(request.name, "concept", result, context.runtime, description)
+    card = concept_card(request.name, "concept", result, context.runtime, description, completed_with)
     return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
 
 
@@ -191,8 +226,9 @@ SPEC = ToolSpec(
     description=(
         "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT), optionally with a "
         "few words of what it is. Then pass concept=NAME to generate_image (NAME in its prompt stands for it), "
-        "vary_image or edit_with_text, and image='concept:NAME' instead of re-sending pictures. Nothing is saved "
-        "unless the job finishes."
+        "vary_image or edit_with_text, and image='concept:NAME' instead of re-sending pictures. The model may add "
+        "to the description one word the pictures show (returned as completed_with). Nothing is saved unless the job "
+        "finishes."
     ),
     request_model=CustomizeConceptRequest,
     response_model=ConceptSummary,

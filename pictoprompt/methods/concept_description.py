@@ -1,0 +1,185 @@
+"""Completing a concept's description with the word its pictures show, judged by the generator itself.
+
+A user describes a concept by its kind and what strikes them ("a green heart"); what the pictures show besides (the
+heart is striped) is often left out, and SD-IPC's image side does not carry it either: on `shapes` the converted
+prompt loses the fill, so the concept is drawn solid. This step asks the generator which single word, added to the
+description, best explains the pictures: a diffusion classifier (Li et al. 2023, "Your Diffusion Model is Secretly
+a Zero-Shot Classifier"). Each candidate description is scored by the U-Net's denoising error on the references'
+latents, at the same timesteps and the same noise for every candidate so that their errors compare pair by pair; a
+word is added only if it lowers the mean error, relative to the description as given, by more than a threshold.
+Candidates come in groups of alternatives (the fills, the colours): a description that already uses a word of a
+group gets none of its others ("a red square" never becomes "an orange red square").
+
+A generator trained on a grid of positions (`shapes`) judges only pictures on that grid: moved by one pixel, a
+striped heart's fill no longer lowers its error. `align_to_generator` first moves each picture, by a few pixels,
+to where the description's error is lowest; the profile says how far (`ConceptTuning.completion_alignment`).
+
+It is not in SD-IPC. The README ("Learned concepts on the bundled set") has what it adds on the bench's concepts and
+on pictures drawn with PIL, and what it does to the pictures generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from torch import Tensor
+
+from pictoprompt.methods.concept_tuning import encode_latents
+from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.vgd import ClipVocabulary, image_targets
+from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
+from pictoprompt.progress import Progress
+
+ARTICLES = ("a", "an", "the")
+CANDIDATES_PER_BATCH = 8
+"""Candidate descriptions per U-Net call (times the references): bounds the batch on SD-sized U-Nets."""
+
+
+@dataclass
+class CompletedDescription:
+    description: str
+    """The description with the word added, or as given when no word explains the pictures better."""
+    added: str | None
+    gains: dict[str, float]
+    """Each candidate word's relative change of the references' mean denoising error (negative: explains them
+    better than the description as given)."""
+
+
+def with_word(description: str, word: str) -> str:
+    """The description with `word` before its other words, after a leading article ("a green heart" + "striped" ->
+    "a striped green heart"), the indefinite article following the word's first letter ("an outlined ...")."""
+    first, _, rest = description.strip().partition(" ")
+    if first.lower() not in ARTICLES or not rest:
+        return f"{word} {description.strip()}"
+    article = first
+    if first.lower() != "the":
+        article = "an" if word[:1].lower() in "aeiou" else "a"
+        article = article.capitalize() if first[:1].isupper() else article
+    return f"{article} {word} {rest}"
+
+
+def closest_words(
+    clip: ClipModel, vocabulary: ClipVocabulary, references: Sequence[Image.Image], count: int
+) -> list[str]:
+    """The vocabulary's `count` words with the highest mean CLIP similarity to the references."""
+    targets = F.normalize(image_targets(clip, references).float(), dim=-1).to(vocabulary.embeddings.device)
+    similarity = (targets @ vocabulary.embeddings.T).mean(0)
+    return [vocabulary.words[i] for i in similarity.argsort(descending=True)[:count].tolist()]
+
+
+def denoising_errors(
+    pipeline: StableDiffusionPipeline,
+    converter: ImageToPrompt,
+    latents: Tensor,
+    texts: Sequence[str],
+    timesteps: int,
+    seed: int,
+    progress: Progress,
+) -> Tensor:
+    """(len(texts), N) mean squared denoising error of each text on each of the N latents, over `timesteps` evenly
+    spaced timesteps with one noise draw per timestep, the same for every text."""
+    scheduler, unet = pipeline.scheduler, pipeline.unet
+    train_steps = scheduler.config.num_train_timesteps
+    steps = torch.linspace(0.05 * train_steps, 0.95 * train_steps, timesteps).long()
+    generator = torch.Generator().manual_seed(seed)
+    count = latents.shape[0]
+    noises = [torch.randn(latents.shape, generator=generator).to(latents) for _ in range(timesteps)]
+    with torch.no_grad():
+        states, _ = converter.text_states(list(texts))
+        errors = torch.zeros(len(texts), count)
+        for index, step in enumerate(steps.tolist()):
+            t = torch.full((count,), step, device=latents.device)
+            noisy = scheduler.add_noise(latents, noises[index], t)
+            target = (
+                noises[index]
+                if scheduler.config.prediction_type == "epsilon"
+                else scheduler.get_velocity(latents, noises[index], t)
+            )
+            for begin in range(0, len(texts), CANDIDATES_PER_BATCH):
+                chunk = states[begin : begin + CANDIDATES_PER_BATCH].to(unet.dtype)
+                size = chunk.shape[0]
+                prediction = unet(
+                    noisy.repeat(size, 1, 1, 1),
+                    t.repeat(size),
+                    encoder_hidden_states=chunk.repeat_interleave(count, dim=0),
+                ).sample
+                error = (prediction.float() - target.float().repeat(size, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
+                errors[begin : begin + size] += error.reshape(size, count).cpu()
+            progress.step(index + 1, timesteps, f"judging {len(texts) - 1} words, timestep {index + 1}/{timesteps}")
+    return errors / timesteps
+
+
+def moved(image: Image.Image, dx: int, dy: int) -> Image.Image:
+    """The picture moved right by `dx` and down by `dy` pixels, the uncovered strip in its border's colour."""
+    canvas = Image.new("RGB", image.size, border_colour(image))
+    canvas.paste(image, (dx, dy))
+    return canvas
+
+
+def align_to_generator(
+    pipeline: StableDiffusionPipeline,
+    converter: ImageToPrompt,
+    references: Sequence[Image.Image],
+    description: str,
+    reach: int,
+    timesteps: int = 4,
+    seed: int = 0,
+) -> list[Image.Image]:
+    """Each reference at the generator's size, moved by at most `reach` pixels each way to where the description's
+    denoising error is lowest (`reach` 0: only resized)."""
+    size = default_size(pipeline)
+    offsets = [(dx, dy) for dx in range(-reach, reach + 1) for dy in range(-reach, reach + 1)]
+    aligned = []
+    for reference in references:
+        native = pad_to_square(reference.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC)
+        if reach == 0:
+            aligned.append(native)
+            continue
+        views = [moved(native, dx, dy) for dx, dy in offsets]
+        errors = denoising_errors(
+            pipeline, converter, encode_latents(pipeline, views), [description], timesteps, seed, Progress()
+        )
+        aligned.append(views[int(errors[0].argmin())])
+    return aligned
+
+
+def complete_description(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    references: Sequence[Image.Image],
+    description: str,
+    candidates: Sequence[Sequence[str]],
+    *,
+    timesteps: int = 16,
+    threshold: float = 0.01,
+    alignment: int = 0,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CompletedDescription:
+    """The description with the one candidate word that lowers the references' mean denoising error the most, by
+    more than `threshold` (relative), or the description as given. `candidates` are groups of alternative words;
+    a group of which the description has a word offers none. `alignment`: see `align_to_generator`."""
+    description = " ".join(description.split())
+    present = {word.lower() for word in description.split()}
+    open_groups = [group for group in candidates if not present & {word.lower() for word in group}]
+    words = list(dict.fromkeys(word.strip() for group in open_groups for word in group if word.strip()))
+    if not words:
+        return CompletedDescription(description, None, {})
+    progress = progress or Progress()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    progress.report(0, timesteps, "placing the pictures where the generator judges them")
+    pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed)
+    texts = [description, *(with_word(description, word) for word in words)]
+    errors = denoising_errors(pipeline, converter, encode_latents(pipeline, pictures), texts, timesteps, seed, progress)
+    mean = errors.mean(dim=1)
+    gains = {word: float(change) for word, change in zip(words, (mean[1:] / mean[0] - 1).tolist(), strict=True)}
+    best = min(gains, key=gains.__getitem__)
+    if gains[best] < -threshold:
+        return CompletedDescription(with_word(description, best), best, gains)
+    return CompletedDescription(description, None, gains)
