@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_concept_names import DictImages, pictures
 
+from pictoprompt.errors import JobCancelledError
 from pictoprompt.methods.concept_description import (
     align_to_generator,
     closest_words,
@@ -28,6 +28,19 @@ from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools.base import ToolContext
 from pictoprompt.tools.customize_concept import CustomizeConceptRequest, customize_concept
+
+
+def pictures(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+class DictImages:
+    def __init__(self, images: dict[str, Image.Image]) -> None:
+        self.images = images
+
+    def load(self, ref: str) -> Image.Image:
+        return self.images[ref]
 
 
 @pytest.mark.parametrize(
@@ -177,6 +190,22 @@ def test_the_tool_reports_progress_through_completion_then_tuning(tiny_runtime: 
     fractions = [done / total for done, total, _ in reports if total]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert any("judging" in (message or "") for _, _, message in reports)
+
+
+def test_a_cancel_during_completion_stores_nothing(tiny_runtime: Runtime, tmp_path: Path) -> None:
+    tuning = ConceptTuning(iterations=1, neutral_fit_steps=1, completion_words=[["blue"]], completion_alignment=1)
+    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    context.progress.cancel()
+    request = CustomizeConceptRequest(name="mine", images=["img0", "img1", "img2"], description="a red square")
+    with pytest.raises(JobCancelledError):
+        customize_concept(request, context)
+    assert not context.concept_store().exists("mine")
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    for alignment in (0, 1):  # the alignment and the judging each stop at a cancel
+        with pytest.raises(JobCancelledError):
+            complete_description(
+                pipeline, clip, pictures(3), "a red square", [["blue"]], alignment=alignment, progress=context.progress
+            )
 
 
 def test_the_shapes_profile_completes_with_what_the_object_is_never_where_or_how_large() -> None:

@@ -130,6 +130,7 @@ def align_to_generator(
     reach: int,
     timesteps: int = 4,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> list[Image.Image]:
     """Each reference at the generator's size, moved by at most `reach` pixels each way to where the description's
     denoising error is lowest (`reach` 0: only resized)."""
@@ -137,6 +138,8 @@ def align_to_generator(
     offsets = [(dx, dy) for dx in range(-reach, reach + 1) for dy in range(-reach, reach + 1)]
     aligned = []
     for reference in references:
+        if progress is not None:
+            progress.check()
         native = pad_to_square(reference.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC)
         if reach == 0:
             aligned.append(native)
@@ -174,7 +177,7 @@ def complete_description(
     progress = progress or Progress()
     converter = ImageToPrompt.cached(clip, pipeline)
     progress.report(0, timesteps, "placing the pictures where the generator judges them")
-    pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed)
+    pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed, progress=progress)
     texts = [description, *(with_word(description, word) for word in words)]
     errors = denoising_errors(pipeline, converter, encode_latents(pipeline, pictures), texts, timesteps, seed, progress)
     mean = errors.mean(dim=1)

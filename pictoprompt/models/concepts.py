@@ -92,14 +92,9 @@ class ConceptSummary(BaseModel):
     thumbnails: list[str] = Field(description="Thumbnail files of the references, relative to the folder.")
     description: str | None = Field(
         None,
-        description="The words the concept was taught with ('a green heart'), which follow its name in a prompt; "
-        "none if it was taught from pictures alone.",
+        description="The words it was taught with ('a green heart'), completed; they follow its name in a prompt.",
     )
-    completed_with: str | None = Field(
-        None,
-        description="The word the generator added to the description the user gave, because it explained the "
-        "pictures better (customize_concept's `complete_description`); none if nothing was added.",
-    )
+    completed_with: str | None = Field(None, description="The word the generator added to the words given.")
 
 
 class ConceptCard(ConceptSummary):
