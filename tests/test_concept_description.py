@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from pictoprompt.errors import JobCancelledError
@@ -22,6 +23,7 @@ from pictoprompt.methods.concept_description import (
 from pictoprompt.methods.concept_tuning import encode_latents
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import runtime_vocabulary
+from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
 from pictoprompt.models.runtime import Runtime
@@ -218,18 +220,25 @@ def test_the_shapes_profile_completes_with_what_the_object_is_never_where_or_how
     assert BUILTIN_PROFILES["sd15"].concept_tuning.completion_alignment == 0
 
 
-def test_shapes_a_description_gains_the_fill_the_pictures_show() -> None:
+@pytest.fixture(scope="module")
+def shapes() -> tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int]:
+    """The shapes generator and CLIP, with the profile's completion words and alignment."""
     from pictoprompt.models.profiles import get_profile
     from pictoprompt.models.shapes import weights_present
 
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
+    runtime = Runtime(get_profile("shapes"))
+    tuning = runtime.profile.concept_tuning
+    return runtime.pipeline(), runtime.clip(), tuning.completion_words or [], tuning.completion_alignment
+
+
+def test_shapes_a_description_gains_the_fill_the_pictures_show(
+    shapes: tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int],
+) -> None:
     from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
-    runtime = Runtime(get_profile("shapes"))
-    pipeline, clip = runtime.pipeline(), runtime.clip()
-    tuning = runtime.profile.concept_tuning
-    words, reach = tuning.completion_words or [], tuning.completion_alignment
+    pipeline, clip, words, reach = shapes
     places = [("white", "small", "top left"), ("gray", "large", "right"), ("pink", "small", "bottom")]
     hearts = [
         render_scene(Scene(background, (SceneObject("heart", "green", size, position, "striped"),)))
@@ -241,8 +250,15 @@ def test_shapes_a_description_gains_the_fill_the_pictures_show() -> None:
     as_given = complete_description(pipeline, clip, off_grid, "a green heart", words)
     aligned = complete_description(pipeline, clip, off_grid, "a green heart", words, alignment=reach)
     assert aligned.added == "striped" and aligned.gains["striped"] < 2 * as_given.gains["striped"] < 0
-    # Drawn with PIL by the benchmarks' `outside_concept`, not by the renderer: three of the concepts of
-    # `pictoprompt bench concepts --completion` (README: on all 36, what it adds and what it gets wrong).
+
+
+@pytest.mark.slow
+def test_shapes_concepts_drawn_with_pil_gain_their_fill(
+    shapes: tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int],
+) -> None:
+    """Drawn with PIL by the benchmarks' `outside_concept`, not by the renderer: three of the concepts of
+    `pictoprompt bench concepts --completion` (README: on all 36, what it adds and what it gets wrong)."""
+    pipeline, clip, words, reach = shapes
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from harness import outside_concept
 

@@ -10,9 +10,10 @@ word is added only if it lowers the mean error, relative to the description as g
 Candidates come in groups of alternatives (the fills, the colours): a description that already uses a word of a
 group gets none of its others ("a red square" never becomes "an orange red square").
 
-A generator trained on a grid of positions (`shapes`) judges only pictures on that grid: moved by one pixel, a
-striped heart's fill no longer lowers its error. `align_to_generator` first moves each picture, by a few pixels,
-to where the description's error is lowest; the profile says how far (`ConceptTuning.completion_alignment`).
+A generator trained on a grid of positions (`shapes`) judges only pictures on that grid: "outlined" lowers the error
+on three rendered outlined squares by 6.8 %, and raises it by 1.0 % once they are moved one pixel.
+`align_to_generator` first moves each picture, by a few pixels, to where the description's error is lowest; the
+profile says how far (`ConceptTuning.completion_alignment`).
 
 It is not in SD-IPC. The README ("Learned concepts on the bundled set") has what it adds on the bench's concepts and
 on pictures drawn with PIL, and what it does to the pictures generated.
@@ -176,7 +177,8 @@ def complete_description(
         return CompletedDescription(description, None, {})
     progress = progress or Progress()
     converter = ImageToPrompt.cached(clip, pipeline)
-    progress.report(0, timesteps, "placing the pictures where the generator judges them")
+    if alignment:
+        progress.report(0, timesteps, "placing the pictures where the generator judges them")
     pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed, progress=progress)
     texts = [description, *(with_word(description, word) for word in words)]
     errors = denoising_errors(pipeline, converter, encode_latents(pipeline, pictures), texts, timesteps, seed, progress)
