@@ -17,7 +17,10 @@ from pictoprompt.methods.concept_description import (
     closest_words,
     complete_description,
     denoising_errors,
+    describe,
     moved,
+    relative_gains,
+    with_article,
     with_word,
 )
 from pictoprompt.methods.concept_tuning import encode_latents
@@ -210,6 +213,55 @@ def test_a_cancel_during_completion_stores_nothing(tiny_runtime: Runtime, tmp_pa
             )
 
 
+def test_a_word_must_explain_most_pictures_not_one_picture_hugely() -> None:
+    errors = torch.tensor([[1.0, 1.0, 1.0], [0.5, 1.01, 1.01], [0.9, 0.95, 0.95]])
+    gains = relative_gains(errors)
+    assert torch.allclose(gains, torch.tensor([0.01, -0.05]))
+    # The mean of the errors would have chosen the first word, which fits one picture of three.
+    assert int(errors[1:].mean(dim=1).argmin()) == 0 and int(gains.argmin()) == 1
+
+
+def test_without_a_description_the_generator_writes_one_around_a_noun_or_none(tiny_runtime: Runtime) -> None:
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    groups = [["striped", "solid"], ["red", "blue"], ["square", "circle"]]
+    written = describe(pipeline, clip, pictures(3), groups, timesteps=2, threshold=0.0)
+    words = written.description.split()
+    if words:
+        assert words[0] in ("a", "an") and words[-1] in ("square", "circle")
+        assert written.added == written.description and set(written.gains) == set(words[1:])
+        assert [group for word in words[1:] for group, options in enumerate(groups) if word in options] == sorted(
+            group for word in words[1:] for group, options in enumerate(groups) if word in options
+        )  # the groups' order
+    else:
+        assert (written.added, written.gains) == (None, {})
+    nothing = describe(pipeline, clip, pictures(3), groups, timesteps=2, threshold=0.99)
+    assert (nothing.description, nothing.added, nothing.gains) == ("", None, {})
+    assert with_article(["outlined", "red", "square"]) == "an outlined red square" and with_article([]) == ""
+
+
+def test_the_tool_writes_a_description_only_where_the_profile_names_nouns(
+    tiny_runtime: Runtime, tmp_path: Path
+) -> None:
+    tuning = ConceptTuning(
+        iterations=1,
+        neutral_fit_steps=1,
+        completion_words=[["red", "blue"]],
+        description_nouns=["square", "circle"],
+        completion_timesteps=2,
+        completion_threshold=0.0,
+    )
+    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    expected = describe(
+        pipeline, clip, pictures(3), [["red", "blue"], ["square", "circle"]], timesteps=2, threshold=0.0
+    )
+    request = CustomizeConceptRequest(name="written", images=["img0", "img1", "img2"])
+    card = customize_concept(request, context)
+    assert (card.description, card.completed_with) == (expected.description or None, expected.added)
+    kept = customize_concept(request.model_copy(update={"name": "kept", "complete_description": False}), context)
+    assert (kept.description, kept.completed_with) == (None, None)
+
+
 def test_the_shapes_profile_completes_with_what_the_object_is_never_where_or_how_large() -> None:
     from pictoprompt.models.shapes.scenes import COLOURS, FILLS
 
@@ -218,6 +270,10 @@ def test_the_shapes_profile_completes_with_what_the_object_is_never_where_or_how
     assert tuning.completion_alignment > 0  # its U-Net was trained on a grid of positions
     assert BUILTIN_PROFILES["sd15"].concept_tuning.completion_words is None
     assert BUILTIN_PROFILES["sd15"].concept_tuning.completion_alignment == 0
+    from pictoprompt.models.shapes.scenes import TRAIN_SHAPES
+
+    assert sorted(tuning.description_nouns or []) == sorted(TRAIN_SHAPES)
+    assert BUILTIN_PROFILES["sd15"].concept_tuning.description_nouns is None  # real profiles write none
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +287,10 @@ def shapes() -> tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int]:
     runtime = Runtime(get_profile("shapes"))
     tuning = runtime.profile.concept_tuning
     return runtime.pipeline(), runtime.clip(), tuning.completion_words or [], tuning.completion_alignment
+
+
+def tuning_nouns() -> list[str]:
+    return BUILTIN_PROFILES["shapes"].concept_tuning.description_nouns or []
 
 
 def test_shapes_a_description_gains_the_fill_the_pictures_show(
@@ -250,6 +310,9 @@ def test_shapes_a_description_gains_the_fill_the_pictures_show(
     as_given = complete_description(pipeline, clip, off_grid, "a green heart", words)
     aligned = complete_description(pipeline, clip, off_grid, "a green heart", words, alignment=reach)
     assert aligned.added == "striped" and aligned.gains["striped"] < 2 * as_given.gains["striped"] < 0
+    # Without a description, the generator writes the whole of it.
+    groups = [*words, tuning_nouns()]
+    assert describe(pipeline, clip, hearts, groups, alignment=reach).description == "a striped green heart"
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ prompt loses the fill, so the concept is drawn solid. This step asks the generat
 description, best explains the pictures: a diffusion classifier (Li et al. 2023, "Your Diffusion Model is Secretly
 a Zero-Shot Classifier"). Each candidate description is scored by the U-Net's denoising error on the references'
 latents, at the same timesteps and the same noise for every candidate so that their errors compare pair by pair; a
-word is added only if it lowers the mean error, relative to the description as given, by more than a threshold.
+word is added only if it lowers the error, relative to the description as given, by more than a threshold (the
+median of the pictures' relative changes).
 Candidates come in groups of alternatives (the fills, the colours): a description that already uses a word of a
 group gets none of its others ("a red square" never becomes "an orange red square").
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from pictoprompt.methods.concept_tuning import encode_latents
 from pictoprompt.methods.generation import default_size
 from pictoprompt.methods.sd_ipc import ImageToPrompt
-from pictoprompt.methods.vgd import ClipVocabulary, image_targets
+from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary, image_targets
 from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
 from pictoprompt.progress import Progress
 
@@ -48,8 +49,8 @@ class CompletedDescription:
     """The description with the word added, or as given when no word explains the pictures better."""
     added: str | None
     gains: dict[str, float]
-    """Each candidate word's relative change of the references' mean denoising error (negative: explains them
-    better than the description as given)."""
+    """Each candidate word's `relative_gains` on the references (negative: explains them better than the
+    description as given)."""
 
 
 def with_word(description: str, word: str) -> str:
@@ -116,6 +117,13 @@ def denoising_errors(
     return errors / timesteps
 
 
+def relative_gains(errors: Tensor) -> Tensor:
+    """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0.
+    The median, not the mean of the errors: one picture that a word fits far better (a small shape on white) must
+    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's -32 %."""
+    return (errors[1:] / errors[0] - 1).median(dim=1).values
+
+
 def moved(image: Image.Image, dx: int, dy: int) -> Image.Image:
     """The picture moved right by `dx` and down by `dy` pixels, the uncovered strip in its border's colour."""
     canvas = Image.new("RGB", image.size, border_colour(image))
@@ -166,8 +174,8 @@ def complete_description(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CompletedDescription:
-    """The description with the one candidate word that lowers the references' mean denoising error the most, by
-    more than `threshold` (relative), or the description as given. `candidates` are groups of alternative words;
+    """The description with the one candidate word that lowers the references' denoising error the most, by more
+    than `threshold` (`relative_gains`), or the description as given. `candidates` are groups of alternative words;
     a group of which the description has a word offers none. `alignment`: see `align_to_generator`."""
     description = " ".join(description.split())
     present = {word.lower() for word in description.split()}
@@ -182,9 +190,75 @@ def complete_description(
     pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed, progress=progress)
     texts = [description, *(with_word(description, word) for word in words)]
     errors = denoising_errors(pipeline, converter, encode_latents(pipeline, pictures), texts, timesteps, seed, progress)
-    mean = errors.mean(dim=1)
-    gains = {word: float(change) for word, change in zip(words, (mean[1:] / mean[0] - 1).tolist(), strict=True)}
+    gains = {word: float(change) for word, change in zip(words, relative_gains(errors).tolist(), strict=True)}
     best = min(gains, key=gains.__getitem__)
     if gains[best] < -threshold:
         return CompletedDescription(with_word(description, best), best, gains)
     return CompletedDescription(description, None, gains)
+
+
+def with_article(words: Sequence[str]) -> str:
+    """ "a striped green heart" of ["striped", "green", "heart"]; "" of none (the empty prompt)."""
+    if not words:
+        return ""
+    return f"{'an' if words[0][:1].lower() in 'aeiou' else 'a'} {' '.join(words)}"
+
+
+def describe(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    references: Sequence[Image.Image],
+    groups: Sequence[Sequence[str]],
+    *,
+    timesteps: int = 16,
+    threshold: float = 0.01,
+    alignment: int = 0,
+    sweeps: int = 2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CompletedDescription:
+    """A description written by the generator when the user gives none: one word per group at most, in the groups'
+    order after an article ("a FILL COLOUR SHAPE"), the last group's (the noun) required, else none at all.
+
+    It starts from each group's word CLIP finds closest to the pictures, then, group by group for `sweeps` rounds,
+    keeps the word (or none) whose whole description lowers the references' denoising error the most; a word stays
+    only if it beats leaving its group out by `threshold`. Partial phrases ("a striped") are never judged against
+    each other: the generator learnt whole captions, and from the empty prompt up, one word at a time, "a striped"
+    won for a yellow outlined square and nothing followed it."""
+    progress = progress or Progress()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    options = [list(dict.fromkeys(word.strip() for word in group if word.strip())) for group in groups]
+    options = [words for words in options if words]
+    if not options:
+        return CompletedDescription("", None, {})
+    chosen: dict[int, str | None] = {
+        index: closest_words(clip, clip_vocabulary(clip, words=words), references, 1)[0]
+        for index, words in enumerate(options)
+    }
+
+    def phrase(words: dict[int, str | None]) -> str:
+        return with_article([word for _, word in sorted(words.items()) if word is not None])
+
+    pictures = align_to_generator(
+        pipeline, converter, references, phrase(chosen), alignment, seed=seed, progress=progress
+    )
+    latents = encode_latents(pipeline, pictures)
+    gains: dict[str, float] = {}
+    steps = sweeps * len(options)
+    for step in range(steps):
+        index = step % len(options)
+        choices: list[str | None] = [None, *options[index]]
+        texts = [phrase({**chosen, index: choice}) for choice in choices]
+        changes = relative_gains(
+            denoising_errors(pipeline, converter, latents, texts, timesteps, seed, progress.scaled(step, 1, steps))
+        )
+        best = int(changes.argmin()) + 1
+        gain = float(changes[best - 1])
+        chosen[index] = choices[best] if gain < -threshold else None
+        if chosen[index] is not None:
+            gains[str(chosen[index])] = gain
+    if chosen[len(options) - 1] is None:  # no noun: "a striped" would describe nothing
+        return CompletedDescription("", None, {})
+    description = phrase(chosen)
+    kept = {word: gain for word, gain in gains.items() if word in description.split()}
+    return CompletedDescription(description, description, kept)

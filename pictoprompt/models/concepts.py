@@ -94,7 +94,7 @@ class ConceptSummary(BaseModel):
         None,
         description="The words it was taught with ('a green heart'), completed; they follow its name in a prompt.",
     )
-    completed_with: str | None = Field(None, description="The word the generator added to the words given.")
+    completed_with: str | None = Field(None, description="What the generator added to the words given.")
 
 
 class ConceptCard(ConceptSummary):

@@ -116,6 +116,12 @@ class ConceptTuning(BaseModel):
         description="A word is added only if it lowers the references' mean denoising error by more than this "
         "fraction.",
     )
+    description_nouns: list[str] | None = Field(
+        None,
+        description="Without a description: the kinds of thing the generator may name when it writes one, each "
+        "with at most one word of every `completion_words` group before it ('a striped green heart'). None: "
+        "without a description, none is written.",
+    )
     completion_alignment: int = Field(
         0,
         ge=0,
@@ -231,6 +237,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
                     ["solid", "outlined", "striped"],
                     ["black", "blue", "gray", "green", "orange", "pink", "purple", "red", "white", "yellow"],
                 ],
+                description_nouns=["circle", "square", "triangle", "star", "heart", "cross"],
                 completion_alignment=4,
             ),
             # The paper's loss and rate gave no gain on a domain of striped objects (`pictoprompt bench domain`):

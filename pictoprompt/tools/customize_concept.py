@@ -15,7 +15,12 @@ from PIL import Image
 from pydantic import Field
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.concept_description import closest_words, complete_description
+from pictoprompt.methods.concept_description import (
+    CompletedDescription,
+    closest_words,
+    complete_description,
+    describe,
+)
 from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
@@ -50,7 +55,7 @@ class CustomizeConceptRequest(ToolRequest):
     )
     complete_description: bool = Field(
         True,
-        description="Add the word (a fill, a colour) that best explains the pictures, as completed_with.",
+        description="Let the generator complete the description (or write one) from the pictures.",
     )
     overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
 
@@ -105,6 +110,38 @@ def completion_candidates(runtime: Runtime, references: list[Image.Image], defau
     return [[word] for word in words]
 
 
+def completed(
+    runtime: Runtime, references: list[Image.Image], description: str | None, progress: Progress
+) -> CompletedDescription:
+    """The user's description with the word the pictures show best, or without one, the profile's nouns with a
+    word of each completion group that the generator writes."""
+    defaults = runtime.profile.concept_tuning
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    if description is None:
+        groups = [*(defaults.completion_words or []), defaults.description_nouns or []]
+        return describe(
+            pipeline,
+            clip,
+            references,
+            groups,
+            timesteps=defaults.completion_timesteps,
+            threshold=defaults.completion_threshold,
+            alignment=defaults.completion_alignment,
+            progress=progress,
+        )
+    return complete_description(
+        pipeline,
+        clip,
+        references,
+        description,
+        completion_candidates(runtime, references, defaults),
+        timesteps=defaults.completion_timesteps,
+        threshold=defaults.completion_threshold,
+        alignment=defaults.completion_alignment,
+        progress=progress,
+    )
+
+
 def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
     store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
@@ -113,21 +150,11 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
     defaults = context.runtime.profile.concept_tuning
     description = " ".join((request.description or "").split()) or None
     completed_with, tuning_progress = None, context.progress
-    if description is not None and request.complete_description:
+    if request.complete_description and (description is not None or defaults.description_nouns):
         # Half the bar: on `shapes` the completion, with its alignment, took longer than the tuning (about 10 s
         # against 4 s); on real profiles the tuning's passes with gradients through ViT-L or ViT-H take longer.
-        completion = complete_description(
-            pipeline,
-            clip,
-            references,
-            description,
-            completion_candidates(context.runtime, references, defaults),
-            timesteps=defaults.completion_timesteps,
-            threshold=defaults.completion_threshold,
-            alignment=defaults.completion_alignment,
-            progress=context.progress.scaled(0.0, 0.5, 1.0),
-        )
-        description, completed_with = completion.description, completion.added
+        completion = completed(context.runtime, references, description, context.progress.scaled(0.0, 0.5, 1.0))
+        description, completed_with = completion.description or None, completion.added
         tuning_progress = context.progress.scaled(0.5, 0.5, 1.0)
     result = tune_concept(
         pipeline,
