@@ -244,8 +244,10 @@ def describe(
     )
     latents = encode_latents(pipeline, pictures)
     gains: dict[str, float] = {}
-    steps = sweeps * len(options)
+    steps, unchanged = sweeps * len(options), 0
     for step in range(steps):
+        if unchanged == len(options):  # a whole sweep kept every word: another would judge the same texts again
+            break
         index = step % len(options)
         choices: list[str | None] = [None, *options[index]]
         texts = [phrase({**chosen, index: choice}) for choice in choices]
@@ -254,7 +256,9 @@ def describe(
         )
         best = int(changes.argmin()) + 1
         gain = float(changes[best - 1])
-        chosen[index] = choices[best] if gain < -threshold else None
+        choice = choices[best] if gain < -threshold else None
+        unchanged = unchanged + 1 if choice == chosen[index] else 0
+        chosen[index] = choice
         if chosen[index] is not None:
             gains[str(chosen[index])] = gain
     if chosen[len(options) - 1] is None:  # no noun: "a striped" would describe nothing
