@@ -327,8 +327,8 @@ def test_shapes_concepts_drawn_with_pil_gain_their_fill(
 
     for shape, colour, fill in [
         ("square", "red", "outlined"),
-        ("heart", "green", "solid"),
-        ("cross", "red", "outlined"),
+        ("square", "green", "outlined"),
+        ("circle", "red", "solid"),
     ]:
         drawn = outside_concept(shape, colour, fill, count=4, seed="completion")
         assert complete_description(pipeline, clip, drawn, f"a {colour} {shape}", words, alignment=reach).added == fill
