@@ -1,4 +1,4 @@
-"""Completing a concept's description with the word its pictures show, judged by the generator itself.
+"""Completing a concept's description with the word its pictures show, or writing one, judged by the generator.
 
 A user describes a concept by its kind and what strikes them ("a green heart"); what the pictures show besides (the
 heart is striped) is often left out, and SD-IPC's image side does not carry it either: on `shapes` the converted
@@ -15,6 +15,9 @@ A generator trained on a grid of positions (`shapes`) judges only pictures on th
 on three rendered outlined squares by 6.8 %, and raises it by 1.0 % once they are moved one pixel.
 `align_to_generator` first moves each picture, by a few pixels, to where the description's error is lowest; the
 profile says how far (`ConceptTuning.completion_alignment`).
+
+Given no description, `describe` has the generator write one from the profile's groups and nouns ("a FILL COLOUR
+SHAPE"), judged the same way.
 
 It is not in SD-IPC. The README ("Learned concepts on the bundled set") has what it adds on the bench's concepts and
 on pictures drawn with PIL, and what it does to the pictures generated.
