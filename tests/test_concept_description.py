@@ -185,8 +185,12 @@ def test_the_tool_stores_the_completed_description_and_says_what_it_added(
     assert (no_words.description, no_words.completed_with) == (None, None)
 
 
-def test_the_tool_reports_progress_through_completion_then_tuning(tiny_runtime: Runtime, tmp_path: Path) -> None:
-    tuning = ConceptTuning(iterations=2, neutral_fit_steps=1, completion_words=[["blue"]], completion_timesteps=2)
+@pytest.mark.parametrize("completion_words", [[["blue"]], None])
+def test_the_tool_reports_progress_through_completion_then_tuning(
+    tiny_runtime: Runtime, tmp_path: Path, completion_words: list[list[str]] | None
+) -> None:
+    # None: the candidates are the CLIP's nearest vocabulary words, which it may first have to embed.
+    tuning = ConceptTuning(iterations=2, neutral_fit_steps=1, completion_words=completion_words, completion_timesteps=2)
     context = tiny_context(tiny_runtime, tmp_path, tuning)
     reports: list[tuple[float, float | None, str | None]] = []
     context.progress = Progress(lambda done, total, message: reports.append((done, total, message)))

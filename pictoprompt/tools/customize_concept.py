@@ -101,12 +101,16 @@ def prompt_learning_rate(defaults: ConceptTuning, description: str | None, asked
     return defaults.aligned_prompt_learning_rate if aligned and asked is None else None
 
 
-def completion_candidates(runtime: Runtime, references: list[Image.Image], defaults: ConceptTuning) -> list[list[str]]:
+def completion_candidates(
+    runtime: Runtime, references: list[Image.Image], defaults: ConceptTuning, progress: Progress
+) -> list[list[str]]:
     """The groups of words a description may be completed with: the profile's, else each of the vocabulary's words
     closest to the pictures alone."""
     if defaults.completion_words is not None:
         return defaults.completion_words
-    words = closest_words(runtime.clip(), runtime_vocabulary(runtime), references, defaults.completion_candidates)
+    # The whole vocabulary is embedded once per CLIP (then read from the cache): minutes on a CPU the first time.
+    vocabulary = runtime_vocabulary(runtime, progress)
+    words = closest_words(runtime.clip(), vocabulary, references, defaults.completion_candidates)
     return [[word] for word in words]
 
 
@@ -134,11 +138,11 @@ def completed(
         clip,
         references,
         description,
-        completion_candidates(runtime, references, defaults),
+        completion_candidates(runtime, references, defaults, progress.scaled(0.0, 0.2, 1.0)),
         timesteps=defaults.completion_timesteps,
         threshold=defaults.completion_threshold,
         alignment=defaults.completion_alignment,
-        progress=progress,
+        progress=progress.scaled(0.2, 0.8, 1.0),
     )
 
 
