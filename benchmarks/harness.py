@@ -448,6 +448,13 @@ def outside_picture(index: int, seed: int = OUTSIDE_SEED) -> OutsideExample:
     return _painted(size, background, transparent, tuple(objects), rng)
 
 
+def outside_silhouette(obj: DrawnObject, size: tuple[int, int]) -> np.ndarray:
+    """Where `obj` lies in a picture of `size` (width, height): its solid silhouette, pixels more than half covered,
+    as a person would outline it whatever its fill."""
+    solid = DrawnObject(obj.shape, obj.colour, "solid", obj.centre, obj.radius, 0.0)
+    return _coverage(solid, size, 4, 1.0, True) > 0.5
+
+
 def outside_concept(shape: str, colour: str, fill: str, count: int, seed: str) -> list[Image.Image]:
     """`count` pictures of one object as `outside_picture` draws them (its sizes, anywhere, of any size and line
     width), each on its own background: a concept's references as a user might draw them."""

@@ -1,10 +1,13 @@
 """`segment_image`: a mask for each word of a prompt, read from the generator's own cross-attention.
 
 The generator denoises the picture under the prompt, and where its pixels attend to a word is where it draws that
-word (`methods/segmentation.py`; EDITOR's appendix B). Without a prompt, the picture is first described by visually
-guided decoding (as `invert_image` does) and its best prompt is segmented. Each word comes back with a PNG mask,
-its area and the attention it gets; words that name nothing visible (stop words, punctuation, words the
-generator places nowhere) come back without a mask and say why. One overlay shows every mask in its own colour.
+word (`methods/segmentation.py`; EDITOR's appendix B). Each word's region is then cut to the part the generator
+needs the word for: where taking the word out of the prompt makes it predict the picture's noise worse, which tells
+one object's words from another's when the attention alone does not. Without a prompt, the picture is first
+described by visually guided decoding (as `invert_image` does) and its best prompt is segmented. Each word comes
+back with a PNG mask, its area and the attention it gets; words that name nothing visible (stop words,
+punctuation, words the generator places nowhere) come back without a mask and say why. One overlay shows every
+mask in its own colour.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ SPEC = ToolSpec(
     name="segment_image",
     title="Find the words of a prompt in a picture",
     description=(
-        "Mask each word of a prompt in a picture, from the generator's cross-attention: a PNG mask, area and "
+        "Mask each word of a prompt in a picture, from the generator's cross-attention and what it needs each word "
+        "for: a PNG mask, area and "
         "attention per word, no mask (with the reason) for words naming nothing visible, and one overlay coloured "
         "per word. Without a prompt, VGD writes one first."
     ),
