@@ -164,7 +164,7 @@ def test_attributions_use_the_same_noise_for_every_text(tiny_runtime: Runtime, m
     assert attributions.shape == (2, *latents.shape[2:])
     assert torch.equal(attributions[0], attributions[1]) and attributions.abs().sum() > 0
     # Any batch split gives the same numbers.
-    monkeypatch.setattr(segmentation, "ATTRIBUTION_BATCH", 3)
+    monkeypatch.setattr(segmentation, "ATTRIBUTION_LATENT_PIXELS", 1)  # one text per call
     again = word_attributions(
         pipeline, latents, "red red", words, timesteps=(0.5,), num_noise=3, seed=0, progress=Progress()
     )

@@ -87,8 +87,10 @@ MIN_SEPARABILITY = 0.7
 MIN_CONTRAST = 0.05
 """The map's standard deviation over its mean below which it counts as flat, whatever its histogram."""
 
-ATTRIBUTION_BATCH = 32
-"""At most this many U-Net samples per call while binding words (texts x noise draws)."""
+ATTRIBUTION_LATENT_PIXELS = 32 * 16 * 16
+"""At most this many latent pixels (texts x noise draws x height x width) per U-Net call while binding words, and
+at least one text's draws: 32 samples of the `shapes` latents (16 x 16), one text's 4 draws at SD 1.5's 64 x 64
+(a batch of 32 there held 7 GB more)."""
 
 MAX_MAP_SIDE = 1024
 """Maps and masks are made at the picture's size up to this longest side (the finest attention map of SD 1.5 at
@@ -314,7 +316,7 @@ def word_attributions(
             noise = torch.randn(draws.shape, generator=generator).to(latents.device, latents.dtype)
             noisy = scheduler.add_noise(draws, noise, t)
             target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(draws, noise, t)
-            per_call = max(1, ATTRIBUTION_BATCH // num_noise)
+            per_call = max(1, ATTRIBUTION_LATENT_PIXELS // (num_noise * latents[0, 0].numel()))
             for begin in range(0, len(texts), per_call):
                 chunk = states[begin : begin + per_call]
                 count = chunk.shape[0]

@@ -188,8 +188,7 @@ SPEC = ToolSpec(
     name="segment_image",
     title="Find the words of a prompt in a picture",
     description=(
-        "Mask each word of a prompt in a picture, from the generator's cross-attention and what it needs each word "
-        "for: a PNG mask, area and "
+        "Mask each word of a prompt in a picture, from the generator's attention and denoising: a PNG mask, area and "
         "attention per word, no mask (with the reason) for words naming nothing visible, and one overlay coloured "
         "per word. Without a prompt, VGD writes one first."
     ),
