@@ -19,6 +19,7 @@ from pictoprompt.methods import segmentation
 from pictoprompt.methods.segmentation import (
     RecordingAttnProcessor,
     cross_attention_sides,
+    filled,
     otsu,
     picture_latents,
     prompt_words,
@@ -146,6 +147,23 @@ def test_an_attribution_that_is_not_positive_over_the_region_leaves_it_whole():
     fights = np.where(left, 0.5, 0.0) + np.where(right, -2.0, 0.0)
     mask, reason = word_mask(score, attention, fights)
     assert reason is None and np.array_equal(mask, left | right)
+
+
+def test_the_cut_leaves_no_holes_inside_the_mask():
+    score, attention, left, right = two_blobs()
+    # Bound only along the left blob's edge, as "circle" beside "red" is: the mask is the whole blob.
+    inside = np.zeros_like(left)
+    inside[5:11, 2:5] = True
+    edge = left & ~inside
+    mask, _ = word_mask(score, attention, np.where(edge, 1.0, 0.0) + np.where(right, 0.05, 0.0) - 0.01)
+    assert np.array_equal(mask, left)
+    ring = np.zeros((9, 9), dtype=bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    assert filled(ring).sum() == 25 and not filled(ring)[0].any()
+    open_ring = ring.copy()
+    open_ring[4, 2] = False  # a gap to the outside: nothing is enclosed
+    assert np.array_equal(filled(open_ring), open_ring)
 
 
 def test_binding_timesteps_must_be_fractions(tiny_runtime: Runtime):

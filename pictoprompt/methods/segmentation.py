@@ -26,10 +26,10 @@ A word of the prompt is drawn where the U-Net's pixels attend to it, so its cros
    word is taken out, the prediction gets worse on the word's own thing (more than on the other object for 48 of
    the 50 shape words of 25 two-object tuning scenes). That increase, spread along the finest self-attention
    (`binding_spread` times) so that it fills its thing, cuts the region: the mask keeps the pixels above Otsu's
-   threshold of the increase within the region, and above zero. It is the generator's own denoising (as DiffEdit
-   reads masks from it), not a new model. When the increase is not positive on average over the region, taking
-   the word out helps the generator redraw it: the generator's idea of the word fights the picture (on `shapes`,
-   a thing drawn off its grid), and the region is kept whole.
+   threshold of the increase within the region, and above zero, and the holes that leaves are filled. It is the
+   generator's own denoising (as DiffEdit reads masks from it), not a new model. When the increase is not positive
+   on average over the region, taking the word out helps the generator redraw it: the generator's idea of the word
+   fights the picture (on `shapes`, a thing drawn off its grid), and the region is kept whole.
 
 Which words name nothing visible, and get no mask (`no_mask_reason`):
 - a piece without a letter (punctuation, numbers on their own): "punctuation";
@@ -458,8 +458,10 @@ def word_mask(
 
     The word's region is Otsu's threshold on its map. With its `attribution` (`word_attributions`, spread along the
     self-attention), the mask is the part of the region the word is bound to: where the attribution is above Otsu's
-    threshold of its values within the region, and above zero. When the attribution is not positive on average over
-    the region, it is not trusted and the whole region is the mask.
+    threshold of its values within the region, and above zero, with the holes that leaves filled. A word adds
+    most where the rest of the prompt says least: "circle" beside "red" is needed at the circle's edge, the colour
+    already explains its inside, and the circle is the whole disc. When the attribution is not positive on average
+    over the region, it is not trusted and the whole region is the mask.
     """
     level = float(attention.mean())
     if level <= 0 or float(attention.std()) / level < MIN_CONTRAST:
@@ -476,7 +478,26 @@ def word_mask(
         # fights the picture (on `shapes`, a thing drawn off its grid), so it says nothing about where the word is.
         return region, None
     cut = otsu(inside)[0] if float(np.ptp(inside)) > 0 else 0.0
-    return region & (attribution > max(cut, 0.0)), None
+    return region & filled(region & (attribution > max(cut, 0.0))), None
+
+
+def filled(mask: np.ndarray) -> np.ndarray:
+    """`mask` with its holes filled: every pixel it encloses (the pixels outside it that no 4-connected path of
+    pixels outside it joins to the border)."""
+    outside = ~mask
+    reached = np.zeros_like(mask)
+    for edge in ((0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1)):
+        reached[edge] = outside[edge]
+    while True:
+        grown = reached.copy()
+        grown[1:] |= reached[:-1]
+        grown[:-1] |= reached[1:]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= outside
+        if np.array_equal(grown, reached):
+            return ~reached
+        reached = grown
 
 
 def segment(
