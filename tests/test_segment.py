@@ -166,6 +166,13 @@ def test_the_cut_leaves_no_holes_inside_the_mask():
     assert np.array_equal(filled(open_ring), open_ring)
 
 
+def test_a_word_needed_around_its_region_takes_the_surroundings():
+    score, attention, left, right = two_blobs()
+    surroundings = ~(left | right)
+    mask, _ = word_mask(score, attention, np.where(surroundings, 1.0, -0.2))
+    assert np.array_equal(mask, surroundings)
+
+
 def test_binding_timesteps_must_be_fractions(tiny_runtime: Runtime):
     with pytest.raises(InvalidInputError, match="fractions of the schedule"):
         segment(tiny_runtime.pipeline(), Image.new("RGB", (32, 32)), "a red square", binding_timesteps=(0.5, 1.0))
