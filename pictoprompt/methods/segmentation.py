@@ -92,8 +92,7 @@ MIN_CONTRAST = 0.05
 
 ATTRIBUTION_LATENT_PIXELS = 32 * 16 * 16
 """At most this many latent pixels (texts x noise draws x height x width) per U-Net call while binding words, and
-at least one text's draws: 32 samples of the `shapes` latents (16 x 16), one text's 4 draws at SD 1.5's 64 x 64
-(a batch of 32 there held 7 GB more)."""
+at least one text's draws: 32 samples of the `shapes` latents (16 x 16), one text's 4 draws at SD 1.5's 64 x 64."""
 
 MAX_MAP_SIDE = 1024
 """Maps and masks are made at the picture's size up to this longest side (the finest attention map of SD 1.5 at
