@@ -169,8 +169,11 @@ def test_the_cut_leaves_no_holes_inside_the_mask():
 def test_a_word_needed_around_its_region_takes_the_surroundings():
     score, attention, left, right = two_blobs()
     surroundings = ~(left | right)
-    mask, _ = word_mask(score, attention, np.where(surroundings, 1.0, -0.2))
+    mask, _ = word_mask(score, attention, np.where(surroundings, 1.0, 0.2))
     assert np.array_equal(mask, surroundings)
+    # Needed nowhere in its region, the word fights the picture: the region stays, whatever the surroundings say.
+    mask, _ = word_mask(score, attention, np.where(surroundings, 1.0, -0.2))
+    assert np.array_equal(mask, left | right)
 
 
 def test_binding_timesteps_must_be_fractions(tiny_runtime: Runtime):
