@@ -19,7 +19,7 @@ A word of the prompt is drawn where the U-Net's pixels attend to it, so its cros
 4. *Region* (`word_mask`): Otsu's threshold on the word's map, min-max normalised, gives the word's region.
 5. *Bind* (`word_attributions`, `word_mask`): a small U-Net's cross-attention does not tell a word's thing from the
    other things in the picture (on `shapes`, a shape word's map is as strong on the other object as on its own,
-   0.67 against 0.67, and no head or layer tells them apart more than 60 % of the time), so a region often holds
+   0.67 against 0.67, and no head or layer tells them apart more than 63 % of the time), so a region often holds
    every object. What does tell them apart is what the generator does with the word: the picture's latents are
    noised at `binding_timesteps` (fractions of the schedule) with `binding_noise` draws, and the U-Net predicts
    the noise under the prompt and under the prompt without each word, the same draws for every text. Where the
@@ -579,7 +579,8 @@ def segment(
             seed=seed,
             progress=progress.scaled(0.2, 0.8, 1.0),
         )
-        spread = spread_along(attributions.float(), record.self_maps()[sides[0] ** 2], binding_spread)
+        # The errors were gathered on the CPU; the recorded self-attention is on the U-Net's device.
+        spread = spread_along(attributions.float(), record.self_maps()[sides[0] ** 2].cpu(), binding_spread)
         upsampled = F.interpolate(spread[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         bound = {word.positions[0]: grid for word, grid in zip(candidates, upsampled.numpy(), strict=True)}
     segments = []
