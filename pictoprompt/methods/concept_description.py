@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor
 
 from pictoprompt.methods.concept_tuning import encode_latents
-from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.generation import default_size, errors_per_text, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary, image_targets
 from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
@@ -101,21 +101,8 @@ def denoising_errors(
         for index, step in enumerate(steps.tolist()):
             t = torch.full((count,), step, device=latents.device)
             noisy = scheduler.add_noise(latents, noises[index], t)
-            target = (
-                noises[index]
-                if scheduler.config.prediction_type == "epsilon"
-                else scheduler.get_velocity(latents, noises[index], t)
-            )
-            for begin in range(0, len(texts), CANDIDATES_PER_BATCH):
-                chunk = states[begin : begin + CANDIDATES_PER_BATCH].to(unet.dtype)
-                size = chunk.shape[0]
-                prediction = unet(
-                    noisy.repeat(size, 1, 1, 1),
-                    t.repeat(size),
-                    encoder_hidden_states=chunk.repeat_interleave(count, dim=0),
-                ).sample
-                error = (prediction.float() - target.float().repeat(size, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
-                errors[begin : begin + size] += error.reshape(size, count).cpu()
+            target = noise_target(scheduler, latents, noises[index], t)
+            errors += errors_per_text(unet, noisy, t, target, states, CANDIDATES_PER_BATCH).mean(dim=(2, 3))
             progress.step(index + 1, timesteps, f"judging {len(texts) - 1} words, timestep {index + 1}/{timesteps}")
     return errors / timesteps
 

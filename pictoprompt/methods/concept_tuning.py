@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.generation import default_size, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings, pseudo_prompt
 from pictoprompt.models.clip import ClipModel, OpenClipClip, TransformersClip, preprocess_images
 from pictoprompt.models.concepts import weights_fingerprint
@@ -573,9 +573,7 @@ def denoising_loss(
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = (
-        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    )
+    target = noise_target(scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
     return F.mse_loss(prediction.float(), target.float())
 

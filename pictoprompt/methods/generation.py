@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import SchedulerMixin, StableDiffusionPipeline
 from PIL import Image
 
 from pictoprompt.progress import Progress
@@ -23,6 +23,40 @@ method to `generate` without reading it."""
 def default_size(pipeline: StableDiffusionPipeline) -> int:
     """The resolution the generator was trained at (512 for SD 1.5, 768 for SD 2.1)."""
     return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
+def noise_target(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """What the U-Net is trained to predict for `latents` noised with `noise` at `t`: the noise itself, or the
+    velocity for a v-prediction scheduler (SD 2.x)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, t)
+
+
+def errors_per_text(
+    unet: torch.nn.Module,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    target: torch.Tensor,
+    states: torch.Tensor,
+    texts_per_call: int,
+) -> torch.Tensor:
+    """(T, B, h, w) on the CPU: the squared error, averaged over channels, of the noise the U-Net predicts for one
+    noisy batch (B, C, h, w) at `t` (B,) under each of T text states (T, L, D), against `target`. Every text sees
+    the same noisy latents, so the errors compare text by text; `texts_per_call` texts go through at once."""
+    count = noisy.shape[0]
+    errors = []
+    for begin in range(0, states.shape[0], texts_per_call):
+        chunk = states[begin : begin + texts_per_call].to(unet.dtype)
+        size = chunk.shape[0]
+        prediction = unet(
+            noisy.repeat(size, 1, 1, 1), t.repeat(size), encoder_hidden_states=chunk.repeat_interleave(count, dim=0)
+        ).sample
+        error = (prediction.float() - target.float().repeat(size, 1, 1, 1)).pow(2).mean(1)
+        errors.append(error.unflatten(0, (size, count)).cpu())
+    return torch.cat(errors)
 
 
 def encode_text_prompt(

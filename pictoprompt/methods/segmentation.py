@@ -64,7 +64,7 @@ from PIL import Image
 from torch import Tensor
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.generation import default_size, encode_text_prompt
+from pictoprompt.methods.generation import default_size, encode_text_prompt, errors_per_text, noise_target
 from pictoprompt.models.clip import preprocess_images
 from pictoprompt.progress import Progress
 
@@ -310,25 +310,15 @@ def word_attributions(
     draws = latents.expand(num_noise, -1, -1, -1)
     with torch.no_grad():
         states, _ = pipeline.encode_prompt(texts, latents.device, 1, False)
-        states = states.to(unet.dtype)
         errors = torch.zeros(len(texts), *latents.shape[2:])
         for index, fraction in enumerate(timesteps):
             progress.step(index, len(timesteps), f"taking out each of {len(words)} words, pass {index + 1}")
             t = torch.full((num_noise,), round(fraction * train_steps), device=latents.device)
             noise = torch.randn(draws.shape, generator=generator).to(latents.device, latents.dtype)
             noisy = scheduler.add_noise(draws, noise, t)
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(draws, noise, t)
+            target = noise_target(scheduler, draws, noise, t)
             per_call = max(1, ATTRIBUTION_LATENT_PIXELS // (num_noise * latents[0, 0].numel()))
-            for begin in range(0, len(texts), per_call):
-                chunk = states[begin : begin + per_call]
-                count = chunk.shape[0]
-                prediction = unet(
-                    noisy.repeat(count, 1, 1, 1),
-                    t.repeat(count),
-                    encoder_hidden_states=chunk.repeat_interleave(num_noise, dim=0),
-                ).sample
-                error = (prediction.float() - target.float().repeat(count, 1, 1, 1)).pow(2).mean(1)
-                errors[begin : begin + count] += error.unflatten(0, (count, num_noise)).mean(1).cpu()
+            errors += errors_per_text(unet, noisy, t, target, states, per_call).mean(1)
     progress.step(len(timesteps), len(timesteps), "binding words to their things")
     return (errors[1:] - errors[:1]) / len(timesteps)
 

@@ -113,8 +113,8 @@ class ConceptTuning(BaseModel):
         0.01,
         ge=0.0,
         lt=1.0,
-        description="A word is added only if it lowers the references' mean denoising error by more than this "
-        "fraction.",
+        description="A word is added only if it lowers the references' denoising error by more than this "
+        "fraction (the median over the pictures of each one's relative change).",
     )
     description_nouns: list[str] | None = Field(
         None,
