@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 import types
 import typing
@@ -33,12 +35,15 @@ CLI_NAMES = {
 
 
 class DirectorySink:
-    """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder."""
+    """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder, never over an
+    earlier result: a run whose names are taken (the same command again, or the same tool on another picture)
+    gets its own `-runN` suffix, the same for all of its images."""
 
     def __init__(self, directory: Path, stem: str) -> None:
         self.directory = directory
         self.stem = stem
         self.count = 0
+        self.run = 1
 
     def save(self, image: Image.Image, metadata: dict[str, str]) -> Any:
         from pictoprompt.tools.base import SavedImage
@@ -48,11 +53,28 @@ class DirectorySink:
         for key, value in metadata.items():
             info.add_text(key, value)
         self.count += 1
-        path = self.directory / f"{self.stem}-{self.count:02d}-seed{metadata.get('seed', 'x')}.png"
-        temporary = path.with_suffix(".png.part")
-        image.save(temporary, format="PNG", pnginfo=info)
-        temporary.replace(path)
+        # A random temporary name (made with the user's umask, unlike mkstemp's 0600): two runs at once never
+        # write into each other's file.
+        temporary = self.directory / f".{self.stem}-{secrets.token_hex(8)}.png.part"
+        try:
+            with temporary.open("xb") as file:
+                image.save(file, format="PNG", pnginfo=info)
+            path = self._claim(temporary, metadata.get("seed", "x"))
+        finally:
+            temporary.unlink(missing_ok=True)
         return SavedImage(uri=path.resolve().as_uri(), path=str(path))
+
+    def _claim(self, temporary: Path, seed: str) -> Path:
+        """Link the written file under the first free name of this run's; a hard link fails rather than replace
+        a file, so two runs at once cannot take the same name either."""
+        while True:
+            suffix = "" if self.run == 1 else f"-run{self.run}"
+            path = self.directory / f"{self.stem}-{self.count:02d}-seed{seed}{suffix}.png"
+            try:
+                os.link(temporary, path)
+                return path
+            except FileExistsError:
+                self.run += 1
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
@@ -283,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         name = CLI_NAMES.get(spec.name, spec.name.replace("_", "-"))
         sub = commands.add_parser(name, parents=[common], help=spec.title, description=spec.description)
         add_tool_arguments(sub, spec.request_model)
-        sub.add_argument("-o", "--output", default="pictoprompt-output", help="Folder for output images.")
+        sub.add_argument(
+            "-o",
+            "--output",
+            default="pictoprompt-output",
+            help="Folder for output images; a run never replaces an earlier one's (taken names get -runN).",
+        )
         sub.set_defaults(handler=run_tool_command, spec=spec)
 
     tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the README's reference).")
@@ -326,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     domain.set_defaults(handler=cmd_train_domain)
 
     demo = commands.add_parser("demo", parents=[common], help="Run every tool through a real MCP client.")
-    demo.add_argument("-o", "--output", default="demo-output")
+    demo.add_argument(
+        "-o", "--output", default="demo-output", help="Folder for the run; a new DIR-2, DIR-3... if it is not empty."
+    )
     demo.set_defaults(handler=cmd_demo)
 
     bench = commands.add_parser("bench", help="Run a benchmark of the lab (lab/benchmarks/) and print its tables.")
