@@ -7,10 +7,11 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: demo test test-slow test-ray test-browser serve install lint clean
 
-$(BIN)/pictoprompt: pyproject.toml
+# The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
+$(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev]" -e ./lab
 	touch $(BIN)/pictoprompt
 
 install: $(BIN)/pictoprompt
@@ -22,7 +23,7 @@ demo: install
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser"
-	$(BIN)/ruff check pictoprompt tests benchmarks
+	$(BIN)/ruff check pictoprompt tests lab
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu and not ray"
@@ -43,8 +44,8 @@ serve: install
 	$(BIN)/pictoprompt serve
 
 lint: install
-	$(BIN)/ruff check pictoprompt tests benchmarks
-	$(BIN)/ruff format --check pictoprompt tests benchmarks
+	$(BIN)/ruff check pictoprompt tests lab
+	$(BIN)/ruff format --check pictoprompt tests lab
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache test-artifacts
