@@ -26,7 +26,7 @@ from PIL import Image
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.scenes import Scene, SceneObject, full_caption, render_scene
+from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 from pictoprompt.server.app import create_server
 from pictoprompt.server.app_view import VIEW_URI
 from pictoprompt.settings import Settings
@@ -50,6 +50,8 @@ TIMEOUT_MS = 240_000
 """A click runs the model on a shared CPU: generous, the pictures come far sooner on a quiet machine."""
 
 SCENE = Scene("white", (SceneObject("circle", "red", "large", "left"), SceneObject("square", "blue", "large", "right")))
+PROMPT = "a large solid red circle on the left and a large solid blue square on the right on a white background"
+"""The scene's caption in the shapes world's words."""
 
 
 def browser_or_skip() -> Any:
@@ -154,7 +156,7 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
         view = page.frame_locator("#view")
 
         # A generate_image result: every picture with its thumbnail, prompt and seed.
-        prompt = full_caption(SCENE)
+        prompt = PROMPT
         arguments = {"prompt": prompt, "num_images": 2, "seed": 3, "steps": 10}
         generated = wire(await client.call_tool("generate_image", arguments))
         await start(page, html, "generate_image", arguments, generated)
