@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray test-browser serve install lint clean
+.PHONY: demo test test-slow test-ray test-browser bench-ray serve install lint clean
 
 # The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
 $(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
@@ -32,6 +32,12 @@ test-slow: install
 test-ray: install
 	$(BIN)/python -m pip install -e ".[ray]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
+
+# The Ray Serve floors of issue 38 (replicas' throughput, the front's latency, a replica killed halfway, batching):
+# about 4-6 minutes; run it on a quiet machine, its figures are meaningless under other load.
+bench-ray: install
+	$(BIN)/python -m pip install -e ".[ray]"
+	HF_HUB_OFFLINE=1 $(BIN)/pictoprompt bench ray
 
 # The app view (MCP Apps) in headless Chromium: installs the `browser` extra (playwright, which drives Debian's
 # `chromium` and downloads no browser); the screenshots land in test-artifacts/app-view/.
