@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.tools.base import (
     AppliedConcept,
+    DomainNote,
     Guidance,
     ImageRef,
     NumImages,
@@ -25,6 +26,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import ImagePrompt, Sampling, render_and_score
 
@@ -66,6 +68,7 @@ class VaryImageRequest(ToolRequest):
 
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
+    domain_note: DomainNote = None
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
@@ -78,7 +81,8 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
     )
     return VaryImageResponse(
-        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
+        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
+        domain_note=picture_note(context, request.images),
     )
 
 
