@@ -19,18 +19,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pictoprompt.methods.concept_tuning import (
-    ConceptWeights,
-    applied_concept,
-    base_hash,
-    mentions,
-    named_concept_states,
-)
+from pictoprompt.methods.concept_weights import ConceptWeights, applied_concept, base_hash, named_concept_states
 from pictoprompt.methods.generation import PromptStates, default_size, encode_text_prompt, generate
 from pictoprompt.methods.prompt_edit import prompt_edit_states
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
 from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.concepts import mentions
 from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, SamplingRequest, ToolContext
 
 # ------------------------------------------------------------------------------------------------ what to draw
