@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray serve install lint clean
+.PHONY: demo test test-slow test-ray test-browser bench-ray serve install lint clean
 
 # The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
 $(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
@@ -22,7 +22,7 @@ demo: install
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser"
 	$(BIN)/ruff check pictoprompt tests lab
 
 test-slow: install
@@ -33,6 +33,19 @@ test-ray: install
 	$(BIN)/python -m pip install -e ".[ray]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
 
+# The Ray Serve floors of issue 38 (replicas' throughput, the front's latency, a replica killed halfway, batching):
+# about 4-6 minutes; run it on a quiet machine, its figures are meaningless under other load.
+bench-ray: install
+	$(BIN)/python -m pip install -e ".[ray]"
+	HF_HUB_OFFLINE=1 $(BIN)/pictoprompt bench ray
+
+# The app view (MCP Apps) in headless Chromium: installs the `browser` extra (playwright, which drives Debian's
+# `chromium` and downloads no browser); the screenshots land in test-artifacts/app-view/.
+test-browser: install
+	@command -v chromium >/dev/null || { echo "test-browser needs Debian's chromium: apt-get install chromium"; exit 1; }
+	$(BIN)/python -m pip install -e ".[browser]"
+	HF_HUB_OFFLINE=1 PICTOPROMPT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -s -m browser
+
 serve: install
 	$(BIN)/pictoprompt serve
 
@@ -41,4 +54,4 @@ lint: install
 	$(BIN)/ruff format --check pictoprompt tests lab
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache test-artifacts
