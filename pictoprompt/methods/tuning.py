@@ -19,11 +19,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from pictoprompt.methods.concept_weights import ConceptWeights, DeepPromptedVision
+from pictoprompt.methods.concept_weights import ConceptWeights
 from pictoprompt.methods.generation import default_size, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
 from pictoprompt.models.clip import ClipModel, preprocess_images
-from pictoprompt.models.clip_vision import clip_pixels, vision_tower
+from pictoprompt.models.clip_vision import DeepPromptedVision, clip_pixels, vision_tower
 from pictoprompt.progress import Progress
 
 WEIGHT_DECAY = 1e-2
