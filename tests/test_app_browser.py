@@ -195,6 +195,10 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
         assert [card["uri"] for card in cards] == [image["uri"] for image in new_images], "shown in place"
         assert all(card["loaded"] for card in cards)
         assert await view.get_by_role("button", name="Back").is_visible()
+        # The assistant hears what the person did: the call and the new pictures' URIs.
+        await page.wait_for_function("() => window.modelContext !== null", timeout=10_000)
+        (told,) = (await page.evaluate("modelContext"))["content"]
+        assert "vary_image" in told["text"] and all(image["uri"] in told["text"] for image in new_images)
         await screenshot(page, "3-vary-clicked")
 
         # A segment_image result: the prompt's words as chips; pointing at one lays its mask over the picture.

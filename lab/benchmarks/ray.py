@@ -324,8 +324,9 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     from pictoprompt.server.ray_serve import APP_NAME, NAMESPACE
 
-    work = {"prompt": "a red circle on the left", "steps": args.steps, "width": args.side, "height": args.side}
-    work["inline"] = "none"
+    work: dict[str, Any] = {"prompt": "a red circle on the left", "steps": args.steps, "inline": "none"}
+    if args.side is not None:
+        work.update(width=args.side, height=args.side)
     figures: dict[str, Any] = {"work": work, "clients": CLIENTS, "waves": args.waves}
     async with front(folder, "single", None) as url:
         figures["single"], _ = await measure(url, work, args, folder)
@@ -371,7 +372,7 @@ def verdicts(figures: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ok = ok and kill["results_after_the_kill"] > 0
         text = (
             f"{kill['results']} results, {kill['clear_errors']} clear errors, {len(kill['other_errors'])} other, "
-            f"{kill['hung']} hung, {kill['lost']} lost; replaced in {kill['replaced_within_s']} s; "
+            f"{kill['hung']} hung, {kill['lost']} lost; replaced in {_seconds(kill['replaced_within_s'])}; "
             f"next {kill['next_calls_ok']}/4 ok"
         )
         rows.append(("3. a replica killed halfway: nothing lost or hung", text, ok))
@@ -381,10 +382,14 @@ def verdicts(figures: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench ray", description=__doc__)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of each call (fixed work)")
-    parser.add_argument("--side", type=int, default=64, help="picture side in pixels")
+    parser.add_argument("--side", type=int, help="picture side in pixels (default: the profile's, 32 on tiny)")
     parser.add_argument("--latency-calls", type=int, default=15, help="calls one after the other per phase")
     parser.add_argument("--waves", type=int, default=3, help="waves of 8 concurrent calls per phase")
     parser.add_argument("--kill-calls", type=int, default=100, help="calls of the kill test (0: skip it)")
@@ -397,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = anyio.run(run, args, Path(scratch))
     figures["kill_total"] = args.kill_calls
     figures["wall_s"] = time.monotonic() - started
-    print(f"generate_image on tiny, {args.steps} steps, {args.side}x{args.side}, one torch thread per process")
+    size = f"{args.side}x{args.side}" if args.side else "the profile's size"
+    print(f"generate_image on tiny, {args.steps} steps, {size}, one torch thread per process")
     print(f"{'phase':14} {'seq p50 ms':>10} {'seq p95 ms':>10} {'calls/s':>8} {'wave p50':>9} {'wave p95':>9}  batches")
     for name in ("single", "ray-1", "ray-2", "ray-1-batched"):
         row = figures[name]
