@@ -1,0 +1,88 @@
+"""An agent framework drives the server: pydantic-ai's `MCPToolset` over stdio, with a scripted model (no LLM).
+
+The toolset's FastMCP client speaks the 2026-07-28 wire and declares the tasks extension, so each model-heavy call
+comes back as a task that the client polls to its end: the agent sees the tool's own result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastmcp.client import Client as FastMCPClient
+from fastmcp.client.transports import StdioTransport
+from PIL import Image, ImageDraw
+from pydantic_ai import Agent
+from pydantic_ai.mcp import MCPToolset
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def returned(messages: list[ModelMessage], tool: str) -> dict[str, Any] | None:
+    """The tool's own result in the last call to `tool`, as the agent received it: the structured content
+    (`{job, result}`) when the answer is all text, else its JSON text block (the result alone) beside the links."""
+    for message in reversed(messages):
+        for part in message.parts if isinstance(message, ModelRequest) else []:
+            if isinstance(part, ToolReturnPart) and part.tool_name == tool:
+                content = part.content
+                texts = content if isinstance(content, list) else [content]
+                for text in texts:
+                    if isinstance(text, dict) and "job" in text:
+                        return text["result"]
+                    if isinstance(text, str) and text.lstrip().startswith("{"):
+                        return json.loads(text)
+    return None
+
+
+def script(picture: Path):
+    """A model that finds the picture's prompt, draws it again, and says what it drew."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        assert {"invert_image", "generate_image"} <= {tool.name for tool in info.function_tools}
+        inverted, generated = returned(messages, "invert_image"), returned(messages, "generate_image")
+        if inverted is None:
+            arguments = {"images": [str(picture)], "num_results": 2, "max_tokens": 6}
+            return ModelResponse(parts=[ToolCallPart("invert_image", arguments)])
+        prompt = inverted["prompts"][0]["prompt"]
+        if generated is None:
+            arguments = {"prompt": prompt, "num_images": 2, "steps": 3, "seed": 11, "inline": "none"}
+            return ModelResponse(parts=[ToolCallPart("generate_image", arguments)])
+        images = generated["images"]
+        return ModelResponse(parts=[TextPart(json.dumps({"prompt": prompt, "images": images}))])
+
+    return respond
+
+
+def drawn_star(folder: Path) -> Path:
+    picture = Image.new("RGB", (64, 64), "white")
+    points = [(32, 4), (40, 24), (60, 24), (44, 38), (50, 60), (32, 46), (14, 60), (20, 38), (4, 24), (24, 24)]
+    ImageDraw.Draw(picture).polygon(points, fill="orange")
+    path = folder / "star.png"
+    picture.save(path)
+    return path
+
+
+async def test_an_agent_inverts_a_picture_then_generates_its_prompt_through_tasks(tmp_path, server_environment):
+    picture = drawn_star(tmp_path)
+    log = tmp_path / "server.log"
+    command = ["-m", "pictoprompt.cli", "--verbose", "serve"]  # --verbose: its log says how each call ran
+    transport = StdioTransport(sys.executable, command, env=server_environment(tmp_path), log_file=log)
+    toolset = MCPToolset(FastMCPClient(transport, timeout=600, init_timeout=300), tool_error_behavior="error")
+    agent = Agent(FunctionModel(script(picture)), toolsets=[toolset])
+    async with agent:
+        run = await agent.run("Find this picture's prompt and draw it again.")
+    answer = json.loads(run.output)
+    assert answer["prompt"] and len(answer["images"]) == 2
+    assert [image["seed"] for image in answer["images"]] == [11, 12]
+    for image in answer["images"]:
+        assert image["prompt"] == answer["prompt"] and Path(image["path"]).is_file()
+        with Image.open(image["path"]) as made:
+            assert made.text["prompt"] == answer["prompt"]
+    # Both calls ran as tasks the client polled, not as calls it waited on.
+    started = [line for line in log.read_text().splitlines() if "runs as task" in line]
+    assert [line.split("runs as task")[0].split()[-1] for line in started] == ["invert_image", "generate_image"]
