@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +24,7 @@ from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import available_profiles, get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
+from pictoprompt.server.app_view import apps_extension, tool_meta
 from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.client_logs import ClientLogs, add_set_level
 from pictoprompt.server.completions import CompletionSources, add_completions
@@ -291,17 +292,19 @@ def create_server(
         return holder["state"].tasks
 
     task_tools = frozenset(spec.name for spec in TOOLS if spec.uses_models)
+    tools = [*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)]
     server = PictopromptServer(
         "pictoprompt",
         title="pictoprompt",
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        wire_tools=[*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)],
+        # The image tools name the app view (MCP Apps); hosts without Apps ignore it and get the same results.
+        wire_tools=[replace(tool, meta=tool_meta(tool.name)) for tool in tools],
         icons=SERVER_ICONS,
         tool_icons=TOOL_ICONS,
         task_tools=task_tools,
-        extensions=[TasksExtension(tasks_of)],
+        extensions=[apps_extension(), TasksExtension(tasks_of)],
         middleware=[TaskMiddleware(tasks_of, task_tools)],
         **mcp_options,
     )

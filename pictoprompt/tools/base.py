@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pictoprompt.errors import PictopromptError
+from pictoprompt.methods.generation import Sampler
 from pictoprompt.models.concepts import NAME_PATTERN, ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
@@ -132,6 +133,9 @@ class ToolContext:
     images: ImageSource
     progress: Progress = field(default_factory=Progress)
     concepts: ConceptStore | None = None
+    sampler: Sampler | None = None
+    """Renders the denoising in place of `methods.generation.generate_alone`: a Ray Serve replica passes one that
+    batches concurrent calls (`generate_batch`)."""
 
     def concept_store(self) -> ConceptStore:
         if self.concepts is None:

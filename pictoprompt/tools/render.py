@@ -27,7 +27,7 @@ from pictoprompt.methods.concept_tuning import (
     mentions,
     named_concept_states,
 )
-from pictoprompt.methods.generation import PromptStates, default_size, encode_text_prompt, generate
+from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
 from pictoprompt.methods.prompt_edit import prompt_edit_states
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
@@ -122,17 +122,10 @@ def render_and_score(
     stored = stored_embeddings(context, [*_references(prompt), *_named_concept(prompt, sampling.concept)])
     with applied_concept(pipeline, clip, concept) as clip:
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
-        images = generate(
-            pipeline,
-            conditioning,
-            negative,
-            seeds,
-            num_inference_steps=sampling.steps,
-            guidance_scale=sampling.guidance,
-            width=sampling.width or size,
-            height=sampling.height or size,
-            progress=context.progress,
-        )
+        sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
+        # A learned concept changes the generator's weights while applied: such a call never shares a batch.
+        sampler = context.sampler if context.sampler is not None and concept is None else generate_alone
+        images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
         save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
