@@ -47,17 +47,6 @@ DEFAULT_TTL_SECONDS = 7 * 24 * 3600.0
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
 
-def default_asset_root() -> Path:
-    """The per-user cache directory the store lives in unless configured otherwise."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pictoprompt" / "assets"
-
-
 def asset_uri(asset_id: str) -> str:
     return ASSET_URI_PREFIX + asset_id
 
