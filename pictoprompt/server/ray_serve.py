@@ -65,6 +65,7 @@ from pictoprompt.server.jobs import (
     JobView,
     ProgressListener,
     WorkerStatus,
+    forget_ended,
     worker_status,
 )
 from pictoprompt.settings import Settings
@@ -159,13 +160,8 @@ class JobBoard:
         return list(self._workers.values())
 
     def _forget_old(self) -> None:
-        now = time.time()
-        ended = sorted((job for job in self._jobs.values() if job["finished"]), key=lambda job: job["finished"])
-        surplus = len(ended) - self._keep_count
-        for job in ended:
-            if surplus > 0 or now - job["finished"] > self._keep_seconds:
-                del self._jobs[job["id"]]
-                surplus -= 1
+        ended = {job_id: job["finished"] for job_id, job in self._jobs.items() if job["finished"]}
+        forget_ended(self._jobs, ended, time.time(), self._keep_seconds, self._keep_count)
 
 
 def job_board() -> ray.actor.ActorHandle:
@@ -347,7 +343,8 @@ class ModelReplica:
         return progress
 
     def _register(self) -> None:
-        ray.get(self.board.register.remote(worker_status(self.name, self.runtime).model_dump()))
+        # Not waited for: `server_status` may see it a moment late, a call never waits on it.
+        self.board.register.remote(worker_status(self.name, self.runtime).model_dump())
 
 
 # ------------------------------------------------------------------------------------------------- the front

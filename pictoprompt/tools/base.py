@@ -97,6 +97,22 @@ class ToolRequest(BaseModel):
         return []
 
 
+class SamplingRequest(ToolRequest):
+    """How to sample, for every request that makes images: declared once here, read by `render_and_score`.
+
+    A tool's request lists its own fields in a class of its own and derives from both, this class first, so that
+    its own fields lead its schema: `class GenerateImageRequest(SamplingRequest, GenerateImageInputs)`.
+    """
+
+    num_images: NumImages = 1
+    steps: Steps = 25
+    guidance: Guidance = 7.5
+    seed: Seed = None
+    width: Side = None
+    height: Side = None
+    concept: AppliedConcept = None
+
+
 class SavedImage(BaseModel):
     """Where an output image was stored."""
 

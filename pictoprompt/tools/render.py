@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from PIL import Image
-from pydantic import BaseModel
 
-from pictoprompt.methods.concept_tuning import (
-    ConceptWeights,
-    applied_concept,
-    base_hash,
-    mentions,
-    named_concept_states,
-)
+from pictoprompt.methods.concept_weights import ConceptWeights, applied_concept, base_hash, named_concept_states
 from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
 from pictoprompt.methods.prompt_edit import prompt_edit_states
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
 from pictoprompt.models.clip import ClipModel
-from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, ToolContext
+from pictoprompt.models.concepts import mentions
+from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, SamplingRequest, ToolContext
 
 # ------------------------------------------------------------------------------------------------ what to draw
 
@@ -69,25 +63,6 @@ Prompt = TextPrompt | ImagePrompt | EditPrompt
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How to sample: the settings every image-making request shares."""
-
-    num_images: int = 1
-    steps: int = 25
-    guidance: float = 7.5
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    concept: str | None = None
-
-    @classmethod
-    def of(cls, request: BaseModel, **overrides: object) -> Sampling:
-        """The sampling settings `request` carries (the fields it lacks keep their defaults)."""
-        names = {field.name for field in fields(cls)} & set(type(request).model_fields)
-        return cls(**{**{name: getattr(request, name) for name in names}, **overrides})  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
 class Rendered:
     """One saved image with its scores: `image_similarity` against the references (image prompts, or
     `score_against`), `text_similarity` against an edit's text."""
@@ -103,7 +78,7 @@ class Rendered:
 def render_and_score(
     context: ToolContext,
     prompt: Prompt,
-    sampling: Sampling,
+    sampling: SamplingRequest,
     method: str,
     metadata: dict[str, str] | None = None,
     score_against: Embeddings | None = None,
@@ -206,7 +181,7 @@ def seeds_for(seed: int | None, count: int) -> list[int]:
 
 
 def _metadata(
-    context: ToolContext, method: str, seed: int, sampling: Sampling, extra: dict[str, str] | None
+    context: ToolContext, method: str, seed: int, sampling: SamplingRequest, extra: dict[str, str] | None
 ) -> dict[str, str]:
     """The PNG text chunks every output image carries."""
     return {
