@@ -196,6 +196,11 @@ class Profile(BaseModel):
         description="train-domain's defaults: the paper's (1000 iterations at lr 1e-5, no caption alignment) unless a "
         "profile's models need others.",
     )
+    distillation_keeps_words: bool = Field(
+        True,
+        description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "
+        "short one invents nothing (vgd.copied_from). False: the paper's free distillation.",
+    )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
     )
