@@ -68,17 +68,17 @@ class InvertImageRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Several are described together: the prompt has to match each.",
+        description="Several are described by one prompt.",
     )
     focus: Literal["content", "style"] = Field(
         "content",
-        description="content: what is shown and how; style: only the style, colours and shapes.",
+        description="content: what is shown; style: only the style.",
     )
     max_tokens: MaxTokens = 32
-    num_results: int = Field(3, ge=1, le=10, description="Distinct prompts to return, best first.")
+    num_results: int = Field(3, ge=1, le=10, description="Prompts to return, best first.")
     method: Literal["vgd", "editor"] = Field(
         "vgd",
-        description="vgd: an LLM steered by CLIP. editor: refined through the generator, with previews (slower).",
+        description="vgd: an LLM steered by CLIP; editor: refined through the generator (slower).",
     )
     iterations: int | None = Field(
         None,
@@ -251,9 +251,8 @@ SPEC = ToolSpec(
     name="invert_image",
     title="Turn images into a readable prompt",
     description=(
-        "Write readable prompts that regenerate 1-5 images on the loaded model (VGD: an LLM writes, CLIP steers). "
-        "Returns the best prompts with their CLIP similarity to the images (higher is closer) and perplexity "
-        "(lower reads better). focus='style' extracts only the style, to use as '{subject} in the style of ...'."
+        "Write readable prompts that regenerate 1-5 images (VGD), with CLIP similarity (higher is closer) and "
+        "perplexity (lower reads better). focus='style': only the style, for '{subject} in the style of ...'."
     ),
     request_model=InvertImageRequest,
     response_model=InvertImageResponse,
