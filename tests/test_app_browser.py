@@ -169,6 +169,18 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
             assert prompt in card["text"] and f"seed {image['seed']}" in card["text"]
         await screenshot(page, "1-generate")
 
+        # A call that came back before its job ended (wait_seconds 0): the view follows it with get_job.
+        arguments = {"prompt": prompt, "num_images": 1, "seed": 9, "steps": 10, "wait_seconds": 0}
+        pending = wire(await client.call_tool("generate_image", arguments))
+        assert pending["structuredContent"]["result"] is None, "the job was still running"
+        await start(page, html, "generate_image", arguments, pending)
+        (card,) = await wait_for_pictures(view, 1)
+        waits = [entry for entry in await page.evaluate("hostLog") if entry["params"]["name"] == "get_job"]
+        job_id = pending["structuredContent"]["job"]["job_id"]
+        assert waits and all(entry["params"]["arguments"]["job_id"] == job_id for entry in waits)
+        (image,) = waits[-1]["result"]["structuredContent"]["result"]["images"]
+        assert card["uri"] == image["uri"] and card["loaded"] and "seed 9" in card["text"]
+
         # A vary_image result: thumbnails, seeds and similarities; then "Vary" on a card, through the host.
         arguments = {"images": [images[0]["uri"]], "num_images": 3, "seed": 11, "steps": 10}
         varied = wire(await client.call_tool("vary_image", arguments))
