@@ -194,15 +194,8 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
     iterations = request.iterations or EDITOR_ITERATIONS
     total = iterations + 3
     vocabulary = runtime_vocabulary(runtime, progress=context.progress)
-    start = start_prompt(
-        images,
-        runtime.captioner(),
-        llm,
-        clip,
-        vocabulary,
-        request.max_tokens,
-        progress=context.progress.scaled(0, 1, total),
-    )
+    first = context.progress.scaled(0, 1, total)
+    start = start_prompt(images, runtime.captioner(), llm, clip, vocabulary, request.max_tokens, progress=first)
     result = editor(
         pipeline,
         clip,
