@@ -33,11 +33,11 @@ class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Reference images; several are blended (their CLIP embeddings averaged).",
+        description="Reference images; several are blended.",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One weight per reference (default: equal); a larger one counts more in the blend.",
+        description="One weight per reference (default: equal).",
     )
 
     @model_validator(mode="after")
@@ -83,9 +83,8 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 reference images, no prompt needed (SD-IPC converts "
-        "their CLIP embedding into a prompt embedding). Several references are blended, optionally weighted. Each "
-        "image reports its seed and its CLIP similarity to the references (higher is closer)."
+        "Make 1-8 images with the content and style of 1-5 reference images, blended and optionally weighted "
+        "(SD-IPC; no prompt). Each reports its seed and CLIP similarity to the references."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,
