@@ -474,8 +474,18 @@ def mentions(prompt: str, name: str) -> bool:
     return name_pattern(name).search(prompt) is not None
 
 
+WordPlacer = Callable[[str, str], str]
+"""(description, the words after the name) -> the description with those words put where the language puts them
+("an outlined green heart", "small" -> "a small outlined green heart"); `prompt_edit.rewrite_prompt` with an LLM."""
+
+
 def named_concept_prompt(
-    converter: ImageToPrompt, prompt: str, name: str, concept_embedding: Tensor, description: str | None = None
+    converter: ImageToPrompt,
+    prompt: str,
+    name: str,
+    concept_embedding: Tensor,
+    description: str | None = None,
+    place: WordPlacer | None = None,
 ) -> Tensor:
     """The generator's states (1, L, D) for a prompt that names a learned concept: "my-star on the left".
 
@@ -486,7 +496,9 @@ def named_concept_prompt(
     never from how its name happens to be spelled (a name "my-star" must not draw any star). Each further mention
     adds one more position. A concept learned with a description ("a green heart") has its words follow the
     placeholder, as DreamBooth's "a [V] dog" names the class beside the identifier: "[f_cnvrt] a green heart on
-    the left".
+    the left". With `place`, the words after the name are put into the description instead of after it
+    ("NAME small" -> "[f_cnvrt] a small outlined green heart"): a generator trained on captions follows a size
+    word only before the noun (extension of ours; see `ConceptTuning.place_context_words`).
 
     On `shapes` this beat Eq. 8's form (`f_cnvrt + alpha * h_text` from the end-of-text token on) on the tuning
     concepts of `pictoprompt bench concepts`: the context showed in 67% of pictures against 38% (alpha 0.9), and
@@ -498,7 +510,7 @@ def named_concept_prompt(
     f_cnvrt = converter.convert(concept_embedding).reshape(1, 1, -1)
     words = (description or "").strip()
     if words:
-        pieces = [pieces[0], *(f"{words} {piece}".strip() for piece in pieces[1:])]
+        pieces = [pieces[0], *(_described(words, piece, place) for piece in pieces[1:])]
     states, _ = converter.text_states([" ".join(piece for piece in pieces if piece)])
     # The encoder is causal: the text's states up to the end of a prefix are the prefix's own states, so the
     # prefix's end-of-text index is where the name stood in the text.
@@ -512,6 +524,22 @@ def named_concept_prompt(
     return torch.cat(rows, dim=1)[:, : converter.length]
 
 
+def _described(description: str, words: str, place: WordPlacer | None) -> str:
+    """The description followed by (or, with `place`, holding) the words that follow the concept's name."""
+    if place is None or not words:
+        return f"{description} {words}".strip()
+    return place(description, words).strip()
+
+
+def placeholder_prompt(f_cnvrt: Tensor, states: Tensor) -> Tensor:
+    """The named form of a concept alone, batched: "[f_cnvrt] WORDS" (B, L, D) from each picture's `f_cnvrt` (B, D)
+    and the text states (1, L, D) of the words (its description, or "" for none). It equals
+    `named_concept_prompt` of the prompt "NAME", what tuning with `named_form_weight` denoises under."""
+    batch, length = f_cnvrt.shape[0], states.shape[1]
+    text = states.float().expand(batch, -1, -1)
+    return torch.cat([text[:, :1], f_cnvrt.float().unsqueeze(1), text[:, 1:]], dim=1)[:, :length]
+
+
 def named_concept_states(
     clip: ClipModel,
     pipeline: StableDiffusionPipeline,
@@ -520,13 +548,14 @@ def named_concept_states(
     name: str,
     concept_embedding: Tensor,
     description: str | None = None,
+    place: WordPlacer | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The generator's conditioning for a text prompt that names the applied concept (`named_concept_prompt`),
     and the negative prompt's own states."""
     with torch.no_grad():
         converter = ImageToPrompt.cached(clip, pipeline)
         negative = converter.text_states([negative_prompt])[0].float() if negative_prompt else converter.empty_states
-        return named_concept_prompt(converter, prompt, name, concept_embedding, description), negative
+        return named_concept_prompt(converter, prompt, name, concept_embedding, description, place), negative
 
 
 # ------------------------------------------------------------------------------------------ the losses
@@ -721,6 +750,8 @@ def tune_concept(
     prompt_learning_rate: float | None = None,
     description: str | None = None,
     caption_alignment: float = 0.0,
+    named_form_weight: float = 0.0,
+    description_form_weight: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> TuningResult:
@@ -736,6 +767,11 @@ def tune_concept(
     times `CaptionAlignment`'s pull of every reference's `f_cnvrt` towards the description's end-of-text state
     (not in the paper; one caption, so no contrastive term): the words steer the conversion while the denoising
     loss still fits the pictures.
+
+    Two more terms of ours (0 = the paper's loss) denoise the references under the forms a concept is used in,
+    not only Eq. 7's pseudo-prompt: `named_form_weight` under "[f_cnvrt] DESCRIPTION" (`placeholder_prompt`, what
+    `generate_image` draws "NAME ..." from) and `description_form_weight` under the description's own text (what
+    an edit of `concept:NAME` draws).
     """
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")
@@ -763,12 +799,21 @@ def tune_concept(
             states, eos_index = converter.text_states([description])
             alignment = CaptionAlignment([description], states[:1, int(eos_index[0])])
     owners = [0] * len(references)
+    with torch.no_grad():
+        words = converter.text_states([description or ""])[0].detach()
 
     def loss_at(iteration: int) -> Tensor:
         images = [random_augmentation(image, generator) if augment else image for image in references]
         f_cnvrt = converter.convert(start.tower(clip_pixels(start.clip, images), generator))
         prompt = pseudo_prompt(f_cnvrt, converter.start_state, converter.length)
-        loss = denoising_loss(pipeline, encode_latents(pipeline, images), prompt, generator)
+        latents = encode_latents(pipeline, images)
+        loss = denoising_loss(pipeline, latents, prompt, generator)
+        if named_form_weight:
+            named = denoising_loss(pipeline, latents, placeholder_prompt(f_cnvrt, words), generator)
+            loss = loss + named_form_weight * named
+        if description_form_weight and description is not None:
+            own = denoising_loss(pipeline, latents, words.expand(len(images), -1, -1), generator)
+            loss = loss + description_form_weight * own
         if alignment is not None:
             loss = loss + caption_alignment * alignment.loss(f_cnvrt, owners)
         return loss
@@ -788,6 +833,8 @@ def tune_concept(
         "augment": augment,
         "prompt_learning_rate": prompt_learning_rate or learning_rate,
         "caption_alignment": caption_alignment if alignment is not None else 0.0,
+        "named_form_weight": named_form_weight,
+        "description_form_weight": description_form_weight if description is not None else 0.0,
         "seed": seed,
     }
     return _result(start, losses, references, hyperparameters)

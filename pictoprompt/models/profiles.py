@@ -122,6 +122,13 @@ class ConceptTuning(BaseModel):
         "with at most one word of every `completion_words` group before it ('a striped green heart'). None: "
         "without a description, none is written.",
     )
+    place_context_words: bool = Field(
+        False,
+        description="In a prompt naming a concept with a description, put the words after its name into the "
+        "description where the LLM finds them likeliest, as edit_with_text puts an edit into a prompt ('NAME small' "
+        "-> '[concept] a small striped green heart'), instead of after it (not in the paper; for a generator that "
+        "follows a word only where its captions put it).",
+    )
     completion_alignment: int = Field(
         0,
         ge=0,
