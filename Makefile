@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray serve install lint clean
+.PHONY: demo test test-slow test-ray test-browser serve install lint clean
 
-$(BIN)/pictoprompt: pyproject.toml
+# The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
+$(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev]" -e ./lab
 	touch $(BIN)/pictoprompt
 
 install: $(BIN)/pictoprompt
@@ -21,8 +22,8 @@ demo: install
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray"
-	$(BIN)/ruff check pictoprompt tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser"
+	$(BIN)/ruff check pictoprompt tests lab
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu and not ray"
@@ -32,12 +33,19 @@ test-ray: install
 	$(BIN)/python -m pip install -e ".[ray]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
 
+# The app view (MCP Apps) in headless Chromium: installs the `browser` extra (playwright, which drives Debian's
+# `chromium` and downloads no browser); the screenshots land in test-artifacts/app-view/.
+test-browser: install
+	@command -v chromium >/dev/null || { echo "test-browser needs Debian's chromium: apt-get install chromium"; exit 1; }
+	$(BIN)/python -m pip install -e ".[browser]"
+	HF_HUB_OFFLINE=1 PICTOPROMPT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -s -m browser
+
 serve: install
 	$(BIN)/pictoprompt serve
 
 lint: install
-	$(BIN)/ruff check pictoprompt tests benchmarks
-	$(BIN)/ruff format --check pictoprompt tests benchmarks
+	$(BIN)/ruff check pictoprompt tests lab
+	$(BIN)/ruff format --check pictoprompt tests lab
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache test-artifacts

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 import types
 import typing
@@ -33,12 +35,15 @@ CLI_NAMES = {
 
 
 class DirectorySink:
-    """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder."""
+    """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder, never over an
+    earlier result: a run whose names are taken (the same command again, or the same tool on another picture)
+    gets its own `-runN` suffix, the same for all of its images."""
 
     def __init__(self, directory: Path, stem: str) -> None:
         self.directory = directory
         self.stem = stem
         self.count = 0
+        self.run = 1
 
     def save(self, image: Image.Image, metadata: dict[str, str]) -> Any:
         from pictoprompt.tools.base import SavedImage
@@ -48,11 +53,28 @@ class DirectorySink:
         for key, value in metadata.items():
             info.add_text(key, value)
         self.count += 1
-        path = self.directory / f"{self.stem}-{self.count:02d}-seed{metadata.get('seed', 'x')}.png"
-        temporary = path.with_suffix(".png.part")
-        image.save(temporary, format="PNG", pnginfo=info)
-        temporary.replace(path)
+        # A random temporary name (made with the user's umask, unlike mkstemp's 0600): two runs at once never
+        # write into each other's file.
+        temporary = self.directory / f".{self.stem}-{secrets.token_hex(8)}.png.part"
+        try:
+            with temporary.open("xb") as file:
+                image.save(file, format="PNG", pnginfo=info)
+            path = self._claim(temporary, metadata.get("seed", "x"))
+        finally:
+            temporary.unlink(missing_ok=True)
         return SavedImage(uri=path.resolve().as_uri(), path=str(path))
+
+    def _claim(self, temporary: Path, seed: str) -> Path:
+        """Link the written file under the first free name of this run's; a hard link fails rather than replace
+        a file, so two runs at once cannot take the same name either."""
+        while True:
+            suffix = "" if self.run == 1 else f"-run{self.run}"
+            path = self.directory / f"{self.stem}-{self.count:02d}-seed{seed}{suffix}.png"
+            try:
+                os.link(temporary, path)
+                return path
+            except FileExistsError:
+                self.run += 1
 
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
@@ -166,9 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         report, ok = check_profiles(args.profile, args.profiles_file)
         print(report)
         return 0 if ok else 1
-    from pictoprompt.models.shapes.train import main as train_main
-
-    return train_main(args.rest) or 0
+    return import_lab("lab.shapes.train", "`models train-shapes`").main(args.rest) or 0
 
 
 def cmd_train_domain(args: argparse.Namespace) -> int:
@@ -207,36 +227,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), profile=args.profile)
 
 
-def benchmarks_dir(given: Path | None) -> Path:
-    """The checkout's benchmarks folder: `given`, else ./benchmarks, else the one beside an editable install."""
-    candidates = [given] if given else [Path("benchmarks"), Path(__file__).resolve().parents[1] / "benchmarks"]
-    for candidate in candidates:
-        if (candidate / "harness.py").is_file():
-            return candidate.resolve()
-    raise PictopromptError(
-        "`pictoprompt bench` runs the benchmarks of a source checkout, which an installed package does not ship: "
-        "run it inside a checkout (`pip install -e '.[bench]'` there), or pass --benchmarks-dir "
-        "/path/to/checkout/benchmarks."
-    )
+LAB_HINT = (
+    "the laboratory (`lab/`: the shapes set's training, its oracle and the benchmarks) ships with a source "
+    "checkout, not with the installed package: in a checkout, `pip install -e ./lab` (`make install` does it)."
+)
+
+
+def import_lab(module: str, command: str) -> Any:
+    """`module` of the laboratory, which only a checkout's development install provides."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (error.name == "lab" or error.name.startswith("lab.")):
+            raise PictopromptError(
+                f"{command} needs the module '{error.name}', which is not installed: install the lab's "
+                "dependencies with `pip install -e ./lab` in the checkout."
+            ) from error
+        raise PictopromptError(f"{command} needs {LAB_HINT}") from error
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    directory = benchmarks_dir(args.benchmarks_dir)
+    directory = Path(import_lab("lab.benchmarks", "`pictoprompt bench`").__file__).parent
     if not (directory / f"{args.name}.py").is_file() or args.name.startswith("_"):
         available = sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
         raise PictopromptError(f"No benchmark '{args.name}' in {directory}; available: {', '.join(available)}.")
-    # The benchmarks import one another (harness, grammar) as top-level modules.
-    sys.path.insert(0, str(directory))
-    try:
-        module = importlib.import_module(args.name)
-    except ModuleNotFoundError as error:
-        raise PictopromptError(
-            f"Benchmark '{args.name}' needs the module '{error.name}', which is not installed: install the "
-            "benchmarks' extra with `pip install -e '.[bench]'` in the checkout."
-        ) from error
-    return module.main(args.rest) or 0
+    return import_lab(f"lab.benchmarks.{args.name}", f"Benchmark '{args.name}'").main(args.rest) or 0
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -288,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         name = CLI_NAMES.get(spec.name, spec.name.replace("_", "-"))
         sub = commands.add_parser(name, parents=[common], help=spec.title, description=spec.description)
         add_tool_arguments(sub, spec.request_model)
-        sub.add_argument("-o", "--output", default="pictoprompt-output", help="Folder for output images.")
+        sub.add_argument(
+            "-o",
+            "--output",
+            default="pictoprompt-output",
+            help="Folder for output images; a run never replaces an earlier one's (taken names get -runN).",
+        )
         sub.set_defaults(handler=run_tool_command, spec=spec)
 
     tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the README's reference).")
@@ -331,15 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     domain.set_defaults(handler=cmd_train_domain)
 
     demo = commands.add_parser("demo", parents=[common], help="Run every tool through a real MCP client.")
-    demo.add_argument("-o", "--output", default="demo-output")
+    demo.add_argument(
+        "-o", "--output", default="demo-output", help="Folder for the run; a new DIR-2, DIR-3... if it is not empty."
+    )
     demo.set_defaults(handler=cmd_demo)
 
-    bench = commands.add_parser("bench", help="Run a benchmark from benchmarks/ and print its tables.")
+    bench = commands.add_parser("bench", help="Run a benchmark of the lab (lab/benchmarks/) and print its tables.")
     bench.add_argument("name")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.add_argument(
-        "--benchmarks-dir", type=Path, help="A checkout's benchmarks/ folder (default: found from here or the install)."
-    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 

@@ -193,7 +193,7 @@ def test_shapes_a_named_concept_is_drawn_in_the_context_its_prompt_gives(tmp_pat
 
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
-    from pictoprompt.models.shapes.oracle import parse_scene
+    from lab.shapes.oracle import parse_scene
     from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
     runtime = Runtime(get_profile("shapes"))

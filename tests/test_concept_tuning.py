@@ -408,7 +408,8 @@ def test_shapes_concept_loss_decreases_with_the_paper_defaults() -> None:
 
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
-    from pictoprompt.models.shapes.scenes import held_out_scenes, render_scene
+    from lab.shapes.world import held_out_scenes
+    from pictoprompt.models.shapes.scenes import render_scene
 
     runtime = Runtime(get_profile("shapes"))
     pipeline, clip = runtime.pipeline(), runtime.clip()
@@ -427,7 +428,8 @@ def test_neutral_prompts_keep_the_shapes_conversion() -> None:
 
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
-    from pictoprompt.models.shapes.scenes import held_out_scenes, render_scene
+    from lab.shapes.world import held_out_scenes
+    from pictoprompt.models.shapes.scenes import render_scene
 
     runtime = Runtime(get_profile("shapes"))
     pipeline, clip = runtime.pipeline(), runtime.clip()

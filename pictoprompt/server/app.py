@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +24,7 @@ from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
+from pictoprompt.server.app_view import apps_extension, tool_meta
 from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.http_transport import CLIENT_GONE
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
@@ -275,13 +276,16 @@ def create_server(
     def state_of(_: Context | None = None) -> ServerState:
         return holder["state"]
 
+    tools = [*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)]
     server = PictopromptServer(
         "pictoprompt",
         title="pictoprompt",
         instructions=INSTRUCTIONS,
         version=__version__,
         lifespan=lifespan,
-        wire_tools=[*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)],
+        # The image tools name the app view (MCP Apps); hosts without Apps ignore it and get the same results.
+        wire_tools=[replace(tool, meta=tool_meta(tool.name)) for tool in tools],
+        extensions=[apps_extension()],
         **mcp_options,
     )
     add_workflow_prompts(server)

@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -222,10 +221,23 @@ def write_contact_sheet(output: Path, calls: list[Call]) -> Path:
     return path
 
 
+def fresh_folder(requested: Path) -> Path:
+    """`requested` if it is missing or empty, else the first missing `requested-2`, `-3`, ...: a demo never
+    deletes or overwrites an earlier run's pictures (nor a folder that was never a demo's)."""
+    candidate, run = requested, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            if candidate.is_dir() and not any(candidate.iterdir()):
+                return candidate
+        run += 1
+        candidate = requested.with_name(f"{requested.name}-{run}")
+
+
 def run_demo(output: Path, profile: str | None = None) -> int:
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    output = fresh_folder(output)
     tools, calls = anyio.run(run_calls, output, profile)
     print(f"Tools offered by the server: {', '.join(tools)}\n")
     print(f"{'tool':20} {'seconds':>8}  {'ok':3} result")

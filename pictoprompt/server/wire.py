@@ -56,10 +56,13 @@ class InputSchema(WireSchema):
 
 
 class OutputSchema(WireSchema):
-    """Results: types only, no defaults (a result carries every field), and a nullable scalar as a type list."""
+    """Results: types only, no defaults (a result carries every field), a nullable scalar or object as a type list,
+    and each nested model written in place rather than as a `$ref` to `$defs` (shorter for models used once or
+    twice, as result models are; none is recursive)."""
 
     def generate(self, schema: core_schema.CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
-        return _types_only(super().generate(schema, mode))
+        generated = _types_only(super().generate(schema, mode))
+        return _inlined(generated, generated.pop("$defs", {}))
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
         inner = self.generate_inner(schema["schema"])
@@ -88,6 +91,31 @@ def _types_only(schema: Any) -> Any:
     return kept
 
 
+def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) -> Any:
+    """`schema` with every `$ref` replaced by its definition, and `anyOf: [typed, null]` as one type list."""
+    if isinstance(schema, list):
+        return [_inlined(item, defs, within) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        if name in within:
+            raise ValueError(f"the result model {name} is recursive and cannot be written in place")
+        return _inlined(defs[name], defs, (*within, name))
+    kept = {
+        key: {name: _inlined(sub, defs, within) for name, sub in value.items()}
+        if key == "properties"
+        else _inlined(value, defs, within)
+        for key, value in schema.items()
+    }
+    options = kept.get("anyOf")
+    if set(kept) == {"anyOf"} and len(options) == 2 and {"type": "null"} in options:
+        typed = next(option for option in options if option != {"type": "null"})
+        if isinstance(typed.get("type"), str):
+            return {**typed, "type": [typed["type"], "null"]}
+    return kept
+
+
 def input_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(by_alias=True, schema_generator=InputSchema, mode="validation")
 
@@ -112,6 +140,8 @@ class WireTool:
     """The structured content of a successful call."""
     annotations: ToolAnnotations
     call: ToolCall
+    meta: dict[str, Any] | None = None
+    """The listing's `_meta` (the app view's `ui` entry), kept small: every assistant carries it."""
 
     def listing(self) -> McpTool:
         return McpTool(
@@ -121,6 +151,7 @@ class WireTool:
             input_schema=input_schema(self.arguments),
             output_schema=output_schema(self.result),
             annotations=self.annotations,
+            meta=self.meta,
         )
 
 

@@ -18,13 +18,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from harness import print_table
 from PIL import Image
 
+from lab.benchmarks.harness import print_table
+from lab.shapes.oracle import parse_scene
 from pictoprompt.methods.generation import encode_text_prompt, generate
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.models.shapes.oracle import parse_scene
 from pictoprompt.models.shapes.scenes import COLOURS, TRAIN_SHAPES
 from pictoprompt.progress import Progress
 
@@ -55,7 +55,10 @@ def sample(pipeline, items: list[tuple[str, str, str, int]], steps: int, guidanc
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     for begin in range(0, len(items), BATCH):
         chunk = items[begin : begin + BATCH]
-        states = [encode_text_prompt(pipeline, prompt_for(colour, shape, background)) for colour, shape, background, _ in chunk]
+        states = [
+            encode_text_prompt(pipeline, prompt_for(colour, shape, background))
+            for colour, shape, background, _ in chunk
+        ]
         prompt = torch.cat([s[0] for s in states])
         negative = torch.cat([s[1] for s in states])
         seeds = [seed for *_, seed in chunk]
@@ -90,7 +93,10 @@ def report(outcome: dict[tuple[str, str], list[bool]], misread: dict[str, dict[s
     rows.append({"background": "all", "followed %": rate(everything)})
     print_table("Background followed, per background colour (row)", rows)
     by_object = [
-        {"object colour": colour, "followed %": rate([v for (_, c), values in outcome.items() if c == colour for v in values])}
+        {
+            "object colour": colour,
+            "followed %": rate([v for (_, c), values in outcome.items() if c == colour for v in values]),
+        }
         for colour in COLOURS
     ]
     print_table("Background followed, per object colour", by_object)
