@@ -37,13 +37,14 @@ def prompt_for(colour: str, shape: str, background: str) -> str:
     return f"{article} {colour} {shape} on a {background} background"
 
 
-def cells(samples: int) -> list[tuple[str, str, str, int]]:
-    """(object colour, shape, background, seed) of every picture: each cell cycles through the shapes from its own
-    start, so every shape meets every colour and background, and seed k for its k-th picture."""
+def cells(samples: int, rows: tuple[str, ...] = COLOURS) -> list[tuple[str, str, str, int]]:
+    """(object colour, shape, background, seed) of every picture of the background rows `rows`: each cell cycles
+    through the shapes from its own start, so every shape meets every colour and background, and seed k for its
+    k-th picture."""
     items = []
     for b, background in enumerate(COLOURS):
         for c, colour in enumerate(COLOURS):
-            if colour == background:
+            if colour == background or background not in rows:
                 continue
             for k in range(samples):
                 items.append((colour, TRAIN_SHAPES[(b + c + k) % len(TRAIN_SHAPES)], background, k))
@@ -77,8 +78,11 @@ def report(outcome: dict[tuple[str, str], list[bool]], misread: dict[str, dict[s
     def rate(values: list[bool]) -> float:
         return 100 * statistics.fmean(values)
 
+    present = [
+        background for background in COLOURS if (background, next(c for c in COLOURS if c != background)) in outcome
+    ]
     rows = []
-    for background in COLOURS:
+    for background in present:
         row_values = [v for (b, _), values in outcome.items() if b == background for v in values]
         worst = sorted(misread[background].items(), key=lambda item: -item[1])[:2]
         rows.append(
@@ -101,7 +105,7 @@ def report(outcome: dict[tuple[str, str], list[bool]], misread: dict[str, dict[s
     ]
     print_table("Background followed, per object colour", by_object)
     full = []
-    for background in COLOURS:
+    for background in present:
         row: dict[str, object] = {"bg \\ object": background}
         for colour in COLOURS:
             row[colour] = "" if colour == background else round(rate(outcome[(background, colour)]))
@@ -113,7 +117,7 @@ def report(outcome: dict[tuple[str, str], list[bool]], misread: dict[str, dict[s
 
 def contact_sheets(folder: Path, items: list[tuple[str, str, str, int]], images: list[Image.Image]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for background in COLOURS:
+    for background in sorted({b for _, _, b, _ in items}):
         row = [image for (_, _, b, _), image in zip(items, images, strict=True) if b == background]
         columns = max(1, len(row) // 9)  # one line per object colour, its samples across
         sheet = Image.new("RGB", (columns * 64, 9 * 64), (255, 255, 255))
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=6, help="Pictures per cell (shapes in turn, seeds 0..N-1).")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (generate_image's default).")
     parser.add_argument("--guidance", type=float, default=7.5, help="Guidance scale (generate_image's default).")
+    parser.add_argument("--rows", nargs="+", default=list(COLOURS), choices=COLOURS, help="Background rows to run.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU: 1).")
     parser.add_argument("--generator", type=Path, default=None, help="Another generator directory to judge.")
     parser.add_argument("--sheet", type=Path, default=None, help="Write a contact sheet per background row here.")
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.generator is not None:  # a candidate generator (a training run's export), judged the same way
         profile = profile.model_copy(update={"generator": str(args.generator.resolve())})
     pipeline = Runtime(profile).pipeline()
-    items = cells(args.samples)
+    items = cells(args.samples, tuple(args.rows))
     images = sample(pipeline, items, args.steps, args.guidance)
     readings = [parse_scene(image).background for image in images]
     misread: dict[str, dict[str, int]] = {b: {} for b in COLOURS}
