@@ -26,7 +26,7 @@ from PIL import Image
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.scenes import Scene, SceneObject, full_caption, render_scene
+from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 from pictoprompt.server.app import create_server
 from pictoprompt.server.app_view import VIEW_URI
 from pictoprompt.settings import Settings
@@ -50,6 +50,8 @@ TIMEOUT_MS = 240_000
 """A click runs the model on a shared CPU: generous, the pictures come far sooner on a quiet machine."""
 
 SCENE = Scene("white", (SceneObject("circle", "red", "large", "left"), SceneObject("square", "blue", "large", "right")))
+PROMPT = "a large solid red circle on the left and a large solid blue square on the right on a white background"
+"""The scene's caption in the shapes world's words."""
 
 
 def browser_or_skip() -> Any:
@@ -154,7 +156,7 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
         view = page.frame_locator("#view")
 
         # A generate_image result: every picture with its thumbnail, prompt and seed.
-        prompt = full_caption(SCENE)
+        prompt = PROMPT
         arguments = {"prompt": prompt, "num_images": 2, "seed": 3, "steps": 10}
         generated = wire(await client.call_tool("generate_image", arguments))
         await start(page, html, "generate_image", arguments, generated)
@@ -166,6 +168,18 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
             assert card["loaded"] and card["src"] == inline[image["uri"]], "the card shows the result's thumbnail"
             assert prompt in card["text"] and f"seed {image['seed']}" in card["text"]
         await screenshot(page, "1-generate")
+
+        # A call that came back before its job ended (wait_seconds 0): the view follows it with get_job.
+        arguments = {"prompt": prompt, "num_images": 1, "seed": 9, "steps": 10, "wait_seconds": 0}
+        pending = wire(await client.call_tool("generate_image", arguments))
+        assert pending["structuredContent"]["result"] is None, "the job was still running"
+        await start(page, html, "generate_image", arguments, pending)
+        (card,) = await wait_for_pictures(view, 1)
+        waits = [entry for entry in await page.evaluate("hostLog") if entry["params"]["name"] == "get_job"]
+        job_id = pending["structuredContent"]["job"]["job_id"]
+        assert waits and all(entry["params"]["arguments"]["job_id"] == job_id for entry in waits)
+        (image,) = waits[-1]["result"]["structuredContent"]["result"]["images"]
+        assert card["uri"] == image["uri"] and card["loaded"] and "seed 9" in card["text"]
 
         # A vary_image result: thumbnails, seeds and similarities; then "Vary" on a card, through the host.
         arguments = {"images": [images[0]["uri"]], "num_images": 3, "seed": 11, "steps": 10}
@@ -193,6 +207,10 @@ async def test_the_view_shows_results_masks_and_calls_tools_in_chromium(tmp_path
         assert [card["uri"] for card in cards] == [image["uri"] for image in new_images], "shown in place"
         assert all(card["loaded"] for card in cards)
         assert await view.get_by_role("button", name="Back").is_visible()
+        # The assistant hears what the person did: the call and the new pictures' URIs.
+        await page.wait_for_function("() => window.modelContext !== null", timeout=10_000)
+        (told,) = (await page.evaluate("modelContext"))["content"]
+        assert "vary_image" in told["text"] and all(image["uri"] in told["text"] for image in new_images)
         await screenshot(page, "3-vary-clicked")
 
         # A segment_image result: the prompt's words as chips; pointing at one lays its mask over the picture.
