@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray serve install lint clean
+.PHONY: demo test test-slow test-ray fuzz soak serve install lint clean
 
 $(BIN)/pictoprompt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test-slow: install
 test-ray: install
 	$(BIN)/python -m pip install -e ".[ray]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ray
+
+# Reliability runs of issue 39 (lab/results/reliability.md): 5,000 schema-generated calls per transport on the tiny
+# profile, and a 20-minute soak on the shapes profile from 4 clients over both transports.
+fuzz: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lab.reliability.fuzz --calls 5000 --json lab/results/fuzz.json
+
+soak: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lab.reliability.soak --minutes 20 --json lab/results/soak.json
 
 serve: install
 	$(BIN)/pictoprompt serve
