@@ -188,9 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         report, ok = check_profiles(args.profile, args.profiles_file)
         print(report)
         return 0 if ok else 1
-    from pictoprompt.models.shapes.train import main as train_main
-
-    return train_main(args.rest) or 0
+    return import_lab("lab.shapes.train", "`models train-shapes`").main(args.rest) or 0
 
 
 def cmd_train_domain(args: argparse.Namespace) -> int:
@@ -229,36 +227,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), profile=args.profile)
 
 
-def benchmarks_dir(given: Path | None) -> Path:
-    """The checkout's benchmarks folder: `given`, else ./benchmarks, else the one beside an editable install."""
-    candidates = [given] if given else [Path("benchmarks"), Path(__file__).resolve().parents[1] / "benchmarks"]
-    for candidate in candidates:
-        if (candidate / "harness.py").is_file():
-            return candidate.resolve()
-    raise PictopromptError(
-        "`pictoprompt bench` runs the benchmarks of a source checkout, which an installed package does not ship: "
-        "run it inside a checkout (`pip install -e '.[bench]'` there), or pass --benchmarks-dir "
-        "/path/to/checkout/benchmarks."
-    )
+LAB_HINT = (
+    "the laboratory (`lab/`: the shapes set's training, its oracle and the benchmarks) ships with a source "
+    "checkout, not with the installed package: in a checkout, `pip install -e ./lab` (`make install` does it)."
+)
+
+
+def import_lab(module: str, command: str) -> Any:
+    """`module` of the laboratory, which only a checkout's development install provides."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (error.name == "lab" or error.name.startswith("lab.")):
+            raise PictopromptError(
+                f"{command} needs the module '{error.name}', which is not installed: install the lab's "
+                "dependencies with `pip install -e ./lab` in the checkout."
+            ) from error
+        raise PictopromptError(f"{command} needs {LAB_HINT}") from error
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    directory = benchmarks_dir(args.benchmarks_dir)
+    directory = Path(import_lab("lab.benchmarks", "`pictoprompt bench`").__file__).parent
     if not (directory / f"{args.name}.py").is_file() or args.name.startswith("_"):
         available = sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
         raise PictopromptError(f"No benchmark '{args.name}' in {directory}; available: {', '.join(available)}.")
-    # The benchmarks import one another (harness, grammar) as top-level modules.
-    sys.path.insert(0, str(directory))
-    try:
-        module = importlib.import_module(args.name)
-    except ModuleNotFoundError as error:
-        raise PictopromptError(
-            f"Benchmark '{args.name}' needs the module '{error.name}', which is not installed: install the "
-            "benchmarks' extra with `pip install -e '.[bench]'` in the checkout."
-        ) from error
-    return module.main(args.rest) or 0
+    return import_lab(f"lab.benchmarks.{args.name}", f"Benchmark '{args.name}'").main(args.rest) or 0
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -363,12 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    bench = commands.add_parser("bench", help="Run a benchmark from benchmarks/ and print its tables.")
+    bench = commands.add_parser("bench", help="Run a benchmark of the lab (lab/benchmarks/) and print its tables.")
     bench.add_argument("name")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.add_argument(
-        "--benchmarks-dir", type=Path, help="A checkout's benchmarks/ folder (default: found from here or the install)."
-    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 

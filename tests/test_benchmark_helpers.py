@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from grammar import (
+from lab.benchmarks.grammar import (
     WORLD_WORDS,
     ParsedCaption,
     ParsedObject,
@@ -23,7 +19,7 @@ from grammar import (
     parse_caption,
     parse_style,
 )
-from harness import (
+from lab.benchmarks.harness import (
     OUTSIDE_N,
     OUTSIDE_SIZES,
     OutsideExample,
@@ -32,26 +28,11 @@ from harness import (
     outside_set,
     scene_set,
 )
-from sd_ipc import attribute_variants, paired_gap
-from vgd import KINDS, STYLE_FILLS, scene_scores, scenes_of_kind, style_pairs
-
-from pictoprompt.models.shapes.oracle import nearest_colour
-from pictoprompt.models.shapes.scenes import (
-    COLOURS,
-    FILLS,
-    PALETTE,
-    POSITIONS,
-    SIZES,
-    TRAIN_SHAPES,
-    Scene,
-    SceneObject,
-    caption_scene,
-    full_caption,
-    held_out_scenes,
-    plain_caption,
-    random_scene,
-    style_caption,
-)
+from lab.benchmarks.sd_ipc import attribute_variants, paired_gap
+from lab.benchmarks.vgd import KINDS, STYLE_FILLS, scene_scores, scenes_of_kind, style_pairs
+from lab.shapes.oracle import nearest_colour
+from lab.shapes.world import caption_scene, full_caption, held_out_scenes, plain_caption, random_scene, style_caption
+from pictoprompt.models.shapes.scenes import COLOURS, FILLS, PALETTE, POSITIONS, SIZES, TRAIN_SHAPES, Scene, SceneObject
 
 
 def one_object(shape: str, fill: str) -> Scene:

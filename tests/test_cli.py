@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from PIL import Image
@@ -107,10 +108,16 @@ def test_bench_finds_the_checkouts_benchmarks_from_any_folder(tmp_path, monkeypa
     assert "No benchmark 'no-such-benchmark'" in error and "server_overhead" in error and "vgd" in error
 
 
-def test_bench_outside_a_checkout_says_it_needs_one(tmp_path, capsys):
-    assert main(["bench", "--benchmarks-dir", str(tmp_path), "vgd"]) == 2
+def test_lab_commands_without_the_lab_say_how_to_get_it(monkeypatch, capsys):
+    # An installed wheel has no `lab` package: importing it fails as here.
+    monkeypatch.setitem(sys.modules, "lab", None)
+    monkeypatch.setitem(sys.modules, "lab.benchmarks", None)
+    monkeypatch.setitem(sys.modules, "lab.shapes.train", None)
+    assert main(["bench", "vgd"]) == 2
+    assert "pip install -e ./lab" in capsys.readouterr().err
+    assert main(["models", "train-shapes"]) == 2
     error = capsys.readouterr().err
-    assert "source checkout" in error and "--benchmarks-dir" in error
+    assert "`models train-shapes` needs the laboratory" in error and "pip install -e ./lab" in error
 
 
 def test_train_domain_passes_its_options_and_falls_back_to_the_profiles(tmp_path, monkeypatch, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ from pictoprompt.methods.concept_description import (
     with_article,
     with_word,
 )
-from pictoprompt.methods.concept_tuning import encode_latents
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import ConceptStore
@@ -326,8 +325,7 @@ def test_shapes_concepts_drawn_with_pil_gain_their_fill(
     """Drawn with PIL by the benchmarks' `outside_concept`, not by the renderer: three of the concepts of
     `pictoprompt bench concepts --completion` (README: on all 36, what it adds and what it gets wrong)."""
     pipeline, clip, words, reach = shapes
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from harness import outside_concept
+    from lab.benchmarks.harness import outside_concept
 
     for shape, colour, fill in [
         ("square", "red", "outlined"),

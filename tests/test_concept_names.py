@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.concept_tuning import TuningResult, mentions, named_concept_prompt, tune_concept
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import named_concept_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
-from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.methods.tuning import TuningResult
+from pictoprompt.models.concepts import ConceptStore, mentions
 from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.assets import AssetStore
@@ -193,7 +195,7 @@ def test_shapes_a_named_concept_is_drawn_in_the_context_its_prompt_gives(tmp_pat
 
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
-    from pictoprompt.models.shapes.oracle import parse_scene
+    from lab.shapes.oracle import parse_scene
     from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
     runtime = Runtime(get_profile("shapes"))

@@ -1,16 +1,10 @@
-"""The concept benchmark's description rows (`benchmarks/concepts.py`): what the words give away, and what not."""
+"""The concept benchmark's description rows (`lab/benchmarks/concepts.py`): what the words give away, and what not."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from concepts import EVALUATION_CONCEPTS, TUNING_CONCEPTS, Learned, described
-from grammar import parse_caption
-
-from pictoprompt.models.shapes.oracle import ObjectReading, SceneReading
+from lab.benchmarks.concepts import EVALUATION_CONCEPTS, TUNING_CONCEPTS, Learned, described
+from lab.benchmarks.grammar import parse_caption
+from lab.shapes.oracle import ObjectReading, SceneReading
 
 
 def test_the_description_names_colour_and_kind_but_never_the_fill() -> None:

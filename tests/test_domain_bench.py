@@ -1,15 +1,18 @@
-"""The domain benchmark's scene sets (`benchmarks/domain.py`): what the domain holds, and the training set."""
+"""The domain benchmark's scene sets (`lab/benchmarks/domain.py`): what the domain holds, and the training set."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from domain import STRIPED_ON_DARK, class_caption, domain_scenes, outside_scenes, split, write_training_set
-from grammar import parse_caption
-
+from lab.benchmarks.domain import (
+    STRIPED_ON_DARK,
+    class_caption,
+    domain_scenes,
+    outside_scenes,
+    split,
+    write_training_set,
+)
+from lab.benchmarks.grammar import parse_caption
 from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 from pictoprompt.tools.customize_concept import read_captions
 

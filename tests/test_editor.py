@@ -346,7 +346,8 @@ def test_models_check_lists_the_captioner_as_editors() -> None:
 def test_cancel_frees_the_shapes_model_within_a_second(tmp_path: Path) -> None:
     """Figure 4 of the issue: a cancel from another thread in the middle of the optimisation lands at the end of
     that iteration, so the call ends (and the job runner's lock is free) within a second, on the shapes U-Net."""
-    from pictoprompt.models.shapes.scenes import held_out_scenes, render_scene
+    from lab.shapes.world import held_out_scenes
+    from pictoprompt.models.shapes.scenes import render_scene
 
     runtime = Runtime(get_profile("shapes"))
     picture = render_scene(held_out_scenes("single", 1)[0])

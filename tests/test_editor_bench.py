@@ -1,14 +1,9 @@
-"""The EDITOR benchmark's selection study (`benchmarks/editor.py`): each rule picks what it says, and the
+"""The EDITOR benchmark's selection study (`lab/benchmarks/editor.py`): each rule picks what it says, and the
 oracle's best bounds them all."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from editor import SELECTION_RULES, Scored, rule_rows
+from lab.benchmarks.editor import SELECTION_RULES, Scored, rule_rows
 
 
 def scored(prompt: str, source: str, image: float, pixels: float, text: float, right: float) -> Scored:

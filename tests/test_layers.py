@@ -1,8 +1,9 @@
 """The house's rules, read from the package's own import statements (function-level imports included).
 
 Imports only go down: cli -> server -> tools -> methods -> models -> the ground floor (errors, progress,
-settings, prompts). There is no import circle, only `server/` imports the MCP SDK, and a tool module is plain:
-no torch and no other tool, only the shared kernel (`tools/base.py`, `tools/render.py`).
+settings, prompts). There is no import circle, only `server/` imports the MCP SDK, a tool module is plain:
+no torch and no other tool, only the shared kernel (`tools/base.py`, `tools/render.py`), and the laboratory
+(`lab/`, not in the wheel) is never imported when a product module is.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ TOOL_KERNEL = {"pictoprompt.tools", "pictoprompt.tools.base", "pictoprompt.tools
 TENSOR_LIBRARIES = {"torch", "diffusers", "transformers", "open_clip"}
 
 OPTIONAL_IMPORTS = {
-    "pictoprompt.models.shapes.oracle": {"scipy": "bench"},
     "pictoprompt.server.demo": {"skimage": "demo"},
     "pictoprompt.server.ray_serve": {"ray": "ray"},
 }
-"""Third-party imports that only an extra provides, by module: the benchmarks' oracle, the demo's photos and the
-serving on Ray Serve."""
+"""Third-party imports that only an extra provides, by module: the demo's photos and the serving on Ray Serve."""
 
 
 def module_name(path: Path) -> str:
@@ -76,7 +75,10 @@ def floor(module: str) -> int:
 def test_the_rules_see_every_floor():
     floors = {floor(module) for module in MODULES}
     assert floors == {0, 1, 2, 3, 4, 5}
-    assert package_imports("pictoprompt.models.runtime") >= {"pictoprompt.models.llm", "pictoprompt.models.profiles"}
+    assert package_imports("pictoprompt.models.runtime") >= {
+        "pictoprompt.models.llm_loading",
+        "pictoprompt.models.profiles",
+    }
 
 
 def test_imports_only_go_down():
@@ -160,6 +162,34 @@ def test_tool_modules_are_plain():
         assert not {name.split(".")[0] for name in imports_of(kernel)} & TENSOR_LIBRARIES, kernel
 
 
+def module_level_imports(tree: ast.Module) -> Iterator[str]:
+    """The modules a file imports when it is itself imported: every import outside a function body."""
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def test_no_product_module_imports_the_lab_at_module_level():
+    importing = [
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        for name in module_level_imports(ast.parse(path.read_text()))
+        if name.split(".")[0] == "lab"
+    ]
+    assert importing == []
+
+
+def test_the_lab_import_finder_sees_guarded_imports():
+    tree = ast.parse("import os\nif True:\n    from lab.shapes import train\ndef f():\n    import lab.real_size\n")
+    assert sorted(module_level_imports(tree)) == ["lab.shapes", "os"]
+
+
 # ------------------------------------------------------------------------------------------------ dependencies
 
 
@@ -224,7 +254,6 @@ def top_level_package_imports(module: str) -> set[str]:
 
 
 def test_no_runtime_module_needs_an_extra():
-    assert needs_an_extra_to_import("pictoprompt.models.shapes.oracle")
     assert not needs_an_extra_to_import("pictoprompt.server.demo"), "the demo asks for its extra when it needs it"
     # The server reaches Ray Serve only when asked to serve on it, and says how to install it otherwise.
     assert needs_an_extra_to_import("pictoprompt.server.ray_serve")

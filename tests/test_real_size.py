@@ -1,6 +1,6 @@
 """SD-IPC's conversion, the SD-IPC edit and VGD's scoring on the real-size architectures (random weights).
 
-The sets (`pictoprompt.models.real_size`) are built once into the user's cache, or $PICTOPROMPT_REAL_SIZE_DIR
+The sets (`lab.real_size`) are built once into the user's cache, or $PICTOPROMPT_REAL_SIZE_DIR
 (sd15 about 22 s and 3.0 GB, sd21 about 70 s and 4.6 GB, llm-1b 19 s and 2.5 GB on one CPU core). The CPU tests
 run at a reduced resolution, SD 1.5 in float16 (the dtype a GPU runs it in: every value the methods compute in
 float32 must stay float32) and SD 2.1 in float32 (float16 on a CPU is slow; its OpenCLIP image tower is checked
@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lab.real_size import LLAMA3_VOCAB_SIZE, build_real_size_set, real_size_dir, real_size_profile
 from pictoprompt.methods.sd_ipc import (
     VIT_L_TARGET_NORM,
     ImageToPrompt,
@@ -34,7 +35,6 @@ from pictoprompt.methods.sd_ipc import (
 )
 from pictoprompt.methods.vgd import clip_log_probs, image_targets
 from pictoprompt.models.clip import OpenClipClip
-from pictoprompt.models.real_size import LLAMA3_VOCAB_SIZE, build_real_size_set, real_size_dir, real_size_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.server.images import PreResolvedImages

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from lab.shapes.world import full_caption
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods import segmentation
 from pictoprompt.methods.segmentation import (
@@ -32,14 +33,7 @@ from pictoprompt.methods.segmentation import (
 from pictoprompt.models.profiles import LlmSpec, get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.scenes import (
-    PALETTE,
-    Scene,
-    SceneObject,
-    full_caption,
-    render_array,
-    render_scene,
-)
+from pictoprompt.models.shapes.scenes import PALETTE, Scene, SceneObject, render_array, render_scene
 from pictoprompt.progress import Progress
 from pictoprompt.server.images import PreResolvedImages
 from pictoprompt.tools.base import SavedImage, ToolContext

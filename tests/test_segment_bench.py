@@ -1,17 +1,13 @@
-"""The segmentation benchmark's ground truth, baselines and word pairing (`benchmarks/segment.py`)."""
+"""The segmentation benchmark's ground truth, baselines and word pairing (`lab/benchmarks/segment.py`)."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from segment import (
+from lab.benchmarks.segment import (
     Case,
     colour_threshold,
     discrimination,
@@ -23,7 +19,6 @@ from segment import (
     shape_word_scores,
     whole_picture,
 )
-
 from pictoprompt.models.shapes.scenes import Scene, SceneObject, object_alpha, render_scene
 
 

@@ -12,23 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pictoprompt.models.llm import LlamaCppModel, TransformersModel, default_gguf_path, write_tiny_causal_lm
-from pictoprompt.models.lora import read_gguf_adapter
-from pictoprompt.models.shapes.language import MAX_LENGTHS, answer_loss, chat_batch, short_caption, training_chat
-from pictoprompt.models.shapes.scenes import (
-    COLOURS,
+from lab.shapes.language import MAX_LENGTHS, answer_loss, chat_batch, short_caption, training_chat
+from lab.shapes.train import TrainConfig, train
+from lab.shapes.world import (
     LEXICON_FUNCTION_WORDS,
-    NOVEL_SHAPE,
-    TRAIN_SHAPES,
-    Scene,
-    SceneObject,
     caption_lexicon,
     caption_scene,
     language_words,
     random_scene,
     style_caption,
 )
-from pictoprompt.models.shapes.train import TrainConfig, train
+from lab.tiny_lm import write_tiny_causal_lm
+from pictoprompt.models.llm_llama_cpp import LlamaCppModel
+from pictoprompt.models.llm_loading import default_gguf_path
+from pictoprompt.models.llm_transformers import TransformersModel
+from pictoprompt.models.lora import read_gguf_adapter
+from pictoprompt.models.shapes.scenes import COLOURS, NOVEL_SHAPE, TRAIN_SHAPES, Scene, SceneObject
 from pictoprompt.prompts import vgd_messages
 
 
@@ -167,10 +166,10 @@ def test_the_llm_stage_runs_alone_resumes_and_exports_an_adapter_llama_cpp_loads
 def test_the_shapes_llm_answers_in_captions_through_both_backends() -> None:
     """The shipped adapter through llama.cpp (the default) and merged into transformers: both open the answer to
     VGD's inversion chat with the same word, and continue it greedily into a sentence of the world."""
+    from lab.shapes.world import language_words
     from pictoprompt.methods.vgd import vgd_prompt
-    from pictoprompt.models.llm import load_language_model
+    from pictoprompt.models.llm_loading import load_language_model
     from pictoprompt.models.profiles import get_profile
-    from pictoprompt.models.shapes.scenes import language_words
 
     spec = get_profile("shapes").llm
     answers = []

@@ -7,11 +7,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPTokenizer
 
+from lab.shapes.oracle import parse_scene
+from lab.shapes.world import full_caption, held_out_scenes, plain_caption
 from pictoprompt.models.clip import TransformersClip
 from pictoprompt.models.clip_tokenizer import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
 from pictoprompt.models.shapes import CLIP_DIR, GENERATOR_DIR, WEIGHTS_DIR, weights_present
-from pictoprompt.models.shapes.oracle import parse_scene
-from pictoprompt.models.shapes.scenes import full_caption, held_out_scenes, plain_caption, render_scene
+from pictoprompt.models.shapes.scenes import render_scene
 
 pytestmark = pytest.mark.skipif(
     not weights_present(), reason="shapes weights absent: run `pictoprompt models train-shapes` to build them"

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pictoprompt.models.shapes.oracle import ATTRIBUTES, PromptObject, parse_prompt, parse_scene, score_reading
-from pictoprompt.models.shapes.scenes import Scene, SceneObject, held_out_scenes, render_scene
+from lab.shapes.oracle import ATTRIBUTES, PromptObject, parse_prompt, parse_scene, score_reading
+from lab.shapes.world import held_out_scenes
+from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
 
 def _accuracy(scenes: list[Scene]) -> dict[str, float]:
@@ -69,7 +70,7 @@ def test_prompt_parser_reads_synonyms_and_several_objects() -> None:
 
 
 def test_prompt_parser_matches_ground_truth_of_full_captions() -> None:
-    from pictoprompt.models.shapes.scenes import full_caption
+    from lab.shapes.world import full_caption
 
     for scene in held_out_scenes("two", 50, seed=3):
         reading = parse_prompt(full_caption(scene))

@@ -11,10 +11,11 @@ import re
 import pytest
 from PIL import Image, ImageDraw
 
+from lab.shapes.world import LEXICON_FUNCTION_WORDS, caption_lexicon
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.scenes import LEXICON_FUNCTION_WORDS, PALETTE, caption_lexicon
+from pictoprompt.models.shapes.scenes import PALETTE
 from pictoprompt.server.images import PreResolvedImages
 from pictoprompt.tools.base import SavedImage, ToolContext
 from pictoprompt.tools.fuse_concepts import FuseConceptsRequest, fuse_concepts

@@ -9,23 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from pictoprompt.models.shapes.oracle import parse_prompt
+from lab.shapes.oracle import parse_prompt
+from lab.shapes.train import scene_batch, training_scenes
+from lab.shapes.world import (
+    caption_scene,
+    held_out_scenes,
+    objects_overlap,
+    random_free_view,
+    random_scene,
+    render_free_view,
+    shape_twin,
+)
 from pictoprompt.models.shapes.scenes import (
     HELD_OUT_COMBOS,
     IMAGE_SIZE,
     NOVEL_SHAPE,
     PALETTE,
     TRAIN_SHAPES,
-    caption_scene,
-    held_out_scenes,
-    objects_overlap,
-    random_free_view,
-    random_scene,
     render_array,
-    render_free_view,
-    shape_twin,
 )
-from pictoprompt.models.shapes.train import scene_batch, training_scenes
 
 
 def test_same_seed_same_scenes_and_pixels() -> None:
@@ -118,7 +120,7 @@ def test_contrastive_batches_pair_each_twin_with_a_caption_differing_only_in_sha
 
 
 def test_the_words_loss_wants_every_word_of_the_caption_and_nothing_else() -> None:
-    from pictoprompt.models.shapes.train import caption_words_loss
+    from lab.shapes.train import caption_words_loss
 
     start, end = 49406, 49407
     ids = torch.tensor([[start, 5, 6, 5, end, end], [start, 7, end, end, end, end]])

@@ -10,16 +10,8 @@ import pytest
 import torch
 from transformers import CLIPModel
 
+from lab.shapes.train import TrainConfig, _denoising_step_fn, build_vae, clip_config, eos_layout, scene_batch, tokenize
 from pictoprompt.models.clip_tokenizer import load_clip_tokenizer, write_clip_tokenizer
-from pictoprompt.models.shapes.train import (
-    TrainConfig,
-    _denoising_step_fn,
-    build_vae,
-    clip_config,
-    eos_layout,
-    scene_batch,
-    tokenize,
-)
 
 
 def test_eos_layout_keeps_the_start_state_and_puts_the_eos_state_everywhere_after() -> None:
@@ -124,7 +116,7 @@ def test_the_offset_noise_stage_runs_alone_from_an_exported_generator_and_change
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    from pictoprompt.models.shapes.train import build_unet, export_generator, train
+    from lab.shapes.train import build_unet, export_generator, train
 
     torch.manual_seed(0)
     write_clip_tokenizer(tmp_path / "tokenizer")
@@ -151,7 +143,7 @@ def test_the_offset_noise_stage_runs_alone_from_an_exported_generator_and_change
 
 
 def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tmp_path: Path) -> None:
-    from pictoprompt.models.shapes.train import _run_stage
+    from lab.shapes.train import _run_stage
     from pictoprompt.progress import Progress
 
     model = torch.nn.Linear(2, 2)
@@ -173,7 +165,7 @@ def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tm
 def test_the_free_views_stage_runs_alone_from_an_exported_clip_and_leaves_its_text_tower_alone(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from pictoprompt.models.shapes.train import export_clip, train
+    from lab.shapes.train import export_clip, train
 
     torch.manual_seed(0)
     export_clip(tmp_path / "weights", CLIPModel(clip_config()))

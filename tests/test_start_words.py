@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lab.shapes.world import caption_lexicon, language_words
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError
 from pictoprompt.methods.vgd import clip_vocabulary, runtime_vocabulary, written_in
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.scenes import caption_lexicon, language_words
 
 
 def test_a_profile_word_list_is_read_once_without_blanks_comments_or_repeats(tmp_path: Path) -> None:

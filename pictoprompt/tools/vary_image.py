@@ -12,13 +12,9 @@ from typing import Annotated
 from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.tools.base import (
-    AppliedConcept,
-    Guidance,
     ImageRef,
     NumImages,
-    Seed,
-    Side,
-    Steps,
+    SamplingRequest,
     ToolContext,
     ToolHints,
     ToolRequest,
@@ -26,12 +22,12 @@ from pictoprompt.tools.base import (
     Variation,
     image_refs_to_fetch,
 )
-from pictoprompt.tools.render import ImagePrompt, Sampling, render_and_score
+from pictoprompt.tools.render import ImagePrompt, render_and_score
 
 METHOD = "sd-ipc-variation"
 
 
-class VaryImageRequest(ToolRequest):
+class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
@@ -41,16 +37,9 @@ class VaryImageRequest(ToolRequest):
         None,
         description="One weight per reference (default: equal); a larger one counts more in the blend.",
     )
-    num_images: NumImages = 4
-    steps: Steps = 25
-    guidance: Guidance = 7.5
-    seed: Seed = None
-    width: Side = None
-    height: Side = None
-    concept: AppliedConcept = None
 
     @model_validator(mode="after")
-    def _one_weight_per_image(self) -> VaryImageRequest:
+    def _one_weight_per_image(self) -> VaryImageInputs:
         if self.weights is not None:
             if len(self.weights) != len(self.images):
                 raise ValueError(
@@ -64,6 +53,10 @@ class VaryImageRequest(ToolRequest):
         return image_refs_to_fetch(list(self.images))
 
 
+class VaryImageRequest(SamplingRequest, VaryImageInputs):
+    num_images: NumImages = 4
+
+
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
 
@@ -73,7 +66,7 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
     rendered = render_and_score(
         context,
         ImagePrompt(request.images, request.weights),
-        Sampling.of(request),
+        request,
         METHOD,
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
     )

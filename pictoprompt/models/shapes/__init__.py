@@ -1,7 +1,8 @@
 """The bundled `shapes` model set: a miniature Stable Diffusion + CLIP trained on a synthetic world.
 
-`scenes` generates the world (images, captions, held-out sets), `oracle` judges images and prompts against it
-without any model, `train` reproduces the weights shipped under `weights/` (see `MODEL_CARD.md`).
+`scenes` draws the world's scenes (the demo's pictures); the weights ship under `weights/` (see `MODEL_CARD.md`).
+Their training, the world's captions and evaluation sets, and the oracle that judges against it are the
+laboratory's (`lab.shapes`, in a source checkout).
 """
 
 from __future__ import annotations

@@ -24,10 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pictoprompt.models.llm import TransformersModel, default_gguf_path
-from pictoprompt.models.lora import LoraAdapter
-from pictoprompt.models.shapes.scenes import (
-    Scene,
+from lab.shapes.world import (
     caption_lexicon,
     caption_scene,
     full_caption,
@@ -36,6 +33,10 @@ from pictoprompt.models.shapes.scenes import (
     random_scene,
     style_caption,
 )
+from pictoprompt.models.llm_loading import default_gguf_path
+from pictoprompt.models.llm_transformers import TransformersModel
+from pictoprompt.models.lora import LoraAdapter
+from pictoprompt.models.shapes.scenes import Scene
 from pictoprompt.prompts import VgdTask, vgd_messages
 
 TASK_WEIGHTS: dict[VgdTask, float] = {"inversion": 0.7, "style": 0.2, "distillation": 0.1}

@@ -38,23 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import OUTSIDE_SEED, Timer, outside_picture, outside_silhouette, print_table
 from PIL import Image
 
+from lab.benchmarks.harness import OUTSIDE_SEED, Timer, outside_picture, outside_silhouette, print_table
+from lab.shapes.world import HELD_OUT_SEED, full_caption, held_out_scenes
 from pictoprompt.methods.segmentation import WordSegment, otsu, segment
 from pictoprompt.methods.vgd import image_targets, invert, runtime_vocabulary
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.models.shapes.scenes import (
-    HELD_OUT_SEED,
-    PALETTE,
-    Scene,
-    SceneObject,
-    full_caption,
-    held_out_scenes,
-    render_array,
-    render_scene,
-)
+from pictoprompt.models.shapes.scenes import PALETTE, Scene, SceneObject, render_array, render_scene
 
 KINDS = ("single", "two", "outside single", "outside two")
 TUNING_SEED = 4_000_037

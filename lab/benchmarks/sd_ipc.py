@@ -39,30 +39,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grammar import parse_caption
-from harness import Example, Timer, clip_image_similarity, image_agreement, mean_scores, print_table, scene_set
 from PIL import Image
 
+from lab.benchmarks.grammar import parse_caption
+from lab.benchmarks.harness import (
+    Example,
+    Timer,
+    clip_image_similarity,
+    image_agreement,
+    mean_scores,
+    print_table,
+    scene_set,
+)
+from lab.shapes.oracle import ATTRIBUTES, agreement, parse_scene
+from lab.shapes.world import POSITION_PHRASES, full_caption, with_object
 from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.models.shapes.oracle import ATTRIBUTES, agreement, parse_scene
 from pictoprompt.models.shapes.scenes import (
     COLOURS,
     FILLS,
     HELD_OUT_COMBOS,
-    POSITION_PHRASES,
     POSITIONS,
     SIZES,
     THIN_SHAPES,
     TRAIN_SHAPES,
     Scene,
     SceneObject,
-    full_caption,
-    with_object,
 )
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore

@@ -43,10 +43,9 @@ from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.server.assets import AssetStore
+from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.images import PreResolvedImages
 from pictoprompt.server.jobs import JobRunner
-from pictoprompt.server.results import RecordingSink
 from pictoprompt.tools import TOOLS
 from pictoprompt.tools.base import ToolContext
 from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
@@ -93,7 +92,16 @@ def direct_times(arguments: dict, calls: int, folder: Path) -> list[float]:
 
 
 def measure_direct(arguments: dict, calls: int, folder: Path) -> list[float]:
-    command = [sys.executable, __file__, "--direct", json.dumps(arguments), "--calls", str(calls), str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "lab.benchmarks.server_overhead",
+        "--direct",
+        json.dumps(arguments),
+        "--calls",
+        str(calls),
+        str(folder),
+    ]
     with (folder / "direct.log").open("w") as log:
         finished = subprocess.run(command, env=environment(folder), stdout=subprocess.PIPE, stderr=log, text=True)
     if finished.returncode != 0:

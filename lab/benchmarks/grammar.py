@@ -29,7 +29,8 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from pictoprompt.models.shapes.scenes import COLOURS, FILLS, OPENERS, POSITION_PHRASES, SHAPES, SIZES
+from lab.shapes.world import OPENERS, POSITION_PHRASES
+from pictoprompt.models.shapes.scenes import COLOURS, FILLS, SHAPES, SIZES
 
 MAX_OBJECTS = 3
 """A scene has one to three objects (`random_scene`), which never overlap, so no two share a position."""

@@ -1,9 +1,9 @@
 """Train the `shapes` model set from seeds: CLIP (contrastive), the VAE, the U-Net (then on SD-IPC's prompt
 layout too, then with offset noise), CLIP's image side, the LLM's adapter; export.
 
-    python -m pictoprompt.models.shapes.train --out runs/shapes            # train, then export into the package
-    python -m pictoprompt.models.shapes.train --out runs/shapes --device cuda
-    python -m pictoprompt.models.shapes.train --out runs/shapes --only llm # one stage alone, exporting its files
+    python -m lab.shapes.train --out runs/shapes            # train, then export into the package
+    python -m lab.shapes.train --out runs/shapes --device cuda
+    python -m lab.shapes.train --out runs/shapes --only llm # one stage alone, exporting its files
 
 Every batch is drawn fresh from the scene generator with a seed derived from (seed, stage, step), so the data
 never repeats, nothing held out ever appears, and a resumed run sees exactly the batches it would have seen.
@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from lab.schedule import build_scheduler
+from lab.shapes.language import answer_loss, chat_batch, export_language, load_base_llm
+from lab.shapes.world import FreeView, caption_scene, random_free_view, random_scene, render_free_view, shape_twin
 from pictoprompt.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from pictoprompt.models.clip_tokenizer import (
     CLIP_CONTEXT_LENGTH,
@@ -39,20 +42,7 @@ from pictoprompt.models.clip_tokenizer import (
 )
 from pictoprompt.models.lora import LoraAdapter
 from pictoprompt.models.shapes import WEIGHTS_DIR
-from pictoprompt.models.shapes.language import answer_loss, chat_batch, export_language, load_base_llm
-from pictoprompt.models.shapes.scenes import (
-    IMAGE_SIZE,
-    PALETTE,
-    TRAIN_SHAPES,
-    FreeView,
-    Scene,
-    caption_scene,
-    random_free_view,
-    random_scene,
-    render_array,
-    render_free_view,
-    shape_twin,
-)
+from pictoprompt.models.shapes.scenes import IMAGE_SIZE, PALETTE, TRAIN_SHAPES, Scene, render_array
 from pictoprompt.progress import Progress
 
 TEXT_WIDTH = 64
@@ -176,19 +166,6 @@ def build_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=4,
         norm_num_groups=16,
-    )
-
-
-def build_scheduler() -> DDIMScheduler:
-    """Stable Diffusion's noise schedule, as its DDIM sampler is configured."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
     )
 
 

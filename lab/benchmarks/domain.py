@@ -57,10 +57,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import DictImages, Timer, image_agreement, mean_scores, print_table
 from PIL import Image
-from sd_ipc import paired_gap
 
+from lab.benchmarks.harness import DictImages, Timer, image_agreement, mean_scores, print_table
+from lab.benchmarks.sd_ipc import paired_gap
+from lab.shapes.world import caption_scene, full_caption, held_out_scenes
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
@@ -74,9 +75,6 @@ from pictoprompt.models.shapes.scenes import (
     TRAIN_SHAPES,
     Scene,
     SceneObject,
-    caption_scene,
-    full_caption,
-    held_out_scenes,
     render_scene,
 )
 from pictoprompt.progress import Progress

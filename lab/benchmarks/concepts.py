@@ -55,27 +55,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import DictImages, Timer, outside_concept, print_table
 from PIL import Image
 
+from lab.benchmarks.harness import DictImages, Timer, outside_concept, print_table
+from lab.shapes.oracle import SceneReading, parse_scene
+from lab.shapes.world import held_out_scenes
 from pictoprompt.methods.concept_description import complete_description
-from pictoprompt.methods.concept_tuning import (
-    ConceptWeights,
-    TuningResult,
-    denoising_loss,
-    encode_latents,
-    optimise,
-    random_augmentation,
-    swapped_projections,
-    tune_concept,
-)
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import ConceptWeights, swapped_projections
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import TuningResult, denoising_loss, encode_latents, optimise, random_augmentation
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes import weights_present
-from pictoprompt.models.shapes.oracle import SceneReading, parse_scene
-from pictoprompt.models.shapes.scenes import POSITIONS, SIZES, Scene, SceneObject, held_out_scenes, render_scene
+from pictoprompt.models.shapes.scenes import POSITIONS, SIZES, Scene, SceneObject, render_scene
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import CONCEPT_REF_PREFIX, ToolContext

@@ -1,6 +1,6 @@
 """Every tool once on real-size architectures: seconds, peak memory, and whether the outputs are sound.
 
-The sets are seeded random-init copies of the real models (`pictoprompt.models.real_size`): SD 1.5 with CLIP
+The sets are seeded random-init copies of the real models (`lab.real_size`): SD 1.5 with CLIP
 ViT-L/14, or SD 2.1 (v-prediction, 768 px) with OpenCLIP ViT-H/14, each with a Llama 3.2 1B- or 3B-shaped LLM on
 the transformers backend. They are built once into the cache (`$PICTOPROMPT_REAL_SIZE_DIR`, default
 ~/.cache/pictoprompt/real-size; sd15 + llm-1b take 5.4 GB) and loaded through the same profile and loader code as
@@ -50,14 +50,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from harness import print_table
 from PIL import Image
 from pydantic import BaseModel
 
+from lab.benchmarks.harness import print_table
+from lab.real_size import build_real_size_set, real_size_dir, real_size_profile
 from pictoprompt.errors import PictopromptError
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.concepts import ConceptStore
-from pictoprompt.models.real_size import build_real_size_set, real_size_dir, real_size_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.server.images import PreResolvedImages

@@ -36,28 +36,18 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from lab.shapes.oracle import ATTRIBUTES, PromptObject, agreement, match_objects, parse_prompt, parse_scene
+from lab.shapes.world import HELD_OUT_KINDS, full_caption, held_out_scenes, plain_caption
 from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.shapes import CLIP_DIR, GENERATOR_DIR, weights_present
-from pictoprompt.models.shapes.oracle import (
-    ATTRIBUTES,
-    PromptObject,
-    agreement,
-    match_objects,
-    parse_prompt,
-    parse_scene,
-)
 from pictoprompt.models.shapes.scenes import (
     BACKGROUND_WEIGHTS,
     COLOURS,
     FILLS,
-    HELD_OUT_KINDS,
     PALETTE,
     THIN_SHAPES,
     TRAIN_SHAPES,
     Scene,
-    full_caption,
-    held_out_scenes,
-    plain_caption,
     render_scene,
 )
 from pictoprompt.server.assets import flatten_to_rgb

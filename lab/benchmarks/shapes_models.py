@@ -1,6 +1,6 @@
 """Measure the bundled `shapes` CLIP and generator against the oracle, on fixed held-out scenes.
 
-    pictoprompt bench shapes_models                 # print the tables (= python benchmarks/shapes_models.py)
+    pictoprompt bench shapes_models                 # print the tables (= python -m lab.benchmarks.shapes_models)
     pictoprompt bench shapes_models --write-card    # ... and write them into MODEL_CARD.md
 
 CLIP: text-to-image R@1 among 100 candidates (full captions), zero-shot colour and shape on single objects
@@ -22,28 +22,21 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from harness import (
-    Example,
-    format_table,
-    load_shapes_clip,
-    load_shapes_pipeline,
-    mean_scores,
-    scene_set,
-)
 from PIL import Image
 
+from lab.benchmarks.harness import Example, format_table, load_shapes_clip, load_shapes_pipeline, mean_scores, scene_set
+from lab.shapes.oracle import agreement, parse_scene
+from lab.shapes.train import eos_layout
 from pictoprompt.methods.sd_ipc import pipeline_text_states
 from pictoprompt.models.clip import ClipModel
-from pictoprompt.models.shapes.oracle import agreement, parse_scene
+from pictoprompt.models.shapes import WEIGHTS_DIR
 from pictoprompt.models.shapes.scenes import COLOURS, TRAIN_SHAPES, SceneObject
-from pictoprompt.models.shapes.train import eos_layout
 
-CARD = Path(__file__).resolve().parents[1] / "pictoprompt" / "models" / "shapes" / "MODEL_CARD.md"
+CARD = WEIGHTS_DIR.parent / "MODEL_CARD.md"
 CARD_BEGIN, CARD_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 GOALS = {
     "R@1 (100 candidates)": 0.60,

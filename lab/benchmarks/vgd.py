@@ -53,8 +53,10 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
-from grammar import WORLD_WORDS, match_parsed, named_attributes, parse_caption, parse_style
-from harness import (
+from PIL import Image
+
+from lab.benchmarks.grammar import WORLD_WORDS, match_parsed, named_attributes, parse_caption, parse_style
+from lab.benchmarks.harness import (
     OUTSIDE_N,
     OUTSIDE_SEED,
     Example,
@@ -68,8 +70,7 @@ from harness import (
     print_table,
     scene_set,
 )
-from PIL import Image
-
+from lab.shapes.world import held_out_scenes
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
@@ -91,7 +92,7 @@ from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.models.shapes.scenes import FILLS, Scene, held_out_scenes, render_scene
+from pictoprompt.models.shapes.scenes import FILLS, Scene, render_scene
 from pictoprompt.progress import Progress
 
 KINDS = ("single", "two", "held_out_combos")

@@ -3,7 +3,7 @@
 # resolution in float16 for SD 1.5 + Llama 1B, SD 1.5 + Llama 3B and SD 2.1 + Llama 1B. Run from the checkout's
 # root; the sets are built on the machine itself (about 10 GB under $PICTOPROMPT_REAL_SIZE_DIR, a few minutes).
 #
-#   benchmarks/real_size_gpu.sh [OUTPUT_DIR]          # tables on stdout, one JSON per run in OUTPUT_DIR
+#   lab/benchmarks/real_size_gpu.sh [OUTPUT_DIR]          # tables on stdout, one JSON per run in OUTPUT_DIR
 #
 # A machine without diffusers, open_clip or this package (torch and transformers present, no internet) takes them
 # as wheels in .whl/ (pure Python; download them here with `pip download --no-deps -d .whl diffusers open_clip_torch

@@ -30,10 +30,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
+from lab.schedule import build_scheduler
 from pictoprompt.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from pictoprompt.models.clip_tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer, write_clip_tokenizer
 from pictoprompt.models.profiles import ClipSpec, LlmSpec, Profile
-from pictoprompt.models.shapes.train import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def clip_whole_words() -> list[str]:
 def _write_llm(directory: Path, size: LlmSize, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pictoprompt.models.llm import write_word_level_tokenizer
+    from lab.tiny_lm import write_word_level_tokenizer
 
     tokenizer = write_word_level_tokenizer(directory, clip_whole_words())
     config = LlamaConfig(

@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from grammar import named_attributes, parse_caption
-from harness import (
+from PIL import Image
+
+from lab.benchmarks.grammar import named_attributes, parse_caption
+from lab.benchmarks.harness import (
     Example,
     Perplexity,
     Timer,
@@ -50,9 +52,7 @@ from harness import (
     print_table,
     scene_set,
 )
-from PIL import Image
-from vgd import KINDS, median, percent, pez_prompt, render
-
+from lab.benchmarks.vgd import KINDS, median, percent, pez_prompt, render
 from pictoprompt.methods.editor import (
     CANDIDATES_PER_TARGET,
     SELECTION_SEEDS,
