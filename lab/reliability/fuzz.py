@@ -444,7 +444,9 @@ class Fuzzer:
             return
         self.tally.outcomes["refused"] += 1
         self.tally.refusals[re.sub(r"'[^']*'|\d+(\.\d+)?|\"[^\"]*\"", "_", text)[:160]] += 1
-        if case.field is not None and case.field not in text:
+        # The base of a broken call is valid, so a refusal of its arguments is the broken field's and must name it.
+        # (A refusal for another reason means the server took the value: pydantic's lax mode reads "5" as 5.)
+        if case.field is not None and "Invalid arguments (" in text and case.field not in text:
             self.tally.problem("unnamed_field", case, text)
         after = store_snapshot(self.folder)
         if after != before:
@@ -523,6 +525,8 @@ class Plan:
     verbose: bool = False
     trace: Path | None = None
     """Each call's arguments are written here before it is made (to find the call a hang or crash follows)."""
+    minutes: float | None = None
+    """Stop after this long even if fewer calls were made (the tally says how many)."""
 
 
 def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, plan: Plan) -> Tally:
@@ -539,6 +543,8 @@ def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, p
     started = time.monotonic()
     try:
         for _ in range(plan.calls):
+            if plan.minutes is not None and time.monotonic() - started > plan.minutes * 60:
+                break
             fuzzer.run(cases.next())
     except (TimeoutError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
         # counted as a crash or a hang; the run stops, since the session is gone
@@ -575,13 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heavy-valid", type=float, default=0.1, help="Share of valid calls among a model tool's calls."
     )
+    parser.add_argument("--minutes", type=float, help="Stop after this long, with the calls made by then.")
     parser.add_argument("--trace", type=Path, help="Write each call's arguments here before making it.")
     parser.add_argument("--verbose", action="store_true", help="Print slow calls and every 100th call.")
     args = parser.parse_args(argv)
     summaries = []
     for transport in args.transport:
         with tempfile.TemporaryDirectory(prefix=f"fuzz-{transport}-") as folder:
-            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace)
+            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace, args.minutes)
             tally = fuzz_transport(transport, plan, Path(folder), args.profile)
         summary = tally.summary()
         summaries.append(summary)
