@@ -43,7 +43,7 @@ def test_a_broken_call_names_the_field_it_broke():
     }
     seen: set[str] = set()
 
-    @settings(max_examples=200, deadline=None, database=None)
+    @settings(max_examples=60, deadline=None, database=None)
     @given(case=broken_arguments("generate_image", schema, Pools(images=["x.png"])))
     def check(case: Case) -> None:
         seen.add(case.kind)
