@@ -30,7 +30,16 @@ from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummar
 from pictoprompt.models.profiles import ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.tools.base import ConceptName, ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import (
+    ConceptName,
+    DomainNote,
+    ImageRef,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+    picture_note,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -40,30 +49,32 @@ class CustomizeConceptRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=3,
         max_length=10,
-        description="Pictures of the concept, ideally varied in pose, position and background.",
+        description="Varied pictures of the concept.",
     )
-    iterations: int | None = Field(None, ge=1, le=500, description="Tuning steps; default: the profile's (paper: 30).")
+    iterations: int | None = Field(None, ge=1, le=500, description="Default: the profile's (paper: 30).")
     learning_rate: float | None = Field(
         None,
         gt=0.0,
         le=1e-3,
-        description="Constant learning rate of every tuned weight; default: the profile's (paper: 5e-6), which may "
-        "give the deep prompts their own while aligning to a description.",
+        description="Default: the profile's (paper: 5e-6).",
     )
     description: str | None = Field(
         None,
         max_length=200,
-        description="Optional: what the pictures show in a few words ('a green heart', 'a ginger cat'). Tuning aligns "
-        "to them; they follow its name in prompts and start edits of image='concept:NAME'.",
+        description="Optional: what the pictures show ('a green heart'); tuning aligns to it.",
     )
     complete_description: bool = Field(
         True,
-        description="Let the generator complete the description (or write one) from the pictures.",
+        description="Complete (or write) the description from the pictures.",
     )
-    overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
+    overwrite: bool = Field(False, description="Replace a concept of that name.")
 
     def image_refs(self) -> list[str]:
         return list(self.images)
+
+
+class CustomizeConceptResponse(ConceptSummary):
+    domain_note: DomainNote = None
 
 
 def concept_card(
@@ -149,7 +160,7 @@ def completed(
     )
 
 
-def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
+def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> CustomizeConceptResponse:
     store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
@@ -176,7 +187,8 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         progress=tuning_progress,
     )
     card = concept_card(request.name, "concept", result, context.runtime, description, completed_with)
-    return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
+    summary = store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
+    return CustomizeConceptResponse(**summary.model_dump(), domain_note=picture_note(context, request.images))
 
 
 def read_captions(images_dir: Path, captions_file: Path) -> tuple[list[Image.Image], list[str], list[str] | None]:
@@ -256,13 +268,12 @@ SPEC = ToolSpec(
     name="customize_concept",
     title="Learn a concept from a few pictures",
     description=(
-        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT), optionally with a "
-        "few words of what it is. Then pass concept=NAME to generate_image (NAME in its prompt stands for it), "
-        "vary_image or edit_with_text, and image='concept:NAME' instead of re-sending pictures. Nothing is saved "
-        "unless the job finishes."
+        "Teach a concept (object, pet, person) from 3-10 pictures (SD-IPC-CT), optionally described in a few words. "
+        "Then use concept=NAME in generate_image (NAME in the prompt stands for it), vary_image or edit_with_text, "
+        "or image='concept:NAME'."
     ),
     request_model=CustomizeConceptRequest,
-    response_model=ConceptSummary,
+    response_model=CustomizeConceptResponse,
     run=customize_concept,
     hints=ToolHints(read_only=False, destructive=True, idempotent=False, open_world=False),
 )

@@ -22,6 +22,7 @@ from pictoprompt.methods.prompt_edit import rewrite_prompt
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.tools.base import (
     CONCEPT_REF_PREFIX,
+    DomainNote,
     ImageRef,
     LlmNote,
     NumImages,
@@ -32,6 +33,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import EditPrompt, reference_embeddings, render_and_score
 
@@ -50,18 +52,18 @@ class EditWithTextInputs(ToolRequest):
     )
     method: EditMethod = Field(
         "rewrite",
-        description="rewrite: edit the picture's prompt and draw it; sd-ipc: the paper's Eq. 8 (no LLM).",
+        description="rewrite: edit the picture's prompt; sd-ipc: the paper's Eq. 8 (no LLM).",
     )
     source_prompt: str | None = Field(
         None,
         max_length=300,
-        description="rewrite: the picture's prompt if known (e.g. from invert_image); else it is written first.",
+        description="rewrite: the picture's prompt, if known.",
     )
     alpha: float | None = Field(
         None,
         ge=0.0,
         le=3.0,
-        description="Edit strength: 0 keeps only the picture; default 1.0 (rewrite) or 0.9 (sd-ipc, the paper's).",
+        description="Edit strength (0: only the picture); default 1.0, sd-ipc 0.9.",
     )
 
     def image_refs(self) -> list[str]:
@@ -86,6 +88,7 @@ class EditWithTextResponse(BaseModel):
     edited_prompt: str | None = Field(description="rewrite: that prompt with the edit put in; what was drawn.")
     images: list[EditedImage] = Field(description="The edited images in seed order, each with its two scores.")
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWithTextResponse:
@@ -116,6 +119,7 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
         source_prompt=source,
         edited_prompt=edited,
         llm_note=note,
+        domain_note=picture_note(context, [request.image]),
         images=[
             EditedImage(**r.image.model_dump(), image_similarity=r.image_similarity, text_similarity=r.text_similarity)
             for r in rendered
@@ -142,10 +146,9 @@ SPEC = ToolSpec(
     name="edit_with_text",
     title="Edit an image with words",
     description=(
-        "Make 1-8 images that keep a reference image's content and apply a change in words ('blue', 'on the left', "
-        "'in the snow'). By default the picture's prompt is written (or given as source_prompt), the edit is put "
-        "into it, and both prompts are returned; the layout is not copied. Each image reports its seed and its CLIP "
-        "similarity to the reference and to the edit text."
+        "Make 1-8 images of a reference image with a change in words ('blue', 'on the left'). By default its prompt "
+        "is written (or given as source_prompt) and edited; the layout is not copied. Each image reports its seed "
+        "and CLIP similarity to the reference and the edit."
     ),
     request_model=EditWithTextRequest,
     response_model=EditWithTextResponse,

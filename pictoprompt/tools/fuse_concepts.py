@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.scoring import prompt_similarities
 from pictoprompt.methods.vgd import FuseStrategy, fuse, image_targets, runtime_vocabulary, text_perplexities
 from pictoprompt.tools.base import (
+    DomainNote,
     Guidance,
     ImageRef,
     LlmNote,
@@ -27,6 +28,7 @@ from pictoprompt.tools.base import (
     ToolRequest,
     ToolSpec,
     Variation,
+    picture_note,
 )
 from pictoprompt.tools.render import TextPrompt, render_and_score
 
@@ -37,11 +39,11 @@ class FuseConceptsRequest(ToolRequest):
     images: list[ImageRef] = Field(min_length=2, max_length=5, description="2-5 images, one concept each.")
     strategy: FuseStrategy = Field(
         "merge",
-        description="merge: one prompt per image, then one sentence written from them; joint: one prompt decoded "
-        "against all images at once; concat: the per-image prompts joined as a list ('A and B').",
+        description="merge: a prompt per image, then one from them; joint: one for all images; concat: joined "
+        "('A and B').",
     )
     max_tokens: MaxTokens = 32
-    generate: bool = Field(True, description="Also generate images from the fused prompt.")
+    generate: bool = Field(True, description="Also draw the prompt.")
     num_images: NumImages = 4
     steps: Steps = 25
     guidance: Guidance = 7.5
@@ -65,6 +67,7 @@ class FuseConceptsResponse(BaseModel):
         "inputs."
     )
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseConceptsResponse:
@@ -99,6 +102,7 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
         perplexity=text_perplexities(llm, [prompt])[0],
         images=images,
         llm_note=llm.fallback_note,
+        domain_note=picture_note(context, request.images),
     )
 
 
@@ -106,9 +110,8 @@ SPEC = ToolSpec(
     name="fuse_concepts",
     title="Fuse the concepts of several images into one prompt",
     description=(
-        "Write one readable prompt that combines the concepts of 2-5 images (VGD), and optionally images from it. "
-        "Reports each input image's CLIP similarity to the prompt (a low one: that concept is weak), and each "
-        "generated image's mean similarity to the inputs."
+        "One readable prompt combining the concepts of 2-5 images (VGD), optionally with images from it; reports "
+        "each input's CLIP similarity to it (low: that concept is weak)."
     ),
     request_model=FuseConceptsRequest,
     response_model=FuseConceptsResponse,

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.segmentation import WordSegment, segment
 from pictoprompt.methods.vgd import image_targets, invert, runtime_vocabulary
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     LlmNote,
     SavedImage,
@@ -28,6 +29,7 @@ from pictoprompt.tools.base import (
     ToolHints,
     ToolRequest,
     ToolSpec,
+    picture_note,
 )
 
 METHOD = "cross-attention-segmentation"
@@ -62,11 +64,9 @@ class SegmentImageRequest(ToolRequest):
         None,
         min_length=1,
         max_length=2000,
-        description="A prompt describing the picture. Omit to have VGD write one (as invert_image).",
+        description="The picture's prompt; omitted, VGD writes one.",
     )
-    words: list[str] | None = Field(
-        None, min_length=1, max_length=32, description="Only these words of the prompt (default: all)."
-    )
+    words: list[str] | None = Field(None, min_length=1, max_length=32, description="Only these words (default: all).")
 
     def image_refs(self) -> list[str]:
         return [self.image]
@@ -96,6 +96,7 @@ class SegmentImageResponse(BaseModel):
     words: list[WordMask] = Field(description="The prompt's words in order (or the requested ones).")
     overlay: SavedImage = Field(description="The picture with each mask tinted in its word's colour.")
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def segment_image(request: SegmentImageRequest, context: ToolContext) -> SegmentImageResponse:
@@ -148,6 +149,7 @@ def segment_image(request: SegmentImageRequest, context: ToolContext) -> Segment
         words=words,
         overlay=overlay,
         llm_note=llm_note,
+        domain_note=picture_note(context, [request.image]),
     )
 
 
@@ -188,9 +190,8 @@ SPEC = ToolSpec(
     name="segment_image",
     title="Find the words of a prompt in a picture",
     description=(
-        "Mask each word of a prompt in a picture, from the generator's attention and denoising: a PNG mask, area and "
-        "attention per word, no mask (with the reason) for words naming nothing visible, and one overlay coloured "
-        "per word. Without a prompt, VGD writes one first."
+        "Mask each word of a prompt in a picture from the generator's attention: per word a PNG mask, area and "
+        "attention (or why none), and one overlay. Without a prompt, VGD writes one."
     ),
     request_model=SegmentImageRequest,
     response_model=SegmentImageResponse,

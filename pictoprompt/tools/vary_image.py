@@ -12,6 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     NumImages,
     SamplingRequest,
@@ -21,6 +22,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import ImagePrompt, render_and_score
 
@@ -31,11 +33,11 @@ class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Reference images; several are blended (their CLIP embeddings averaged).",
+        description="Reference images; several are blended.",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One weight per reference (default: equal); a larger one counts more in the blend.",
+        description="One weight per reference (default: equal).",
     )
 
     @model_validator(mode="after")
@@ -59,6 +61,7 @@ class VaryImageRequest(SamplingRequest, VaryImageInputs):
 
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
+    domain_note: DomainNote = None
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
@@ -71,7 +74,8 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
     )
     return VaryImageResponse(
-        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
+        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
+        domain_note=picture_note(context, request.images),
     )
 
 
@@ -79,9 +83,8 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 reference images, no prompt needed (SD-IPC converts "
-        "their CLIP embedding into a prompt embedding). Several references are blended, optionally weighted. Each "
-        "image reports its seed and its CLIP similarity to the references (higher is closer)."
+        "Make 1-8 images with the content and style of 1-5 reference images, blended and optionally weighted "
+        "(SD-IPC; no prompt). Each reports its seed and CLIP similarity to the references."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,
