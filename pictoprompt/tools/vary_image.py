@@ -49,6 +49,9 @@ class VaryImageInputs(ToolRequest):
                 )
             if sum(self.weights) <= 0:
                 raise ValueError("at least one weight must be positive.")
+            # Only the ratios count; scaled to at most 1 they stay finite in float32 (1e308 became inf, then NaN).
+            largest = max(self.weights)
+            self.weights = [weight / largest for weight in self.weights]
         return self
 
     def image_refs(self) -> list[str]:
