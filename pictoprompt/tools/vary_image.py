@@ -64,11 +64,17 @@ class VaryImageResponse(BaseModel):
     domain_note: DomainNote = None
 
 
+def _relative(weights: list[float] | None) -> list[float] | None:
+    """Only the ratios count: scaled to at most 1 they stay finite in float32 (a weight of 1e308 became inf there,
+    and the similarity NaN)."""
+    return None if weights is None else [weight / max(weights) for weight in weights]
+
+
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
     weights = request.weights or [1.0] * len(request.images)
     rendered = render_and_score(
         context,
-        ImagePrompt(request.images, request.weights),
+        ImagePrompt(request.images, _relative(request.weights)),
         request,
         METHOD,
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
