@@ -65,7 +65,7 @@ MAX_LEARNING_RATE = 0.1
 STEP_SIZE_UP = 50
 CHECK_EVERY = 50
 ITERATIONS = 1000
-"""The paper's iterations; the tool's default is set from the benchmark to fit a CPU (see README)."""
+"""The paper's iterations; the tool's default is set from the benchmark to fit a CPU (lab/RESULTS.md, "EDITOR")."""
 NOISE_SEED = 0
 SELECTION_SEEDS = (0, 1, 2, 3)
 """Each candidate is judged on its pictures from these seeds; the first one's is its preview."""
@@ -301,6 +301,7 @@ def reverse_engineer(
                     result.improvements.append((iteration, loss, best))
             if last:
                 break
+            progress.check()  # a cancel that came during the forward pass stops before the backward, its dearer half
             optimizer.zero_grad()
             losses.sum().backward()
             optimizer.step()

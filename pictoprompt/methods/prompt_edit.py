@@ -15,8 +15,8 @@ draws one of them or a mix (purple). Here the edit replaces the attribute instea
    `states[i >= eos] = h_src_eos + alpha * (h_tgt[i] - h_src_eos) + residual * (f_cnvrt - h_src_eos)`.
    At `alpha = 1` and `residual = 0` that is exactly `T_tgt`'s states; `alpha` > 1 pushes further along the edit,
    and `residual` brings back what the words missed (SD-IPC's `f_cnvrt`, Eq. 6). On the bundled set a residual
-   kept no more of the picture and applied the edit less often (40 held-out scenes, colour edits: applied 82.5 %
-   at 0, 77.5 % at 0.5, 70 % at 1; the rest kept 50 % at each), so it is 0 by default.
+   kept no more of the picture and applied the edit less often, so it is 0 by default (lab/RESULTS.md, "Figures
+   behind the code's choices").
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int, int]]:
     distinct.
 
     A one-word edit replaces one word ("blue" for "red"); a longer one a run of up to two words more than its own
-    ("on the right" for "in the bottom left corner"). The edit's leading article is dropped where the source
+    ("on the right" for "in the bottom left corner"), or after the whole prompt, with or without a comma. The
+    edit's leading article is dropped where the source
     already has one ("a star" in "a red circle" gives "a red star").
     """
     words, edit_words = source.split(), edit.split()
@@ -74,6 +75,8 @@ def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int, int]]:
             for end in range(start, min(len(words), start + longest) + 1):
                 text = _fix_articles(" ".join([*words[:start], *insertion, *words[end:]]))
                 candidates.setdefault(text, (start, end - start))
+    # After the whole prompt: as it reads on ("a green heart on the left"), or as a clause of its own.
+    candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')} {edit}"), (len(words), 0))
     candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')}, {edit}"), (len(words), 0))
     candidates.pop(_fix_articles(source), None)
     return [(text, start, dropped) for text, (start, dropped) in candidates.items()]

@@ -122,6 +122,13 @@ class ConceptTuning(BaseModel):
         "with at most one word of every `completion_words` group before it ('a striped green heart'). None: "
         "without a description, none is written.",
     )
+    place_context_words: bool = Field(
+        False,
+        description="In a prompt naming a concept with a description, put the words after its name into the "
+        "description where the LLM finds them likeliest, as edit_with_text puts an edit into a prompt ('NAME small' "
+        "-> '[concept] a small striped green heart'), instead of after it (not in the paper; for a generator that "
+        "follows a word only where its captions put it).",
+    )
     completion_alignment: int = Field(
         0,
         ge=0,
@@ -241,17 +248,15 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             vocabulary="builtin:shapes/lexicon.txt",
             dictionary="builtin:shapes/words.txt",
             # 30 steps at 1e-4 was the best of the sweep on concepts kept apart from the evaluated ones
-            # (`pictoprompt bench concepts --sweep`: generate identity 25% against 17% at the paper's 5e-6 and 21%
-            # at 100 steps), and the fastest (6 s on a shared CPU core). The larger rate than the paper's suits
-            # these small weights. With a description, aligning to it with the deep prompts at 1e-2 gave 40% on
-            # those concepts against 36% at 1e-4 and 33% for the words alone; without one, the deep prompts at
-            # 1e-2 lost identity (22% there, 6.9% on the first 3 evaluated concepts), so they keep 1e-4 (README,
-            # "Learned concepts on the bundled set").
+            # (`pictoprompt bench concepts --sweep`), against the paper's 5e-6 and against 100 steps, and the
+            # fastest. The larger rate than the paper's suits these small weights. With a description, aligning to
+            # it with the deep prompts at 1e-2 did best on those concepts; without one, the deep prompts at 1e-2
+            # lost identity, so they keep 1e-4 (figures: lab/RESULTS.md, "SD-IPC-CT: learned concepts").
             # A description is completed with a fill or a colour: what the object is, never where it stands or how
             # large one picture shows it. Among every lexicon word, position words ("middle") explained the bench's
             # references better for 3 of its 10 concepts, and size words won on pictures drawn at other sizes. The
-            # shapes U-Net only judges pictures on its grid, hence the alignment (README, "Learned concepts on the
-            # bundled set").
+            # shapes U-Net only judges pictures on its grid, hence the alignment (lab/RESULTS.md, "SD-IPC-CT:
+            # learned concepts").
             concept_tuning=ConceptTuning(
                 iterations=30,
                 learning_rate=1e-4,
@@ -263,11 +268,14 @@ BUILTIN_PROFILES: dict[str, Profile] = {
                 ],
                 description_nouns=["circle", "square", "triangle", "star", "heart", "cross"],
                 completion_alignment=4,
+                # The generator follows a size word before the noun only: "a striped blue circle small" came out
+                # small 2 times in 6, "a small striped blue circle" 6 in 6, so "NAME small" lost its context.
+                place_context_words=True,
             ),
             # The paper's loss and rate gave no gain on a domain of striped objects (`pictoprompt bench domain`):
             # the image side loses the stripes. Caption alignment with the deep prompts at 1e-2 was chosen on the
-            # domain's tuning scenes (+10.0 points of all kept, against +0.0 at the paper's settings) and measured
-            # on its evaluation scenes: +16.2 (README, "Domain fine-tuning").
+            # domain's tuning scenes, against the paper's settings, and measured on its evaluation scenes
+            # (lab/RESULTS.md, "SD-IPC-FT: domain fine-tuning").
             domain_tuning=DomainTuning(prompt_learning_rate=1e-2, caption_alignment=1.0),
             # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
             # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench

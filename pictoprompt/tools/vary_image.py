@@ -33,11 +33,11 @@ class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Reference images; several are blended (their CLIP embeddings averaged).",
+        description="Reference images; several are blended.",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One weight per reference (default: equal); a larger one counts more in the blend.",
+        description="One weight per reference (default: equal).",
     )
 
     @model_validator(mode="after")
@@ -64,11 +64,17 @@ class VaryImageResponse(BaseModel):
     domain_note: DomainNote = None
 
 
+def _relative(weights: list[float] | None) -> list[float] | None:
+    """Only the ratios count: scaled to at most 1 they stay finite in float32 (a weight of 1e308 became inf there,
+    and the similarity NaN)."""
+    return None if weights is None else [weight / max(weights) for weight in weights]
+
+
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
     weights = request.weights or [1.0] * len(request.images)
     rendered = render_and_score(
         context,
-        ImagePrompt(request.images, request.weights),
+        ImagePrompt(request.images, _relative(request.weights)),
         request,
         METHOD,
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
@@ -83,9 +89,8 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 reference images, no prompt needed (SD-IPC converts "
-        "their CLIP embedding into a prompt embedding). Several references are blended, optionally weighted. Each "
-        "image reports its seed and its CLIP similarity to the references (higher is closer)."
+        "Make 1-8 images with the content and style of 1-5 reference images, blended and optionally weighted "
+        "(SD-IPC; no prompt). Each reports its seed and CLIP similarity to the references."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,
