@@ -1,16 +1,22 @@
 """`vary_image`: variations of one or several reference images through SD-IPC's image-to-prompt conversion.
 
 The references' CLIP embeddings (averaged when there are several, optionally weighted) become a pseudo-prompt
-that the unchanged generator renders; no training and no caption are involved. Each variation reports how
-close CLIP finds it to the references, so the assistant can point the user to the closest ones.
+that the unchanged generator renders; no training and no caption are involved (`method="sd-ipc"`, the paper's).
+`method="prompted"` (ours) first writes the references' readable prompt with VGD and conditions on it together
+with the converted embedding (`methods.sd_ipc.prompted_states`): the prompt names the shape and the background,
+which the conversion alone loses on a small CLIP, while the seeds still vary what it does not name. The profile
+says which is the default (`Profile.variation`). Each variation reports how close CLIP finds it to the
+references, so the assistant can point the user to the closest ones.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import replace
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
     AppliedConcept,
     Guidance,
@@ -26,20 +32,21 @@ from pictoprompt.tools.base import (
     Variation,
     image_refs_to_fetch,
 )
-from pictoprompt.tools.render import ImagePrompt, Sampling, render_and_score
+from pictoprompt.tools.render import ImagePrompt, Sampling, picture_prompt, render_and_score
 
-METHOD = "sd-ipc-variation"
+VaryMethod = Literal["sd-ipc", "prompted"]
+METHODS: dict[VaryMethod, str] = {"sd-ipc": "sd-ipc-variation", "prompted": "prompted-sd-ipc-variation"}
 
 
 class VaryImageRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Reference images; several are blended (their CLIP embeddings averaged).",
+        description="Several are blended.",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One weight per reference (default: equal); a larger one counts more in the blend.",
+        description="One per image (default: equal).",
     )
     num_images: NumImages = 4
     steps: Steps = 25
@@ -48,6 +55,10 @@ class VaryImageRequest(ToolRequest):
     width: Side = None
     height: Side = None
     concept: AppliedConcept = None
+    method: VaryMethod | None = Field(
+        None,
+        description="sd-ipc (paper) or prompted: also the images' written prompt. Default: the model set's.",
+    )
 
     @model_validator(mode="after")
     def _one_weight_per_image(self) -> VaryImageRequest:
@@ -66,19 +77,29 @@ class VaryImageRequest(ToolRequest):
 
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
+    prompt: str | None = Field(None, description="method prompted: the references' prompt the variations follow.")
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
+    settings = context.runtime.profile.variation
+    method: VaryMethod = request.method or ("prompted" if settings.picture_prompt else "sd-ipc")
     weights = request.weights or [1.0] * len(request.images)
+    metadata = {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)}
+    prompt, drawing = None, context
+    if method == "prompted":
+        prompt = picture_prompt(context, request.images, request.weights)
+        metadata |= {"prompt": prompt, "converted_weight": str(settings.converted_weight)}
+        drawing = replace(context, progress=context.progress.scaled(0.6, 0.4, 1.0))
     rendered = render_and_score(
-        context,
-        ImagePrompt(request.images, request.weights),
+        drawing,
+        ImagePrompt(request.images, request.weights, prompt, settings.converted_weight),
         Sampling.of(request),
-        METHOD,
-        {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
+        METHODS[method],
+        metadata,
     )
     return VaryImageResponse(
-        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
+        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
+        prompt=prompt,
     )
 
 
@@ -86,12 +107,14 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 reference images, no prompt needed (SD-IPC converts "
-        "their CLIP embedding into a prompt embedding). Several references are blended, optionally weighted. Each "
-        "image reports its seed and its CLIP similarity to the references (higher is closer)."
+        "Make 1-8 new images with the content and style of 1-5 images, no prompt needed (SD-IPC); several are "
+        "blended. Each reports its seed and CLIP similarity to the references (higher is closer)."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,
     run=vary_image,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+    # method='prompted' writes the references' prompt with the LLM, from the profile's start words.
+    components=("generator", "clip", "llm"),
+    warm_up=runtime_vocabulary,
 )
