@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     ray_replica_gpus: float | None = Field(
         None, ge=0, description="GPUs per replica; default 1 when the cluster has GPUs, else 0."
     )
+    ray_batch_size: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most concurrent generate_image/vary_image calls a replica samples in one U-Net batch (they must "
+        "share step count and size); 1 runs one call at a time.",
+    )
+    ray_batch_wait_seconds: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="How long a replica waits for more calls to fill a batch; a call alone never waits.",
+    )
 
     @property
     def assets_root(self) -> Path:

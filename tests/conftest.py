@@ -18,7 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from lab.tiny_lm import write_tiny_causal_lm
-from pictoprompt.models.llm import LanguageModel, load_language_model
+from pictoprompt.models.llm import LanguageModel
+from pictoprompt.models.llm_loading import load_language_model
 from pictoprompt.models.profiles import LlmSpec, get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.settings import Settings

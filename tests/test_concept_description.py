@@ -22,8 +22,8 @@ from pictoprompt.methods.concept_description import (
     with_article,
     with_word,
 )
-from pictoprompt.methods.concept_tuning import encode_latents
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import ConceptStore

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.concept_tuning import TuningResult, mentions, named_concept_prompt, tune_concept
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import named_concept_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
-from pictoprompt.models.concepts import ConceptStore
+from pictoprompt.methods.tuning import TuningResult
+from pictoprompt.models.concepts import ConceptStore, mentions
 from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.assets import AssetStore

@@ -19,25 +19,20 @@ import torch
 from PIL import Image
 
 from pictoprompt.errors import InvalidInputError, JobCancelledError
-from pictoprompt.methods.concept_tuning import (
-    CaptionAlignment,
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import (
     ConceptWeights,
-    DeepPromptedVision,
-    PromptedClip,
     applied_concept,
     base_hash,
-    clip_pixels,
     cross_attention_projections,
-    denoising_loss,
-    encode_latents,
     swapped_projections,
-    train_domain,
-    tune_concept,
-    vision_tower,
 )
+from pictoprompt.methods.domain_tuning import train_domain
 from pictoprompt.methods.generation import default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import CaptionAlignment, denoising_loss, encode_latents
 from pictoprompt.models.clip import OpenClipClip
+from pictoprompt.models.clip_vision import DeepPromptedVision, PromptedClip, clip_pixels, vision_tower
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import ClipSpec, Profile
 from pictoprompt.models.runtime import Runtime

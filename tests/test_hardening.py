@@ -35,8 +35,9 @@ from PIL import Image
 from pictoprompt.errors import BusyError, NotFoundError
 from pictoprompt.server import images as images_module
 from pictoprompt.server.app import create_server
+from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.images import ImagePolicy, ImageResolver
-from pictoprompt.server.jobs import JobRunner
+from pictoprompt.server.jobs import JobRunner, forget_ended
 from pictoprompt.tools import TOOLS
 
 HOST = "127.0.0.2"
@@ -198,13 +199,10 @@ async def test_a_finished_job_drops_its_decoded_inputs(settings, tiny_runtime, m
         assert again.structured_content["result"]["images"] and any(b.type == "resource_link" for b in again.content)
 
 
-def test_finished_jobs_are_forgotten_with_what_they_keep():
-    class Saved:
-        pass
-
+def test_finished_jobs_are_forgotten_with_what_they_keep(tmp_path: Path):
     runner = JobRunner(threading.Lock(), depth=2, keep_finished_seconds=0.01)
     try:
-        kept = Saved()
+        kept = RecordingSink(AssetStore(tmp_path))
         job = runner.submit("t", lambda progress: "done", keep=kept)
         job.future.result(timeout=10)
         assert runner.get(job.id).keep is kept and job.work is None  # the inputs go as soon as it ends
@@ -526,3 +524,14 @@ def test_allowed_names_are_the_bound_address_and_the_canonical_loopback_names():
     assert "myhost:*" in http_transport_security(Settings(token=None), "MyHost").allowed_hosts
     # With a token a rebound page cannot authenticate; the SDK's own checks apply.
     assert http_transport_security(Settings(token="t0ken-0123456789"), "127.0.0.2") is None
+
+
+@pytest.mark.parametrize(
+    ("keep_seconds", "keep_count", "left"),
+    [(100.0, 2, "cde"), (5.0, 10, "de"), (5.0, 0, "e"), (100.0, 10, "abcde")],
+)
+def test_forget_ended_drops_the_old_and_the_surplus_and_never_a_running_job(keep_seconds, keep_count, left):
+    jobs = {name: object() for name in "abcde"}
+    ended = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 9.5}  # e is still running
+    forget_ended(jobs, ended, 10.0, keep_seconds, keep_count)
+    assert "".join(sorted(jobs)) == left

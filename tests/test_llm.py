@@ -14,14 +14,10 @@ import torch
 from torch import Tensor
 
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError
-from pictoprompt.models.llm import (
-    LanguageModel,
-    LlamaCppModel,
-    TransformersModel,
-    default_gguf_path,
-    load_language_model,
-    perplexity,
-)
+from pictoprompt.models.llm import LanguageModel, perplexity
+from pictoprompt.models.llm_llama_cpp import LlamaCppModel
+from pictoprompt.models.llm_loading import default_gguf_path, load_language_model
+from pictoprompt.models.llm_transformers import TransformersModel
 from pictoprompt.models.profiles import LlmSpec
 
 

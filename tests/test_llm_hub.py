@@ -18,13 +18,8 @@ from huggingface_hub import constants
 
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError
 from pictoprompt.models.check import check_profiles, component_status, list_profiles
-from pictoprompt.models.llm import (
-    LlamaCppModel,
-    default_gguf_path,
-    find_cached_gguf,
-    gguf_path,
-    load_language_model,
-)
+from pictoprompt.models.llm_llama_cpp import LlamaCppModel
+from pictoprompt.models.llm_loading import default_gguf_path, find_cached_gguf, gguf_path, load_language_model
 from pictoprompt.models.profiles import ClipSpec, LlmSpec, Profile, get_profile
 
 CPU = torch.device("cpu")
@@ -96,7 +91,7 @@ def test_an_ambiguous_pattern_names_the_files_it_matches(hub_cache: Path) -> Non
 
 def test_an_absent_hub_llm_falls_back_to_smollm2_with_a_note(hub_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     spec = LlmSpec(source="acme/Absent-3B-Instruct-GGUF", filename="*Q4_K_M.gguf")
-    with caplog.at_level(logging.WARNING, logger="pictoprompt.models.llm"):
+    with caplog.at_level(logging.WARNING, logger="pictoprompt.models.llm_loading"):
         model = load_language_model(spec, CPU)
     assert model.model_id == str(default_gguf_path())
     note = model.fallback_note

@@ -13,7 +13,10 @@ from transformers import AutoModelForCausalLM
 import pictoprompt.models.lora as lora
 from lab.tiny_lm import write_tiny_causal_lm as tiny_lm
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.models.llm import LanguageModel, LlamaCppModel, TransformersModel, default_gguf_path
+from pictoprompt.models.llm import LanguageModel
+from pictoprompt.models.llm_llama_cpp import LlamaCppModel
+from pictoprompt.models.llm_loading import default_gguf_path
+from pictoprompt.models.llm_transformers import TransformersModel
 from pictoprompt.models.lora import LoraAdapter, merge_gguf_adapter, read_gguf_adapter
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -43,6 +44,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, server_environment) -> Ite
         PICTOPROMPT_QUEUE_DEPTH="3",
         PICTOPROMPT_RAY_MIN_REPLICAS="2",
         PICTOPROMPT_RAY_MAX_REPLICAS="2",
+        # One call at a time per replica, so that the queue's test can count; batching has a test of its own.
+        PICTOPROMPT_RAY_BATCH_SIZE="1",
     )
     fronts: list[subprocess.Popen] = []
     urls = []
@@ -199,6 +202,36 @@ async def test_a_concept_learned_on_one_replica_is_used_on_the_other(cluster):
     assert used_on[other.pop()]["images"]
 
 
+async def rpc(url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One request on a new 2025-11-25 session, answered raw (a `CreateTaskResult` is no `CallToolResult`)."""
+    async with Client(streamable_http_client(url), mode="legacy", read_timeout_seconds=600) as client:
+        opts: dict[str, Any] = {}
+        client.session._stamp({"method": method, "params": params}, opts)
+        return await client.session._dispatcher.send_raw_request(method, params, opts)
+
+
+async def test_a_task_started_on_one_front_is_polled_fetched_and_cancelled_from_the_other(cluster):
+    first, second = cluster["urls"]
+    arguments = {"prompt": "a task", "steps": 40, "seed": 4, "inline": "none"}
+    task_id = (await rpc(first, "tools/call", {"name": "generate_image", "arguments": arguments, "task": {}}))["task"][
+        "taskId"
+    ]
+    # One job is one task: the other front finds it on the job board by its id.
+    result = await rpc(second, "tasks/result", {"taskId": task_id})
+    assert result["structuredContent"]["result"]["images"][0]["seed"] == 4
+    assert result["structuredContent"]["job"]["replica"]
+
+    long = {"name": "generate_image", "arguments": LONG_JOB, "task": {}}
+    long_id = (await rpc(first, "tools/call", long))["task"]["taskId"]
+    await wait_until_running(second, long_id)
+    polled = await rpc(second, "tasks/get", {"taskId": long_id})
+    assert polled["status"] == "working"
+    cancelled = await rpc(second, "tasks/cancel", {"taskId": long_id})
+    assert cancelled["status"] == "cancelled"
+    ended = await call(first, "get_job", {"job_id": long_id, "wait_seconds": 60})
+    assert ended.is_error and "cancelled" in ended.content[0].text
+
+
 async def test_a_killed_replica_fails_its_job_clearly_and_the_next_call_runs(cluster):
     url = cluster["urls"][1]
     started = job_of(await call(url, "generate_image", {**LONG_JOB, "wait_seconds": 0}))
@@ -215,3 +248,67 @@ async def test_a_killed_replica_fails_its_job_clearly_and_the_next_call_runs(clu
     assert job_of(after)["state"] == "succeeded"
     assert job_of(after)["replica"] != running["replica"]
     assert json.loads(after.content[0].text)["images"]
+
+
+async def test_a_replica_batches_concurrent_calls_with_the_pictures_each_gets_alone(cluster, tiny_runtime):
+    """One replica batching up to 4 calls (a second application on the same Ray): 4 concurrent generate_image calls
+    share a U-Net batch, one is cancelled halfway and leaves it, and the other three end with the pictures the same
+    calls make alone."""
+    from ray import serve
+
+    from pictoprompt.server.assets import AssetStore, RecordingSink
+    from pictoprompt.server.images import PreResolvedImages
+    from pictoprompt.server.ray_serve import build_app, job_board
+    from pictoprompt.settings import Settings
+    from pictoprompt.tools.base import ToolContext
+    from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
+
+    folder = cluster["folder"] / "batching"
+    settings = Settings(
+        profile="tiny",
+        asset_dir=folder / "assets",
+        data_dir=folder / "data",
+        ray_batch_size=4,
+        ray_batch_wait_seconds=2.0,
+    )
+    handle = await anyio.to_thread.run_sync(lambda: serve.run(build_app(settings), name="batching", route_prefix=None))
+    board = job_board()
+    calls = [
+        {"prompt": prompt, "steps": 40, "seed": seed, "num_images": 2 if seed == 5 else 1, "width": 64, "height": 64}
+        for prompt, seed in [("a red circle", 1), ("a blue square", 5), ("a green star", 9), ("a long one", 13)]
+    ]
+    try:
+        for index in range(len(calls)):
+            await board.create.remote(f"batch-{index}", "generate_image")
+        responses = [
+            handle.run.remote(f"batch-{index}", "generate_image", arguments, PreResolvedImages({}))
+            for index, arguments in enumerate(calls)
+        ]
+        deadline = time.monotonic() + 300
+        while (await board.get.remote("batch-3"))["done"] < 10:  # the last call, well into the batch: cancel it
+            assert time.monotonic() < deadline, "the batch never got to its tenth step"
+            await anyio.sleep(0.1)
+        await board.cancel.remote("batch-3")
+        states = [await response for response in responses]
+        records = [await board.get.remote(f"batch-{index}") for index in range(len(calls))]
+    finally:
+        await anyio.to_thread.run_sync(serve.delete, "batching")
+    assert states == ["succeeded", "succeeded", "succeeded", "cancelled"]
+    # The others kept on together after the fourth left: all three, or two when the first call reached its denoising
+    # before the others had arrived and so ran alone (a call alone never waits for a batch).
+    last_steps = [record["message"] for record in records[:3]]
+    assert sum("(in a batch of" in message for message in last_steps) >= 2, last_steps
+    assert records[3]["done"] < 40
+
+    sink = RecordingSink(AssetStore(folder / "alone"))
+    for arguments, record in zip(calls[:3], records[:3], strict=True):
+        alone = generate_image(
+            GenerateImageRequest(**arguments), ToolContext(tiny_runtime, sink, PreResolvedImages({}))
+        )
+        batched = record["result"]["images"]
+        assert [image["seed"] for image in batched] == [image.seed for image in alone.images]
+        for image, reference in zip(batched, alone.images, strict=True):
+            difference = np.abs(
+                np.asarray(Image.open(image["path"]), np.int16) - np.asarray(Image.open(reference.path), np.int16)
+            )
+            assert difference.max() <= 2, (arguments, difference.max())

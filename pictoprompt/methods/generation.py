@@ -3,14 +3,21 @@
 Each image gets its own `torch.Generator`, so the seed reported for an image reproduces it alone. Progress is
 reported per denoising step and cancellation is honoured between steps through diffusers'
 `callback_on_step_end` / `interrupt`.
+
+`generate_batch` samples several calls that share a step count and a size in one U-Net batch (a Ray Serve replica
+gathers concurrent calls into it): the same arithmetic as the pipeline's loop, row by row, so each call gets the
+pictures it gets alone for its seeds, up to float rounding. Each call keeps its own progress and may leave the batch
+between two steps when cancelled; the others go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from PIL import Image
 
 from pictoprompt.progress import Progress
@@ -111,3 +118,140 @@ def generate(
         )
     progress.check()
     return list(result.images)
+
+
+# ------------------------------------------------------------------------------------------------ batched sampling
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One call's share of a sampling batch: what `generate` takes besides the pipeline, steps and size."""
+
+    prompt_embeds: torch.Tensor
+    """(1, L, D) or (len(seeds), L, D)."""
+    negative_prompt_embeds: torch.Tensor
+    seeds: Sequence[int]
+    guidance_scale: float
+    progress: Progress
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance applies (the pipeline skips it at a scale of 1 or less)."""
+        return self.guidance_scale > 1.0
+
+
+Sampler = Callable[[StableDiffusionPipeline, Sample, int, int, int], list[Image.Image]]
+"""Renders one `Sample` with (pipeline, sample, num_inference_steps, width, height): `generate_alone`, or a batcher
+that gathers concurrent calls into `generate_batch`."""
+
+
+def generate_alone(
+    pipeline: StableDiffusionPipeline, sample: Sample, num_inference_steps: int, width: int, height: int
+) -> list[Image.Image]:
+    """The `Sampler` of one call on its own: `generate`."""
+    return generate(
+        pipeline,
+        sample.prompt_embeds,
+        sample.negative_prompt_embeds,
+        sample.seeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=sample.guidance_scale,
+        width=width,
+        height=height,
+        progress=sample.progress,
+    )
+
+
+@dataclass
+class _Rows:
+    """The batch's rows still being denoised: one per image, each owned by one sample."""
+
+    owners: list[int]
+    latents: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    scales: torch.Tensor
+    """(B, 1, 1, 1) guidance scale of each row."""
+
+    def keep(self, kept: list[bool]) -> None:
+        mask = torch.tensor(kept)
+        self.owners = [owner for owner, k in zip(self.owners, kept, strict=True) if k]
+        self.latents, self.positive = self.latents[mask], self.positive[mask]
+        self.negative, self.scales = self.negative[mask], self.scales[mask]
+
+
+def generate_batch(
+    pipeline: StableDiffusionPipeline, samples: Sequence[Sample], num_inference_steps: int, width: int, height: int
+) -> list[list[Image.Image] | None]:
+    """Sample every call of `samples` in one U-Net batch: per sample its images in seed order, or None when it was
+    cancelled (it left the batch between two steps; the others went on). All samples must agree on guidance being
+    on or off, as the pipeline decides it per call."""
+    if len({sample.guided for sample in samples}) > 1:
+        raise ValueError("a batch mixes guided and unguided samples; batch them apart")
+    guided = samples[0].guided
+    rows = _batch_rows(pipeline, samples, width, height)
+    timesteps, _ = retrieve_timesteps(pipeline.scheduler, num_inference_steps, pipeline.device)
+    _leave_if_cancelled(samples, rows)
+    with torch.no_grad():
+        for step, t in enumerate(timesteps):
+            if not rows.owners:
+                break
+            rows.latents = _denoise_step(pipeline, rows, t, guided)
+            members = sorted(set(rows.owners))
+            for owner in members:
+                message = f"denoising step {step + 1}/{num_inference_steps}"
+                if len(members) > 1:
+                    message += f" (in a batch of {len(members)} calls)"
+                samples[owner].progress.report(step + 1, num_inference_steps, message)
+            _leave_if_cancelled(samples, rows)
+        images = _decode(pipeline, rows.latents) if rows.owners else []
+    done: list[list[Image.Image] | None] = [None] * len(samples)
+    for owner in dict.fromkeys(rows.owners):
+        done[owner] = [image for image, o in zip(images, rows.owners, strict=True) if o == owner]
+    return done
+
+
+def _batch_rows(pipeline: StableDiffusionPipeline, samples: Sequence[Sample], width: int, height: int) -> _Rows:
+    """The starting noise of every image from its own seed (as the pipeline draws it) and each row's conditioning."""
+    device, dtype = pipeline.device, pipeline.unet.dtype
+    generator_device = "cpu" if device.type == "mps" else device
+    generators = [torch.Generator(device=generator_device).manual_seed(int(s)) for x in samples for s in x.seeds]
+    channels = pipeline.unet.config.in_channels
+    latents = pipeline.prepare_latents(len(generators), channels, height, width, dtype, device, generators)
+
+    def per_row(states: torch.Tensor, count: int) -> torch.Tensor:
+        return (states.expand(count, -1, -1) if states.shape[0] == 1 else states).to(device, dtype)
+
+    return _Rows(
+        owners=[index for index, sample in enumerate(samples) for _ in sample.seeds],
+        latents=latents,
+        positive=torch.cat([per_row(x.prompt_embeds, len(x.seeds)) for x in samples]),
+        negative=torch.cat([per_row(x.negative_prompt_embeds, len(x.seeds)) for x in samples]),
+        scales=torch.tensor(
+            [x.guidance_scale for x in samples for _ in x.seeds], device=device, dtype=latents.dtype
+        ).view(-1, 1, 1, 1),
+    )
+
+
+def _denoise_step(pipeline: StableDiffusionPipeline, rows: _Rows, t: torch.Tensor, guided: bool) -> torch.Tensor:
+    """One step of the pipeline's loop on every row (no time condition, no guidance rescale: SD 1.x/2.x defaults)."""
+    model_input = torch.cat([rows.latents, rows.latents]) if guided else rows.latents
+    model_input = pipeline.scheduler.scale_model_input(model_input, t)
+    states = torch.cat([rows.negative, rows.positive]) if guided else rows.positive
+    noise = pipeline.unet(model_input, t, encoder_hidden_states=states, return_dict=False)[0]
+    if guided:
+        unconditional, conditional = noise.chunk(2)
+        noise = unconditional + rows.scales * (conditional - unconditional)
+    # DDIM at eta=0 (the runtime's scheduler) is deterministic and acts on each row alone, so rows may leave.
+    return pipeline.scheduler.step(noise, t, rows.latents, eta=0.0, return_dict=False)[0]
+
+
+def _leave_if_cancelled(samples: Sequence[Sample], rows: _Rows) -> None:
+    cancelled = {owner for owner in set(rows.owners) if samples[owner].progress.cancelled}
+    if cancelled:
+        rows.keep([owner not in cancelled for owner in rows.owners])
+
+
+def _decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(latents))

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.models.llm import BUNDLED_LLM, download_hint, falls_back, find_cached_gguf, is_hub_gguf
+from pictoprompt.models.llm_loading import BUNDLED_LLM, download_hint, falls_back, find_cached_gguf, is_hub_gguf
 from pictoprompt.models.profiles import BUILTIN_SCHEME, LlmSpec, Profile, available_profiles, get_profile
 from pictoprompt.models.runtime import locate, resolve_builtin
 

@@ -7,7 +7,7 @@
 A concept is written into a hidden staging folder and renamed into place, so a reader sees the old version or
 the new one, never half of one. Replacing an existing concept takes two renames (old one aside, new one in);
 a crash between them is repaired when the store is next opened. The store only keeps tensors and cards: what
-the tensors mean is the business of `methods/concept_tuning.py`.
+the tensors mean is the business of `methods/concept_weights.py`.
 """
 
 from __future__ import annotations
@@ -155,6 +155,14 @@ class ConceptStore:
                 except InvalidInputError as error:
                     logger.warning("%s", error)
         return cards
+
+    def names(self) -> list[str]:
+        """The stored concepts' names, sorted, without reading their cards (what a completion offers)."""
+        return sorted(
+            folder.name
+            for folder in self.root.iterdir()
+            if NAME_PATTERN.fullmatch(folder.name) and (folder / CARD_FILE).is_file()
+        )
 
     def load(self, name: str, base_hash: str, current_base: Mapping[str, str]) -> StoredConcept:
         """The card and tensors of `name`, refused unless it was trained on the base model with `base_hash`."""
@@ -312,3 +320,15 @@ def _fsync_tree(folder: Path) -> None:
         else:
             _fsync_dir(path)
     _fsync_dir(folder)
+
+
+# ------------------------------------------------------------------------------------------ a concept by name
+
+
+def name_pattern(name: str) -> re.Pattern[str]:
+    """The concept's name as a whole word of a prompt, in any case ('my-star' but not 'my-stars')."""
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
+
+
+def mentions(prompt: str, name: str) -> bool:
+    return name_pattern(name).search(prompt) is not None

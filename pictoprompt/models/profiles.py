@@ -81,14 +81,14 @@ class ConceptTuning(BaseModel):
         ge=1,
         le=500,
         description="Steps fitting the fresh deep prompts to leave the references' embeddings unchanged, before "
-        "tuning (not in the paper; see methods.concept_tuning.fit_neutral_prompts). Each is a pass with gradients "
+        "tuning (not in the paper; see methods.tuning.fit_neutral_prompts). Each is a pass with gradients "
         "through the image tower: seconds on a GPU, minutes on a CPU with a ViT-L or larger.",
     )
     caption_alignment: float = Field(
         0.0,
         ge=0.0,
         description="Weight pulling the concept's converted prompt towards its description, when one is given "
-        "(methods.concept_tuning.CaptionAlignment; not in the paper, 0 = the paper's loss).",
+        "(methods.tuning.CaptionAlignment; not in the paper, 0 = the paper's loss).",
     )
     aligned_prompt_learning_rate: float | None = Field(
         None,
@@ -146,7 +146,7 @@ class DomainTuning(BaseModel):
         0.0,
         ge=0.0,
         le=10.0,
-        description="Weight of the caption-alignment loss (methods.concept_tuning.CaptionAlignment; not in the "
+        description="Weight of the caption-alignment loss (methods.tuning.CaptionAlignment; not in the "
         "paper, 0 = the paper's loss).",
     )
 

@@ -17,7 +17,8 @@ from transformers.utils import logging as transformers_logging
 from pictoprompt.errors import ModelNotFoundError
 from pictoprompt.models.captioner import Captioner
 from pictoprompt.models.clip import ClipModel, TransformersClip
-from pictoprompt.models.llm import LanguageModel, load_language_model
+from pictoprompt.models.llm import LanguageModel
+from pictoprompt.models.llm_loading import load_language_model
 from pictoprompt.models.profiles import Profile
 from pictoprompt.models.sources import hub_offline, resolve_builtin
 

@@ -47,17 +47,6 @@ DEFAULT_TTL_SECONDS = 7 * 24 * 3600.0
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
 
-def default_asset_root() -> Path:
-    """The per-user cache directory the store lives in unless configured otherwise."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pictoprompt" / "assets"
-
-
 def asset_uri(asset_id: str) -> str:
     return ASSET_URI_PREFIX + asset_id
 
@@ -147,6 +136,15 @@ class AssetStore:
             return self.get(asset_id).read_bytes()
         except FileNotFoundError:  # expired between the check and the read
             raise self._not_found(asset_id) from None
+
+    def ids_newest_first(self) -> list[str]:
+        """Every asset's id, the newest first (what a completion offers)."""
+        entries = []
+        for path in self.root.iterdir():
+            if path.suffix == ".png" and _ID_PATTERN.fullmatch(path.stem):
+                with suppress(FileNotFoundError):  # expired meanwhile
+                    entries.append((path.stat().st_mtime, path.stem))
+        return [asset_id for _, asset_id in sorted(entries, reverse=True)]
 
     def metadata(self, asset_id: str) -> dict[str, str]:
         """The text chunks written by `save`, read back from the file."""

@@ -122,6 +122,18 @@ class JobService(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def forget_ended(
+    jobs: dict[str, Any], ended: dict[str, float], now: float, keep_seconds: float, keep_count: int
+) -> None:
+    """Drop from `jobs` the ended ones (`ended`: id -> when it ended) older than `keep_seconds`, and the oldest
+    beyond the newest `keep_count`: what both the local runner and Ray's job board keep of finished jobs."""
+    surplus = len(ended) - keep_count
+    for job_id, finished in sorted(ended.items(), key=lambda item: item[1]):
+        if surplus > 0 or now - finished > keep_seconds:
+            del jobs[job_id]
+            surplus -= 1
+
+
 @dataclass
 class Job:
     id: str
@@ -138,8 +150,8 @@ class Job:
     total: float | None = None
     message: str | None = None
     error: str | None = None
-    keep: Any = None
-    """What the caller needs besides the result to answer for the job later (e.g. the images it saved)."""
+    keep: RecordingSink | None = None
+    """What the job saved, for get_job to list; kept besides the result when the work is dropped."""
     listeners: list[tuple[asyncio.AbstractEventLoop, ProgressListener]] = field(default_factory=list)
 
     @property
@@ -207,7 +219,9 @@ class JobRunner:
             self._reserved += 1
         return Slot(self)
 
-    def submit(self, tool: str, work: Callable[[Progress], Any], slot: Slot | None = None, keep: Any = None) -> Job:
+    def submit(
+        self, tool: str, work: Callable[[Progress], Any], slot: Slot | None = None, keep: RecordingSink | None = None
+    ) -> Job:
         """Queue `work` in `slot` (taken now if not given; `BusyError` when the queue is full)."""
         (slot or self.reserve())._take()
         with self._lock:
@@ -310,13 +324,8 @@ class JobRunner:
             job.future.set_result(result)
 
     def _forget_old(self) -> None:
-        now = time.monotonic()
-        finished = [job for job in self._jobs.values() if job.finished is not None]
-        surplus = len(finished) - self._keep_finished_count
-        for job in sorted(finished, key=lambda job: job.finished or 0.0):
-            if surplus > 0 or now - (job.finished or now) > self._keep_finished:
-                del self._jobs[job.id]
-                surplus -= 1
+        ended = {job_id: job.finished for job_id, job in self._jobs.items() if job.finished is not None}
+        forget_ended(self._jobs, ended, time.monotonic(), self._keep_finished, self._keep_finished_count)
 
 
 class LocalJobs:
@@ -378,5 +387,5 @@ def local_view(job: Job) -> JobView:
         elapsed=job.elapsed(),
         error=job.error,
         result=result.model_dump(mode="json") if isinstance(result, BaseModel) else None,
-        saved=list(job.keep.saved) if isinstance(job.keep, RecordingSink) else [],
+        saved=list(job.keep.saved) if job.keep is not None else [],
     )

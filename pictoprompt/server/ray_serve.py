@@ -1,14 +1,23 @@
 """Beyond one machine: the model work on a Ray Serve deployment (`pictoprompt serve --http --ray [ADDRESS]`).
 
 - `ModelReplica`, the deployment: each replica holds one `Runtime` for the profile (one GPU on a GPU cluster, CPUs
-  otherwise) and runs one job at a time (`max_ongoing_requests=1`, as the GPU lock does on one machine). Serve
-  routes each call to a free replica, queues the rest, and refuses beyond `queue_depth` waiting calls per front
-  (backpressure), which the caller gets as the "busy" answer. Replicas scale between the settings' limits.
+  otherwise) and takes up to `ray_batch_size` calls at once (`max_ongoing_requests`). The model work runs one step
+  at a time under the GPU lock, as on one machine, except the denoising of `generate_image` and `vary_image`: Ray
+  Serve's batching (`@serve.batch`) gathers the concurrent calls that share a step count and a size into one U-Net
+  batch (`methods.generation.generate_batch`: each call's pictures are those it gets alone, its progress its own, and
+  a cancelled call leaves the batch while the others go on). A call alone on its replica samples at once, without
+  waiting for a batch to fill. Serve routes each call to a replica with room, queues the rest, and refuses beyond
+  `queue_depth` waiting calls per front (backpressure), which the caller gets as the "busy" answer. Replicas scale
+  between the settings' limits.
 - `JobBoard`, a detached named actor: the record of every job (state, progress, result, the replica that runs
   it). The replicas write to it; every front reads it, so `get_job` and `cancel_job` work from any front, and a
   job outlives the front that started it. It only records: Ray Serve does the routing and queueing.
 - `RayJobs`, a front's `JobService`: the MCP app stays a small streamable-HTTP front that validates input, resolves
-  images, hands the work to the deployment through a Serve handle and waits on the board.
+  images, hands the work to the deployment through a Serve handle and waits on the board. A front learns that a job
+  it submitted ended from the Serve response itself (no polling delay); it reads the board for progress, and for
+  the jobs of other fronts.
+- `build_app`, the application for a cluster that deploys it from a config (KubeRay's RayService,
+  `deploy/kuberay/`): the same replicas, configured from the `PICTOPROMPT_*` variables.
 
 Cancelling sets the job's flag on the board and cancels the Serve request; the replica stops between two steps
 either way. A replica that dies mid-job fails that job with a message saying so; Serve starts a new replica and
@@ -26,17 +35,23 @@ import asyncio
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import ray
 import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
+from pictoprompt.methods.generation import Sample, generate_alone, generate_batch
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
@@ -50,6 +65,7 @@ from pictoprompt.server.jobs import (
     JobView,
     ProgressListener,
     WorkerStatus,
+    forget_ended,
     worker_status,
 )
 from pictoprompt.settings import Settings
@@ -63,7 +79,7 @@ APP_NAME = "pictoprompt"
 DEPLOYMENT_NAME = "ModelReplica"
 BOARD_NAME = "pictoprompt-job-board"
 POLL_SECONDS = 0.25
-"""How often a waiting front reads the board."""
+"""How often a waiting front reads the board for progress (or for the end of another front's job)."""
 REPORT_SECONDS = 0.2
 """A replica sends a job's progress to the board (and learns whether it was cancelled) at most this often, and always
 its last step."""
@@ -144,13 +160,8 @@ class JobBoard:
         return list(self._workers.values())
 
     def _forget_old(self) -> None:
-        now = time.time()
-        ended = sorted((job for job in self._jobs.values() if job["finished"]), key=lambda job: job["finished"])
-        surplus = len(ended) - self._keep_count
-        for job in ended:
-            if surplus > 0 or now - job["finished"] > self._keep_seconds:
-                del self._jobs[job["id"]]
-                surplus -= 1
+        ended = {job_id: job["finished"] for job_id, job in self._jobs.items() if job["finished"]}
+        forget_ended(self._jobs, ended, time.time(), self._keep_seconds, self._keep_count)
 
 
 def job_board() -> ray.actor.ActorHandle:
@@ -181,13 +192,38 @@ def job_view(record: dict[str, Any]) -> JobView:
 # ----------------------------------------------------------------------------------------------- the replicas
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """One call's denoising, waiting for a batch; calls with the same `key` share a U-Net batch."""
+
+    sample: Sample
+    steps: int
+    width: int
+    height: int
+
+    @property
+    def key(self) -> tuple[int, int, int, bool]:
+        return self.steps, self.width, self.height, self.sample.guided
+
+
 class ModelReplica:
-    """One runtime for the profile, running the tools one job at a time and writing each job to the board."""
+    """One runtime for the profile, running the tools' calls (their denoising batched) and writing each job to the
+    board."""
 
     def __init__(self, settings: Settings) -> None:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(settings.ray_replica_cpus)))
         self.name = serve.get_replica_context().replica_id.unique_id
+        # A thread per call the replica takes at once (the default executor's few would cap a batch), and one for
+        # the batches.
+        self._tool_threads = ThreadPoolExecutor(settings.ray_batch_size + 1, thread_name_prefix="tool")
+        self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="batch")
+        self._batching = settings.ray_batch_size > 1
+        self._sample_batch.set_max_batch_size(settings.ray_batch_size)
+        self._sample_batch.set_batch_wait_timeout_s(settings.ray_batch_wait_seconds)
+        self._calls = 0
+        """Calls on this replica now: a call alone samples at once instead of waiting for a batch."""
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.runtime = Runtime(get_profile(settings.profile, settings.profiles_file), settings.cache_dir)
         self.assets = AssetStore(settings.assets_root, settings.asset_ttl_seconds, settings.asset_max_bytes)
         self.concepts = ConceptStore(settings.data_dir / "concepts")
@@ -199,19 +235,24 @@ class ModelReplica:
 
     async def run(self, job_id: str, tool: str, arguments: dict[str, Any], images: PreResolvedImages) -> str:
         """Run one job to its end and return its state; the result goes to the board."""
-        if not await self.board.start.remote(job_id, self.name):
-            return "cancelled"
-        progress = self._progress(job_id)
-        work = asyncio.get_running_loop().run_in_executor(
-            None, self._run_tool, job_id, SPECS[tool], arguments, images, progress
-        )
+        self._loop = asyncio.get_running_loop()
+        self._calls += 1
         try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # The Serve request was cancelled: stop between two steps, then let the request end.
-            progress.cancel()
-            await asyncio.wait({work})
-            raise
+            if not await self.board.start.remote(job_id, self.name):
+                return "cancelled"
+            progress = self._progress(job_id)
+            work = self._loop.run_in_executor(
+                self._tool_threads, self._run_tool, job_id, SPECS[tool], arguments, images, progress
+            )
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The Serve request was cancelled: stop between two steps (or leave the batch), then let it end.
+                progress.cancel()
+                await asyncio.wait({work})
+                raise
+        finally:
+            self._calls -= 1
 
     def _run_tool(
         self, job_id: str, spec: ToolSpec, arguments: dict[str, Any], images: PreResolvedImages, progress: Progress
@@ -223,7 +264,8 @@ class ModelReplica:
             with self.runtime.gpu_lock:
                 progress.check()
                 request = spec.request_model.model_validate(arguments)
-                output = spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts))
+                sampler = self._sample if self._batching else None
+                output = spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts, sampler))
             state, result = "succeeded", output.model_dump(mode="json")
         except JobCancelledError as cancelled:
             state, error = "cancelled", str(cancelled)
@@ -237,24 +279,72 @@ class ModelReplica:
         self._register()
         return state
 
+    def _sample(
+        self, pipeline: StableDiffusionPipeline, sample: Sample, steps: int, width: int, height: int
+    ) -> list[Image.Image]:
+        """The replica's sampler, called by a tool on its thread under the GPU lock: alone when no other call is on
+        the replica, else through the batch."""
+        if self._calls <= 1 or self._loop is None:
+            return generate_alone(pipeline, sample, steps, width, height)
+        # Let go of the model lock while the batch gathers, so that the other calls encode their prompts and join
+        # it; the batch takes the lock to sample, and this call takes it back to score and save.
+        lock = self.runtime.gpu_lock
+        lock.release()
+        try:
+            batch = asyncio.run_coroutine_threadsafe(
+                self._sample_batch(Gathered(sample, steps, width, height)), self._loop
+            )
+            images = batch.result()
+        finally:
+            lock.acquire()
+        if images is None:
+            sample.progress.check()
+            raise JobCancelledError("The job was cancelled before it finished; nothing was kept from it.")
+        return images
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _sample_batch(self, gathered: list[Gathered]) -> list[list[Image.Image] | None]:
+        """The batch Serve gathered (its size and wait set from the settings in `__init__`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._batch_thread, self._run_batches, gathered)
+
+    def _run_batches(self, gathered: list[Gathered]) -> list[list[Image.Image] | None]:
+        """One U-Net batch per step count, size and guidance among the gathered calls, one after the other."""
+        groups: dict[tuple[int, int, int, bool], list[int]] = {}
+        for index, call in enumerate(gathered):
+            groups.setdefault(call.key, []).append(index)
+        results: list[list[Image.Image] | None] = [None] * len(gathered)
+        for (steps, width, height, _), members in groups.items():
+            with self.runtime.gpu_lock:
+                pipeline = self.runtime.pipeline()
+                images = generate_batch(pipeline, [gathered[i].sample for i in members], steps, width, height)
+            for index, pictures in zip(members, images, strict=True):
+                results[index] = pictures
+        logger.debug("replica %s sampled %d calls in %d batches", self.name, len(gathered), len(groups))
+        return results
+
     def _progress(self, job_id: str) -> Progress:
         """Progress that reaches the board at most every `REPORT_SECONDS`, and stops when the board says so."""
         last_sent = 0.0
+        answer: ray.ObjectRef | None = None
 
         def report(done: float, total: float | None, message: str | None) -> None:
-            nonlocal last_sent
+            nonlocal last_sent, answer
             finished = total is not None and done >= total
             if time.monotonic() - last_sent < REPORT_SECONDS and not finished:
                 return
             last_sent = time.monotonic()
-            if ray.get(self.board.report.remote(job_id, done, total, message)):
+            # The board's answer (was the job cancelled?) is read at the next report, if it has come: the work never
+            # waits on a round trip (a batch reports for each of its calls). The flag stays set, so none is missed.
+            if answer is not None and ray.wait([answer], timeout=0)[0] and ray.get(answer):
                 progress.cancel()
+            answer = self.board.report.remote(job_id, done, total, message)
 
         progress = Progress(report)
         return progress
 
     def _register(self) -> None:
-        ray.get(self.board.register.remote(worker_status(self.name, self.runtime).model_dump()))
+        # Not waited for: `server_status` may see it a moment late, a call never waits on it.
+        self.board.register.remote(worker_status(self.name, self.runtime).model_dump())
 
 
 # ------------------------------------------------------------------------------------------------- the front
@@ -266,7 +356,8 @@ class RayJobs:
     def __init__(self, handle: DeploymentHandle, board: ray.actor.ActorHandle, owns_ray: bool) -> None:
         self._handle, self._board, self._owns_ray = handle, board, owns_ray
         self._requests: dict[str, DeploymentResponse] = {}
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        """The job ids this front submitted and still waits on, with the task that records how each ended."""
 
     async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
         images = await resolve_images()
@@ -277,8 +368,8 @@ class RayJobs:
         response = self._handle.run.remote(job_id, spec.name, arguments, images)
         self._requests[job_id] = response
         watcher = asyncio.create_task(self._watch(job_id, response))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._watchers[job_id] = watcher
+        watcher.add_done_callback(lambda _: self._watchers.pop(job_id, None))
         return job_id
 
     async def _watch(self, job_id: str, response: DeploymentResponse) -> None:
@@ -325,7 +416,12 @@ class RayJobs:
             left = deadline - time.monotonic()
             if record["state"] in ENDED or left <= 0:
                 return job_view(record)
-            await asyncio.sleep(min(POLL_SECONDS, left))
+            watcher = self._watchers.get(job_id)
+            if watcher is None:
+                await asyncio.sleep(min(POLL_SECONDS, left))
+            else:
+                # The job's own response says when it ended (the board has its record by then): no polling delay.
+                await asyncio.wait({watcher}, timeout=min(POLL_SECONDS, left) if listener is not None else left)
 
     def request_cancel(self, job_id: str) -> None:
         self._board.cancel.remote(job_id)
@@ -346,14 +442,23 @@ class RayJobs:
         return [job_view(record) for record in await self._board.jobs.remote()]
 
     async def workers(self) -> list[WorkerStatus]:
-        return [WorkerStatus(**worker) for worker in await self._board.workers.remote()]
+        """The live replicas (the board remembers every replica that registered, a killed one too)."""
+        live = await anyio.to_thread.run_sync(live_replica_ids)
+        return [WorkerStatus(**worker) for worker in await self._board.workers.remote() if worker["name"] in live]
 
     async def shutdown(self) -> None:
-        for watcher in list(self._watchers):
+        for watcher in list(self._watchers.values()):
             watcher.cancel()
         if self._owns_ray:
             # A local Ray this front started ends with it; a cluster's deployment stays for the other fronts.
             await anyio.to_thread.run_sync(_shut_down_ray)
+
+
+def live_replica_ids() -> set[str]:
+    """The ids of the deployment's live replicas (Serve names each replica's actor after its id)."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {actor["name"].removeprefix(prefix) for actor in actors if actor["name"].startswith(prefix)}
 
 
 def _shut_down_ray() -> None:
@@ -383,10 +488,20 @@ def _connect(settings: Settings) -> RayJobs:
 
 
 def deploy(settings: Settings) -> DeploymentHandle:
-    """The deployment's handle: the running application if a front already deployed it, else a new one."""
+    """The deployment's handle: the application if a front (or the cluster's config) already deployed it, else a
+    new one."""
     applications = serve.status().applications
-    if APP_NAME in applications and applications[APP_NAME].status == "RUNNING":
+    if APP_NAME in applications and applications[APP_NAME].status in {"RUNNING", "DEPLOYING", "UNHEALTHY"}:
         return serve.get_app_handle(APP_NAME)
+    serve.start(proxy_location="Disabled")
+    return serve.run(build_app(settings), name=APP_NAME, route_prefix=None)
+
+
+def build_app(settings: Settings | dict[str, Any] | None = None) -> Application:
+    """The replicas as a Serve application. A RayService deploys it by import path
+    (`pictoprompt.server.ray_serve:build_app`); its `args`, if any, override the `PICTOPROMPT_*` variables."""
+    if not isinstance(settings, Settings):
+        settings = Settings(**(settings or {}))
     gpus = settings.ray_replica_gpus
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -404,11 +519,13 @@ def deploy(settings: Settings) -> DeploymentHandle:
     deployment = serve.deployment(
         ModelReplica,
         name=DEPLOYMENT_NAME,
-        max_ongoing_requests=1,
+        max_ongoing_requests=settings.ray_batch_size,
         max_queued_requests=settings.queue_depth,
         ray_actor_options={"num_cpus": settings.ray_replica_cpus, "num_gpus": gpus},
         **replicas,
     )
-    serve.start(proxy_location="Disabled")
-    logger.info("deploying %s: %s, %s CPUs and %s GPUs each", APP_NAME, replicas, settings.ray_replica_cpus, gpus)
-    return serve.run(deployment.bind(settings), name=APP_NAME, route_prefix=None)
+    logger.info(
+        "deploying %s: %s, %s CPUs and %s GPUs each, batches of up to %d calls",
+        *(APP_NAME, replicas, settings.ray_replica_cpus, gpus, settings.ray_batch_size),
+    )
+    return deployment.bind(settings)

@@ -15,13 +15,27 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mcp.server.extension import RequestHandler
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import (
+    CallToolResult,
+    Icon,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ServerTasksRequestsCapability,
+    TasksCallCapability,
+    TasksCancelCapability,
+    TasksListCapability,
+    TasksToolsCapability,
+    TextContent,
+    ToolAnnotations,
+    ToolExecution,
+)
 from mcp_types import Tool as McpTool
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
@@ -56,10 +70,13 @@ class InputSchema(WireSchema):
 
 
 class OutputSchema(WireSchema):
-    """Results: types only, no defaults (a result carries every field), and a nullable scalar as a type list."""
+    """Results: types only, no defaults (a result carries every field), a nullable scalar or object as a type list,
+    and each nested model written in place rather than as a `$ref` to `$defs` (shorter for models used once or
+    twice, as result models are; none is recursive)."""
 
     def generate(self, schema: core_schema.CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
-        return _types_only(super().generate(schema, mode))
+        generated = _types_only(super().generate(schema, mode))
+        return _inlined(generated, generated.pop("$defs", {}))
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
         inner = self.generate_inner(schema["schema"])
@@ -88,6 +105,31 @@ def _types_only(schema: Any) -> Any:
     return kept
 
 
+def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) -> Any:
+    """`schema` with every `$ref` replaced by its definition, and `anyOf: [typed, null]` as one type list."""
+    if isinstance(schema, list):
+        return [_inlined(item, defs, within) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        if name in within:
+            raise ValueError(f"the result model {name} is recursive and cannot be written in place")
+        return _inlined(defs[name], defs, (*within, name))
+    kept = {
+        key: {name: _inlined(sub, defs, within) for name, sub in value.items()}
+        if key == "properties"
+        else _inlined(value, defs, within)
+        for key, value in schema.items()
+    }
+    options = kept.get("anyOf")
+    if set(kept) == {"anyOf"} and len(options) == 2 and {"type": "null"} in options:
+        typed = next(option for option in options if option != {"type": "null"})
+        if isinstance(typed.get("type"), str):
+            return {**typed, "type": [typed["type"], "null"]}
+    return kept
+
+
 def input_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(by_alias=True, schema_generator=InputSchema, mode="validation")
 
@@ -112,6 +154,8 @@ class WireTool:
     """The structured content of a successful call."""
     annotations: ToolAnnotations
     call: ToolCall
+    meta: dict[str, Any] | None = None
+    """The listing's `_meta` (the app view's `ui` entry), kept small: every assistant carries it."""
 
     def listing(self) -> McpTool:
         return McpTool(
@@ -121,6 +165,7 @@ class WireTool:
             input_schema=input_schema(self.arguments),
             output_schema=output_schema(self.result),
             annotations=self.annotations,
+            meta=self.meta,
         )
 
 
@@ -160,10 +205,46 @@ class PictopromptServer(MCPServer):
     transports and the session machinery are the SDK's own.
     """
 
-    def __init__(self, *args: Any, wire_tools: list[WireTool], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        wire_tools: list[WireTool],
+        tool_icons: Mapping[str, list[Icon]] | None = None,
+        task_tools: frozenset[str] = frozenset(),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.wire_tools = {tool.name: tool for tool in wire_tools}
-        self._listing = [tool.listing() for tool in wire_tools]
+        icons = tool_icons or {}
+        optional = ToolExecution(task_support="optional")
+        self._listing = [
+            tool.listing().model_copy(
+                update={"icons": icons.get(tool.name), "execution": optional if tool.name in task_tools else None}
+            )
+            for tool in wire_tools
+        ]
+        if task_tools:
+            self._advertise_tasks()
+
+    def _advertise_tasks(self) -> None:
+        """Add the 2025-11-25 `tasks` capability (the SDK derives capabilities from its handlers, which do not know
+        tasks); the 2026 wire has no such field and drops it, announcing the extension instead."""
+        derive = self._lowlevel_server.get_capabilities
+
+        def with_tasks(*args: Any, **kwargs: Any) -> ServerCapabilities:
+            capabilities = derive(*args, **kwargs)
+            capabilities.tasks = ServerTasksCapability(
+                list=TasksListCapability(),
+                cancel=TasksCancelCapability(),
+                requests=ServerTasksRequestsCapability(tools=TasksToolsCapability(call=TasksCallCapability())),
+            )
+            return capabilities
+
+        self._lowlevel_server.get_capabilities = with_tasks  # type: ignore[method-assign]
+
+    def add_request_handler(self, method: str, params_type: type[BaseModel], handler: RequestHandler) -> None:
+        """Serve a request method the SDK's `MCPServer` has no entry point for (e.g. `logging/setLevel`)."""
+        self._lowlevel_server.add_request_handler(method, params_type, handler)
 
     async def list_tools(self) -> list[McpTool]:
         return list(self._listing)

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pictoprompt.errors import PictopromptError
+from pictoprompt.methods.generation import Sampler
 from pictoprompt.models.concepts import NAME_PATTERN, ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
@@ -89,6 +90,22 @@ class ToolRequest(BaseModel):
         return []
 
 
+class SamplingRequest(ToolRequest):
+    """How to sample, for every request that makes images: declared once here, read by `render_and_score`.
+
+    A tool's request lists its own fields in a class of its own and derives from both, this class first, so that
+    its own fields lead its schema: `class GenerateImageRequest(SamplingRequest, GenerateImageInputs)`.
+    """
+
+    num_images: NumImages = 1
+    steps: Steps = 25
+    guidance: Guidance = 7.5
+    seed: Seed = None
+    width: Side = None
+    height: Side = None
+    concept: AppliedConcept = None
+
+
 class SavedImage(BaseModel):
     """Where an output image was stored."""
 
@@ -132,6 +149,9 @@ class ToolContext:
     images: ImageSource
     progress: Progress = field(default_factory=Progress)
     concepts: ConceptStore | None = None
+    sampler: Sampler | None = None
+    """Renders the denoising in place of `methods.generation.generate_alone`: a Ray Serve replica passes one that
+    batches concurrent calls (`generate_batch`)."""
 
     def concept_store(self) -> ConceptStore:
         if self.concepts is None:

@@ -21,7 +21,10 @@ from pictoprompt.methods.concept_description import (
     complete_description,
     describe,
 )
-from pictoprompt.methods.concept_tuning import TuningResult, base_hash, train_domain, tune_concept
+from pictoprompt.methods.concept_tuning import tune_concept
+from pictoprompt.methods.concept_weights import base_hash
+from pictoprompt.methods.domain_tuning import train_domain
+from pictoprompt.methods.tuning import TuningResult
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
 from pictoprompt.models.profiles import ConceptTuning

@@ -17,6 +17,7 @@ from pictoprompt.tools.base import (
     LlmNote,
     OutputImage,
     Perplexity,
+    SamplingRequest,
     Seed,
     Steps,
     ToolContext,
@@ -24,7 +25,7 @@ from pictoprompt.tools.base import (
     ToolRequest,
     ToolSpec,
 )
-from pictoprompt.tools.render import Sampling, TextPrompt, render_and_score, seeds_for
+from pictoprompt.tools.render import TextPrompt, render_and_score, seeds_for
 
 METHOD = "vgd-distillation"
 
@@ -82,7 +83,8 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
 
 def _previews(request: DistillPromptRequest, context: ToolContext, prompts: list[str]) -> list[OutputImage]:
     """One image per prompt, all from the same seed."""
-    sampling = Sampling.of(request, num_images=1, seed=seeds_for(request.seed, 1)[0])
+    seed = seeds_for(request.seed, 1)[0]
+    sampling = SamplingRequest(steps=request.steps, guidance=request.guidance, seed=seed)
     return [
         render_and_score(context, TextPrompt(prompt), sampling, METHOD, {"prompt": prompt})[0].image
         for prompt in prompts

@@ -21,14 +21,10 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.prompt_edit import rewrite_prompt
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
-    AppliedConcept,
-    Guidance,
     ImageRef,
     LlmNote,
     NumImages,
-    Seed,
-    Side,
-    Steps,
+    SamplingRequest,
     ToolContext,
     ToolHints,
     ToolRequest,
@@ -36,7 +32,7 @@ from pictoprompt.tools.base import (
     Variation,
     image_refs_to_fetch,
 )
-from pictoprompt.tools.render import EditPrompt, Sampling, picture_prompt, render_and_score
+from pictoprompt.tools.render import EditPrompt, picture_prompt, render_and_score
 
 EditMethod = Literal["rewrite", "sd-ipc"]
 METHODS: dict[EditMethod, str] = {"rewrite": "prompt-rewrite-edit", "sd-ipc": "sd-ipc-edit"}
@@ -44,7 +40,7 @@ METHODS: dict[EditMethod, str] = {"rewrite": "prompt-rewrite-edit", "sd-ipc": "s
 DEFAULT_ALPHA: dict[EditMethod, float] = {"rewrite": 1.0, "sd-ipc": 0.9}
 
 
-class EditWithTextRequest(ToolRequest):
+class EditWithTextInputs(ToolRequest):
     image: ImageRef
     text: str = Field(
         min_length=1,
@@ -66,16 +62,13 @@ class EditWithTextRequest(ToolRequest):
         le=3.0,
         description="Edit strength: 0 keeps only the picture; default 1.0 (rewrite) or 0.9 (sd-ipc, the paper's).",
     )
-    num_images: NumImages = 4
-    steps: Steps = 25
-    guidance: Guidance = 7.5
-    seed: Seed = None
-    width: Side = None
-    height: Side = None
-    concept: AppliedConcept = None
 
     def image_refs(self) -> list[str]:
         return image_refs_to_fetch([self.image])
+
+
+class EditWithTextRequest(SamplingRequest, EditWithTextInputs):
+    num_images: NumImages = 4
 
 
 class EditedImage(Variation):
@@ -111,7 +104,7 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
     rendered = render_and_score(
         drawing,
         EditPrompt(request.image, request.text, alpha, None if edited is None else (source, edited)),
-        Sampling.of(request),
+        request,
         METHODS[request.method],
         metadata,
     )

@@ -19,6 +19,7 @@ from pictoprompt.tools.base import (
     MaxTokens,
     NumImages,
     Perplexity,
+    SamplingRequest,
     Seed,
     Steps,
     ToolContext,
@@ -27,7 +28,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
 )
-from pictoprompt.tools.render import Sampling, TextPrompt, render_and_score
+from pictoprompt.tools.render import TextPrompt, render_and_score
 
 METHOD = "vgd-fusion"
 
@@ -83,8 +84,11 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
     prompt = fusion.prompt
     images: list[Variation] = []
     if request.generate:
+        sampling = SamplingRequest(
+            num_images=request.num_images, steps=request.steps, guidance=request.guidance, seed=request.seed
+        )
         rendered = render_and_score(
-            context, TextPrompt(prompt), Sampling.of(request), METHOD, {"prompt": prompt}, score_against=embeddings
+            context, TextPrompt(prompt), sampling, METHOD, {"prompt": prompt}, score_against=embeddings
         )
         images = [Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
     return FuseConceptsResponse(

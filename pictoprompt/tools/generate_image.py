@@ -5,37 +5,29 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from pictoprompt.tools.base import (
-    AppliedConcept,
-    Guidance,
-    NumImages,
     OutputImage,
-    Seed,
-    Side,
-    Steps,
+    SamplingRequest,
     ToolContext,
     ToolHints,
     ToolRequest,
     ToolSpec,
 )
-from pictoprompt.tools.render import Sampling, TextPrompt, render_and_score
+from pictoprompt.tools.render import TextPrompt, render_and_score
 
 METHOD = "text-to-image"
 
 
-class GenerateImageRequest(ToolRequest):
+class GenerateImageInputs(ToolRequest):
     prompt: str = Field(
         min_length=1,
         max_length=2000,
         description="What to draw; with concept=NAME, NAME here stands for it ('my-star on the left').",
     )
     negative_prompt: str = Field("", max_length=2000, description="What to steer away from.")
-    num_images: NumImages = 1
-    steps: Steps = 25
-    guidance: Guidance = 7.5
-    seed: Seed = None
-    width: Side = None
-    height: Side = None
-    concept: AppliedConcept = None
+
+
+class GenerateImageRequest(SamplingRequest, GenerateImageInputs):
+    pass
 
 
 class GenerateImageResponse(BaseModel):
@@ -47,7 +39,7 @@ def generate_image(request: GenerateImageRequest, context: ToolContext) -> Gener
     rendered = render_and_score(
         context,
         TextPrompt(request.prompt, request.negative_prompt),
-        Sampling.of(request),
+        request,
         METHOD,
         {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "concept": request.concept or ""},
     )

@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from PIL import Image
-from pydantic import BaseModel
 
-from pictoprompt.methods.concept_tuning import (
-    ConceptWeights,
-    applied_concept,
-    base_hash,
-    mentions,
-    named_concept_states,
-)
-from pictoprompt.methods.generation import PromptStates, default_size, encode_text_prompt, generate
+from pictoprompt.methods.concept_weights import ConceptWeights, applied_concept, base_hash, named_concept_states
+from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
 from pictoprompt.methods.prompt_edit import prompt_edit_states
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import (
@@ -39,7 +32,8 @@ from pictoprompt.methods.sd_ipc import (
 )
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
-from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, ToolContext
+from pictoprompt.models.concepts import mentions
+from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, SamplingRequest, ToolContext
 
 # ------------------------------------------------------------------------------------------------ what to draw
 
@@ -80,25 +74,6 @@ Prompt = TextPrompt | ImagePrompt | EditPrompt
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How to sample: the settings every image-making request shares."""
-
-    num_images: int = 1
-    steps: int = 25
-    guidance: float = 7.5
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    concept: str | None = None
-
-    @classmethod
-    def of(cls, request: BaseModel, **overrides: object) -> Sampling:
-        """The sampling settings `request` carries (the fields it lacks keep their defaults)."""
-        names = {field.name for field in fields(cls)} & set(type(request).model_fields)
-        return cls(**{**{name: getattr(request, name) for name in names}, **overrides})  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
 class Rendered:
     """One saved image with its scores: `image_similarity` against the references (image prompts, or
     `score_against`), `text_similarity` against an edit's text."""
@@ -114,7 +89,7 @@ class Rendered:
 def render_and_score(
     context: ToolContext,
     prompt: Prompt,
-    sampling: Sampling,
+    sampling: SamplingRequest,
     method: str,
     metadata: dict[str, str] | None = None,
     score_against: Embeddings | None = None,
@@ -133,17 +108,10 @@ def render_and_score(
     stored = stored_embeddings(context, [*_references(prompt), *_named_concept(prompt, sampling.concept)])
     with applied_concept(pipeline, clip, concept) as clip:
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
-        images = generate(
-            pipeline,
-            conditioning,
-            negative,
-            seeds,
-            num_inference_steps=sampling.steps,
-            guidance_scale=sampling.guidance,
-            width=sampling.width or size,
-            height=sampling.height or size,
-            progress=context.progress,
-        )
+        sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
+        # A learned concept changes the generator's weights while applied: such a call never shares a batch.
+        sampler = context.sampler if context.sampler is not None and concept is None else generate_alone
+        images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
         save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
@@ -249,7 +217,7 @@ def seeds_for(seed: int | None, count: int) -> list[int]:
 
 
 def _metadata(
-    context: ToolContext, method: str, seed: int, sampling: Sampling, extra: dict[str, str] | None
+    context: ToolContext, method: str, seed: int, sampling: SamplingRequest, extra: dict[str, str] | None
 ) -> dict[str, str]:
     """The PNG text chunks every output image carries."""
     return {

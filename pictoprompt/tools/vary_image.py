@@ -18,13 +18,9 @@ from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
-    AppliedConcept,
-    Guidance,
     ImageRef,
     NumImages,
-    Seed,
-    Side,
-    Steps,
+    SamplingRequest,
     ToolContext,
     ToolHints,
     ToolRequest,
@@ -32,13 +28,13 @@ from pictoprompt.tools.base import (
     Variation,
     image_refs_to_fetch,
 )
-from pictoprompt.tools.render import ImagePrompt, Sampling, picture_prompt, render_and_score
+from pictoprompt.tools.render import ImagePrompt, picture_prompt, render_and_score
 
 VaryMethod = Literal["sd-ipc", "prompted"]
 METHODS: dict[VaryMethod, str] = {"sd-ipc": "sd-ipc-variation", "prompted": "prompted-sd-ipc-variation"}
 
 
-class VaryImageRequest(ToolRequest):
+class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
@@ -48,20 +44,13 @@ class VaryImageRequest(ToolRequest):
         None,
         description="One per image (default: equal).",
     )
-    num_images: NumImages = 4
-    steps: Steps = 25
-    guidance: Guidance = 7.5
-    seed: Seed = None
-    width: Side = None
-    height: Side = None
-    concept: AppliedConcept = None
     method: VaryMethod | None = Field(
         None,
         description="sd-ipc (paper) or prompted: also the images' written prompt. Default: the model set's.",
     )
 
     @model_validator(mode="after")
-    def _one_weight_per_image(self) -> VaryImageRequest:
+    def _one_weight_per_image(self) -> VaryImageInputs:
         if self.weights is not None:
             if len(self.weights) != len(self.images):
                 raise ValueError(
@@ -73,6 +62,10 @@ class VaryImageRequest(ToolRequest):
 
     def image_refs(self) -> list[str]:
         return image_refs_to_fetch(list(self.images))
+
+
+class VaryImageRequest(SamplingRequest, VaryImageInputs):
+    num_images: NumImages = 4
 
 
 class VaryImageResponse(BaseModel):
@@ -93,7 +86,7 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
     rendered = render_and_score(
         drawing,
         ImagePrompt(request.images, request.weights, prompt, settings.converted_weight),
-        Sampling.of(request),
+        request,
         METHODS[method],
         metadata,
     )
