@@ -171,6 +171,22 @@ class Variation(BaseModel):
     )
 
 
+class DomainCheck(BaseModel):
+    """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
+    add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_coverage: float = Field(
+        ge=0.0, le=1.0, description="A picture whose flat-region coverage is below this is outside the world."
+    )
+    regions: int = Field(4, ge=1, le=16, description="Flat regions a world picture is made of (background + objects).")
+    latent_radius: float = Field(0.2, gt=0.0, description="How near a VAE latent must be to a region's centre.")
+    working_size: int = Field(64, ge=16, le=512, description="Pixels of the square every picture is judged at.")
+    world: str = Field(description="The world in a few words, for the note.")
+    instead: str = Field(description="What to use for other pictures, for the note.")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -203,6 +219,9 @@ class Profile(BaseModel):
     variation: Variation = Field(
         default_factory=Variation,
         description="vary_image's method: the paper's SD-IPC unless a profile's models need more.",
+    )
+    domain_check: DomainCheck | None = Field(
+        None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -274,6 +293,14 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             # (82 %, 98 %), and any share of the converted embedding combined with it lowered every attribute
             # (0.5: shape 72 %, colour 82 %) (lab/results/quality-b.md).
             variation=Variation(picture_prompt=True, converted_weight=0.0),
+            # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
+            # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench
+            # domain_note --calibrate`; lab/results/quality-a.md).
+            domain_check=DomainCheck(
+                min_coverage=0.38,
+                world="flat coloured shapes on a plain background",
+                instead="For photos and other real pictures use a real profile such as sd15 (--profile sd15).",
+            ),
         ),
         Profile(
             name="tiny",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     NumImages,
     SamplingRequest,
@@ -27,6 +28,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import ImagePrompt, picture_prompt, render_and_score
 
@@ -71,6 +73,7 @@ class VaryImageRequest(SamplingRequest, VaryImageInputs):
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
     prompt: str | None = Field(None, description="method prompted: the references' prompt the variations follow.")
+    domain_note: DomainNote = None
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
@@ -93,6 +96,7 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
     return VaryImageResponse(
         images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
         prompt=prompt,
+        domain_note=picture_note(context, request.images),
     )
 
 
