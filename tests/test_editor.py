@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -264,7 +265,9 @@ def test_invert_image_by_editor_reports_each_prompts_preview_and_similarity(cont
         preview = Image.open(context.assets.paths[item.preview]).convert("RGB")  # type: ignore[attr-defined]
         # The preview is the prompt's picture from the first selection seed; the similarity is over all four.
         [alone] = ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references)
-        assert preview.tobytes() == alone.image.tobytes() and preview.size == (SIZE, SIZE)
+        # Batched and lone sampling may round one channel differently (oneDNN picks kernels per batch size).
+        difference = np.abs(np.asarray(preview, dtype=int) - np.asarray(alone.image, dtype=int))
+        assert preview.size == (SIZE, SIZE) and difference.max() <= 2
         assert item.image_similarity == pytest.approx(alone.image_similarity, abs=1e-4)
         pictures = [
             ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references, seeds=[seed])[0]

@@ -32,7 +32,7 @@ async def test_segment_image_returns_a_link_per_mask_and_the_overlay(
     async with Client(server) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
         tool = tools["segment_image"]
-        assert tool.annotations.read_only_hint is False and tool.annotations.idempotent_hint is True
+        assert not tool.annotations.read_only_hint and tool.annotations.idempotent_hint is True
         assert {"image", "prompt", "words", "wait_seconds", "inline"} <= set(tool.input_schema["properties"])
         result = await client.call_tool("segment_image", {"image": str(path), "prompt": "the red square"})
         assert not result.is_error, result.content

@@ -39,13 +39,23 @@ async def test_lists_every_tool_with_annotations_and_schemas(settings, tiny_runt
     expected = {spec.name for spec in TOOLS} | {"get_job", "cancel_job", "server_status"}
     assert expected <= set(tools)
     for tool in tools.values():
-        assert tool.annotations is not None and tool.annotations.read_only_hint is not None, tool.name
+        assert tool.annotations is not None, tool.name
         assert tool.output_schema is not None, tool.name
         for name, prop in tool.input_schema.get("properties", {}).items():
             assert prop.get("description"), f"{tool.name}.{name} has no description"
     generate = tools["generate_image"]
     assert generate.input_schema["properties"]["num_images"]["maximum"] == 8
     assert generate.annotations.destructive_hint is False
+    # A hint equal to the protocol's default is left out; read with the defaults, each says what the tool declares.
+    for spec in TOOLS:
+        hints = tools[spec.name].annotations
+        read = (bool(hints.read_only_hint), hints.destructive_hint is not False, bool(hints.idempotent_hint))
+        assert (*read, hints.open_world_hint is not False) == (
+            spec.hints.read_only,
+            spec.hints.destructive,
+            spec.hints.idempotent,
+            spec.hints.open_world,
+        ), spec.name
 
 
 async def test_generate_image_structured_result_matches_schema_and_resource(settings, tiny_runtime):

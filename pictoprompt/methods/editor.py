@@ -312,6 +312,7 @@ def reverse_engineer(
                     result.improvements.append((iteration, loss, best))
             if last:
                 break
+            progress.check()  # a cancel that came during the forward pass stops before the backward, its dearer half
             optimizer.zero_grad()
             losses.sum().backward()
             optimizer.step()

@@ -38,7 +38,7 @@ from pictoprompt.server.tasks import TaskMiddleware, TasksExtension, TaskStore, 
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
-from pictoprompt.tools.base import ToolContext, ToolRequest, ToolSpec
+from pictoprompt.tools.base import ToolContext, ToolHints, ToolRequest, ToolSpec
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +60,11 @@ prompt, remove or replace something in a picture.
 
 WaitSeconds = Annotated[
     float,
-    Field(ge=0, le=600, description="Wait this long, then get a job_id for get_job."),
+    Field(ge=0, le=600, description="Then a job_id for get_job."),
 ]
 Inline = Annotated[
     InlineMode,
-    Field(description="Images inline besides their links."),
+    Field(description="Inline images too."),
 ]
 
 
@@ -82,12 +82,14 @@ class ServerState:
 StateOf = Callable[[Context], ServerState]
 
 
-def annotations_for(spec: ToolSpec) -> ToolAnnotations:
+def annotations_for(hints: ToolHints) -> ToolAnnotations:
+    """The tool's hints, each left out where it is the protocol's default (read-only and idempotent false,
+    destructive and open-world true): the same meaning in fewer characters of tools/list."""
     return ToolAnnotations(
-        read_only_hint=spec.hints.read_only,
-        destructive_hint=spec.hints.destructive,
-        idempotent_hint=spec.hints.idempotent,
-        open_world_hint=spec.hints.open_world,
+        read_only_hint=hints.read_only or None,
+        destructive_hint=None if hints.destructive else False,
+        idempotent_hint=hints.idempotent or None,
+        open_world_hint=None if hints.open_world else False,
     )
 
 
@@ -112,7 +114,7 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
             spec.description,
             spec.request_model,
             spec.response_model,
-            annotations_for(spec),
+            annotations_for(spec.hints),
             call_directly,
         )
 
@@ -147,7 +149,8 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
         # null while the job runs.
         result=(spec.response_model | None, None),
     )
-    return WireTool(spec.name, spec.title, spec.description, arguments, output, annotations_for(spec), call_as_job)
+    annotations = annotations_for(spec.hints)
+    return WireTool(spec.name, spec.title, spec.description, arguments, output, annotations, call_as_job)
 
 
 def _client_gone(ctx: Context) -> anyio.Event | None:
@@ -381,7 +384,7 @@ def resource_error(error: PictopromptError) -> ResourceError:
     return ResourceNotFoundError(str(error)) if isinstance(error, NotFoundError) else ResourceError(str(error))
 
 
-JobId = Annotated[str, Field(min_length=1, max_length=64, description="The job_id a slow call returned.")]
+JobId = Annotated[str, Field(min_length=1, max_length=64, description="From a slow call.")]
 
 
 class GetJobRequest(ToolRequest):
@@ -436,15 +439,13 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
         )
         return text_result(status)
 
-    read_only = ToolAnnotations(
-        read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-    )
-    stops = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+    read_only = annotations_for(ToolHints(read_only=True, destructive=False, idempotent=True, open_world=False))
+    stops = annotations_for(ToolHints(read_only=False, destructive=True, idempotent=True, open_world=False))
     return [
         WireTool(
             "get_job",
             "Wait for a job",
-            "Wait (up to wait_seconds) for a job started by a slow call, and return its result when done.",
+            "Wait up to wait_seconds for a slow call's job; returns its result when done.",
             GetJobRequest,
             JobLookup,
             read_only,
@@ -453,7 +454,7 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
         WireTool(
             "cancel_job",
             "Cancel a job",
-            "Stop a queued or running job between two steps; its partial work is discarded.",
+            "Stop a queued or running job; partial work is discarded.",
             CancelJobRequest,
             CancelOutcome,
             stops,
@@ -462,7 +463,7 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
         WireTool(
             "server_status",
             "Server status",
-            "The active profile, device, loaded models, memory use and the job queue.",
+            "Profile, device, loaded models, memory and job queue.",
             ServerStatusRequest,
             ServerStatus,
             read_only,

@@ -48,13 +48,14 @@ def tools_markdown() -> str:
     lines = []
     for tool in anyio.run(listing):
         hints = tool.annotations
+        # A hint left out is the protocol's default: destructive and open-world true, the others false.
         flags = [
             name
             for name, on in (
-                ("read-only", hints.read_only_hint),
-                ("destructive", hints.destructive_hint),
-                ("idempotent", hints.idempotent_hint),
-                ("open-world", hints.open_world_hint),
+                ("read-only", bool(hints.read_only_hint)),
+                ("destructive", hints.destructive_hint is not False),
+                ("idempotent", bool(hints.idempotent_hint)),
+                ("open-world", hints.open_world_hint is not False),
             )
             if on
         ]

@@ -299,9 +299,10 @@ class TaskMiddleware:
         if ctx.method != "tools/call":
             return await call_next(ctx)
         ask = task_ask(ctx, connection_of(ctx))
-        if ask is None:
+        name = (ctx.params or {}).get("name")
+        if ask is None or not isinstance(name, str):  # a malformed call is the SDK's to refuse
             return await call_next(ctx)
-        if (ctx.params or {}).get("name") not in self._task_tools:
+        if name not in self._task_tools:
             if ask.modern:  # the server decides; a light tool just answers
                 return await call_next(ctx)
             raise MCPError(code=METHOD_NOT_FOUND, message="This tool does not run as a task; call it without `task`.")

@@ -21,7 +21,7 @@ from pictoprompt.models.concepts import NAME_PATTERN, ConceptStore
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 
-IMAGE_REF_DESCRIPTION = "Path, URL, data URI or pictoprompt:// asset URI."
+IMAGE_REF_DESCRIPTION = "Path, URL, data URI or asset URI."
 """What an image argument accepts, in a few words: the server's instructions explain image references once."""
 
 ImageRef = Annotated[
@@ -43,14 +43,14 @@ def image_refs_to_fetch(refs: list[str]) -> list[str]:
 
 Seed = Annotated[
     int | None,
-    Field(ge=0, le=2**32 - 1, description="Omit for a random seed; each image reports its own."),
+    Field(ge=0, le=2**32 - 1, description="Omit for random."),
 ]
-NumImages = Annotated[int, Field(ge=1, le=8, description="How many images to make.")]
-Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps; more is slower and finer.")]
-Guidance = Annotated[float, Field(ge=0.0, le=30.0, description="Guidance scale; higher follows the prompt harder.")]
+NumImages = Annotated[int, Field(ge=1, le=8, description="Images to make.")]
+Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps.")]
+Guidance = Annotated[float, Field(ge=0.0, le=30.0, description="Guidance scale.")]
 Side = Annotated[
     int | None,
-    Field(ge=16, le=2048, multiple_of=8, description="Default: the model's native size."),
+    Field(ge=16, le=2048, multiple_of=8, description="Default: native."),
 ]
 
 ConceptName = Annotated[
@@ -62,12 +62,12 @@ AppliedConcept = Annotated[
     str | None,
     Field(pattern=NAME_PATTERN.pattern),
     # A name that breaks the pattern cannot be in the store: the store's refusal says so, no need to spell it here.
-    WithJsonSchema({"type": "string", "description": "A concept learned with customize_concept to apply."}),
+    WithJsonSchema({"type": "string", "description": "A concept from customize_concept."}),
 ]
 
 MaxTokens = Annotated[
     int,
-    Field(ge=4, le=75, description="Longest prompt in LLM tokens (the paper uses 16-64)."),
+    Field(ge=4, le=75, description="Longest prompt in LLM tokens (paper: 16-64)."),
 ]
 Perplexity = Annotated[
     float, Field(description="Perplexity of the prompt under the LLM; lower reads more naturally (PEZ-style ~1000).")

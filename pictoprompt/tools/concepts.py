@@ -41,8 +41,8 @@ LIST_SPEC = ToolSpec(
     name="list_concepts",
     title="List learned concepts",
     description=(
-        "The concepts learned with customize_concept (and domain adapters), with the base model each was trained "
-        "on, its settings and final loss. Use one as concept=NAME or image='concept:NAME'."
+        "Learned concepts and domain adapters: base model, settings, final loss. Use as concept=NAME or "
+        "image='concept:NAME'."
     ),
     request_model=ListConceptsRequest,
     response_model=ListConceptsResponse,
@@ -54,7 +54,7 @@ LIST_SPEC = ToolSpec(
 DELETE_SPEC = ToolSpec(
     name="delete_concept",
     title="Delete a learned concept",
-    description="Delete a learned concept (its weights, card and thumbnails) for good.",
+    description="Delete a learned concept for good.",
     request_model=DeleteConceptRequest,
     response_model=DeleteConceptResponse,
     run=delete_concept,

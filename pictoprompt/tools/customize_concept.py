@@ -49,27 +49,25 @@ class CustomizeConceptRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=3,
         max_length=10,
-        description="Pictures of the concept, ideally varied in pose, position and background.",
+        description="Varied pictures of the concept.",
     )
-    iterations: int | None = Field(None, ge=1, le=500, description="Tuning steps; default: the profile's (paper: 30).")
+    iterations: int | None = Field(None, ge=1, le=500, description="Default: the profile's (paper: 30).")
     learning_rate: float | None = Field(
         None,
         gt=0.0,
         le=1e-3,
-        description="Constant learning rate of every tuned weight; default: the profile's (paper: 5e-6), which may "
-        "give the deep prompts their own while aligning to a description.",
+        description="Default: the profile's (paper: 5e-6).",
     )
     description: str | None = Field(
         None,
         max_length=200,
-        description="Optional: what the pictures show in a few words ('a green heart', 'a ginger cat'). Tuning aligns "
-        "to them; they follow its name in prompts and start edits of image='concept:NAME'.",
+        description="Optional: what the pictures show ('a green heart'); tuning aligns to it.",
     )
     complete_description: bool = Field(
         True,
-        description="Let the generator complete the description (or write one) from the pictures.",
+        description="Complete (or write) the description from the pictures.",
     )
-    overwrite: bool = Field(False, description="Replace an existing concept of the same name.")
+    overwrite: bool = Field(False, description="Replace a concept of that name.")
 
     def image_refs(self) -> list[str]:
         return list(self.images)
@@ -270,10 +268,9 @@ SPEC = ToolSpec(
     name="customize_concept",
     title="Learn a concept from a few pictures",
     description=(
-        "Teach the model a concept (an object, a pet, a person) from 3-10 pictures (SD-IPC-CT), optionally with a "
-        "few words of what it is. Then pass concept=NAME to generate_image (NAME in its prompt stands for it), "
-        "vary_image or edit_with_text, and image='concept:NAME' instead of re-sending pictures. Nothing is saved "
-        "unless the job finishes."
+        "Teach a concept (object, pet, person) from 3-10 pictures (SD-IPC-CT), optionally described in a few words. "
+        "Then use concept=NAME in generate_image (NAME in the prompt stands for it), vary_image or edit_with_text, "
+        "or image='concept:NAME'."
     ),
     request_model=CustomizeConceptRequest,
     response_model=CustomizeConceptResponse,

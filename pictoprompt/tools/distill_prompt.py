@@ -32,10 +32,8 @@ METHOD = "vgd-distillation"
 
 class DistillPromptRequest(ToolRequest):
     prompt: str = Field(min_length=1, max_length=2000, description="The long prompt to shorten.")
-    max_tokens: int | None = Field(
-        None, ge=1, le=75, description="Budget in CLIP tokens; default: 30% of the prompt's."
-    )
-    generate_preview: bool = Field(False, description="Also render both prompts from one seed, to compare.")
+    max_tokens: int | None = Field(None, ge=1, le=75, description="CLIP tokens; default: 30% of the prompt's.")
+    generate_preview: bool = Field(False, description="Also render both from one seed.")
     steps: Steps = 25
     guidance: Guidance = 7.5
     seed: Seed = None
@@ -95,9 +93,8 @@ SPEC = ToolSpec(
     name="distill_prompt",
     title="Shorten a prompt without changing what it generates",
     description=(
-        "Write a shorter prompt (default: 30% of the CLIP tokens) that the generator's CLIP reads like the original "
-        "(VGD). Reports its CLIP similarity to the original and the token counts, and optionally previews of both "
-        "prompts from one seed."
+        "A shorter prompt (default: 30% of the CLIP tokens) that CLIP reads like the original (VGD), with its "
+        "similarity, token counts and optional previews from one seed."
     ),
     request_model=DistillPromptRequest,
     response_model=DistillPromptResponse,

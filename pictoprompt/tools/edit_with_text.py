@@ -51,18 +51,18 @@ class EditWithTextInputs(ToolRequest):
     )
     method: EditMethod = Field(
         "rewrite",
-        description="rewrite: edit the picture's prompt and draw it; sd-ipc: the paper's Eq. 8 (no LLM).",
+        description="rewrite: edit the picture's prompt; sd-ipc: the paper's Eq. 8 (no LLM).",
     )
     source_prompt: str | None = Field(
         None,
         max_length=300,
-        description="rewrite: the picture's prompt if known (e.g. from invert_image); else it is written first.",
+        description="rewrite: the picture's prompt, if known.",
     )
     alpha: float | None = Field(
         None,
         ge=0.0,
         le=3.0,
-        description="Edit strength: 0 keeps only the picture; default 1.0 (rewrite) or 0.9 (sd-ipc, the paper's).",
+        description="Edit strength (0: only the picture); default 1.0, sd-ipc 0.9.",
     )
 
     def image_refs(self) -> list[str]:
@@ -130,10 +130,9 @@ SPEC = ToolSpec(
     name="edit_with_text",
     title="Edit an image with words",
     description=(
-        "Make 1-8 images that keep a reference image's content and apply a change in words ('blue', 'on the left', "
-        "'in the snow'). By default the picture's prompt is written (or given as source_prompt), the edit is put "
-        "into it, and both prompts are returned; the layout is not copied. Each image reports its seed and its CLIP "
-        "similarity to the reference and to the edit text."
+        "Make 1-8 images of a reference image with a change in words ('blue', 'on the left'). By default its prompt "
+        "is written (or given as source_prompt) and edited; the layout is not copied. Each image reports its seed "
+        "and CLIP similarity to the reference and the edit."
     ),
     request_model=EditWithTextRequest,
     response_model=EditWithTextResponse,

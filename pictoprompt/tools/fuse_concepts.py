@@ -39,11 +39,11 @@ class FuseConceptsRequest(ToolRequest):
     images: list[ImageRef] = Field(min_length=2, max_length=5, description="2-5 images, one concept each.")
     strategy: FuseStrategy = Field(
         "merge",
-        description="merge: one prompt per image, then one sentence written from them; joint: one prompt decoded "
-        "against all images at once; concat: the per-image prompts joined as a list ('A and B').",
+        description="merge: a prompt per image, then one from them; joint: one for all images; concat: joined "
+        "('A and B').",
     )
     max_tokens: MaxTokens = 32
-    generate: bool = Field(True, description="Also generate images from the fused prompt.")
+    generate: bool = Field(True, description="Also draw the prompt.")
     num_images: NumImages = 4
     steps: Steps = 25
     guidance: Guidance = 7.5
@@ -110,9 +110,8 @@ SPEC = ToolSpec(
     name="fuse_concepts",
     title="Fuse the concepts of several images into one prompt",
     description=(
-        "Write one readable prompt that combines the concepts of 2-5 images (VGD), and optionally images from it. "
-        "Reports each input image's CLIP similarity to the prompt (a low one: that concept is weak), and each "
-        "generated image's mean similarity to the inputs."
+        "One readable prompt combining the concepts of 2-5 images (VGD), optionally with images from it; reports "
+        "each input's CLIP similarity to it (low: that concept is weak)."
     ),
     request_model=FuseConceptsRequest,
     response_model=FuseConceptsResponse,

@@ -21,7 +21,7 @@ class GenerateImageInputs(ToolRequest):
     prompt: str = Field(
         min_length=1,
         max_length=2000,
-        description="What to draw; with concept=NAME, NAME here stands for it ('my-star on the left').",
+        description="What to draw; with concept=NAME, NAME here stands for it.",
     )
     negative_prompt: str = Field("", max_length=2000, description="What to steer away from.")
 
@@ -49,10 +49,7 @@ def generate_image(request: GenerateImageRequest, context: ToolContext) -> Gener
 SPEC = ToolSpec(
     name="generate_image",
     title="Generate images from a prompt",
-    description=(
-        "Generate 1-8 images from a text prompt with the loaded Stable Diffusion model. Each image reports its "
-        "seed: call again with that seed and the same arguments to reproduce it."
-    ),
+    description=("Generate 1-8 images from a text prompt; each reports the seed that reproduces it."),
     request_model=GenerateImageRequest,
     response_model=GenerateImageResponse,
     run=generate_image,

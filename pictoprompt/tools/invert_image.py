@@ -70,17 +70,17 @@ class InvertImageRequest(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Several are described together: the prompt has to match each.",
+        description="Several are described by one prompt.",
     )
     focus: Literal["content", "style"] = Field(
         "content",
-        description="content: what is shown and how; style: only the style, colours and shapes.",
+        description="content: what is shown; style: only the style.",
     )
     max_tokens: MaxTokens = 32
-    num_results: int = Field(3, ge=1, le=10, description="Distinct prompts to return, best first.")
+    num_results: int = Field(3, ge=1, le=10, description="Prompts to return, best first.")
     method: Literal["vgd", "editor"] = Field(
         "vgd",
-        description="vgd: an LLM steered by CLIP. editor: refined through the generator, with previews (slower).",
+        description="vgd: an LLM steered by CLIP; editor: refined through the generator (slower).",
     )
     iterations: int | None = Field(
         None,
@@ -194,15 +194,8 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
     iterations = request.iterations or EDITOR_ITERATIONS
     total = iterations + 3
     vocabulary = runtime_vocabulary(runtime, progress=context.progress)
-    start = start_prompt(
-        images,
-        runtime.captioner(),
-        llm,
-        clip,
-        vocabulary,
-        request.max_tokens,
-        progress=context.progress.scaled(0, 1, total),
-    )
+    first = context.progress.scaled(0, 1, total)
+    start = start_prompt(images, runtime.captioner(), llm, clip, vocabulary, request.max_tokens, progress=first)
     result = editor(
         pipeline,
         clip,
@@ -260,9 +253,8 @@ SPEC = ToolSpec(
     name="invert_image",
     title="Turn images into a readable prompt",
     description=(
-        "Write readable prompts that regenerate 1-5 images on the loaded model (VGD: an LLM writes, CLIP steers). "
-        "Returns the best prompts with their CLIP similarity to the images (higher is closer) and perplexity "
-        "(lower reads better). focus='style' extracts only the style, to use as '{subject} in the style of ...'."
+        "Write readable prompts that regenerate 1-5 images (VGD), with CLIP similarity (higher is closer) and "
+        "perplexity (lower reads better). focus='style': only the style, for '{subject} in the style of ...'."
     ),
     request_model=InvertImageRequest,
     response_model=InvertImageResponse,

@@ -64,11 +64,9 @@ class SegmentImageRequest(ToolRequest):
         None,
         min_length=1,
         max_length=2000,
-        description="A prompt describing the picture. Omit to have VGD write one (as invert_image).",
+        description="The picture's prompt; omitted, VGD writes one.",
     )
-    words: list[str] | None = Field(
-        None, min_length=1, max_length=32, description="Only these words of the prompt (default: all)."
-    )
+    words: list[str] | None = Field(None, min_length=1, max_length=32, description="Only these words (default: all).")
 
     def image_refs(self) -> list[str]:
         return [self.image]
@@ -192,9 +190,8 @@ SPEC = ToolSpec(
     name="segment_image",
     title="Find the words of a prompt in a picture",
     description=(
-        "Mask each word of a prompt in a picture, from the generator's attention and denoising: a PNG mask, area and "
-        "attention per word, no mask (with the reason) for words naming nothing visible, and one overlay coloured "
-        "per word. Without a prompt, VGD writes one first."
+        "Mask each word of a prompt in a picture from the generator's attention: per word a PNG mask, area and "
+        "attention (or why none), and one overlay. Without a prompt, VGD writes one."
     ),
     request_model=SegmentImageRequest,
     response_model=SegmentImageResponse,

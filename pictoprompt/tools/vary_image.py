@@ -40,11 +40,11 @@ class VaryImageInputs(ToolRequest):
     images: list[ImageRef] = Field(
         min_length=1,
         max_length=5,
-        description="Several are blended.",
+        description="Reference images; several are blended.",
     )
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
-        description="One per image (default: equal).",
+        description="One weight per reference (default: equal).",
     )
     method: VaryMethod | None = Field(
         None,
@@ -104,8 +104,8 @@ SPEC = ToolSpec(
     name="vary_image",
     title="Make variations of images",
     description=(
-        "Make 1-8 new images with the content and style of 1-5 images, no prompt needed (SD-IPC); several are "
-        "blended. Each reports its seed and CLIP similarity to the references (higher is closer)."
+        "Make 1-8 images with the content and style of 1-5 reference images, blended and optionally weighted "
+        "(SD-IPC; no prompt). Each reports its seed and CLIP similarity to the references."
     ),
     request_model=VaryImageRequest,
     response_model=VaryImageResponse,
