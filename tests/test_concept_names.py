@@ -100,6 +100,30 @@ def test_a_description_follows_the_placeholder_as_class_words(tiny_runtime: Runt
     )
 
 
+def test_a_placer_puts_the_words_after_the_name_into_the_description(tiny_runtime: Runtime) -> None:
+    """With a placer (the LLM's rewrite on a profile that asks for it), "NAME small" draws "[f] a small ... heart"."""
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embedding = torch.randn(1, clip.embed_dim)
+    asked: list[tuple[str, str]] = []
+
+    def place(description: str, words: str) -> str:
+        asked.append((description, words))
+        return "a small striped green heart"
+
+    with torch.no_grad():
+        placed = named_concept_prompt(converter, "my-star small", "my-star", embedding, "a striped green heart", place)
+        text, _ = converter.text_states(["a small striped green heart"])
+        alone = named_concept_prompt(converter, "my-star", "my-star", embedding, "a striped green heart", place)
+    assert asked == [("a striped green heart", "small")]  # nothing to place after a name that ends the prompt
+    assert torch.equal(placed[0, 2:], text[0, 1:-1])
+    assert torch.equal(placed[0, 1], converter.convert(embedding)[0])
+    with torch.no_grad():
+        assert torch.equal(
+            alone, named_concept_prompt(converter, "my-star", "my-star", embedding, "a striped green heart")
+        )
+
+
 def test_the_names_spelling_never_reaches_the_generator(tiny_runtime: Runtime) -> None:
     """Only the concept's embedding stands for it: 'my-star' draws no more of a star than 'obj-1' does."""
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()

@@ -57,6 +57,7 @@ def test_candidates_replace_a_word_by_a_word_and_insert_it_but_never_keep_the_so
     assert "a red blue on the left" in texts(candidates)
     assert "a blue red circle on the left" in texts(candidates)
     assert "a red circle on the left, blue" in texts(candidates)
+    assert "a red circle on the left blue" in texts(candidates)
     assert "a red circle on the left" not in texts(candidates)
     # A one-word edit replaces one word at most.
     assert "a blue on the left" not in texts(candidates)
@@ -66,6 +67,8 @@ def test_candidates_replace_a_word_by_a_word_and_insert_it_but_never_keep_the_so
 def test_longer_edits_replace_longer_runs_and_articles_follow_the_next_word() -> None:
     candidates = texts(rewrite_candidates("a green heart in the bottom left corner", "on the right"))
     assert "a green heart on the right" in candidates
+    # A description with no place yet gains one as the prompt reads on, not only as a clause after a comma.
+    assert "a striped green heart on the left" in texts(rewrite_candidates("a striped green heart", "on the left"))
     assert "an orange circle" in texts(rewrite_candidates("a red circle", "orange"))
     assert "a red star" in texts(rewrite_candidates("a red circle", "a star"))
     assert "an umbrella" in texts(rewrite_candidates("a dog", "umbrella"))

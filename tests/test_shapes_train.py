@@ -140,6 +140,29 @@ def test_the_offset_noise_stage_runs_alone_from_an_exported_generator_and_change
     assert json.loads((tmp_path / "weights" / "training.json").read_text())["stages"]["unet_offset"]["steps"] == 2
     with pytest.raises(FileNotFoundError, match="holds none"):
         train(tmp_path / "other", config, export_to=tmp_path / "empty", only=["unet_offset"])
+    # The background stage goes on from that export the same way.
+    config = TrainConfig(background_steps=2, background_batch=4, checkpoint_seconds=0.0)
+    train(tmp_path / "run", config, export_to=tmp_path / "weights", only=["unet_background"])
+    record = json.loads((tmp_path / "weights" / "training.json").read_text())["stages"]
+    assert record["unet_background"]["steps"] == 2 and record["unet_offset"]["steps"] == 2
+
+
+def test_the_background_stage_batches_uniform_named_backgrounds_and_their_colour_twins() -> None:
+    from lab.shapes.train import background_batch
+    from pictoprompt.models.shapes.scenes import HELD_OUT_COMBOS, PALETTE
+
+    batch = background_batch(0, 3, 16, 0.5, 0.5)
+    assert batch.pixels.shape == (16, 3, 32, 32) and len(batch.captions) == 16
+    targeted = batch.captions[8:]
+    # Every targeted caption names its background, and its twin swaps the object's and the background's colours.
+    assert all(caption.endswith(" background") for caption in targeted)
+    for first, twin, twin_background in zip(targeted[:4], targeted[4:], batch.backgrounds[12:], strict=True):
+        colours = [word for word in first.split() if word in PALETTE]
+        assert [word for word in twin.split() if word in PALETTE] == colours[::-1]
+        expected = torch.tensor(PALETTE[colours[0]], dtype=torch.float32) / 127.5 - 1.0
+        assert torch.allclose(twin_background.flatten(), expected)  # the twin's background: the object's colour
+    assert not any(f"{colour} {shape}" in caption for caption in targeted for colour, shape in HELD_OUT_COMBOS)
+    assert batch.captions[:8] == background_batch(0, 3, 16, 0.5, 0.5).captions[:8]  # deterministic
 
 
 def test_a_stage_with_no_minutes_takes_no_step_and_saves_its_starting_weights(tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int, int]]:
     distinct.
 
     A one-word edit replaces one word ("blue" for "red"); a longer one a run of up to two words more than its own
-    ("on the right" for "in the bottom left corner"). The edit's leading article is dropped where the source
+    ("on the right" for "in the bottom left corner"), or after the whole prompt, with or without a comma. The
+    edit's leading article is dropped where the source
     already has one ("a star" in "a red circle" gives "a red star").
     """
     words, edit_words = source.split(), edit.split()
@@ -74,6 +75,8 @@ def rewrite_candidates(source: str, edit: str) -> list[tuple[str, int, int]]:
             for end in range(start, min(len(words), start + longest) + 1):
                 text = _fix_articles(" ".join([*words[:start], *insertion, *words[end:]]))
                 candidates.setdefault(text, (start, end - start))
+    # After the whole prompt: as it reads on ("a green heart on the left"), or as a clause of its own.
+    candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')} {edit}"), (len(words), 0))
     candidates.setdefault(_fix_articles(f"{source.rstrip(' ,.')}, {edit}"), (len(words), 0))
     candidates.pop(_fix_articles(source), None)
     return [(text, start, dropped) for text, (start, dropped) in candidates.items()]

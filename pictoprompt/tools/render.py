@@ -19,9 +19,15 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pictoprompt.methods.concept_weights import ConceptWeights, applied_concept, base_hash, named_concept_states
+from pictoprompt.methods.concept_weights import (
+    ConceptWeights,
+    WordPlacer,
+    applied_concept,
+    base_hash,
+    named_concept_states,
+)
 from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
-from pictoprompt.methods.prompt_edit import prompt_edit_states
+from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import (
     average_embeddings,
@@ -155,7 +161,14 @@ def _conditioning(
             name = str(concept)
             description = context.concept_store().get(name).description
             prompt_embeds, negative_embeds = named_concept_states(
-                clip, pipeline, prompt.prompt, prompt.negative_prompt, name, stored[named[0]], description
+                clip,
+                pipeline,
+                prompt.prompt,
+                prompt.negative_prompt,
+                name,
+                stored[named[0]],
+                description,
+                _word_placer(context),
             )
         else:
             prompt_embeds, negative_embeds = encode_text_prompt(pipeline, prompt.prompt, prompt.negative_prompt)
@@ -174,6 +187,15 @@ def _conditioning(
     else:
         prompt_embeds, negative_embeds = edit_states(clip, pipeline, references, prompt.text, prompt.alpha)
     return prompt_embeds, negative_embeds, references
+
+
+def _word_placer(context: ToolContext) -> WordPlacer | None:
+    """The LLM's rewrite (as an edit puts its words into a prompt) when the profile places a concept's context words
+    into its description, else None."""
+    if not context.runtime.profile.concept_tuning.place_context_words:
+        return None
+    llm = context.runtime.llm()
+    return lambda description, words: rewrite_prompt(llm, description, words)
 
 
 def _scores(
