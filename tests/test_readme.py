@@ -124,6 +124,8 @@ def _setting(profile: object, path: str) -> object:
 def _same(shown: str, value: object) -> bool:
     if shown == "None" or value is None:
         return shown == "None" and value is None
+    if isinstance(value, bool):
+        return shown == str(value)
     if isinstance(value, list):
         return False
     return float(shown) == float(value)  # type: ignore[arg-type]
@@ -155,3 +157,11 @@ def test_the_bundled_set_table_links_to_sections_of_the_lab_results():
     headings = re.findall(r"^#+ (.+)$", (ROOT / "lab" / "RESULTS.md").read_text(), flags=re.M)
     slugs = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
     assert set(anchors) <= slugs, f"links to sections lab/RESULTS.md lacks: {sorted(set(anchors) - slugs)}"
+
+
+def test_the_lab_results_link_only_files_that_exist():
+    lab = ROOT / "lab"
+    links = re.findall(r"\]\((results/[\w.-]+\.md)\)", (lab / "RESULTS.md").read_text())
+    assert links, "lab/RESULTS.md links each helper's results file"
+    missing = [link for link in links if not (lab / link).is_file()]
+    assert not missing, f"lab/RESULTS.md links files that do not exist: {missing}"

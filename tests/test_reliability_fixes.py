@@ -60,3 +60,10 @@ async def test_a_result_whose_asset_was_trimmed_still_answers_with_its_link(sett
     kinds = [block.type for block in again.content]
     assert "resource_link" in kinds and "image" not in kinds
     assert asset_id_from_uri(again.structured_content["result"]["images"][0]["uri"]) == path.stem
+
+
+def test_huge_weights_are_scaled_so_similarities_stay_numbers() -> None:
+    from pictoprompt.tools.vary_image import _relative
+
+    assert _relative([1.5656031652386013e308, 1e308]) == [1.0, 1e308 / 1.5656031652386013e308]
+    assert _relative([4.0, 0.0]) == [1.0, 0.0] and _relative(None) is None

@@ -430,6 +430,12 @@ class Fuzzer:
         except TimeoutError:
             self.tally.problem("hang", case, f"no answer in {CALL_SECONDS:.0f} s")
             raise
+        except RuntimeError as error:
+            if "Invalid structured content" not in str(error):
+                raise
+            # The SDK's client checks structured content against outputSchema itself and raises.
+            self.tally.problem("schema_violation", case, str(error))
+            return
         except Exception as error:
             self.tally.problem("crash", case, f"{type(error).__name__}: {error}")
             raise

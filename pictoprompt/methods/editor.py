@@ -65,7 +65,7 @@ MAX_LEARNING_RATE = 0.1
 STEP_SIZE_UP = 50
 CHECK_EVERY = 50
 ITERATIONS = 1000
-"""The paper's iterations; the tool's default is set from the benchmark to fit a CPU (see README)."""
+"""The paper's iterations; the tool's default is set from the benchmark to fit a CPU (lab/RESULTS.md, "EDITOR")."""
 NOISE_SEED = 0
 SELECTION_SEEDS = (0, 1, 2, 3)
 """Each candidate is judged on its pictures from these seeds; the first one's is its preview."""

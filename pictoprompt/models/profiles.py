@@ -267,17 +267,15 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             vocabulary="builtin:shapes/lexicon.txt",
             dictionary="builtin:shapes/words.txt",
             # 30 steps at 1e-4 was the best of the sweep on concepts kept apart from the evaluated ones
-            # (`pictoprompt bench concepts --sweep`: generate identity 25% against 17% at the paper's 5e-6 and 21%
-            # at 100 steps), and the fastest (6 s on a shared CPU core). The larger rate than the paper's suits
-            # these small weights. With a description, aligning to it with the deep prompts at 1e-2 gave 40% on
-            # those concepts against 36% at 1e-4 and 33% for the words alone; without one, the deep prompts at
-            # 1e-2 lost identity (22% there, 6.9% on the first 3 evaluated concepts), so they keep 1e-4 (README,
-            # "Learned concepts on the bundled set").
+            # (`pictoprompt bench concepts --sweep`), against the paper's 5e-6 and against 100 steps, and the
+            # fastest. The larger rate than the paper's suits these small weights. With a description, aligning to
+            # it with the deep prompts at 1e-2 did best on those concepts; without one, the deep prompts at 1e-2
+            # lost identity, so they keep 1e-4 (figures: lab/RESULTS.md, "SD-IPC-CT: learned concepts").
             # A description is completed with a fill or a colour: what the object is, never where it stands or how
             # large one picture shows it. Among every lexicon word, position words ("middle") explained the bench's
             # references better for 3 of its 10 concepts, and size words won on pictures drawn at other sizes. The
-            # shapes U-Net only judges pictures on its grid, hence the alignment (README, "Learned concepts on the
-            # bundled set").
+            # shapes U-Net only judges pictures on its grid, hence the alignment (lab/RESULTS.md, "SD-IPC-CT:
+            # learned concepts").
             concept_tuning=ConceptTuning(
                 iterations=30,
                 learning_rate=1e-4,
@@ -295,8 +293,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             ),
             # The paper's loss and rate gave no gain on a domain of striped objects (`pictoprompt bench domain`):
             # the image side loses the stripes. Caption alignment with the deep prompts at 1e-2 was chosen on the
-            # domain's tuning scenes (+10.0 points of all kept, against +0.0 at the paper's settings) and measured
-            # on its evaluation scenes: +16.2 (README, "Domain fine-tuning").
+            # domain's tuning scenes, against the paper's settings, and measured on its evaluation scenes
+            # (lab/RESULTS.md, "SD-IPC-FT: domain fine-tuning").
             domain_tuning=DomainTuning(prompt_learning_rate=1e-2, caption_alignment=1.0),
             # SD-IPC's conversion alone loses the shape and the background of a picture drawn with PIL (on tuning
             # pictures, not the reported ones: shape 57 %, background 63 %); the picture's own prompt keeps them

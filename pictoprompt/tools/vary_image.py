@@ -76,19 +76,25 @@ class VaryImageResponse(BaseModel):
     domain_note: DomainNote = None
 
 
+def _relative(weights: list[float] | None) -> list[float] | None:
+    """Only the ratios count: scaled to at most 1 they stay finite in float32 (a weight of 1e308 became inf there,
+    and the similarity NaN)."""
+    return None if weights is None else [weight / max(weights) for weight in weights]
+
+
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
     settings = context.runtime.profile.variation
     method: VaryMethod = request.method or ("prompted" if settings.picture_prompt else "sd-ipc")
     weights = request.weights or [1.0] * len(request.images)
     metadata = {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)}
-    prompt, drawing = None, context
+    prompt, drawing, relative = None, context, _relative(request.weights)
     if method == "prompted":
-        prompt = picture_prompt(context, request.images, request.weights)
+        prompt = picture_prompt(context, request.images, relative)
         metadata |= {"prompt": prompt, "converted_weight": str(settings.converted_weight)}
         drawing = replace(context, progress=context.progress.scaled(0.6, 0.4, 1.0))
     rendered = render_and_score(
         drawing,
-        ImagePrompt(request.images, request.weights, prompt, settings.converted_weight),
+        ImagePrompt(request.images, relative, prompt, settings.converted_weight),
         request,
         METHODS[method],
         metadata,
