@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray test-browser bench-ray serve install lint clean
+.PHONY: demo test test-slow test-ray test-browser bench-ray conformance serve install lint clean
 
 # The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
 $(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
@@ -22,11 +22,11 @@ demo: install
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser and not conformance"
 	$(BIN)/ruff check pictoprompt tests lab
 
 test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu and not ray"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow and not gpu and not ray and not conformance"
 
 # Serving on Ray Serve (`serve --http --ray`): installs the `ray` extra, then starts a local Ray with two replicas.
 test-ray: install
@@ -46,6 +46,13 @@ test-browser: install
 	$(BIN)/python -m pip install -e ".[browser]"
 	HF_HUB_OFFLINE=1 PICTOPROMPT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -s -m browser
 
+# The official MCP conformance suite against `serve --http --profile tiny`. It needs Node 22 (Debian's is 20): npm's
+# `node@22` package ships one, installed with the suite, pinned, into .conformance/ (nothing global).
+CONFORMANCE_PACKAGES := node@22 @modelcontextprotocol/conformance@0.1.16
+conformance: install
+	npm install --prefix .conformance --no-save --no-audit --no-fund $(CONFORMANCE_PACKAGES)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -m conformance tests/test_conformance.py
+
 serve: install
 	$(BIN)/pictoprompt serve
 
@@ -54,4 +61,4 @@ lint: install
 	$(BIN)/ruff format --check pictoprompt tests lab
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache test-artifacts .conformance

@@ -202,6 +202,36 @@ async def test_a_concept_learned_on_one_replica_is_used_on_the_other(cluster):
     assert used_on[other.pop()]["images"]
 
 
+async def rpc(url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One request on a new 2025-11-25 session, answered raw (a `CreateTaskResult` is no `CallToolResult`)."""
+    async with Client(streamable_http_client(url), mode="legacy", read_timeout_seconds=600) as client:
+        opts: dict[str, Any] = {}
+        client.session._stamp({"method": method, "params": params}, opts)
+        return await client.session._dispatcher.send_raw_request(method, params, opts)
+
+
+async def test_a_task_started_on_one_front_is_polled_fetched_and_cancelled_from_the_other(cluster):
+    first, second = cluster["urls"]
+    arguments = {"prompt": "a task", "steps": 40, "seed": 4, "inline": "none"}
+    task_id = (await rpc(first, "tools/call", {"name": "generate_image", "arguments": arguments, "task": {}}))["task"][
+        "taskId"
+    ]
+    # One job is one task: the other front finds it on the job board by its id.
+    result = await rpc(second, "tasks/result", {"taskId": task_id})
+    assert result["structuredContent"]["result"]["images"][0]["seed"] == 4
+    assert result["structuredContent"]["job"]["replica"]
+
+    long = {"name": "generate_image", "arguments": LONG_JOB, "task": {}}
+    long_id = (await rpc(first, "tools/call", long))["task"]["taskId"]
+    await wait_until_running(second, long_id)
+    polled = await rpc(second, "tasks/get", {"taskId": long_id})
+    assert polled["status"] == "working"
+    cancelled = await rpc(second, "tasks/cancel", {"taskId": long_id})
+    assert cancelled["status"] == "cancelled"
+    ended = await call(first, "get_job", {"job_id": long_id, "wait_seconds": 60})
+    assert ended.is_error and "cancelled" in ended.content[0].text
+
+
 async def test_a_killed_replica_fails_its_job_clearly_and_the_next_call_runs(cluster):
     url = cluster["urls"][1]
     started = job_of(await call(url, "generate_image", {**LONG_JOB, "wait_seconds": 0}))
@@ -271,7 +301,7 @@ async def test_a_replica_batches_concurrent_calls_with_the_pictures_each_gets_al
     assert records[3]["done"] < 40
 
     sink = RecordingSink(AssetStore(folder / "alone"))
-    for arguments, record in zip(calls, records[:3], strict=True):
+    for arguments, record in zip(calls[:3], records[:3], strict=True):
         alone = generate_image(
             GenerateImageRequest(**arguments), ToolContext(tiny_runtime, sink, PreResolvedImages({}))
         )

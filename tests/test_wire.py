@@ -27,8 +27,8 @@ pytestmark = pytest.mark.anyio
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools_list.json"
 MAX_TOOLS_LIST_CHARACTERS = 24_000
-"""Issue 37's budget, with the app view's metadata and the icons: the listed output schemas name the result's own
-fields only (raised to 28,000 once, when segment_image, EDITOR's fields and edit_with_text's method came in)."""
+"""Issue 37's budget, with the app view's metadata, the icons and the tasks' `execution` flags: the listed output
+schemas name the result's own fields only (raised to 28,000 then 31,000 before that)."""
 
 
 async def tools_list(settings, tiny_runtime) -> dict[str, Any]:

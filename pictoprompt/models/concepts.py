@@ -156,6 +156,14 @@ class ConceptStore:
                     logger.warning("%s", error)
         return cards
 
+    def names(self) -> list[str]:
+        """The stored concepts' names, sorted, without reading their cards (what a completion offers)."""
+        return sorted(
+            folder.name
+            for folder in self.root.iterdir()
+            if NAME_PATTERN.fullmatch(folder.name) and (folder / CARD_FILE).is_file()
+        )
+
     def load(self, name: str, base_hash: str, current_base: Mapping[str, str]) -> StoredConcept:
         """The card and tensors of `name`, refused unless it was trained on the base model with `base_hash`."""
         card = self.get(name)

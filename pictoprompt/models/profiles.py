@@ -151,6 +151,22 @@ class DomainTuning(BaseModel):
     )
 
 
+class DomainCheck(BaseModel):
+    """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
+    add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_coverage: float = Field(
+        ge=0.0, le=1.0, description="A picture whose flat-region coverage is below this is outside the world."
+    )
+    regions: int = Field(4, ge=1, le=16, description="Flat regions a world picture is made of (background + objects).")
+    latent_radius: float = Field(0.2, gt=0.0, description="How near a VAE latent must be to a region's centre.")
+    working_size: int = Field(64, ge=16, le=512, description="Pixels of the square every picture is judged at.")
+    world: str = Field(description="The world in a few words, for the note.")
+    instead: str = Field(description="What to use for other pictures, for the note.")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -179,6 +195,9 @@ class Profile(BaseModel):
         default_factory=DomainTuning,
         description="train-domain's defaults: the paper's (1000 iterations at lr 1e-5, no caption alignment) unless a "
         "profile's models need others.",
+    )
+    domain_check: DomainCheck | None = Field(
+        None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -245,6 +264,14 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             # domain's tuning scenes (+10.0 points of all kept, against +0.0 at the paper's settings) and measured
             # on its evaluation scenes: +16.2 (README, "Domain fine-tuning").
             domain_tuning=DomainTuning(prompt_learning_rate=1e-2, caption_alignment=1.0),
+            # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
+            # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench
+            # domain_note --calibrate`; lab/results/quality-a.md).
+            domain_check=DomainCheck(
+                min_coverage=0.38,
+                world="flat coloured shapes on a plain background",
+                instead="For photos and other real pictures use a real profile such as sd15 (--profile sd15).",
+            ),
         ),
         Profile(
             name="tiny",

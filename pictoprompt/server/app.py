@@ -21,16 +21,20 @@ from pydantic import BaseModel, Field, WithJsonSchema, create_model
 from pictoprompt import __version__
 from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
 from pictoprompt.models.concepts import ConceptStore
-from pictoprompt.models.profiles import get_profile
+from pictoprompt.models.profiles import available_profiles, get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.server.app_view import apps_extension, tool_meta
 from pictoprompt.server.assets import AssetStore, RecordingSink
+from pictoprompt.server.client_logs import ClientLogs, add_set_level
+from pictoprompt.server.completions import CompletionSources, add_completions
 from pictoprompt.server.http_transport import CLIENT_GONE
+from pictoprompt.server.icons import SERVER_ICONS, TOOL_ICONS
 from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedImages
 from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, ModelsStatus, worker_status
 from pictoprompt.server.prompts import add_workflow_prompts
 from pictoprompt.server.results import InlineMode, JobInfo, job_info, job_result
+from pictoprompt.server.tasks import TaskMiddleware, TasksExtension, TaskStore, asked_task
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
@@ -72,6 +76,7 @@ class ServerState:
     resolver: ImageResolver
     jobs: JobService
     concepts: ConceptStore
+    tasks: TaskStore
 
 
 StateOf = Callable[[Context], ServerState]
@@ -128,6 +133,8 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
 
         try:
             job_id = await state.jobs.submit(spec, request, resolve_images)
+            if (task := asked_task()) is not None:  # the client polls a task instead of waiting here
+                return state.tasks.start(task, job_id, spec.name, request.inline)
             job = await _wait_for_job(state, job_id, request.wait_seconds, ctx)
         except PictopromptError as error:
             raise ToolError(str(error)) from error
@@ -244,6 +251,7 @@ def create_server(
     assets = AssetStore(settings.assets_root, settings.asset_ttl_seconds, settings.asset_max_bytes)
     concepts = ConceptStore(settings.data_dir / "concepts")
     policy = ImagePolicy(allowed_roots=roots, allow_private_urls=settings.allow_private_urls)
+    client_logs = ClientLogs()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
@@ -253,7 +261,8 @@ def create_server(
             jobs = await ray_jobs(settings)
         else:
             jobs = LocalJobs(JobRunner(runtime.gpu_lock, depth=settings.queue_depth), runtime, assets, concepts)
-        state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs, concepts)
+        tasks = TaskStore(jobs, assets)
+        state = ServerState(settings, runtime, assets, ImageResolver(policy, assets), jobs, concepts, tasks)
         holder["state"] = state
         await anyio.to_thread.run_sync(assets.expire)
         warming = Progress()
@@ -264,9 +273,12 @@ def create_server(
             warm_ups = list(dict.fromkeys(spec.warm_up for spec in TOOLS if spec.warm_up is not None))
             warm_up = threading.Thread(target=_warm_up, args=(runtime, warm_ups, warming), name="warm-up")
             warm_up.start()
+        logging.getLogger("pictoprompt").addHandler(client_logs)
         try:
             yield state
         finally:
+            logging.getLogger("pictoprompt").removeHandler(client_logs)
+            await tasks.shutdown()
             await jobs.shutdown()
             if warm_up is not None:
                 # A session can end while the warm-up still runs native code; the process must not exit under it.
@@ -276,6 +288,10 @@ def create_server(
     def state_of(_: Context | None = None) -> ServerState:
         return holder["state"]
 
+    def tasks_of() -> TaskStore:
+        return holder["state"].tasks
+
+    task_tools = frozenset(spec.name for spec in TOOLS if spec.uses_models)
     tools = [*(wire_tool(spec, state_of) for spec in TOOLS), *job_tools(state_of)]
     server = PictopromptServer(
         "pictoprompt",
@@ -285,10 +301,17 @@ def create_server(
         lifespan=lifespan,
         # The image tools name the app view (MCP Apps); hosts without Apps ignore it and get the same results.
         wire_tools=[replace(tool, meta=tool_meta(tool.name)) for tool in tools],
-        extensions=[apps_extension()],
+        icons=SERVER_ICONS,
+        tool_icons=TOOL_ICONS,
+        task_tools=task_tools,
+        extensions=[apps_extension(), TasksExtension(tasks_of)],
+        middleware=[TaskMiddleware(tasks_of, task_tools)],
         **mcp_options,
     )
     add_workflow_prompts(server)
+    profiles = list(available_profiles(settings.profiles_file))
+    add_completions(server, CompletionSources(concepts, assets, lambda: profiles, offer_assets=transport == "stdio"))
+    add_set_level(server, client_logs)
 
     @server.resource(
         "pictoprompt://assets/{asset_id}",
@@ -313,6 +336,19 @@ def create_server(
         try:
             card = concepts.get(name)
             return card.model_dump_json(indent=2, exclude={"mean_image_embedding", "mean_converted_embedding"})
+        except PictopromptError as error:
+            raise resource_error(error) from error
+
+    @server.resource(
+        "pictoprompt://profiles/{name}",
+        name="profile",
+        description="A model profile this server knows (JSON): its models and method settings. server_status names "
+        "the profile it serves.",
+        mime_type="application/json",
+    )
+    def read_profile(name: str) -> str:
+        try:
+            return get_profile(name, settings.profiles_file).model_dump_json(indent=1)
         except PictopromptError as error:
             raise resource_error(error) from error
 

@@ -137,6 +137,15 @@ class AssetStore:
         except FileNotFoundError:  # expired between the check and the read
             raise self._not_found(asset_id) from None
 
+    def ids_newest_first(self) -> list[str]:
+        """Every asset's id, the newest first (what a completion offers)."""
+        entries = []
+        for path in self.root.iterdir():
+            if path.suffix == ".png" and _ID_PATTERN.fullmatch(path.stem):
+                with suppress(FileNotFoundError):  # expired meanwhile
+                    entries.append((path.stat().st_mtime, path.stem))
+        return [asset_id for _, asset_id in sorted(entries, reverse=True)]
+
     def metadata(self, asset_id: str) -> dict[str, str]:
         """The text chunks written by `save`, read back from the file."""
         with Image.open(io.BytesIO(self.read_bytes(asset_id)), formats=["PNG"]) as image:

@@ -343,7 +343,8 @@ class ModelReplica:
         return progress
 
     def _register(self) -> None:
-        ray.get(self.board.register.remote(worker_status(self.name, self.runtime).model_dump()))
+        # Not waited for: `server_status` may see it a moment late, a call never waits on it.
+        self.board.register.remote(worker_status(self.name, self.runtime).model_dump())
 
 
 # ------------------------------------------------------------------------------------------------- the front

@@ -15,13 +15,27 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mcp.server.extension import RequestHandler
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import (
+    CallToolResult,
+    Icon,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ServerTasksRequestsCapability,
+    TasksCallCapability,
+    TasksCancelCapability,
+    TasksListCapability,
+    TasksToolsCapability,
+    TextContent,
+    ToolAnnotations,
+    ToolExecution,
+)
 from mcp_types import Tool as McpTool
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
@@ -200,10 +214,46 @@ class PictopromptServer(MCPServer):
     transports and the session machinery are the SDK's own.
     """
 
-    def __init__(self, *args: Any, wire_tools: list[WireTool], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        wire_tools: list[WireTool],
+        tool_icons: Mapping[str, list[Icon]] | None = None,
+        task_tools: frozenset[str] = frozenset(),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.wire_tools = {tool.name: tool for tool in wire_tools}
-        self._listing = [tool.listing() for tool in wire_tools]
+        icons = tool_icons or {}
+        optional = ToolExecution(task_support="optional")
+        self._listing = [
+            tool.listing().model_copy(
+                update={"icons": icons.get(tool.name), "execution": optional if tool.name in task_tools else None}
+            )
+            for tool in wire_tools
+        ]
+        if task_tools:
+            self._advertise_tasks()
+
+    def _advertise_tasks(self) -> None:
+        """Add the 2025-11-25 `tasks` capability (the SDK derives capabilities from its handlers, which do not know
+        tasks); the 2026 wire has no such field and drops it, announcing the extension instead."""
+        derive = self._lowlevel_server.get_capabilities
+
+        def with_tasks(*args: Any, **kwargs: Any) -> ServerCapabilities:
+            capabilities = derive(*args, **kwargs)
+            capabilities.tasks = ServerTasksCapability(
+                list=TasksListCapability(),
+                cancel=TasksCancelCapability(),
+                requests=ServerTasksRequestsCapability(tools=TasksToolsCapability(call=TasksCallCapability())),
+            )
+            return capabilities
+
+        self._lowlevel_server.get_capabilities = with_tasks  # type: ignore[method-assign]
+
+    def add_request_handler(self, method: str, params_type: type[BaseModel], handler: RequestHandler) -> None:
+        """Serve a request method the SDK's `MCPServer` has no entry point for (e.g. `logging/setLevel`)."""
+        self._lowlevel_server.add_request_handler(method, params_type, handler)
 
     async def list_tools(self) -> list[McpTool]:
         return list(self._listing)

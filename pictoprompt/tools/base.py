@@ -7,7 +7,7 @@ from, where they go, who hears the progress).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pictoprompt.errors import PictopromptError
+from pictoprompt.methods.domain import domain_note
 from pictoprompt.methods.generation import Sampler
 from pictoprompt.models.concepts import NAME_PATTERN, ConceptStore
 from pictoprompt.models.runtime import Runtime
@@ -77,6 +78,12 @@ LlmNote = Annotated[
         description="Set when the profile's LLM is not on this machine and the bundled SmolLM2-135M-Instruct wrote "
         "the prompts instead: says how to get the profile's LLM."
     ),
+]
+
+
+DomainNote = Annotated[
+    str | None,
+    Field(description="Set when a picture is far from what the model set knows: what that means, what to use instead."),
 ]
 
 
@@ -157,6 +164,16 @@ class ToolContext:
         if self.concepts is None:
             raise PictopromptError("This server has no concept store (no data directory); concepts are unavailable.")
         return self.concepts
+
+
+def picture_note(context: ToolContext, refs: Sequence[str]) -> str | None:
+    """The `domain_note` for the pictures among `refs` (a `concept:NAME` reference is a learned concept, no picture),
+    from the profile's `domain_check`; None on a profile without one (real models)."""
+    check = context.runtime.profile.domain_check
+    if check is None:
+        return None
+    images = [context.images.load(ref) for ref in image_refs_to_fetch(list(refs))]
+    return domain_note(context.runtime.pipeline(), images, check)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,16 @@ from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummar
 from pictoprompt.models.profiles import ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
-from pictoprompt.tools.base import ConceptName, ImageRef, ToolContext, ToolHints, ToolRequest, ToolSpec
+from pictoprompt.tools.base import (
+    ConceptName,
+    DomainNote,
+    ImageRef,
+    ToolContext,
+    ToolHints,
+    ToolRequest,
+    ToolSpec,
+    picture_note,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -64,6 +73,10 @@ class CustomizeConceptRequest(ToolRequest):
 
     def image_refs(self) -> list[str]:
         return list(self.images)
+
+
+class CustomizeConceptResponse(ConceptSummary):
+    domain_note: DomainNote = None
 
 
 def concept_card(
@@ -149,7 +162,7 @@ def completed(
     )
 
 
-def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> ConceptSummary:
+def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> CustomizeConceptResponse:
     store = context.concept_store()
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
@@ -176,7 +189,8 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
         progress=tuning_progress,
     )
     card = concept_card(request.name, "concept", result, context.runtime, description, completed_with)
-    return store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
+    summary = store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
+    return CustomizeConceptResponse(**summary.model_dump(), domain_note=picture_note(context, request.images))
 
 
 def read_captions(images_dir: Path, captions_file: Path) -> tuple[list[Image.Image], list[str], list[str] | None]:
@@ -262,7 +276,7 @@ SPEC = ToolSpec(
         "unless the job finishes."
     ),
     request_model=CustomizeConceptRequest,
-    response_model=ConceptSummary,
+    response_model=CustomizeConceptResponse,
     run=customize_concept,
     hints=ToolHints(read_only=False, destructive=True, idempotent=False, open_world=False),
 )

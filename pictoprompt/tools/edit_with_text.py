@@ -22,6 +22,7 @@ from pictoprompt.methods.prompt_edit import rewrite_prompt
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.tools.base import (
     CONCEPT_REF_PREFIX,
+    DomainNote,
     ImageRef,
     LlmNote,
     NumImages,
@@ -32,6 +33,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import EditPrompt, reference_embeddings, render_and_score
 
@@ -86,6 +88,7 @@ class EditWithTextResponse(BaseModel):
     edited_prompt: str | None = Field(description="rewrite: that prompt with the edit put in; what was drawn.")
     images: list[EditedImage] = Field(description="The edited images in seed order, each with its two scores.")
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWithTextResponse:
@@ -116,6 +119,7 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
         source_prompt=source,
         edited_prompt=edited,
         llm_note=note,
+        domain_note=picture_note(context, [request.image]),
         images=[
             EditedImage(**r.image.model_dump(), image_similarity=r.image_similarity, text_similarity=r.text_similarity)
             for r in rendered

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.scoring import prompt_similarities
 from pictoprompt.methods.vgd import FuseStrategy, fuse, image_targets, runtime_vocabulary, text_perplexities
 from pictoprompt.tools.base import (
+    DomainNote,
     Guidance,
     ImageRef,
     LlmNote,
@@ -27,6 +28,7 @@ from pictoprompt.tools.base import (
     ToolRequest,
     ToolSpec,
     Variation,
+    picture_note,
 )
 from pictoprompt.tools.render import TextPrompt, render_and_score
 
@@ -65,6 +67,7 @@ class FuseConceptsResponse(BaseModel):
         "inputs."
     )
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseConceptsResponse:
@@ -99,6 +102,7 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
         perplexity=text_perplexities(llm, [prompt])[0],
         images=images,
         llm_note=llm.fallback_note,
+        domain_note=picture_note(context, request.images),
     )
 
 

@@ -36,6 +36,7 @@ from pictoprompt.methods.vgd import (
     text_perplexities,
 )
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     LlmNote,
     MaxTokens,
@@ -45,6 +46,7 @@ from pictoprompt.tools.base import (
     ToolHints,
     ToolRequest,
     ToolSpec,
+    picture_note,
 )
 from pictoprompt.tools.render import save_image
 
@@ -124,6 +126,7 @@ class InvertImageResponse(BaseModel):
         "given to the LLM to start from."
     )
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def ranked_prompts(
@@ -173,6 +176,7 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         prompts=ranked_prompts(context, result, embeddings, request.num_results, style),
         initial_condition=result.initial_condition,
         llm_note=llm.fallback_note,
+        domain_note=picture_note(context, request.images),
     )
 
 
@@ -230,7 +234,12 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
         for candidate, s, p in zip(chosen, similarity, perplexities, strict=True)
     ]
     return InvertImageResponse(
-        focus=request.focus, method=request.method, prompts=prompts, initial_condition=None, llm_note=llm.fallback_note
+        focus=request.focus,
+        method=request.method,
+        prompts=prompts,
+        initial_condition=None,
+        llm_note=llm.fallback_note,
+        domain_note=picture_note(context, request.images),
     )
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from pictoprompt.methods.segmentation import WordSegment, segment
 from pictoprompt.methods.vgd import image_targets, invert, runtime_vocabulary
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     LlmNote,
     SavedImage,
@@ -28,6 +29,7 @@ from pictoprompt.tools.base import (
     ToolHints,
     ToolRequest,
     ToolSpec,
+    picture_note,
 )
 
 METHOD = "cross-attention-segmentation"
@@ -96,6 +98,7 @@ class SegmentImageResponse(BaseModel):
     words: list[WordMask] = Field(description="The prompt's words in order (or the requested ones).")
     overlay: SavedImage = Field(description="The picture with each mask tinted in its word's colour.")
     llm_note: LlmNote = None
+    domain_note: DomainNote = None
 
 
 def segment_image(request: SegmentImageRequest, context: ToolContext) -> SegmentImageResponse:
@@ -148,6 +151,7 @@ def segment_image(request: SegmentImageRequest, context: ToolContext) -> Segment
         words=words,
         overlay=overlay,
         llm_note=llm_note,
+        domain_note=picture_note(context, [request.image]),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, model_validator
 
 from pictoprompt.tools.base import (
+    DomainNote,
     ImageRef,
     NumImages,
     SamplingRequest,
@@ -21,6 +22,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     Variation,
     image_refs_to_fetch,
+    picture_note,
 )
 from pictoprompt.tools.render import ImagePrompt, render_and_score
 
@@ -59,6 +61,7 @@ class VaryImageRequest(SamplingRequest, VaryImageInputs):
 
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
+    domain_note: DomainNote = None
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
@@ -71,7 +74,8 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
         {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
     )
     return VaryImageResponse(
-        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered]
+        images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
+        domain_note=picture_note(context, request.images),
     )
 
 
