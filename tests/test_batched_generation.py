@@ -12,7 +12,7 @@ from pictoprompt.methods.generation import Sample, encode_text_prompt, generate_
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 
-STEPS, SIDE = 6, 64
+STEPS, SIDE = 6, 32
 PIXEL_TOLERANCE = 2
 """Largest difference of one 8-bit channel between a batched and a lone picture: a batch sums the same products in
 another order, a rounding difference that can move a value across an 8-bit step."""
