@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python builds from source; a portable binary runs on any x86-64 CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-slow test-ray test-browser bench-ray conformance serve install lint clean
+.PHONY: demo test test-slow test-ray test-browser bench-ray conformance fuzz soak serve install lint clean
 
 # The product and, beside it, the laboratory (lab/: training, oracle, benchmarks), which the wheel does not ship.
 $(BIN)/pictoprompt: pyproject.toml lab/pyproject.toml
@@ -52,6 +52,14 @@ CONFORMANCE_PACKAGES := node@22 @modelcontextprotocol/conformance@0.1.16
 conformance: install
 	npm install --prefix .conformance --no-save --no-audit --no-fund $(CONFORMANCE_PACKAGES)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -m conformance tests/test_conformance.py
+
+# Reliability runs of issue 39 (lab/results/reliability.md): 5,000 schema-generated calls per transport on the tiny
+# profile, and a 20-minute soak on the shapes profile from 4 clients over both transports.
+fuzz: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lab.reliability.fuzz --calls 5000 --json lab/results/fuzz.json
+
+soak: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m lab.reliability.soak --minutes 20 --json lab/results/soak.json
 
 serve: install
 	$(BIN)/pictoprompt serve

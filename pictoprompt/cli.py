@@ -164,12 +164,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from pictoprompt.server.docs import tools_markdown, write_readme_section
+    from pictoprompt.server.docs import tools_document, write_readme_section
 
     if args.write_readme:
-        write_readme_section(args.write_readme)
+        print(f"refreshed {args.write_readme} and {write_readme_section(args.write_readme)}")
     elif args.markdown:
-        print(tools_markdown())
+        print(tools_document(), end="")
     else:
         from pictoprompt.tools import TOOLS
 
@@ -313,9 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.set_defaults(handler=run_tool_command, spec=spec)
 
-    tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the README's reference).")
-    tools.add_argument("--markdown", action="store_true", help="Print the README's tool reference.")
-    tools.add_argument("--write-readme", type=Path, metavar="README", help="Refresh that README's tool reference.")
+    tools = commands.add_parser("tools", help="List the MCP tools (--markdown: the full reference, docs/TOOLS.md).")
+    tools.add_argument("--markdown", action="store_true", help="Print the full tool reference (docs/TOOLS.md).")
+    tools.add_argument(
+        "--write-readme",
+        type=Path,
+        metavar="README",
+        help="Refresh that README's tool table and the full reference in docs/TOOLS.md beside it.",
+    )
     tools.set_defaults(handler=cmd_tools)
 
     models = commands.add_parser("models", help="Profiles and weights: list, check, train-shapes.")

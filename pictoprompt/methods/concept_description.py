@@ -12,14 +12,15 @@ Candidates come in groups of alternatives (the fills, the colours): a descriptio
 group gets none of its others ("a red square" never becomes "an orange red square").
 
 A generator trained on a grid of positions (`shapes`) judges only pictures on that grid: "outlined" lowers the error
-on three rendered outlined squares by 6.8 %, and raises it by 1.0 % once they are moved one pixel.
+on rendered outlined squares, and raises it once they are moved one pixel (lab/RESULTS.md, "Figures behind the
+code's choices").
 `align_to_generator` first moves each picture, by a few pixels, to where the description's error is lowest; the
 profile says how far (`ConceptTuning.completion_alignment`).
 
 Given no description, `describe` has the generator write one from the profile's groups and nouns ("a FILL COLOUR
 SHAPE"), judged the same way.
 
-It is not in SD-IPC. The README ("Learned concepts on the bundled set") has what it adds on the bench's concepts and
+It is not in SD-IPC. lab/RESULTS.md ("SD-IPC-CT: learned concepts") has what it adds on the bench's concepts and
 on pictures drawn with PIL, and what it does to the pictures generated.
 """
 
@@ -110,7 +111,7 @@ def denoising_errors(
 def relative_gains(errors: Tensor) -> Tensor:
     """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0.
     The median, not the mean of the errors: one picture that a word fits far better (a small shape on white) must
-    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's -32 %."""
+    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's large drop."""
     return (errors[1:] / errors[0] - 1).median(dim=1).values
 
 

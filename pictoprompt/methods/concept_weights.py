@@ -228,8 +228,8 @@ def named_concept_prompt(
     the noun (an extension of ours, `ConceptTuning.place_context_words`).
 
     On `shapes` this beat Eq. 8's form (`f_cnvrt + alpha * h_text` from the end-of-text token on) on the tuning
-    concepts of `pictoprompt bench concepts`: the context showed in 67% of pictures against 38% (alpha 0.9), and
-    the concept in 19% against 3%.
+    concepts of `pictoprompt bench concepts`, for both the context and the concept (lab/RESULTS.md, "Figures
+    behind the code's choices").
     """
     pieces = [piece.strip() for piece in name_pattern(name).split(prompt)]
     if len(pieces) == 1:

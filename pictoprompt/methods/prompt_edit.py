@@ -15,8 +15,8 @@ draws one of them or a mix (purple). Here the edit replaces the attribute instea
    `states[i >= eos] = h_src_eos + alpha * (h_tgt[i] - h_src_eos) + residual * (f_cnvrt - h_src_eos)`.
    At `alpha = 1` and `residual = 0` that is exactly `T_tgt`'s states; `alpha` > 1 pushes further along the edit,
    and `residual` brings back what the words missed (SD-IPC's `f_cnvrt`, Eq. 6). On the bundled set a residual
-   kept no more of the picture and applied the edit less often (40 held-out scenes, colour edits: applied 82.5 %
-   at 0, 77.5 % at 0.5, 70 % at 1; the rest kept 50 % at each), so it is 0 by default.
+   kept no more of the picture and applied the edit less often, so it is 0 by default (lab/RESULTS.md, "Figures
+   behind the code's choices").
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ A word of the prompt is drawn where the U-Net's pixels attend to it, so its cros
 4. *Region* (`word_mask`): Otsu's threshold on the word's map, min-max normalised, gives the word's region.
 5. *Bind* (`word_attributions`, `word_mask`): a small U-Net's cross-attention does not tell a word's thing from the
    other things in the picture (on `shapes`, a shape word's map is as strong on the other object as on its own,
-   0.67 against 0.67, and no head or layer tells them apart more than 63 % of the time), so a region often holds
+   and no head or layer tells them apart reliably: lab/RESULTS.md, "Segmentation"), so a region often holds
    every object. What does tell them apart is what the generator does with the word: the picture's latents are
    noised at `binding_timesteps` (fractions of the schedule) with `binding_noise` draws, and the U-Net predicts
    the noise under the prompt and under the prompt without each word, the same draws for every text. Where the

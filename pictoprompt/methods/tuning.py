@@ -220,14 +220,15 @@ class CaptionAlignment:
     pulled towards its caption's end-of-text state, the state Eq. 6 estimates, and made closer to it than to the
     domain's other captions.
 
-    Why: on `shapes`, variations of striped objects kept the stripes in 7.5 % of pictures, while the same U-Net
-    drew them in 57.5 % from the caption's end-of-text state repeated as SD-IPC repeats `f_cnvrt`, and the
-    pseudo-inverse keeps 98-99 % of the striped-minus-solid direction: the image side loses the fill, and the
-    paper's denoising losses did not bring it back (no gain at any rate tried). The loss is the cosine distance
+    Why: on `shapes`, variations of striped objects seldom kept the stripes, while the same U-Net drew them far
+    more often from the caption's end-of-text state repeated as SD-IPC repeats `f_cnvrt`, and the pseudo-inverse
+    keeps nearly all of the striped-minus-solid direction: the image side loses the fill, and the paper's
+    denoising losses did not bring it back (no gain at any rate tried). The loss is the cosine distance
     to the own caption, plus `CONTRAST` times a cross-entropy over the cosines (centred on the captions' mean, at
     `TEMPERATURE`) to every distinct caption. On the domain's tuning scenes (`pictoprompt bench domain`) the cosine
-    alone bought fill and background but lost the shape (75 -> 42.5 % of variations); with the contrastive term,
-    which keeps what tells captions apart, the shape stayed (70 %) and fill went 7.5 -> 21 %.
+    alone bought fill and background but lost the shape; with the contrastive term, which keeps what tells
+    captions apart, the shape stayed and the fill improved (figures: lab/RESULTS.md, "SD-IPC-FT: domain
+    fine-tuning").
     """
 
     CONTRAST = 0.5

@@ -595,8 +595,8 @@ def fuse(
     - `merge` (the default) decodes one prompt per image, joins them, and then writes one sentence of at most
       `max_length` CLIP tokens against the joined text's CLIP embedding with VGD's distillation task (the
       LLM sees the joined text in its instruction). Text space composes where the mean of images does not:
-      on 30 pairs of `shapes` pictures it names both objects in 76.7 %, joint in 13.3 %, concat in 6.7 %
-      (`pictoprompt bench vgd`, fuse table).
+      on `shapes` pictures it names both objects far more often than joint or concat (`pictoprompt bench vgd`,
+      fuse table; lab/RESULTS.md, "VGD: readable prompts").
     """
     if targets.shape[0] < 2:
         raise InvalidInputError("Fusing needs at least two images; to describe one image, invert it.")

@@ -128,8 +128,8 @@ def shifted_views(image: Image.Image, image_size: int) -> list[Image.Image]:
     A picture larger than the tower's input is resampled onto a coarse grid, and what a small CLIP reads there
     depends on where the grid falls: averaging the five views' embeddings averages that out. A picture at the
     input's size is not resampled, so it is read as it is (shifting the `shapes` world's own 32 px renders cost VGD
-    6 points of named shape on the held-out combinations, 84.8 against 90.9 %). Measured on the `shapes` CLIP:
-    zero-shot shape on 134 PIL-drawn pictures 83.6 -> 89.6 %; a two-pixel shift gave 93.3 % there.
+    named shapes on the held-out combinations). On the `shapes` CLIP the views raise the zero-shot shape on
+    PIL-drawn pictures (figures: lab/RESULTS.md, "Figures behind the code's choices").
     """
     square = pad_to_square(image.convert("RGB"))
     if square.width <= image_size:

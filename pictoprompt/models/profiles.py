@@ -158,6 +158,26 @@ class DomainTuning(BaseModel):
     )
 
 
+class Variation(BaseModel):
+    """`vary_image`'s method on a profile: SD-IPC's variation (paper Eq. 7) unless an extension field is set; a
+    request may ask for either."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    picture_prompt: bool = Field(
+        False,
+        description="Ours, not in the paper: write the references' readable prompt (VGD's inversion) and condition "
+        "on it together with the converted embedding (methods.sd_ipc.prompted_states). False: the paper's SD-IPC.",
+    )
+    converted_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="With picture_prompt: the converted embedding's share of the states from the prompt's "
+        "end-of-text token on (0: the prompt's own states).",
+    )
+
+
 class DomainCheck(BaseModel):
     """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
     add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
@@ -203,6 +223,10 @@ class Profile(BaseModel):
         description="train-domain's defaults: the paper's (1000 iterations at lr 1e-5, no caption alignment) unless a "
         "profile's models need others.",
     )
+    variation: Variation = Field(
+        default_factory=Variation,
+        description="vary_image's method: the paper's SD-IPC unless a profile's models need more.",
+    )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
     )
@@ -243,17 +267,15 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             vocabulary="builtin:shapes/lexicon.txt",
             dictionary="builtin:shapes/words.txt",
             # 30 steps at 1e-4 was the best of the sweep on concepts kept apart from the evaluated ones
-            # (`pictoprompt bench concepts --sweep`: generate identity 25% against 17% at the paper's 5e-6 and 21%
-            # at 100 steps), and the fastest (6 s on a shared CPU core). The larger rate than the paper's suits
-            # these small weights. With a description, aligning to it with the deep prompts at 1e-2 gave 40% on
-            # those concepts against 36% at 1e-4 and 33% for the words alone; without one, the deep prompts at
-            # 1e-2 lost identity (22% there, 6.9% on the first 3 evaluated concepts), so they keep 1e-4 (README,
-            # "Learned concepts on the bundled set").
+            # (`pictoprompt bench concepts --sweep`), against the paper's 5e-6 and against 100 steps, and the
+            # fastest. The larger rate than the paper's suits these small weights. With a description, aligning to
+            # it with the deep prompts at 1e-2 did best on those concepts; without one, the deep prompts at 1e-2
+            # lost identity, so they keep 1e-4 (figures: lab/RESULTS.md, "SD-IPC-CT: learned concepts").
             # A description is completed with a fill or a colour: what the object is, never where it stands or how
             # large one picture shows it. Among every lexicon word, position words ("middle") explained the bench's
             # references better for 3 of its 10 concepts, and size words won on pictures drawn at other sizes. The
-            # shapes U-Net only judges pictures on its grid, hence the alignment (README, "Learned concepts on the
-            # bundled set").
+            # shapes U-Net only judges pictures on its grid, hence the alignment (lab/RESULTS.md, "SD-IPC-CT:
+            # learned concepts").
             concept_tuning=ConceptTuning(
                 iterations=30,
                 learning_rate=1e-4,
@@ -271,9 +293,14 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             ),
             # The paper's loss and rate gave no gain on a domain of striped objects (`pictoprompt bench domain`):
             # the image side loses the stripes. Caption alignment with the deep prompts at 1e-2 was chosen on the
-            # domain's tuning scenes (+10.0 points of all kept, against +0.0 at the paper's settings) and measured
-            # on its evaluation scenes: +16.2 (README, "Domain fine-tuning").
+            # domain's tuning scenes, against the paper's settings, and measured on its evaluation scenes
+            # (lab/RESULTS.md, "SD-IPC-FT: domain fine-tuning").
             domain_tuning=DomainTuning(prompt_learning_rate=1e-2, caption_alignment=1.0),
+            # SD-IPC's conversion alone loses the shape and the background of a picture drawn with PIL (on tuning
+            # pictures, not the reported ones: shape 57 %, background 63 %); the picture's own prompt keeps them
+            # (82 %, 98 %), and any share of the converted embedding combined with it lowered every attribute
+            # (0.5: shape 72 %, colour 82 %) (lab/results/quality-b.md).
+            variation=Variation(picture_prompt=True, converted_weight=0.0),
             # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
             # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench
             # domain_note --calibrate`; lab/results/quality-a.md).

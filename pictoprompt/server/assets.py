@@ -88,6 +88,8 @@ class AssetStore:
         self._lock = threading.Lock()
         self._saves_since_expire = 0
         self._last_expire = 0.0
+        self._stored_bytes = 0
+        """The store's bytes as the last expire() left them, plus what this process saved since."""
         # Outputs can be private pictures: only the user running the server may list or read them. mkdir's
         # mode only applies to a folder it creates, so an existing one (made by hand, or by an older version)
         # is narrowed too; expire() does the same for the files.
@@ -113,6 +115,7 @@ class AssetStore:
         try:
             with os.fdopen(fd, "wb") as file:
                 image.save(file, format="PNG", pnginfo=info)
+                size = file.tell()
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp_name, path)
@@ -121,7 +124,7 @@ class AssetStore:
                 os.unlink(temp_name)
             raise
         self._fsync_root()
-        self._maybe_expire()
+        self._maybe_expire(size)
         return SavedImage(uri=asset_uri(asset_id), path=str(path))
 
     def get(self, asset_id: str) -> Path:
@@ -204,16 +207,21 @@ class AssetStore:
                 break
             removed += _remove(path)
             total -= size
+        with self._lock:
+            self._stored_bytes = total
         if removed:
             logger.info("asset store %s: removed %d expired or surplus files", self.root, removed)
         return removed
 
-    def _maybe_expire(self) -> None:
+    def _maybe_expire(self, saved_bytes: int) -> None:
         with self._lock:
             self._saves_since_expire += 1
+            self._stored_bytes += saved_bytes
+            # Over the size cap, the oldest go at once: the cap holds after every save, not every 50th.
             due = (
                 self._saves_since_expire >= self._expire_every_saves
                 or time.monotonic() - self._last_expire >= self._expire_every_seconds
+                or self._stored_bytes > self.max_bytes
             )
         if due:
             self.expire()

@@ -217,7 +217,7 @@ def _is_bare_base64(ref: str) -> bool:
         return True
     try:
         head = base64.b64decode(ref[:4].replace("-", "+").replace("_", "/"), validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII character, which base64 never holds
         return False
     return head.startswith(_BASE64_IMAGE_SIGNATURES)
 

@@ -10,6 +10,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, Field
 
+from pictoprompt.errors import NotFoundError
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.server.jobs import JobState, JobView
 from pictoprompt.tools.base import SavedImage
@@ -50,9 +51,13 @@ def _image_blocks(store: AssetStore, saved: list[SavedImage], inline: InlineMode
         return blocks
     for image in saved:
         asset_id = image.uri.rsplit("/", 1)[-1]
-        data, mime = (store.read_bytes(asset_id), "image/png") if inline == "full" else (None, "")
-        if data is None or len(data) * 4 // 3 > budget:
-            data, mime = store.thumbnail(asset_id, max_side=THUMBNAIL_SIDE), "image/jpeg"
+        try:
+            data, mime = (store.read_bytes(asset_id), "image/png") if inline == "full" else (None, "")
+            if data is None or len(data) * 4 // 3 > budget:
+                data, mime = store.thumbnail(asset_id, max_side=THUMBNAIL_SIDE), "image/jpeg"
+        except NotFoundError:
+            # Trimmed from a full store (or expired) since the job saved it: its link says so when it is read.
+            continue
         encoded = base64.b64encode(data).decode()
         if len(encoded) > budget:
             break  # the links above still reach every image

@@ -14,7 +14,7 @@ import io
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 class _PythonStdout(io.TextIOWrapper):
@@ -47,5 +47,7 @@ def protocol_on_private_stdout() -> Iterator[None]:
     try:
         yield
     finally:
-        sys.stdout.buffer.flush()
+        # A client that went away took the pipe with it: nothing is left to flush to.
+        with suppress(BrokenPipeError):
+            sys.stdout.buffer.flush()
         sys.stdout = previous

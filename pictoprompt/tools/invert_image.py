@@ -56,7 +56,7 @@ STYLE_TEMPLATE = "{subject} in the style of {style}"
 EDITOR_ITERATIONS = 100
 """EDITOR's default iterations: the paper's 1000 take minutes per picture on a CPU; `pictoprompt bench editor`
 measures quality and time at 100 / 300 / 1000, and this is the most that keeps a call within 60 s on the
-`shapes` set on one CPU thread (README, "EDITOR")."""
+`shapes` set on one CPU thread (lab/RESULTS.md, "EDITOR")."""
 
 ClipSimilarity = Annotated[
     float,

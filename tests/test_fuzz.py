@@ -1,0 +1,59 @@
+"""The small schema-fuzzing run of `make test`: every tool, called with arguments generated from the inputSchema the
+server publishes (valid, at full range and broken), over stdio and over HTTP on the tiny profile.
+
+`python -m lab.reliability.fuzz` is the long run (5,000 calls per transport); this one is its first calls, so a
+regression in what the server refuses, answers or stores shows here within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lab.reliability.fuzz import Case, Plan, Pools, Tally, broken_arguments, cheap_schema, fuzz_transport
+
+SMALL_RUN = int(os.environ.get("PICTOPROMPT_FUZZ_CALLS", "100"))
+"""Calls per transport in `make test`."""
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_generated_calls_never_crash_the_server_nor_break_its_promises(tmp_path, transport):
+    tally = fuzz_transport(transport, Plan(SMALL_RUN, heavy_valid=0.05), tmp_path)
+    summary = tally.summary()
+    problems = {name: summary[name] for name in Tally.PROBLEMS}
+    assert problems == dict.fromkeys(Tally.PROBLEMS, 0), summary["problems"]
+    assert tally.calls == SMALL_RUN
+    # Both sides were exercised: calls that ran to their end (their results checked against outputSchema) and
+    # refusals (each checked for the field it names and for an unchanged store).
+    assert summary["succeeded"] >= 5 and summary["refused"] >= SMALL_RUN // 4, summary
+
+
+def test_a_broken_call_names_the_field_it_broke():
+    from hypothesis import given, settings
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "steps": {"type": "integer", "minimum": 1, "maximum": 150, "description": "d"},
+            "prompt": {"type": "string", "minLength": 1, "maxLength": 10, "description": "d"},
+        },
+        "required": ["prompt"],
+        "additionalProperties": False,
+    }
+    seen: set[str] = set()
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(case=broken_arguments("generate_image", schema, Pools(images=["x.png"])))
+    def check(case: Case) -> None:
+        seen.add(case.kind)
+        if case.kind == "out_of_range":
+            assert case.field == "steps" and not 1 <= case.arguments["steps"] <= 150
+        if case.kind == "missing_required":
+            assert "prompt" not in case.arguments and case.field == "prompt"
+        if case.kind == "unknown_field":
+            assert case.field in case.arguments and case.field not in schema["properties"]
+
+    check()
+    assert {"out_of_range", "missing_required", "unknown_field", "wrong_type", "null"} <= seen
+    assert cheap_schema(schema)["properties"]["steps"]["maximum"] == 2
