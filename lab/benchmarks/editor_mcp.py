@@ -8,8 +8,8 @@ time, each timed from the request to the result on the client. Goal: the median 
 measured alone on the machine.
 
 `--direct` also times the same calls without the protocol, as the server's job runner runs them (its worker
-thread, under the GPU lock, saving into an asset store) in a process of its own, so the two can be compared on
-the same pictures. Every call of both paths is listed, the first one included (it loads the models).
+thread, under the GPU lock, saving into an asset store) in a process of its own that first loads what the server
+loads before its first call, so the two can be compared on the same pictures. Every call of both paths is listed.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def direct_times(folder: Path, paths: list[Path], iterations: int | None) -> lis
     """The same calls without the protocol, as the server's job runner runs them."""
     from PIL import Image
 
+    from pictoprompt.methods.vgd import runtime_vocabulary
     from pictoprompt.models.profiles import get_profile
     from pictoprompt.models.runtime import Runtime
     from pictoprompt.server.assets import AssetStore, RecordingSink, flatten_to_rgb
@@ -97,6 +98,9 @@ def direct_times(folder: Path, paths: list[Path], iterations: int | None) -> lis
     from pictoprompt.tools.invert_image import InvertImageRequest, invert_image
 
     runtime = Runtime(get_profile(None), folder / "cache")
+    # What the server's lifespan loads and its warm-up computes before its first call is timed.
+    runtime.preload({"generator", "clip", "llm"})
+    runtime_vocabulary(runtime)
     jobs = JobRunner(runtime.gpu_lock)
     results = []
     for path in paths:
