@@ -3,7 +3,6 @@ on a tiny random-init BLIP built here from a config: nothing is downloaded."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -144,6 +143,8 @@ def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
     unet, vae = pipeline.unet, pipeline.vae
     start = ed.start_states(pipeline, "a red circle")
     seen_in_backward: list[tuple[bool, bool]] = []
+    # The tiny generator is below the side where checkpointing pays; count it as large enough here.
+    monkeypatch.setattr(ed, "CHECKPOINT_FROM_SIDE", SIZE)
 
     def record(*args: object) -> None:
         seen_in_backward.append((unet.is_gradient_checkpointing, vae.is_gradient_checkpointing))
@@ -156,14 +157,21 @@ def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
     # On while EDITOR backpropagates through the shared pipeline, off again for every other caller.
     assert seen_in_backward and all(state == (True, True) for state in seen_in_backward)
     assert not unet.is_gradient_checkpointing and not vae.is_gradient_checkpointing
-    # Recomputing the activations changes the memory, not the trajectory.
-    monkeypatch.setattr(ed, "recomputed_activations", lambda pipeline: contextlib.nullcontext())
-    [stored] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+    # Recomputing the activations changes the memory, not the trajectory: below the side it stays off.
+    monkeypatch.setattr(ed, "CHECKPOINT_FROM_SIDE", SIZE + 1)
+    seen_in_backward.clear()
+    hook = unet.conv_in.register_full_backward_hook(record)
+    try:
+        [stored] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+    finally:
+        hook.remove()
+    assert seen_in_backward and all(state == (False, False) for state in seen_in_backward)
     assert checkpointed.losses == pytest.approx(stored.losses, rel=1e-6, abs=1e-7)
     torch.testing.assert_close(checkpointed.states, stored.states)
 
 
-def test_checkpointing_that_was_on_stays_on(runtime: Runtime) -> None:
+def test_checkpointing_that_was_on_stays_on(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ed, "CHECKPOINT_FROM_SIDE", SIZE)
     unet, vae = runtime.pipeline().unet, runtime.pipeline().vae
     unet.enable_gradient_checkpointing()
     try:

@@ -137,7 +137,7 @@ def test_the_method_defaults_table_is_the_profiles():
     rows = [
         line
         for line in README.read_text().splitlines()
-        if re.match(r"\| `(concept_tuning|domain_tuning|domain_check)\.", line)
+        if re.match(r"\| `(variation|concept_tuning|domain_tuning|domain_check)\.", line)
     ]
     assert len(rows) >= 8, "the README lost its table of each profile's method defaults"
     for row in rows:
@@ -165,3 +165,12 @@ def test_the_lab_results_link_only_files_that_exist():
     assert links, "lab/RESULTS.md links each helper's results file"
     missing = [link for link in links if not (lab / link).is_file()]
     assert not missing, f"lab/RESULTS.md links files that do not exist: {missing}"
+
+
+def test_every_setting_the_readme_names_is_read_by_the_server():
+    from pictoprompt.settings import Settings
+
+    named = set(re.findall(r"PICTOPROMPT_([A-Z_]+)", README.read_text())) - {"UPDATE_SNAPSHOTS"}  # a test switch
+    assert len(named) >= 10
+    unknown = {name for name in named if name.lower() not in Settings.model_fields}
+    assert not unknown, f"README names settings the server does not read: {sorted(unknown)}"

@@ -22,6 +22,7 @@ from pictoprompt.methods.sd_ipc import (
     conversion_matrix,
     convert_image_embedding,
     edited_prompt,
+    prompted_states,
     pseudo_prompt,
     target_norm,
 )
@@ -330,6 +331,53 @@ def test_vary_image_is_reproducible_from_the_reported_seed(context: ToolContext)
 def test_vary_image_refuses_bad_arguments(arguments: dict) -> None:
     with pytest.raises(ValidationError):
         VaryImageRequest(**arguments)
+
+
+def test_prompted_states_put_the_converted_embedding_after_the_prompts_words(
+    tiny_runtime: Runtime, reference_images: list[Image.Image]
+) -> None:
+    clip, pipeline = tiny_runtime.clip(), tiny_runtime.pipeline()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    embeds = clip.encode_image(reference_images[:1])
+    states, eos = converter.text_states(["a red circle"])
+    end = int(eos[0])
+    with torch.no_grad():
+        words_only, converted, half = (prompted_states(converter, embeds, "a red circle", w) for w in (0.0, 1.0, 0.5))
+        f_cnvrt = converter.convert(embeds).float()
+    torch.testing.assert_close(words_only, states.float())
+    torch.testing.assert_close(converted[:, :end], states[:, :end].float())
+    torch.testing.assert_close(converted[0, end:], f_cnvrt.expand(states.shape[1] - end, -1))
+    torch.testing.assert_close(half, (words_only + converted) / 2)
+
+
+def test_vary_image_prompted_draws_the_references_prompt(
+    context: ToolContext, reference_images: list[Image.Image]
+) -> None:
+    request = VaryImageRequest(images=["first.png"], num_images=2, seed=3, steps=2, method="prompted")
+    response = vary_image(request, context)
+    assert response.prompt
+    clip, pipeline = context.runtime.clip(), context.runtime.pipeline()
+    converter = ImageToPrompt.cached(clip, pipeline)
+    with torch.no_grad():
+        states = prompted_states(converter, clip.encode_image(reference_images[:1]), response.prompt, 0.0)
+    expected = generate(pipeline, states, converter.empty_states, [3, 4], 2, 7.5, 32, 32, Progress())
+    for output, image in zip(response.images, expected, strict=True):
+        saved = Image.open(output.path)
+        assert_same_picture(saved, image)
+        assert saved.text["method"] == "prompted-sd-ipc-variation" and saved.text["prompt"] == response.prompt
+
+
+def test_vary_image_follows_the_profiles_method(context: ToolContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = VaryImageRequest(images=["first.png"], num_images=1, seed=1, steps=1)
+    paper = vary_image(request, context)
+    assert paper.prompt is None and Image.open(paper.images[0].path).text["method"] == "sd-ipc-variation"
+    profile = context.runtime.profile
+    prompted = profile.model_copy(update={"variation": profile.variation.model_copy(update={"picture_prompt": True})})
+    monkeypatch.setattr(context.runtime, "profile", prompted)
+    prompted_response = vary_image(request, context)
+    assert prompted_response.prompt
+    assert Image.open(prompted_response.images[0].path).text["method"] == "prompted-sd-ipc-variation"
+    assert vary_image(request.model_copy(update={"method": "sd-ipc"}), context).prompt is None
 
 
 def test_edit_with_text_renders_the_edited_prompt(context: ToolContext, reference_images: list[Image.Image]) -> None:

@@ -24,6 +24,7 @@ from pictoprompt.methods.vgd import (
     clip_log_probs,
     clip_token_count,
     clip_vocabulary,
+    copied_from,
     distill,
     distillation_length,
     fuse,
@@ -513,3 +514,21 @@ def test_joined_prompts_read_as_a_list() -> None:
     assert joined_prompts(["a red circle"]) == "a red circle"
     assert joined_prompts(["a red circle.", " a blue star "]) == "a red circle and a blue star"
     assert joined_prompts(["a", "b,", "", "c"]) == "a, b and c"
+
+
+def test_copied_from_allows_only_the_sources_words_in_order() -> None:
+    source = "a highly detailed picture of a large red circle on a white background, 4k".replace(",", "").split()
+    assert copied_from("a red circle on a white background", source, complete=True)
+    assert copied_from("a large red circle on a wh", source, complete=False)  # "wh" still growing into "white"
+    assert not copied_from("a red circle and a white circle", source, complete=True)  # "and" is not in the source
+    assert not copied_from("a white circle", source, complete=True)  # the source has no circle after "white"
+    assert not copied_from("a red circle on a wh", source, complete=True)  # a finished word must be whole
+    assert not copied_from("a red square", source, complete=False)
+
+
+def test_distillation_keeping_words_invents_none(language_model: LanguageModel, clip: ClipModel) -> None:
+    source = [word.strip(",").lower() for word in LONG_PROMPT.split()]
+    result = distill(language_model, clip, LONG_PROMPT, max_length=6, keep_words=True, **SMALL)
+    assert result.hypotheses
+    assert all(copied_from(h.text, source, complete=True) for h in result.hypotheses if h.finished)
+    assert all(copied_from(h.text, source, complete=False) for h in result.hypotheses)

@@ -26,10 +26,10 @@ from pictoprompt.tools.base import ToolRequest
 pytestmark = pytest.mark.anyio
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools_list.json"
-MAX_TOOLS_LIST_CHARACTERS = 27_500
-"""About 6,900 tokens of every client's context, icons (2,455) and execution flags included. Issue 36 trimmed the
-descriptions and left default hints out (31,000 -> 26,928 measured); its floor, 24,000, is not met yet: what is left
-is the schemas' structure (inputs ~11,000, outputs 7,700). Only lower this."""
+MAX_TOOLS_LIST_CHARACTERS = 24_000
+"""Issues 36 and 37's budget, icons, the tasks' `execution` flags and the app view's metadata included: descriptions
+trimmed, default hints left out, and the listed output schemas name each result's own fields only (the nested
+types were a quarter of the list; the result's JSON shows its fields anyway). Only lower this."""
 
 
 async def tools_list(settings, tiny_runtime) -> dict[str, Any]:

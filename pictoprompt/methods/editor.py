@@ -164,17 +164,28 @@ class Reconstruction:
         return [states for at, _, states in self.improvements if at <= iterations][-1]
 
 
+CHECKPOINT_FROM_SIDE = 256
+"""EDITOR recomputes activations (gradient checkpointing) only for generators of at least this side in pixels."""
+
+
 @contextmanager
 def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
-    """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them.
+    """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them, where the memory
+    it saves is needed: generators of `CHECKPOINT_FROM_SIDE` pixels or more.
 
     Backpropagation through `DENOISING_STEPS` guided U-Net passes and the VAE decoder otherwise keeps every
-    activation. Measured on the SD 1.5-sized set (`lab.real_size`, float32 on the CPU), one
-    iteration needs over the weights 1.65 GB at 128 px and 5.5 GB at 256 px without checkpointing, 0.78 and 2.9 GB
-    with it, the same losses to the last digit, and no measurable slowdown; at 512 px (about 4x per doubling of the
-    side) that is some 22 GB without and 11 GB with in float32, half in float16, beside the weights, so EDITOR
-    stays well inside a 24 GB GPU. Only on while EDITOR runs; the pipeline is shared, so its settings are restored.
+    activation. Measured on the SD 1.5-sized set (`lab.real_size`, float32 on the CPU), one iteration needs over
+    the weights 1.65 GB at 128 px and 5.5 GB at 256 px without checkpointing, 0.78 and 2.9 GB with it, the same
+    losses to the last digit; at 512 px (about 4x per doubling of the side) that is some 22 GB without and 11 GB
+    with in float32, half in float16, beside the weights, so EDITOR stays well inside a 24 GB GPU. Below 256 px the
+    memory is small and the recomputation is not free: on the `shapes` set (32 px) it cost 1.6-1.9x the CPU time
+    per iteration (10 iterations, one thread: 6.0 and 7.2 s with it, 3.7 and 3.8 s without, the same losses; see
+    lab/results/quality-b.md), which is what kept EDITOR's default call over a minute on a shared CPU. Only on while
+    EDITOR runs; the pipeline is shared, so its settings are restored.
     """
+    if default_size(pipeline) < CHECKPOINT_FROM_SIDE:
+        yield
+        return
     unet, vae = pipeline.unet, pipeline.vae
     was_on = unet.is_gradient_checkpointing, vae.is_gradient_checkpointing
     unet.enable_gradient_checkpointing()

@@ -226,6 +226,40 @@ def variation_states(
         return converter.prompt(average_embeddings(image_embeds, weights)), converter.empty_states
 
 
+def prompted_variation_states(
+    clip: ClipModel,
+    pipeline: DiffusionPipeline,
+    image_embeds: Tensor,
+    prompt: str,
+    converted_weight: float = 0.0,
+    weights: Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`variation_states` with the references' readable `prompt` combined in (`prompted_states`, ours)."""
+    with torch.no_grad():
+        converter = ImageToPrompt.cached(clip, pipeline)
+        embeds = average_embeddings(image_embeds, weights)
+        return prompted_states(converter, embeds, prompt, converted_weight), converter.empty_states
+
+
+def prompted_states(
+    converter: ImageToPrompt, image_embeds: Tensor, prompt: str, converted_weight: float = 0.0
+) -> Tensor:
+    """Ours, beyond the paper: the picture's converted embedding combined with the picture's own readable prompt.
+
+    SD-IPC's pseudo-prompt (Eq. 7) carries what CLIP's image embedding holds, and on a small CLIP the conversion
+    loses the shape and the background more often than the colour. A prompt that names them (VGD's inversion of
+    the same picture) keeps them. The states are the prompt's up to its end-of-text token; from there on each
+    position is `(1 - converted_weight) * h_prompt[i] + converted_weight * f_cnvrt`, so 0 draws the prompt and 1
+    puts SD-IPC's converted embedding where Eq. 8 puts it, without the prompt's own end-of-text states.
+    """
+    states, eos = converter.text_states([prompt])
+    end = int(eos[0])
+    f_cnvrt = converter.convert(image_embeds).float()
+    combined = states.float().expand(f_cnvrt.shape[0], -1, -1).clone()
+    combined[:, end:] = (1 - converted_weight) * combined[:, end:] + converted_weight * f_cnvrt.unsqueeze(1)
+    return combined
+
+
 def edit_states(
     clip: ClipModel, pipeline: DiffusionPipeline, image_embeds: Tensor, text: str, alpha: float = 0.9
 ) -> tuple[Tensor, Tensor]:

@@ -208,6 +208,27 @@ def written_in(text: str, dictionary: frozenset[str], complete: bool) -> bool:
     return not growing or any(known.startswith(words[-1]) for known in dictionary)
 
 
+def copied_from(text: str, source: Sequence[str], complete: bool) -> bool:
+    """Whether `text`'s words are `source`'s words (lower-cased) in their order, some left out; unless `complete`,
+    its last word may still be growing and need only begin the next source word it could be.
+
+    Our extension to VGD's distillation (`distill(copy=True)`): the short prompt may only leave words out of the long
+    one, so it cannot invent an object, a colour or a place the long prompt does not have.
+    """
+    lowered = text.lower()
+    if not _PROMPT_CHARACTERS.fullmatch(lowered):
+        return False
+    words = _WORD_PIECE.findall(lowered)
+    growing = not complete and bool(words) and lowered[-1].isalpha()
+    position = 0
+    for word in words[:-1] if growing else words:
+        try:
+            position = source.index(word, position) + 1
+        except ValueError:
+            return False
+    return not growing or any(known.startswith(words[-1]) for known in source[position:])
+
+
 def _embed_vocabulary(clip: ClipModel, batch_size: int, progress: Progress) -> ClipVocabulary:
     # Word pieces and whole words that decode alike ("dog", "dog</w>") are one word; byte fragments and
     # punctuation carry no meaning to start a prompt from.
@@ -457,6 +478,7 @@ def guided_decode(
     length_penalty_offset: int = 5,
     max_clip_tokens: int | None = None,
     dictionary: frozenset[str] | None = None,
+    copy_from: str | None = None,
     no_repeat_ngram_size: int = 3,
     use_cache: bool = True,
     progress: Progress | None = None,
@@ -468,7 +490,8 @@ def guided_decode(
     and the best `num_beams` that go on are kept; the search stops at `max_length`, when nothing goes on, or once
     it has `converged`.
 
-    `dictionary` drops candidates with a word outside it (`written_in`).
+    `dictionary` drops candidates with a word outside it (`written_in`); `copy_from` those that are not the words of
+    that text in its order, some left out (`copied_from`).
     `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
     is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `no_repeat_ngram_size` (our
     addition; 0 turns it off) keeps a beam from repeating any run of that many tokens: a small LLM otherwise
@@ -481,6 +504,7 @@ def guided_decode(
     targets = targets.float().to(clip.device)
     embed = _TextEmbeddings(clip)
     search = _Search(length_penalty_alpha, length_penalty_offset)
+    source_words = _WORD_PIECE.findall(copy_from.lower()) if copy_from is not None else None
 
     def score(step: _Step) -> Tensor:
         """The step score of each candidate, -inf where a constraint (CLIP token budget, dictionary) drops it."""
@@ -495,6 +519,10 @@ def guided_decode(
             stops = step.stops.tolist()
             unknown = [not written_in(t, dictionary, bool(stop)) for t, stop in zip(step.texts, stops, strict=True)]
             scores[torch.tensor(unknown)] = -math.inf
+        if source_words is not None:
+            stops = step.stops.tolist()
+            invented = [not copied_from(t, source_words, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(invented)] = -math.inf
         return scores
 
     with llm.start(prompt_ids, use_cache=use_cache, max_beams=num_beams, max_new_tokens=max_length) as beams:
@@ -643,11 +671,13 @@ def distill(
     *,
     max_length: int | None = None,
     variant: Variant = "vgd",
+    keep_words: bool = False,
     **decoder_options: Any,
 ) -> VgdResult:
     """A prompt of at most `max_length` CLIP tokens (default 30% of the original) matching `prompt`'s embedding.
 
     As in the authors' code there is no initial condition: the long prompt itself is in the instruction.
+    `keep_words` (ours) lets the short prompt only leave words out of the long one (`copied_from`).
     """
     budget = max_length or distillation_length(clip, prompt)
     llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
@@ -661,5 +691,6 @@ def distill(
         max_clip_tokens=budget,
         llm_alpha=llm_alpha,
         clip_alpha=clip_alpha,
+        copy_from=prompt if keep_words else None,
         **decoder_options,
     )

@@ -158,6 +158,26 @@ class DomainTuning(BaseModel):
     )
 
 
+class Variation(BaseModel):
+    """`vary_image`'s method on a profile: SD-IPC's variation (paper Eq. 7) unless an extension field is set; a
+    request may ask for either."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    picture_prompt: bool = Field(
+        False,
+        description="Ours, not in the paper: write the references' readable prompt (VGD's inversion) and condition "
+        "on it together with the converted embedding (methods.sd_ipc.prompted_states). False: the paper's SD-IPC.",
+    )
+    converted_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="With picture_prompt: the converted embedding's share of the states from the prompt's "
+        "end-of-text token on (0: the prompt's own states).",
+    )
+
+
 class DomainCheck(BaseModel):
     """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
     add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
@@ -202,6 +222,15 @@ class Profile(BaseModel):
         default_factory=DomainTuning,
         description="train-domain's defaults: the paper's (1000 iterations at lr 1e-5, no caption alignment) unless a "
         "profile's models need others.",
+    )
+    distillation_keeps_words: bool = Field(
+        True,
+        description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "
+        "short one invents nothing (vgd.copied_from). False: the paper's free distillation.",
+    )
+    variation: Variation = Field(
+        default_factory=Variation,
+        description="vary_image's method: the paper's SD-IPC unless a profile's models need more.",
     )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
@@ -272,6 +301,11 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             # domain's tuning scenes, against the paper's settings, and measured on its evaluation scenes
             # (lab/RESULTS.md, "SD-IPC-FT: domain fine-tuning").
             domain_tuning=DomainTuning(prompt_learning_rate=1e-2, caption_alignment=1.0),
+            # SD-IPC's conversion alone loses the shape and the background of a picture drawn with PIL (on tuning
+            # pictures, not the reported ones: shape 57 %, background 63 %); the picture's own prompt keeps them
+            # (82 %, 98 %), and any share of the converted embedding combined with it lowered every attribute
+            # (0.5: shape 72 %, colour 82 %) (lab/results/quality-b.md).
+            variation=Variation(picture_prompt=True, converted_weight=0.0),
             # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
             # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench
             # domain_note --calibrate`; lab/results/quality-a.md).

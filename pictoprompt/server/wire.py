@@ -130,6 +130,15 @@ def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) ->
     return kept
 
 
+def listed_output_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The output schema `tools/list` carries: the result's own fields and their JSON types, nothing nested (a
+    model job tool lists `{job: object, result: object|null}`). The nested types cost a quarter of the list that
+    every assistant carries, and each result's JSON shows its fields anyway; `output_schema` keeps them all."""
+    full = output_schema(model)
+    fields = {name: {"type": sub["type"]} if "type" in sub else {} for name, sub in full["properties"].items()}
+    return {"type": "object", "properties": fields}
+
+
 def input_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(by_alias=True, schema_generator=InputSchema, mode="validation")
 
@@ -163,7 +172,7 @@ class WireTool:
             title=self.title,
             description=self.description,
             input_schema=input_schema(self.arguments),
-            output_schema=output_schema(self.result),
+            output_schema=listed_output_schema(self.result),
             annotations=self.annotations,
             meta=self.meta,
         )

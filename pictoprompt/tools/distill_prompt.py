@@ -1,8 +1,10 @@
 """`distill_prompt`: a shorter prompt that CLIP (and so the generator) reads like the long one.
 
 VGD decodes against the long prompt's CLIP text embedding, with the long prompt in the LLM's instruction and a
-budget in CLIP tokens (default 30% of the original, as in the paper). Optional previews render both prompts from
-the same seed so the two can be compared by eye.
+budget in CLIP tokens (default 30% of the original, as in the paper). Unless the profile turns it off
+(`distillation_keeps_words`, ours), the short prompt may only leave words out of the long one, so it cannot invent an
+object or a colour; on a profile with a dictionary it uses only words its CLIP learnt. Optional previews render both
+prompts from the same seed so the two can be compared by eye.
 """
 
 from __future__ import annotations
@@ -62,7 +64,16 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
         raise InvalidInputError(
             f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
         )
-    short = distill(llm, clip, request.prompt, max_length=budget, progress=context.progress).best.text
+    dictionary = context.runtime.dictionary_words()
+    short = distill(
+        llm,
+        clip,
+        request.prompt,
+        max_length=budget,
+        keep_words=context.runtime.profile.distillation_keeps_words,
+        dictionary=frozenset(dictionary) if dictionary is not None else None,
+        progress=context.progress,
+    ).best.text
     similarity = prompt_similarities(clip, [short], text_target(clip, request.prompt))[0][0]
     response = DistillPromptResponse(
         prompt=short,

@@ -19,9 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pictoprompt.methods.prompt_edit import rewrite_prompt
-from pictoprompt.methods.vgd import invert, runtime_vocabulary
+from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
-    CONCEPT_REF_PREFIX,
     DomainNote,
     ImageRef,
     LlmNote,
@@ -35,7 +34,7 @@ from pictoprompt.tools.base import (
     image_refs_to_fetch,
     picture_note,
 )
-from pictoprompt.tools.render import EditPrompt, reference_embeddings, render_and_score
+from pictoprompt.tools.render import EditPrompt, picture_prompt, render_and_score
 
 EditMethod = Literal["rewrite", "sd-ipc"]
 METHODS: dict[EditMethod, str] = {"rewrite": "prompt-rewrite-edit", "sd-ipc": "sd-ipc-edit"}
@@ -98,7 +97,7 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
     if request.method == "rewrite":
         llm = context.runtime.llm()
         note = llm.fallback_note
-        source = (request.source_prompt or "").strip() or picture_prompt(request.image, context)
+        source = (request.source_prompt or "").strip() or picture_prompt(context, [request.image])
         context.progress.report(0.6, 1.0, "Putting the edit into the picture's prompt")
         edited = rewrite_prompt(llm, source, request.text)
         drawing = replace(context, progress=context.progress.scaled(0.7, 0.3, 1.0))
@@ -125,21 +124,6 @@ def edit_with_text(request: EditWithTextRequest, context: ToolContext) -> EditWi
             for r in rendered
         ],
     )
-
-
-def picture_prompt(image: str, context: ToolContext) -> str:
-    """VGD's prompt for the picture, as `invert_image` writes it; for `concept:NAME` taught with a description,
-    that description (the user's own words for it, where VGD may invent a second object)."""
-    if image.startswith(CONCEPT_REF_PREFIX):
-        description = context.concept_store().get(image.removeprefix(CONCEPT_REF_PREFIX)).description
-        if description:
-            return description
-    runtime = context.runtime
-    vocabulary = runtime_vocabulary(runtime, progress=context.progress.scaled(0.0, 0.1, 1.0))
-    targets = reference_embeddings(context, [image])
-    return invert(
-        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, progress=context.progress.scaled(0.1, 0.5, 1.0)
-    ).best.text
 
 
 SPEC = ToolSpec(

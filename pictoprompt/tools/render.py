@@ -29,7 +29,14 @@ from pictoprompt.methods.concept_weights import (
 from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
-from pictoprompt.methods.sd_ipc import edit_states, embed_references, variation_states
+from pictoprompt.methods.sd_ipc import (
+    average_embeddings,
+    edit_states,
+    embed_references,
+    prompted_variation_states,
+    variation_states,
+)
+from pictoprompt.methods.vgd import invert, runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import mentions
 from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, SamplingRequest, ToolContext
@@ -48,10 +55,14 @@ class TextPrompt:
 @dataclass(frozen=True)
 class ImagePrompt:
     """SD-IPC's variation: the references' CLIP embedding (weighted mean) converted into a prompt embedding.
-    A reference may be `concept:NAME`, a learned concept's mean embedding."""
+    A reference may be `concept:NAME`, a learned concept's mean embedding. With `prompt` (the references' readable
+    prompt, `picture_prompt`), that prompt's states with `converted_weight` of the converted embedding combined in
+    (`methods.sd_ipc.prompted_states`, ours)."""
 
     images: Sequence[str]
     weights: Sequence[float] | None = None
+    prompt: str | None = None
+    converted_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +175,11 @@ def _conditioning(
         return prompt_embeds, negative_embeds, None
     refs = _references(prompt)
     references = embed_references(clip, [stored[ref] if ref in stored else context.images.load(ref) for ref in refs])
-    if isinstance(prompt, ImagePrompt):
+    if isinstance(prompt, ImagePrompt) and prompt.prompt is not None:
+        prompt_embeds, negative_embeds = prompted_variation_states(
+            clip, pipeline, references, prompt.prompt, prompt.converted_weight, prompt.weights
+        )
+    elif isinstance(prompt, ImagePrompt):
         prompt_embeds, negative_embeds = variation_states(clip, pipeline, references, prompt.weights)
     elif prompt.prompts is not None:
         source, edited = prompt.prompts
@@ -191,6 +206,27 @@ def _scores(
     weights = prompt.weights if isinstance(prompt, ImagePrompt) else None
     text = prompt.text if isinstance(prompt, EditPrompt) else None
     return score_images(clip, images, references, weights, text)
+
+
+# ------------------------------------------------------------------------------------------------ readable prompts
+
+
+def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[float] | None = None) -> str:
+    """VGD's prompt for the reference(s), as `invert_image` writes it (several are described together; with
+    `weights`, their weighted mean); for one `concept:NAME` taught with a description, that description (the user's
+    own words for it, where VGD may invent a second object). Progress: the first 60 % of the call's."""
+    if len(refs) == 1 and refs[0].startswith(CONCEPT_REF_PREFIX):
+        description = context.concept_store().get(refs[0].removeprefix(CONCEPT_REF_PREFIX)).description
+        if description:
+            return description
+    runtime = context.runtime
+    vocabulary = runtime_vocabulary(runtime, progress=context.progress.scaled(0.0, 0.1, 1.0))
+    targets = reference_embeddings(context, refs)
+    if weights is not None:
+        targets = average_embeddings(targets, weights)
+    return invert(
+        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, progress=context.progress.scaled(0.1, 0.5, 1.0)
+    ).best.text
 
 
 # ------------------------------------------------------------------------------------------------ seeds and saving

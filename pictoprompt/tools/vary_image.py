@@ -1,16 +1,22 @@
 """`vary_image`: variations of one or several reference images through SD-IPC's image-to-prompt conversion.
 
 The references' CLIP embeddings (averaged when there are several, optionally weighted) become a pseudo-prompt
-that the unchanged generator renders; no training and no caption are involved. Each variation reports how
-close CLIP finds it to the references, so the assistant can point the user to the closest ones.
+that the unchanged generator renders; no training and no caption are involved (`method="sd-ipc"`, the paper's).
+`method="prompted"` (ours) first writes the references' readable prompt with VGD and conditions on it together
+with the converted embedding (`methods.sd_ipc.prompted_states`): the prompt names the shape and the background,
+which the conversion alone loses on a small CLIP, while the seeds still vary what it does not name. The profile
+says which is the default (`Profile.variation`). Each variation reports how close CLIP finds it to the
+references, so the assistant can point the user to the closest ones.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import replace
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
     DomainNote,
     ImageRef,
@@ -24,9 +30,10 @@ from pictoprompt.tools.base import (
     image_refs_to_fetch,
     picture_note,
 )
-from pictoprompt.tools.render import ImagePrompt, render_and_score
+from pictoprompt.tools.render import ImagePrompt, picture_prompt, render_and_score
 
-METHOD = "sd-ipc-variation"
+VaryMethod = Literal["sd-ipc", "prompted"]
+METHODS: dict[VaryMethod, str] = {"sd-ipc": "sd-ipc-variation", "prompted": "prompted-sd-ipc-variation"}
 
 
 class VaryImageInputs(ToolRequest):
@@ -38,6 +45,10 @@ class VaryImageInputs(ToolRequest):
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
         None,
         description="One weight per reference (default: equal).",
+    )
+    method: VaryMethod | None = Field(
+        None,
+        description="sd-ipc (paper) or prompted: also the images' written prompt. Default: the model set's.",
     )
 
     @model_validator(mode="after")
@@ -61,6 +72,7 @@ class VaryImageRequest(SamplingRequest, VaryImageInputs):
 
 class VaryImageResponse(BaseModel):
     images: list[Variation] = Field(description="The variations in seed order, each with its CLIP similarity.")
+    prompt: str | None = Field(None, description="method prompted: the references' prompt the variations follow.")
     domain_note: DomainNote = None
 
 
@@ -71,16 +83,25 @@ def _relative(weights: list[float] | None) -> list[float] | None:
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
+    settings = context.runtime.profile.variation
+    method: VaryMethod = request.method or ("prompted" if settings.picture_prompt else "sd-ipc")
     weights = request.weights or [1.0] * len(request.images)
+    metadata = {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)}
+    prompt, drawing, relative = None, context, _relative(request.weights)
+    if method == "prompted":
+        prompt = picture_prompt(context, request.images, relative)
+        metadata |= {"prompt": prompt, "converted_weight": str(settings.converted_weight)}
+        drawing = replace(context, progress=context.progress.scaled(0.6, 0.4, 1.0))
     rendered = render_and_score(
-        context,
-        ImagePrompt(request.images, _relative(request.weights)),
+        drawing,
+        ImagePrompt(request.images, relative, prompt, settings.converted_weight),
         request,
-        METHOD,
-        {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)},
+        METHODS[method],
+        metadata,
     )
     return VaryImageResponse(
         images=[Variation(**r.image.model_dump(), image_similarity=r.image_similarity) for r in rendered],
+        prompt=prompt,
         domain_note=picture_note(context, request.images),
     )
 
@@ -96,4 +117,7 @@ SPEC = ToolSpec(
     response_model=VaryImageResponse,
     run=vary_image,
     hints=ToolHints(read_only=False, destructive=False, idempotent=False, open_world=False),
+    # method='prompted' writes the references' prompt with the LLM, from the profile's start words.
+    components=("generator", "clip", "llm"),
+    warm_up=runtime_vocabulary,
 )
