@@ -250,6 +250,12 @@ class SoakClient:
                         break
                     await self.one()
             self.client = None
+            if disconnect_every:
+                # A stdio server stops with its session: the jobs it held ended with it, and the next server
+                # (a new process) never knew them. They are not fetched from it.
+                for entry in [e for e in self.ledger.pending if e[0] == self.name]:
+                    self.ledger.pending.remove(entry)
+                    self.ledger.record(self.name, "get_job", "ended_with_its_server")
 
     async def disconnect_mid_call(self) -> None:
         """Start a slow call and end the whole session under it (the stdio server stops with its session)."""
