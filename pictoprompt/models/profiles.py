@@ -178,6 +178,29 @@ class Variation(BaseModel):
     )
 
 
+class GeneratorRerank(BaseModel):
+    """Ours, not VGD's: a one-subject prompt decoded beside VGD's, and the best hypotheses of both reordered by how
+    well the generator's denoising explains the picture under each (a diffusion classifier,
+    `methods.generator_score`). A small CLIP cannot count: on the `shapes` set it scores an invented second object
+    above the true caption, the LLM continues a one-object caption with "and" about half the time, and VGD's length
+    penalty favours the longer prompt; the generator, trained to draw what a caption names, explains a one-object
+    picture worse under a two-object caption (lab/results/onecount.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: int = Field(4, ge=1, le=10, description="How many of each decode's best hypotheses are judged.")
+    timesteps: int = Field(
+        8, ge=1, le=64, description="Noised timesteps each is judged at: one U-Net pass per candidate and timestep."
+    )
+    seed: int = Field(0, description="The noise draw, the same for every candidate so that their errors compare.")
+    joining_words: list[str] = Field(
+        default_factory=lambda: ["and"],
+        description="Words that join a second subject to the first: the one-subject decode is written in the "
+        "profile's dictionary without them. Empty, or a profile without a dictionary: no second decode, only the "
+        "rerank of VGD's own hypotheses.",
+    )
+
+
 class DomainCheck(BaseModel):
     """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
     add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
@@ -227,6 +250,11 @@ class Profile(BaseModel):
         True,
         description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "
         "short one invents nothing (vgd.copied_from). False: the paper's free distillation.",
+    )
+    vgd_rerank: GeneratorRerank | None = Field(
+        None,
+        description="Ours, not the paper's: VGD's best prompts for a picture's content reordered by the generator "
+        "(GeneratorRerank). None: the paper's choice, the best length-penalised score.",
     )
     variation: Variation = Field(
         default_factory=Variation,
@@ -306,6 +334,9 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             # (82 %, 98 %), and any share of the converted embedding combined with it lowered every attribute
             # (0.5: shape 72 %, colour 82 %) (lab/results/quality-b.md).
             variation=Variation(picture_prompt=True, converted_weight=0.0),
+            # The shapes CLIP cannot count, and VGD named a second object for 12 % of held-out one-object scenes;
+            # a one-subject decode judged against VGD's own by the generator names one (lab/results/onecount.md).
+            vgd_rerank=GeneratorRerank(),
             # The 1st percentile of the flat-region coverage of 1,000 calibration pictures: the world's training-like
             # scenes and pictures drawn with PIL off its grid, none from an evaluation set (`pictoprompt bench
             # domain_note --calibrate`; lab/results/quality-a.md).

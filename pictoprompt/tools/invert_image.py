@@ -48,7 +48,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     picture_note,
 )
-from pictoprompt.tools.render import save_image
+from pictoprompt.tools.render import content_inversion, save_image
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
 """How the paper applies an extracted style prompt (section 4, style transfer)."""
@@ -96,8 +96,8 @@ class InvertImageRequest(ToolRequest):
 class InvertedPrompt(BaseModel):
     prompt: str
     score: float = Field(
-        description="What ranks the prompts, higher is better: vgd, the decoder's length-penalised score (LLM + "
-        "CLIP); editor, image_similarity."
+        description="Higher is better: vgd, the decoder's length-penalised score (LLM + CLIP; sets that rerank by "
+        "the generator order the best by it instead); editor, image_similarity (the order)."
     )
     clip_similarity: ClipSimilarity
     perplexity: Perplexity
@@ -161,15 +161,19 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
     style = request.focus == "style"
     embeddings = image_targets(clip, images)
     targets = style_target(clip, images) if style else embeddings
-    result = invert(
-        llm,
-        clip,
-        targets,
-        task="style" if style else "inversion",
-        vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
-        max_length=request.max_tokens,
-        progress=context.progress,
-    )
+    if style:
+        vocabulary = runtime_vocabulary(context.runtime, progress=context.progress)
+        result = invert(
+            llm,
+            clip,
+            targets,
+            task="style",
+            vocabulary=vocabulary,
+            max_length=request.max_tokens,
+            progress=context.progress,
+        )
+    else:
+        result = content_inversion(context, images, targets, request.max_tokens)
     return InvertImageResponse(
         focus=request.focus,
         method=request.method,

@@ -1,0 +1,121 @@
+"""VGD's generator rerank (ours, `Profile.vgd_rerank`): the decoder's best finished hypotheses, and a one-subject
+decode's, reordered by the generator's denoising error on the picture (methods.generator_score)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pictoprompt.methods.generator_score import denoising_errors, generator_reranked, one_subject_vocabulary
+from pictoprompt.methods.sd_ipc import ImageToPrompt
+from pictoprompt.methods.tuning import encode_latents
+from pictoprompt.methods.vgd import ClipVocabulary, Hypothesis, VgdResult, image_targets
+from pictoprompt.models.profiles import GeneratorRerank, get_profile
+from pictoprompt.models.runtime import Runtime
+from pictoprompt.progress import Progress
+from pictoprompt.server.assets import AssetStore, RecordingSink
+from pictoprompt.server.images import PreResolvedImages
+from pictoprompt.tools.base import ToolContext
+from pictoprompt.tools.invert_image import InvertImageRequest, invert_image
+from pictoprompt.tools.render import content_inversion
+
+TEXTS = ["a red square", "a blue circle on a white background", "a green star and a red star", "a yellow heart"]
+
+
+def pictures(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def hypothesis(text: str, score: float, finished: bool = True) -> Hypothesis:
+    return Hypothesis(text, [1, 2], score, score, score, finished)
+
+
+def errors_of(runtime: Runtime, images: list[Image.Image], texts: list[str], settings: GeneratorRerank) -> torch.Tensor:
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    latents = encode_latents(pipeline, images)
+    converter = ImageToPrompt.cached(clip, pipeline)
+    return denoising_errors(pipeline, converter, latents, texts, settings.timesteps, settings.seed, Progress())
+
+
+def test_the_best_finished_hypotheses_come_in_the_generators_order(tiny_runtime: Runtime) -> None:
+    settings = GeneratorRerank(candidates=3, timesteps=2)
+    images = pictures(2)
+    decoded = [hypothesis(text, -float(i)) for i, text in enumerate(TEXTS)]
+    cut = hypothesis("a green star and a", 1.0, finished=False)  # the decoder's best, but a fragment
+    result = VgdResult([cut, *decoded], "red", 5)
+    reranked = generator_reranked(tiny_runtime.pipeline(), tiny_runtime.clip(), images, [result], settings)
+    judged = TEXTS[:3]
+    expected = [judged[i] for i in errors_of(tiny_runtime, images, judged, settings).mean(1).argsort().tolist()]
+    assert [h.text for h in reranked.hypotheses] == [*expected, cut.text, TEXTS[3]]
+    assert reranked.initial_condition == "red" and reranked.steps == 5
+
+
+def test_a_weight_of_zero_leaves_that_picture_out_of_the_judgement(tiny_runtime: Runtime) -> None:
+    settings = GeneratorRerank(candidates=4, timesteps=2)
+    images = pictures(2, seed=3)
+    result = VgdResult([hypothesis(text, 0.0) for text in TEXTS], None, 1)
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    errors = errors_of(tiny_runtime, images, TEXTS, settings)
+    for picture in (0, 1):
+        weights = [1.0 if i == picture else 0.0 for i in range(2)]
+        reranked = generator_reranked(pipeline, clip, images, [result], settings, weights)
+        assert [h.text for h in reranked.hypotheses] == [TEXTS[i] for i in errors[:, picture].argsort().tolist()]
+
+
+def test_both_decodes_are_judged_and_a_text_in_both_once(tiny_runtime: Runtime) -> None:
+    settings = GeneratorRerank(candidates=2, timesteps=2)
+    images = pictures(1, seed=5)
+    first = VgdResult([hypothesis(TEXTS[2], 0.0), hypothesis(TEXTS[0], -1.0), hypothesis(TEXTS[3], -2.0)], "x", 3)
+    one_subject = VgdResult([hypothesis(TEXTS[0], 0.0), hypothesis(TEXTS[1], -1.0)], "x", 3)
+    reranked = generator_reranked(tiny_runtime.pipeline(), tiny_runtime.clip(), images, [first, one_subject], settings)
+    judged = [TEXTS[2], TEXTS[0], TEXTS[1]]
+    errors = errors_of(tiny_runtime, images, judged, settings)[:, 0]
+    assert [h.text for h in reranked.hypotheses] == [*(judged[i] for i in errors.argsort().tolist()), TEXTS[3]]
+
+
+def test_the_one_subject_decode_is_written_without_the_joining_words() -> None:
+    vocabulary = ClipVocabulary(["red"], torch.ones(1, 4), frozenset({"a", "red", "and", "above", "circle"}))
+    settings = GeneratorRerank(joining_words=["And", "above"])
+    alternative = one_subject_vocabulary(vocabulary, settings)
+    assert alternative is not None and alternative.dictionary == frozenset({"a", "red", "circle"})
+    assert alternative.words == vocabulary.words
+    assert one_subject_vocabulary(vocabulary, GeneratorRerank(joining_words=[])) is None
+    assert one_subject_vocabulary(ClipVocabulary(["red"], torch.ones(1, 4)), settings) is None
+
+
+def test_the_shapes_set_reranks_and_the_real_sets_keep_the_papers_choice() -> None:
+    assert get_profile("shapes").vgd_rerank == GeneratorRerank()
+    for name in ("sd15", "sd21", "tiny"):
+        assert get_profile(name).vgd_rerank is None
+
+
+@pytest.fixture
+def reranking_context(tiny_runtime: Runtime, tmp_path: Path) -> ToolContext:
+    """The tiny set with the rerank on (the tiny set has no dictionary: the rerank of VGD's own hypotheses only)."""
+    original = tiny_runtime.profile
+    tiny_runtime.profile = original.model_copy(update={"vgd_rerank": GeneratorRerank(candidates=3, timesteps=2)})
+    yield ToolContext(tiny_runtime, RecordingSink(AssetStore(tmp_path)), PreResolvedImages({"p": pictures(1)[0]}))
+    tiny_runtime.profile = original
+
+
+def test_invert_image_answers_with_the_generators_choice(reranking_context: ToolContext) -> None:
+    runtime = reranking_context.runtime
+    image = reranking_context.images.load("p")
+    plain = runtime.profile.model_copy(update={"vgd_rerank": None})
+    reranking, runtime.profile = runtime.profile, plain
+    try:
+        paper = content_inversion(reranking_context, [image], image_targets(runtime.clip(), [image]), 8)
+    finally:
+        runtime.profile = reranking
+    response = invert_image(InvertImageRequest(images=["p"], max_tokens=8, num_results=3), reranking_context)
+    finished = [h.text for h in paper.hypotheses if h.finished][:3]
+    if len(finished) > 1:
+        errors = errors_of(runtime, [image], finished, runtime.profile.vgd_rerank).mean(1)
+        assert response.prompts[0].prompt == finished[int(errors.argmin())]
+    else:
+        assert response.prompts[0].prompt == paper.best.text
