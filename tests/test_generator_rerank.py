@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pictoprompt.configs import GeneratorRerank
 from pictoprompt.methods.generator_score import denoising_errors, generator_reranked, one_subject_vocabulary
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, Hypothesis, VgdResult, image_targets
-from pictoprompt.models.profiles import GeneratorRerank, get_profile
+from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore, RecordingSink

@@ -80,6 +80,7 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.shapes.world import held_out_scenes
+from pictoprompt.configs import GeneratorRerank
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
 from pictoprompt.methods.generator_score import generator_reranked, one_subject_vocabulary
 from pictoprompt.methods.vgd import (
@@ -101,7 +102,7 @@ from pictoprompt.methods.vgd import (
 )
 from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.llm import LanguageModel
-from pictoprompt.models.profiles import GeneratorRerank, get_profile
+from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes.scenes import FILLS, Scene, render_scene
 from pictoprompt.progress import Progress

@@ -17,12 +17,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import GeneratorRerank
 from pictoprompt.methods.generation import errors_per_text, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, Hypothesis, VgdResult
 from pictoprompt.models.clip import ClipModel
-from pictoprompt.models.profiles import GeneratorRerank
 from pictoprompt.progress import Progress
 
 CANDIDATES_PER_BATCH = 8
