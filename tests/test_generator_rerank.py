@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 
 from pictoprompt.configs import GeneratorRerank
-from pictoprompt.methods.generator_score import denoising_errors, generator_reranked, one_subject_vocabulary
+from pictoprompt.methods.generator_score import (
+    denoising_errors,
+    generator_reranked,
+    names_several,
+    one_subject_vocabulary,
+)
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, Hypothesis, VgdResult, image_targets
@@ -43,40 +48,56 @@ def errors_of(runtime: Runtime, images: list[Image.Image], texts: list[str], set
     return denoising_errors(pipeline, converter, latents, texts, settings.timesteps, settings.seed, Progress())
 
 
-def test_the_best_finished_hypotheses_come_in_the_generators_order(tiny_runtime: Runtime) -> None:
-    settings = GeneratorRerank(candidates=3, timesteps=2)
+def test_vgds_best_and_the_one_subject_decodes_best_come_in_the_generators_order(tiny_runtime: Runtime) -> None:
+    settings = GeneratorRerank(candidates=2, timesteps=2)
     images = pictures(2)
-    decoded = [hypothesis(text, -float(i)) for i, text in enumerate(TEXTS)]
-    cut = hypothesis("a green star and a", 1.0, finished=False)  # the decoder's best, but a fragment
-    result = VgdResult([cut, *decoded], "red", 5)
-    reranked = generator_reranked(tiny_runtime.pipeline(), tiny_runtime.clip(), images, [result], settings)
-    judged = TEXTS[:3]
+    result = VgdResult([hypothesis(TEXTS[2], 0.0), hypothesis(TEXTS[3], -1.0)], "red", 5)
+    one_subject = VgdResult(
+        [
+            hypothesis("a green star on a", 1.0, finished=False),  # a fragment cut at the length limit
+            hypothesis("a blue circle, a red star", 0.5),  # a comma list names two
+            hypothesis(TEXTS[0], 0.0),
+            hypothesis(TEXTS[3], -0.5),  # also VGD's: judged once, from the one-subject decode
+            hypothesis(TEXTS[1], -1.0),  # beyond the candidates
+        ],
+        "red",
+        4,
+    )
+    pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
+    reranked = generator_reranked(pipeline, clip, images, result, [one_subject], settings)
+    judged = [TEXTS[2], TEXTS[0], TEXTS[3]]
     expected = [judged[i] for i in errors_of(tiny_runtime, images, judged, settings).mean(1).argsort().tolist()]
-    assert [h.text for h in reranked.hypotheses] == [*expected, cut.text, TEXTS[3]]
+    assert [h.text for h in reranked.hypotheses] == expected
     assert reranked.initial_condition == "red" and reranked.steps == 5
 
 
 def test_a_weight_of_zero_leaves_that_picture_out_of_the_judgement(tiny_runtime: Runtime) -> None:
-    settings = GeneratorRerank(candidates=4, timesteps=2)
+    settings = GeneratorRerank(candidates=3, timesteps=2)
     images = pictures(2, seed=3)
-    result = VgdResult([hypothesis(text, 0.0) for text in TEXTS], None, 1)
+    result = VgdResult([hypothesis(TEXTS[2], 0.0)], None, 1)
+    one_subject = VgdResult([hypothesis(text, 0.0) for text in (TEXTS[0], TEXTS[1], TEXTS[3])], None, 1)
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
-    errors = errors_of(tiny_runtime, images, TEXTS, settings)
+    texts = [TEXTS[2], TEXTS[0], TEXTS[1], TEXTS[3]]
+    errors = errors_of(tiny_runtime, images, texts, settings)
     for picture in (0, 1):
         weights = [1.0 if i == picture else 0.0 for i in range(2)]
-        reranked = generator_reranked(pipeline, clip, images, [result], settings, weights)
-        assert [h.text for h in reranked.hypotheses] == [TEXTS[i] for i in errors[:, picture].argsort().tolist()]
+        reranked = generator_reranked(pipeline, clip, images, result, [one_subject], settings, weights)
+        assert [h.text for h in reranked.hypotheses] == [texts[i] for i in errors[:, picture].argsort().tolist()]
 
 
-def test_both_decodes_are_judged_and_a_text_in_both_once(tiny_runtime: Runtime) -> None:
-    settings = GeneratorRerank(candidates=2, timesteps=2)
-    images = pictures(1, seed=5)
-    first = VgdResult([hypothesis(TEXTS[2], 0.0), hypothesis(TEXTS[0], -1.0), hypothesis(TEXTS[3], -2.0)], "x", 3)
-    one_subject = VgdResult([hypothesis(TEXTS[0], 0.0), hypothesis(TEXTS[1], -1.0)], "x", 3)
-    reranked = generator_reranked(tiny_runtime.pipeline(), tiny_runtime.clip(), images, [first, one_subject], settings)
-    judged = [TEXTS[2], TEXTS[0], TEXTS[1]]
-    errors = errors_of(tiny_runtime, images, judged, settings)[:, 0]
-    assert [h.text for h in reranked.hypotheses] == [*(judged[i] for i in errors.argsort().tolist()), TEXTS[3]]
+def test_without_an_alternative_vgds_result_stands() -> None:
+    result = VgdResult([hypothesis(TEXTS[2], 0.0), hypothesis(TEXTS[0], -1.0)], None, 1)
+    # Nothing to judge: neither the generator nor the pictures are touched.
+    assert generator_reranked(None, None, [], result, [], GeneratorRerank()) == result  # type: ignore[arg-type]
+
+
+def test_a_prompt_names_several_subjects_by_a_joining_word_or_a_comma() -> None:
+    settings = GeneratorRerank(joining_words=["and", "above"])
+    assert names_several("a red circle And a blue square", settings)
+    assert names_several("a red circle above a blue square", settings)
+    assert names_several("a red circle, a blue square", settings)
+    assert not names_several("a red circle in the top left corner on a sandy background", settings)
+    assert not names_several("a red circle and a blue square", GeneratorRerank(joining_words=[]))
 
 
 def test_the_one_subject_decode_is_written_without_the_joining_words() -> None:
@@ -97,14 +118,14 @@ def test_the_shapes_set_reranks_and_the_real_sets_keep_the_papers_choice() -> No
 
 @pytest.fixture
 def reranking_context(tiny_runtime: Runtime, tmp_path: Path) -> ToolContext:
-    """The tiny set with the rerank on (the tiny set has no dictionary: the rerank of VGD's own hypotheses only)."""
+    """The tiny set with the rerank on; the tiny set has no dictionary, so no one-subject decode."""
     original = tiny_runtime.profile
     tiny_runtime.profile = original.model_copy(update={"vgd_rerank": GeneratorRerank(candidates=3, timesteps=2)})
     yield ToolContext(tiny_runtime, RecordingSink(AssetStore(tmp_path)), PreResolvedImages({"p": pictures(1)[0]}))
     tiny_runtime.profile = original
 
 
-def test_invert_image_answers_with_the_generators_choice(reranking_context: ToolContext) -> None:
+def test_without_a_dictionary_invert_image_answers_with_vgds_own_choice(reranking_context: ToolContext) -> None:
     runtime = reranking_context.runtime
     image = reranking_context.images.load("p")
     plain = runtime.profile.model_copy(update={"vgd_rerank": None})
@@ -113,10 +134,5 @@ def test_invert_image_answers_with_the_generators_choice(reranking_context: Tool
         paper = content_inversion(reranking_context, [image], image_targets(runtime.clip(), [image]), 8)
     finally:
         runtime.profile = reranking
-    response = invert_image(InvertImageRequest(images=["p"], max_tokens=8, num_results=3), reranking_context)
-    finished = [h.text for h in paper.hypotheses if h.finished][:3]
-    if len(finished) > 1:
-        errors = errors_of(runtime, [image], finished, runtime.profile.vgd_rerank).mean(1)
-        assert response.prompts[0].prompt == finished[int(errors.argmin())]
-    else:
-        assert response.prompts[0].prompt == paper.best.text
+    response = invert_image(InvertImageRequest(images=["p"], max_tokens=8, num_results=2), reranking_context)
+    assert [p.prompt for p in response.prompts] == [h.text for h in paper.hypotheses[:2]]

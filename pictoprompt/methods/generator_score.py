@@ -9,6 +9,7 @@ picture holds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ from pictoprompt.configs import GeneratorRerank
 from pictoprompt.methods.generation import errors_per_text, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
-from pictoprompt.methods.vgd import ClipVocabulary, Hypothesis, VgdResult
+from pictoprompt.methods.vgd import ClipVocabulary, VgdResult
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.progress import Progress
 
@@ -73,31 +74,37 @@ def one_subject_vocabulary(vocabulary: ClipVocabulary, settings: GeneratorRerank
     return replace(vocabulary, dictionary=vocabulary.dictionary - {word.lower() for word in settings.joining_words})
 
 
+def names_several(text: str, settings: GeneratorRerank) -> bool:
+    """Whether a prompt joins a second subject to the first: one of the joining words, or a comma list."""
+    joining = {word.lower() for word in settings.joining_words}
+    return "," in text or any(word in joining for word in re.findall(r"[a-z]+", text.lower()))
+
+
 def generator_reranked(
     pipeline: StableDiffusionPipeline,
     clip: ClipModel,
     images: Sequence[Image.Image],
-    results: Sequence[VgdResult],
+    result: VgdResult,
+    alternatives: Sequence[VgdResult],
     settings: GeneratorRerank,
     weights: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> VgdResult:
-    """The first result with, in front, the `settings.candidates` best finished hypotheses of every result ordered by
-    their denoising error on the images (mean over them, or weighted by `weights`), lowest first; its other
-    hypotheses follow in their order.
+    """`result` with its best hypothesis and the `settings.candidates` best finished one-subject hypotheses of the
+    `alternatives` (the one-subject decode) in front, ordered by their denoising error on the images (mean over
+    them, or weighted by `weights`), lowest first; its other hypotheses follow in their order.
 
     Ours, not VGD's (`Profile.vgd_rerank`): the generator judges the whole sentence against the whole picture, so a
-    second object the picture does not have costs a prompt what CLIP's similarity did not. Cost: at most
-    `len(results) * candidates * timesteps` U-Net passes on the images, plus one VAE encoding of each.
+    second object the picture does not have costs a prompt what CLIP's similarity did not. Only sentences the LLM
+    ended are judged: one cut at the length limit is a fragment, and the generator, judging pictures drawn off its
+    grid, can prefer a fragment. Cost: `1 + candidates` texts times `timesteps` U-Net passes, one VAE encoding.
     """
-    chosen: dict[str, Hypothesis] = {}
-    for result in results:
-        # Only sentences the LLM ended: one cut at the length limit ("a yellow star and a large solid yellow") is a
-        # fragment, and the generator, judging pictures drawn off its grid, can prefer a fragment.
-        for hypothesis in [h for h in result.hypotheses if h.finished][: settings.candidates]:
+    chosen = {result.best.text: result.best}
+    for alternative in alternatives:
+        ended = [h for h in alternative.hypotheses if h.finished and not names_several(h.text, settings)]
+        for hypothesis in ended[: settings.candidates]:
             chosen.setdefault(hypothesis.text, hypothesis)
     head, texts = list(chosen.values()), list(chosen)
-    rest = [h for h in results[0].hypotheses if h.text not in chosen]
     if len(head) > 1:
         converter = ImageToPrompt.cached(clip, pipeline)
         latents = encode_latents(pipeline, [image.convert("RGB") for image in images])
@@ -106,4 +113,4 @@ def generator_reranked(
         )
         share = torch.tensor(weights if weights is not None else [1.0] * len(images), dtype=errors.dtype)
         head = [head[i] for i in (errors @ (share / share.sum())).argsort(stable=True).tolist()]
-    return replace(results[0], hypotheses=head + rest)
+    return replace(result, hypotheses=head + [h for h in result.hypotheses if h.text not in chosen])

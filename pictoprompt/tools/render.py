@@ -27,7 +27,7 @@ from pictoprompt.methods.concept_weights import (
     named_concept_states,
 )
 from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
-from pictoprompt.methods.generator_score import generator_reranked, one_subject_vocabulary
+from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import (
@@ -240,25 +240,23 @@ def content_inversion(
     progress: Progress | None = None,
 ) -> VgdResult:
     """VGD's inversion of what the pictures show (`targets`: their CLIP embeddings), as the tools write it: the
-    paper's decode; with the profile's `vgd_rerank` (ours) and the pictures at hand, also a one-subject decode, and
-    the best hypotheses of both reordered by the generator (`methods.generator_score.generator_reranked`)."""
+    paper's decode; with the profile's `vgd_rerank` (ours) and the pictures at hand, when its best prompt names
+    several subjects, also a one-subject decode, and the generator chooses between them
+    (`methods.generator_score.generator_reranked`)."""
     runtime, progress = context.runtime, progress or context.progress
     llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
     vocabulary = runtime_vocabulary(runtime, progress=progress.scaled(0.0, 0.1, 1.0))
-    vocabularies = [vocabulary]
-    if settings is not None and images:
-        vocabularies += [v for v in [one_subject_vocabulary(vocabulary, settings)] if v is not None]
-    share = (0.85 if settings is not None and images else 0.9) / len(vocabularies)
-    results = [
-        invert(
-            llm, clip, targets, vocabulary=v, max_length=max_length, progress=progress.scaled(0.1 + i * share, share, 1)
-        )
-        for i, v in enumerate(vocabularies)
-    ]
-    if settings is None or not images:
-        return results[0]
+    result = invert(
+        llm, clip, targets, vocabulary=vocabulary, max_length=max_length, progress=progress.scaled(0.1, 0.5, 1)
+    )
+    alternative = one_subject_vocabulary(vocabulary, settings) if settings is not None and images else None
+    if settings is None or not images or alternative is None or not names_several(result.best.text, settings):
+        return result
+    one_subject = invert(
+        llm, clip, targets, vocabulary=alternative, max_length=max_length, progress=progress.scaled(0.6, 0.35, 1)
+    )
     judging = progress.scaled(0.95, 0.05, 1.0)
-    return generator_reranked(runtime.pipeline(), clip, images, results, settings, weights, judging)
+    return generator_reranked(runtime.pipeline(), clip, images, result, [one_subject], settings, weights, judging)
 
 
 # ------------------------------------------------------------------------------------------------ seeds and saving
