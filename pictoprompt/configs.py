@@ -170,3 +170,34 @@ class SegmentationConfig(MethodConfig):
         if not all(0 < fraction < 1 for fraction in value):
             raise ValueError(f"binding_timesteps are fractions of the schedule, in (0, 1); got {value}")
         return value
+
+
+# ------------------------------------------------------------------------------------------ EDITOR (paper 003)
+
+
+class EditorConfig(MethodConfig):
+    """EDITOR (section 3, authors' code): the text encoder's output states optimised so that the generator redraws
+    the picture, decoded into text, the candidates ranked by their pictures (methods.editor)."""
+
+    iterations: int = Field(1000, ge=1, le=100_000, description="Optimisation steps (paper: 1000).")
+    max_tokens: int = Field(
+        32, ge=1, le=75, description="The start prompt's tokens, and the candidates' (paper: 32 at most, 16 best)."
+    )
+    denoising_steps: int = Field(5, ge=1, le=50, description="LMS steps the gradient runs through (code: 5).")
+    guidance_scale: float = Field(7.5, ge=1.0, le=30.0)
+    base_learning_rate: float = Field(0.05, gt=0.0, description="CyclicLR's low end (code: 0.05).")
+    max_learning_rate: float = Field(0.1, gt=0.0, description="CyclicLR's high end (code: 0.1).")
+    step_size_up: int = Field(50, ge=1, description="CyclicLR's half cycle in iterations (code: 50).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW's (torch's default, as the code).")
+    check_every: int = Field(50, ge=1, description="Iterations between checks for the best states (code: 50).")
+    noise_seed: int = Field(0, description="The fixed noise the picture is redrawn from (code: seed 0).")
+    candidates_per_target: int = Field(
+        3, ge=1, le=10, description="Ours: VGD's best texts kept as candidates (it replaces the unpublished vec2text)."
+    )
+    selection_seeds: tuple[int, ...] = Field(
+        (0, 1, 2, 3),
+        min_length=1,
+        description="Ours: each candidate is judged on its pictures from these seeds (the paper: one); the first "
+        "one's is its preview.",
+    )
+    selection_steps: int = Field(25, ge=1, le=200, description="Denoising steps of those pictures.")

@@ -71,7 +71,7 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.shapes.world import held_out_scenes
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
@@ -235,7 +235,7 @@ def render(runtime: Runtime, prompts: Sequence[str], seeds: Sequence[int], steps
         prompt_embeds = torch.cat([p for p, _ in pairs])
         negative = torch.cat([n for _, n in pairs])
         batch_seeds = list(seeds[start : start + BATCH])
-        images += generate(pipeline, prompt_embeds, negative, batch_seeds, steps, 7.5, size, size, Progress())
+        images += generate(pipeline, Sample(prompt_embeds, negative, batch_seeds, 7.5, Progress()), steps, size, size)
     return images
 
 

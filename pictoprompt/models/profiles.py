@@ -32,6 +32,7 @@ from pictoprompt.configs import (
     ConceptTuningConfig,
     DescriptionConfig,
     DomainTuningConfig,
+    EditorConfig,
     SdIpcConfig,
     SegmentationConfig,
 )
@@ -131,6 +132,10 @@ class Profile(BaseModel):
         "alignment) unless a profile's models need others.",
     )
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig, description="segment_image's method.")
+    editor: EditorConfig = Field(
+        default_factory=EditorConfig,
+        description="invert_image's EDITOR: the paper's, with the request's iterations (default 100) and tokens.",
+    )
     distillation_keeps_words: bool = Field(
         True,
         description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "
