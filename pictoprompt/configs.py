@@ -201,3 +201,36 @@ class EditorConfig(MethodConfig):
         "one's is its preview.",
     )
     selection_steps: int = Field(25, ge=1, le=200, description="Denoising steps of those pictures.")
+
+
+# ------------------------------------------------------------------------------------------ VGD (paper 002)
+
+
+class VgdConfig(MethodConfig):
+    """Visually guided decoding (section 3, authors' code): an LLM proposes, CLIP rescores every token
+    (methods.vgd). `clip_alpha=0` and `llm_alpha=0` are the paper's Table 2 ablations."""
+
+    num_beams: int = Field(10, ge=1, le=64, description="Beams kept each step (paper: K = 10).")
+    beam_expand_factor: int = Field(10, ge=1, le=64, description="The LLM proposes num_beams times this (code: 10).")
+    llm_alpha: float = Field(1.0, ge=0.0, description="Weight of the LLM's log-probability (code: 1.0).")
+    clip_alpha: float = Field(1.5, ge=0.0, description="Weight of CLIP's log-softmax (code: 1.5; paper alpha 0.67).")
+    length_penalty_alpha: float = Field(1.2, description="The final pick's length penalty exponent (code: 1.2).")
+    length_penalty_offset: int = Field(5, ge=0, description="The final pick's length penalty offset (code: 5).")
+    distillation_ratio: float = Field(
+        0.3, gt=0.0, le=1.0, description="Distillation's default length, of the long prompt's CLIP tokens (code: 0.3)."
+    )
+    no_repeat_ngram_size: int = Field(
+        3, ge=0, le=16, description="Ours: no beam repeats a run of this many tokens (a small LLM loops); 0: off."
+    )
+    merge_part_tokens: int = Field(
+        16,
+        ge=1,
+        le=77,
+        description="Ours: fuse's `merge` decodes each picture's prompt in at least this many tokens (the paper's "
+        "shortest table length); the parts are read by the LLM, not pasted, so they need not share the budget.",
+    )
+    distillation_keeps_words: bool = Field(
+        True,
+        description="Ours: distill_prompt's short prompt may only leave words out of the long one, so it invents "
+        "nothing (methods.vgd.copied_from). False: the paper's free distillation.",
+    )

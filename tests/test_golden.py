@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pictoprompt.configs import VgdConfig
 from pictoprompt.methods.generation import Sample, encode_text_prompt, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import image_targets, invert
@@ -62,9 +63,8 @@ def test_text_to_image_pixels(tiny_runtime: Runtime) -> None:
 
 def test_guided_decoding_with_the_tiny_lm(tiny_runtime: Runtime, load_llm: Callable[[str], LanguageModel]) -> None:
     clip = tiny_runtime.clip()
-    result = invert(
-        load_llm("transformers"), clip, image_targets(clip, [RED]), max_length=6, num_beams=3, beam_expand_factor=3
-    )
+    small = VgdConfig(num_beams=3, beam_expand_factor=3)
+    result = invert(load_llm("transformers"), clip, image_targets(clip, [RED]), max_length=6, config=small)
     ranked = [(h.text, h.final_score) for h in result.hypotheses[:3]]
     expected = [
         ("red grey orange green vector vector", -6.0359),

@@ -161,6 +161,7 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         task="style" if style else "inversion",
         vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
         max_length=request.max_tokens,
+        config=context.runtime.profile.vgd,
         progress=context.progress,
     )
     return InvertImageResponse(

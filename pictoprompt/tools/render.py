@@ -224,8 +224,10 @@ def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[
     targets = reference_embeddings(context, refs)
     if weights is not None:
         targets = average_embeddings(targets, weights)
+    progress = context.progress.scaled(0.1, 0.5, 1.0)
+    config = runtime.profile.vgd
     return invert(
-        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, progress=context.progress.scaled(0.1, 0.5, 1.0)
+        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, config=config, progress=progress
     ).best.text
 
 
