@@ -80,14 +80,14 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.shapes.world import held_out_scenes
-from pictoprompt.configs import GeneratorRerank
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.configs import GeneratorRerank, VgdConfig
+from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
+    Limits,
     Task,
-    Variant,
     VgdResult,
     clip_token_count,
     distill,
@@ -108,7 +108,12 @@ from pictoprompt.models.shapes.scenes import FILLS, Scene, render_scene
 from pictoprompt.progress import Progress
 
 KINDS = ("single", "two", "held_out_combos")
-VARIANTS: tuple[Variant, ...] = ("vgd", "llm_only", "clip_only")
+VARIANTS: dict[str, VgdConfig] = {
+    "vgd": VgdConfig(),
+    "llm_only": VgdConfig(clip_alpha=0.0),
+    "clip_only": VgdConfig(llm_alpha=0.0),
+}
+"""The paper's Table 2 ablations: without CLIP's term, without the LLM's (it still proposes the candidates)."""
 OLD_LLM = "vgd (old LLM)"
 CEILING = "caption (ceiling)"
 NAMED = ("colour", "shape", "size", "position", "fill")
@@ -168,7 +173,7 @@ class Decoder:
         self,
         targets: torch.Tensor,
         task: Task = "inversion",
-        variant: Variant = "vgd",
+        variant: str = "vgd",
         vocabulary: ClipVocabulary | None = None,
     ) -> VgdResult:
         result = invert(
@@ -177,8 +182,8 @@ class Decoder:
             targets,
             task=task,
             vocabulary=vocabulary or self.vocabulary,
-            variant=variant,
             max_length=self.max_tokens,
+            config=VARIANTS[variant],
         )
         if result.initial_condition is not None:
             self.conditions.add(result.initial_condition)
@@ -204,7 +209,7 @@ class Decoder:
         self,
         targets: torch.Tensor,
         task: Task = "inversion",
-        variant: Variant = "vgd",
+        variant: str = "vgd",
         images: Sequence[Image.Image] | None = None,
     ) -> str:
         if images and self.rerank is not None and (task, variant) == ("inversion", "vgd"):
@@ -289,7 +294,7 @@ def render(runtime: Runtime, prompts: Sequence[str], seeds: Sequence[int], steps
         prompt_embeds = torch.cat([p for p, _ in pairs])
         negative = torch.cat([n for _, n in pairs])
         batch_seeds = list(seeds[start : start + BATCH])
-        images += generate(pipeline, prompt_embeds, negative, batch_seeds, steps, 7.5, size, size, Progress())
+        images += generate(pipeline, Sample(prompt_embeds, negative, batch_seeds, 7.5, Progress()), steps, size, size)
     return images
 
 
@@ -721,6 +726,20 @@ def distillation_table(runtime: Runtime, perplexity: Perplexity, settings: argpa
     return rows
 
 
+class RecomputedBeams:
+    """An LLM whose beams recompute every token each step, as the authors' code does (no KV cache): the product
+    always reuses each beam's cache, and this is what the speed table compares it with."""
+
+    def __init__(self, llm: LanguageModel) -> None:
+        self.llm = llm
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.llm, name)
+
+    def start(self, prompt_ids: Sequence[int], **options: object) -> object:
+        return self.llm.start(prompt_ids, **{**options, "use_cache": False})
+
+
 def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     """The same inversion with the beams' caches and recomputed from scratch: same beams, different cost.
 
@@ -735,8 +754,9 @@ def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     for use_cache in (True, False):
         timer = Timer()
         with timer:
+            decoding = llm if use_cache else RecomputedBeams(llm)
             results[use_cache] = guided_decode(
-                llm, clip, targets, prompt, max_length=max_tokens, min_length=max_tokens, use_cache=use_cache
+                decoding, clip, targets, prompt, Limits(max_tokens, min_length=max_tokens)
             )
         rows.append(
             {

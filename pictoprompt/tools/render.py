@@ -26,7 +26,7 @@ from pictoprompt.methods.concept_weights import (
     base_hash,
     named_concept_states,
 )
-from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
+from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
@@ -118,7 +118,7 @@ def render_and_score(
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
         sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
         # A learned concept changes the generator's weights while applied: such a call never shares a batch.
-        sampler = context.sampler if context.sampler is not None and concept is None else generate_alone
+        sampler = context.sampler if context.sampler is not None and concept is None else generate
         images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
@@ -246,14 +246,27 @@ def content_inversion(
     runtime, progress = context.runtime, progress or context.progress
     llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
     vocabulary = runtime_vocabulary(runtime, progress=progress.scaled(0.0, 0.1, 1.0))
+    config = runtime.profile.vgd
     result = invert(
-        llm, clip, targets, vocabulary=vocabulary, max_length=max_length, progress=progress.scaled(0.1, 0.5, 1)
+        llm,
+        clip,
+        targets,
+        vocabulary=vocabulary,
+        max_length=max_length,
+        config=config,
+        progress=progress.scaled(0.1, 0.5, 1),
     )
     alternative = one_subject_vocabulary(vocabulary, settings) if settings is not None and images else None
     if settings is None or not images or alternative is None or not names_several(result.best.text, settings):
         return result
     one_subject = invert(
-        llm, clip, targets, vocabulary=alternative, max_length=max_length, progress=progress.scaled(0.6, 0.35, 1)
+        llm,
+        clip,
+        targets,
+        vocabulary=alternative,
+        max_length=max_length,
+        config=config,
+        progress=progress.scaled(0.6, 0.35, 1),
     )
     judging = progress.scaled(0.95, 0.05, 1.0)
     return generator_reranked(runtime.pipeline(), clip, images, result, [one_subject], settings, weights, judging)
