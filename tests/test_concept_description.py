@@ -15,13 +15,12 @@ from pictoprompt.methods.concept_description import (
     align_to_generator,
     closest_words,
     complete_description,
-    denoising_errors,
     describe,
     moved,
-    relative_gains,
     with_article,
     with_word,
 )
+from pictoprompt.methods.generator_score import denoising_errors, relative_gains
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import runtime_vocabulary

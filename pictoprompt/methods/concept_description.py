@@ -29,13 +29,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from torch import Tensor
 
-from pictoprompt.methods.generation import default_size, errors_per_text, noise_target
+from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.generator_score import denoising_errors, relative_gains
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary, image_targets
@@ -43,8 +42,6 @@ from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
 from pictoprompt.progress import Progress
 
 ARTICLES = ("a", "an", "the")
-CANDIDATES_PER_BATCH = 8
-"""Candidate descriptions per U-Net call (times the references): bounds the batch on SD-sized U-Nets."""
 
 
 @dataclass
@@ -77,42 +74,6 @@ def closest_words(
     targets = F.normalize(image_targets(clip, references).float(), dim=-1).to(vocabulary.embeddings.device)
     similarity = (targets @ vocabulary.embeddings.T).mean(0)
     return [vocabulary.words[i] for i in similarity.argsort(descending=True)[:count].tolist()]
-
-
-def denoising_errors(
-    pipeline: StableDiffusionPipeline,
-    converter: ImageToPrompt,
-    latents: Tensor,
-    texts: Sequence[str],
-    timesteps: int,
-    seed: int,
-    progress: Progress,
-) -> Tensor:
-    """(len(texts), N) mean squared denoising error of each text on each of the N latents, over `timesteps` evenly
-    spaced timesteps with one noise draw per timestep, the same for every text."""
-    scheduler, unet = pipeline.scheduler, pipeline.unet
-    train_steps = scheduler.config.num_train_timesteps
-    steps = torch.linspace(0.05 * train_steps, 0.95 * train_steps, timesteps).long()
-    generator = torch.Generator().manual_seed(seed)
-    count = latents.shape[0]
-    noises = [torch.randn(latents.shape, generator=generator).to(latents) for _ in range(timesteps)]
-    with torch.no_grad():
-        states, _ = converter.text_states(list(texts))
-        errors = torch.zeros(len(texts), count)
-        for index, step in enumerate(steps.tolist()):
-            t = torch.full((count,), step, device=latents.device)
-            noisy = scheduler.add_noise(latents, noises[index], t)
-            target = noise_target(scheduler, latents, noises[index], t)
-            errors += errors_per_text(unet, noisy, t, target, states, CANDIDATES_PER_BATCH).mean(dim=(2, 3))
-            progress.step(index + 1, timesteps, f"judging {len(texts) - 1} words, timestep {index + 1}/{timesteps}")
-    return errors / timesteps
-
-
-def relative_gains(errors: Tensor) -> Tensor:
-    """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0.
-    The median, not the mean of the errors: one picture that a word fits far better (a small shape on white) must
-    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's large drop."""
-    return (errors[1:] / errors[0] - 1).median(dim=1).values
 
 
 def moved(image: Image.Image, dx: int, dy: int) -> Image.Image:
