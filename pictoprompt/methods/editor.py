@@ -199,20 +199,21 @@ def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
 
 
 ONE_THREAD_BELOW_SIDE = 64
-"""On a CPU, EDITOR optimises on one intra-op thread for generators smaller than this side in pixels."""
+"""On a CPU, EDITOR runs on one intra-op thread for generators smaller than this side in pixels."""
 
 
 @contextmanager
 def one_cpu_thread(pipeline: StableDiffusionPipeline) -> Iterator[None]:
-    """One PyTorch thread while EDITOR optimises through a small generator on a CPU, the caller's count after.
+    """One PyTorch thread while EDITOR runs through a small generator on a CPU, the caller's count after.
 
-    An iteration through the `shapes` set (32 px) is some 3,000 tiny operations per U-Net pass on a batch of two
+    An iteration through the `shapes` set (32 px) is some 2,800 tiny operations per U-Net pass on a batch of two
     16x16 latents: below PyTorch's parallel grain, so a second thread only joins the convolutions and matrix
     products, and waking it costs more than it saves. The server's job thread runs with PyTorch's default (one
-    thread per core): on this 2-core machine a default call spent 63 s of CPU time and took 78 s alone on it,
-    where one thread spends 38-41 s for the same call (lab/results/editor-speed.md), and under load two threads
-    spun for 20x the CPU time of one. Larger generators (64 px and up: a batch of two passes the grain) and
-    accelerators keep the caller's setting. The count is the process's, and the job runner runs one tool at a time.
+    thread per core): on the 2-core build machine its default call took 78 s alone on the machine for 63 s of CPU
+    time; on one thread the server spends 31 s of CPU time a call (lab/results/editor-speed.md), and under load
+    two threads spent 23x the CPU time of one on the same iterations. Larger generators (64 px and up: a batch of
+    two passes the grain) and accelerators keep the caller's setting. The count is the process's; the job runner
+    runs one tool at a time.
     """
     threads = torch.get_num_threads()
     if pipeline.device.type != "cpu" or default_size(pipeline) >= ONE_THREAD_BELOW_SIDE or threads == 1:
@@ -230,9 +231,9 @@ class RepeatedScheduleLms(LMSDiscreteScheduler):
 
     Each coefficient is an integral (`scipy.integrate.quad` over a product of the sigmas, evaluated in PyTorch
     scalars) that depends only on the sigmas around its step. EDITOR runs the same `DENOISING_STEPS` schedule in
-    every iteration, so diffusers' scheduler integrated the same 14 coefficients 100 times per call: 4.5 % of an
-    iteration's CPU time on the `shapes` set (lab/results/editor-speed.md). The cached value is the one
-    diffusers computes, so every step is the same to the bit.
+    every iteration, so diffusers' scheduler integrated the same 14 coefficients 100 times per call: about 1 s of
+    CPU time in a default call on the `shapes` set, 3-4 % of it (lab/results/editor-speed.md). The cached value is
+    the one diffusers computes, so every step is the same to the bit.
     """
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
