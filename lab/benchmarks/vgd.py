@@ -73,6 +73,7 @@ from lab.benchmarks.harness import (
 )
 from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
@@ -511,12 +512,25 @@ def style_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[StylePair]:
 
 def style_paths(runtime: Runtime, decoder: Decoder) -> dict[str, Styler]:
     """The paths of `invert_image(focus="style")`: the paper's (VGD's style task against the pictures' shared
-    direction)."""
+    direction) and ours (`methods.shared_style`, with the profile's refutation)."""
 
     def paper(images: list[Image.Image]) -> str:
         return decoder(style_target(decoder.clip, images), task="style")
 
-    return {"vgd (paper)": paper}
+    def shared_words(images: list[Image.Image]) -> str:
+        config = runtime.profile.style
+        found = shared_style(
+            decoder.llm,
+            decoder.clip,
+            runtime.pipeline(),
+            images,
+            vocabulary=decoder.vocabulary,
+            max_length=decoder.max_tokens,
+            refutation=config.refutation,
+        )
+        return found.result.best.text
+
+    return {"vgd (paper)": paper, "shared words (ours)": shared_words}
 
 
 def style_leaks(prompt: str, pair: StylePair) -> dict[str, bool]:
