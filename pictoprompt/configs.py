@@ -140,28 +140,6 @@ class DescriptionConfig(MethodConfig):
     seed: int = 0
 
 
-# ------------------------------------------------------------------------------------------ style (VGD, paper 002)
-
-
-class StyleConfig(MethodConfig):
-    """invert_image(focus="style") on several pictures: VGD's style task against their shared direction (paper 002,
-    section 4), and the extension of ours (methods.shared_style)."""
-
-    shared_words: bool = Field(
-        False,
-        description="Ours: write the style only in words the pictures do not disagree on: a word some but not all "
-        "of their own prompts have is left out, and a proposed word none has is judged by the generator. False: the "
-        "paper's style decode.",
-    )
-    refutation: float = Field(
-        0.05,
-        ge=0.0,
-        lt=1.0,
-        description="Ours, with shared_words: a proposed word is left out if, placed in a picture's own prompt, it "
-        "raises that picture's denoising error by more than this fraction.",
-    )
-
-
 # ------------------------------------------------------------------------------------------ segmentation
 
 

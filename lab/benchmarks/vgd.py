@@ -73,7 +73,6 @@ from lab.benchmarks.harness import (
 )
 from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
-from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
@@ -510,27 +509,14 @@ def style_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[StylePair]:
     return [found for shared, value in wanted if (found := pair(shared, value)) is not None]
 
 
-def style_paths(runtime: Runtime, decoder: Decoder) -> dict[str, Styler]:
-    """The paths of `invert_image(focus="style")`: the paper's (VGD's style task against the pictures' shared
-    direction) and ours (`methods.shared_style`, with the profile's refutation)."""
+def style_paths(decoder: Decoder) -> dict[str, Styler]:
+    """The paths of `invert_image(focus="style")` by name: the paper's (VGD's style task against the pictures'
+    shared direction). A path of ours is compared with it by adding it here."""
 
     def paper(images: list[Image.Image]) -> str:
         return decoder(style_target(decoder.clip, images), task="style")
 
-    def shared_words(images: list[Image.Image]) -> str:
-        config = runtime.profile.style
-        found = shared_style(
-            decoder.llm,
-            decoder.clip,
-            runtime.pipeline(),
-            images,
-            vocabulary=decoder.vocabulary,
-            max_length=decoder.max_tokens,
-            refutation=config.refutation,
-        )
-        return found.result.best.text
-
-    return {"vgd (paper)": paper, "shared words (ours)": shared_words}
+    return {"vgd (paper)": paper}
 
 
 def style_leaks(prompt: str, pair: StylePair) -> dict[str, bool]:
@@ -737,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         print_goals(goals)
         summary["fuse"], summary["fuse goals"] = rows, goals
     if "style" not in settings.skip:
-        rows = style_table(style_paths(runtime, decoder), judge, settings.style_n, settings.style_seed)
+        rows = style_table(style_paths(decoder), judge, settings.style_n, settings.style_seed)
         print_table(f"Style prompts of pairs sharing one style property, in % ({header})", rows)
         summary["style"] = rows
     if "distillation" not in settings.skip:
