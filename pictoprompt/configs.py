@@ -140,6 +140,20 @@ class DescriptionConfig(MethodConfig):
     seed: int = 0
 
 
+# ------------------------------------------------------------------------------------------ style (VGD, paper 002)
+
+
+class StyleConfig(MethodConfig):
+    """invert_image(focus="style") on several pictures: VGD's style task against their shared direction (paper 002,
+    section 4), and the extension of ours (methods.shared_style)."""
+
+    leave_out_own_words: bool = Field(
+        False,
+        description="Ours: first write each picture's own prompt, then decode the style without the words some but "
+        "not all of those prompts have (one picture's object, colour or place). False: the paper's style decode.",
+    )
+
+
 # ------------------------------------------------------------------------------------------ segmentation
 
 

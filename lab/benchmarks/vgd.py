@@ -73,6 +73,7 @@ from lab.benchmarks.harness import (
 )
 from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
 from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
@@ -110,6 +111,7 @@ PLACE_WORDS = (
     - LEXICON_FUNCTION_WORDS
 )
 """The words that say where an object is ("left", "corner", "middle", ...)."""
+STYLE_PATHS = ("vgd (paper)", "own words left out (ours)")
 Styler = Callable[[list[Image.Image]], str]
 """A style prompt for pictures: one path of `invert_image(focus="style")`."""
 FILLER = (
@@ -511,12 +513,18 @@ def style_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[StylePair]:
 
 def style_paths(decoder: Decoder) -> dict[str, Styler]:
     """The paths of `invert_image(focus="style")` by name: the paper's (VGD's style task against the pictures'
-    shared direction). A path of ours is compared with it by adding it here."""
+    shared direction) and ours (`methods.shared_style`, the profile's `style.leave_out_own_words`)."""
 
     def paper(images: list[Image.Image]) -> str:
         return decoder(style_target(decoder.clip, images), task="style")
 
-    return {"vgd (paper)": paper}
+    def own_words_left_out(images: list[Image.Image]) -> str:
+        found = shared_style(
+            decoder.llm, decoder.clip, images, vocabulary=decoder.vocabulary, max_length=decoder.max_tokens
+        )
+        return found.result.best.text
+
+    return dict(zip(STYLE_PATHS, (paper, own_words_left_out), strict=True))
 
 
 def style_leaks(prompt: str, pair: StylePair) -> dict[str, bool]:
@@ -671,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuse-n", type=int, default=50, help="pairs of pictures to fuse")
     parser.add_argument("--style-n", type=int, default=80, help="pairs of scenes sharing a style (half fill)")
     parser.add_argument(
+        "--style-paths", nargs="+", default=list(STYLE_PATHS), choices=STYLE_PATHS, help="style paths to compare"
+    )
+    parser.add_argument(
         "--style-seed", type=int, default=HELD_OUT_SEED, help=f"{STYLE_TUNING_SEED}: the pairs methods are tuned on"
     )
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
@@ -723,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         print_goals(goals)
         summary["fuse"], summary["fuse goals"] = rows, goals
     if "style" not in settings.skip:
-        rows = style_table(style_paths(decoder), judge, settings.style_n, settings.style_seed)
+        paths = {name: path for name, path in style_paths(decoder).items() if name in settings.style_paths}
+        rows = style_table(paths, judge, settings.style_n, settings.style_seed)
         print_table(f"Style prompts of pairs sharing one style property, in % ({header})", rows)
         summary["style"] = rows
     if "distillation" not in settings.skip:

@@ -208,6 +208,19 @@ def written_in(text: str, dictionary: frozenset[str], complete: bool) -> bool:
     return not growing or any(known.startswith(words[-1]) for known in dictionary)
 
 
+def uses_any(text: str, words: frozenset[str], complete: bool) -> bool:
+    """Whether `text` has one of `words` (lower-cased); unless `complete`, its last word may still be growing and
+    counts only once it is finished.
+
+    Our addition to VGD, for the style of several pictures (`methods.shared_style`): a style prompt must not use
+    a word that only some of the pictures' own prompts have.
+    """
+    found = _WORD_PIECE.findall(text.lower())
+    if not complete and found and text[-1:].isalpha():
+        found = found[:-1]
+    return any(word in words for word in found)
+
+
 def copied_from(text: str, source: Sequence[str], complete: bool) -> bool:
     """Whether `text`'s words are `source`'s words (lower-cased) in their order, some left out; unless `complete`,
     its last word may still be growing and need only begin the next source word it could be.
@@ -479,6 +492,7 @@ def guided_decode(
     max_clip_tokens: int | None = None,
     dictionary: frozenset[str] | None = None,
     copy_from: str | None = None,
+    excluded_words: frozenset[str] | None = None,
     no_repeat_ngram_size: int = 3,
     use_cache: bool = True,
     progress: Progress | None = None,
@@ -491,7 +505,7 @@ def guided_decode(
     it has `converged`.
 
     `dictionary` drops candidates with a word outside it (`written_in`); `copy_from` those that are not the words of
-    that text in its order, some left out (`copied_from`).
+    that text in its order, some left out (`copied_from`); `excluded_words` those with one of them (`uses_any`).
     `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
     is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `no_repeat_ngram_size` (our
     addition; 0 turns it off) keeps a beam from repeating any run of that many tokens: a small LLM otherwise
@@ -519,6 +533,10 @@ def guided_decode(
             stops = step.stops.tolist()
             unknown = [not written_in(t, dictionary, bool(stop)) for t, stop in zip(step.texts, stops, strict=True)]
             scores[torch.tensor(unknown)] = -math.inf
+        if excluded_words:
+            stops = step.stops.tolist()
+            excluded = [uses_any(t, excluded_words, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(excluded)] = -math.inf
         if source_words is not None:
             stops = step.stops.tolist()
             invented = [not copied_from(t, source_words, bool(s)) for t, s in zip(step.texts, stops, strict=True)]

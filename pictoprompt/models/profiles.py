@@ -34,6 +34,7 @@ from pictoprompt.configs import (
     DomainTuningConfig,
     SdIpcConfig,
     SegmentationConfig,
+    StyleConfig,
 )
 from pictoprompt.errors import InvalidInputError, NotFoundError
 from pictoprompt.models.shapes import WEIGHTS_DIR, weights_present
@@ -131,6 +132,9 @@ class Profile(BaseModel):
         "alignment) unless a profile's models need others.",
     )
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig, description="segment_image's method.")
+    style: StyleConfig = Field(
+        default_factory=StyleConfig, description="invert_image(focus='style') on several pictures (paper's unless set)."
+    )
     distillation_keeps_words: bool = Field(
         True,
         description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "

@@ -7,7 +7,9 @@ VGD writes them back as text and the candidate that regenerates the image(s) bes
 
 Each prompt comes with its CLIP similarity to the image(s) and its perplexity under the LLM, so the assistant can
 weigh faithfulness against readability; EDITOR's also with its regenerated preview and that picture's similarity.
-`focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject.
+`focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject; with the
+profile's `style.leave_out_own_words` (ours) the style of several images leaves out the words that only some of
+their own prompts have (`methods/shared_style.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pictoprompt.methods.editor import (
     start_prompt,
 )
 from pictoprompt.methods.scoring import Embeddings, prompt_similarities
+from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     VgdResult,
     image_targets,
@@ -160,16 +163,22 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
     images = [context.images.load(ref) for ref in request.images]
     style = request.focus == "style"
     embeddings = image_targets(clip, images)
-    targets = style_target(clip, images) if style else embeddings
-    result = invert(
-        llm,
-        clip,
-        targets,
-        task="style" if style else "inversion",
-        vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
-        max_length=request.max_tokens,
-        progress=context.progress,
-    )
+    vocabulary = runtime_vocabulary(context.runtime, progress=context.progress)
+    if style and len(images) > 1 and context.runtime.profile.style.leave_out_own_words:
+        found = shared_style(
+            llm, clip, images, vocabulary=vocabulary, max_length=request.max_tokens, progress=context.progress
+        )
+        result = found.result
+    else:
+        result = invert(
+            llm,
+            clip,
+            style_target(clip, images) if style else embeddings,
+            task="style" if style else "inversion",
+            vocabulary=vocabulary,
+            max_length=request.max_tokens,
+            progress=context.progress,
+        )
     return InvertImageResponse(
         focus=request.focus,
         method=request.method,
