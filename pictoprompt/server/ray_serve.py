@@ -52,7 +52,7 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
-from pictoprompt.methods.generation import Sample, generate_alone, generate_batch
+from pictoprompt.methods.generation import Sample, generate, generate_batch
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
@@ -309,7 +309,7 @@ class ModelReplica:
         """The replica's sampler, called by a tool on its thread under the GPU lock: alone when no other call is on
         the replica, else through the batch."""
         if self._calls <= 1 or self._loop is None:
-            return generate_alone(pipeline, sample, steps, width, height)
+            return generate(pipeline, sample, steps, width, height)
         # Let go of the model lock while the batch gathers, so that the other calls encode their prompts and join
         # it; the batch takes the lock to sample, and this call takes it back to score and save.
         lock = self.runtime.gpu_lock
