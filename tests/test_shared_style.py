@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pictoprompt.configs import StyleConfig
+from pictoprompt.configs import VgdConfig
 from pictoprompt.methods.shared_style import own_words, shared_style, without_words
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
+    Limits,
     guided_decode,
     image_targets,
     runtime_vocabulary,
@@ -72,11 +73,11 @@ def test_the_decoder_writes_no_excluded_word(language_model: LanguageModel, tiny
     clip = tiny_runtime.clip()
     targets = image_targets(clip, [solid((220, 30, 30))])
     prompt = vgd_prompt(language_model, "style", 5, condition="red")
-    options = {"max_length": 5, "num_beams": 3, "beam_expand_factor": 3}
-    free = guided_decode(language_model, clip, targets, prompt, **options)  # type: ignore[arg-type]
+    small = VgdConfig(num_beams=3, beam_expand_factor=3)
+    free = guided_decode(language_model, clip, targets, prompt, Limits(5), small)
     excluded = frozenset(words(free.best.text))
     assert excluded
-    held = guided_decode(language_model, clip, targets, prompt, excluded_words=excluded, **options)  # type: ignore[arg-type]
+    held = guided_decode(language_model, clip, targets, prompt, Limits(5, excluded_words=excluded), small)
     assert held.hypotheses
     assert all(not words(h.text) & excluded for h in held.hypotheses if h.finished)
 
@@ -92,7 +93,7 @@ def style_context(tiny_lm_dir: Path, leave_out: bool) -> ToolContext:
         **{
             **tiny.model_dump(),
             "llm": {"backend": "transformers", "source": str(tiny_lm_dir)},
-            "style": {"leave_out_own_words": leave_out},
+            "vgd": {**tiny.vgd.model_dump(), "style_leaves_out_own_words": leave_out},
         }
     )
     images = {"red": solid((220, 30, 30)), "blue": solid((30, 60, 220))}
@@ -104,7 +105,7 @@ def test_the_style_of_several_pictures_leaves_out_what_only_some_own_prompts_hav
     runtime = context.runtime
     images = [solid((220, 30, 30)), solid((30, 60, 220))]
     vocabulary = runtime_vocabulary(runtime)
-    found = shared_style(runtime.llm(), runtime.clip(), images, vocabulary=vocabulary, max_length=5)
+    found = shared_style(runtime.llm(), runtime.clip(), images, vocabulary, 5, runtime.profile.vgd)
     assert len(found.own_prompts) == 2
     assert found.left_out == sorted(own_words(found.own_prompts))
     assert all(not words(h.text) & set(found.left_out) for h in found.result.hypotheses if h.finished)
@@ -116,5 +117,5 @@ def test_the_style_of_several_pictures_leaves_out_what_only_some_own_prompts_hav
 
 
 def test_the_paper_path_is_the_default() -> None:
-    assert StyleConfig().leave_out_own_words is False
-    assert BUILTIN_PROFILES["sd15"].style == StyleConfig()
+    assert VgdConfig().style_leaves_out_own_words is False
+    assert not any(profile.vgd.style_leaves_out_own_words for profile in BUILTIN_PROFILES.values())

@@ -9,7 +9,7 @@ caption, and CLIP's guidance cannot tell a word that fits every picture from one
 Here each picture first gets its own prompt (VGD's inversion of that picture alone). A word that some but not all of
 those prompts have belongs to some pictures only (their object, its colour, its place; "pink", "cross", "left"), and
 the style is decoded with those words left out: the decoder may neither start from one (beam initialisation) nor
-write one (`guided_decode(excluded_words=...)`). A word every own prompt has ("gray" of two pictures on gray) stays
+write one (`Limits.excluded_words`). A word every own prompt has ("gray" of two pictures on gray) stays
 available. On a real profile the same holds: two pictures' prompts "a watercolor painting of a cat" and "a
 watercolor painting of a house" leave out "cat" and "house", not "watercolor".
 
@@ -25,7 +25,17 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pictoprompt.methods.vgd import ClipVocabulary, VgdResult, image_targets, invert, style_target
+from pictoprompt.configs import VgdConfig
+from pictoprompt.methods.vgd import (
+    ClipVocabulary,
+    Limits,
+    VgdResult,
+    guided_decode,
+    image_targets,
+    invert,
+    style_target,
+    vgd_prompt,
+)
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.progress import Progress
@@ -63,9 +73,9 @@ def shared_style(
     llm: LanguageModel,
     clip: ClipModel,
     images: Sequence[Image.Image],
-    *,
     vocabulary: ClipVocabulary | None,
     max_length: int = 32,
+    config: VgdConfig = VgdConfig(),
     progress: Progress | None = None,
 ) -> SharedStyle:
     """The style prompt of two or more `images` that leaves out what only some of them show (see the module)."""
@@ -78,19 +88,24 @@ def shared_style(
             image_targets(clip, [image]),
             vocabulary=vocabulary,
             max_length=max_length,
+            config=config,
             progress=progress.scaled(index / steps, 1 / steps, 1.0),
         ).best.text
         for index, image in enumerate(images)
     ]
     left_out = own_words(own_prompts)
-    result = invert(
-        llm,
-        clip,
-        style_target(clip, images),
-        task="style",
-        vocabulary=without_words(vocabulary, left_out) if vocabulary is not None else None,
-        max_length=max_length,
+    kept = without_words(vocabulary, left_out) if vocabulary is not None else None
+    target = style_target(clip, images)
+    # `invert`'s steps, with the left-out words excluded from the start word and from the text.
+    condition = kept.closest(target) if kept is not None else ""
+    limits = Limits(
+        max_length,
+        dictionary=kept.dictionary if kept is not None else None,
         excluded_words=frozenset(left_out),
-        progress=progress.scaled(len(images) / steps, 1 / steps, 1.0),
     )
+    prompt_ids = vgd_prompt(llm, "style", max_length, condition=condition)
+    result = guided_decode(
+        llm, clip, target, prompt_ids, limits, config, progress.scaled(len(images) / steps, 1 / steps, 1.0)
+    )
+    result.initial_condition = condition or None
     return SharedStyle(result, own_prompts, sorted(left_out))
