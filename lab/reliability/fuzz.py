@@ -196,6 +196,15 @@ def valid_arguments(tool: str, schema: dict[str, Any], pools: Pools) -> st.Searc
     return st.tuples(from_schema(schema), st.lists(st.integers(1, 10**6), min_size=12, max_size=12)).map(filled)
 
 
+def broken_arguments(
+    tool: str, schema: dict[str, Any], pools: Pools, cheap: st.SearchStrategy[dict[str, Any]] | None = None
+) -> st.SearchStrategy[Case]:
+    """A cheap valid call with one field broken, and the field the refusal must name. `cheap` is the tool's cheap
+    valid strategy when the caller holds it already: a strategy from a schema is resolved on its first draw, which
+    costs many times a draw (built anew for each broken call, it was most of a small fuzz run's time)."""
+    return _broken(tool, schema, cheap or valid_arguments(tool, cheap_schema(schema), pools))
+
+
 JSON_TYPES: dict[str, st.SearchStrategy[Any]] = {
     "string": st.text(max_size=20),
     "integer": st.integers(-(2**70), 2**70),
@@ -228,9 +237,8 @@ def _nested(depth: int, leaf: Any) -> Any:
 
 
 @st.composite
-def broken_arguments(draw: st.DrawFn, tool: str, schema: dict[str, Any], pools: Pools) -> Case:
-    """A cheap valid call with one field broken, and the field the refusal must name."""
-    arguments = dict(draw(valid_arguments(tool, cheap_schema(schema), pools)))
+def _broken(draw: st.DrawFn, tool: str, schema: dict[str, Any], cheap: st.SearchStrategy[dict[str, Any]]) -> Case:
+    arguments = dict(draw(cheap))
     properties: dict[str, dict[str, Any]] = schema.get("properties", {})
     names = sorted(properties)
     ways = ["unknown_field"]
@@ -344,14 +352,13 @@ class Cases:
         self.valid: dict[str, float] = {}
         for name in self.names:
             schema = tools[name]["inputSchema"]
-            self.strategies[name, "valid_cheap"] = valid_arguments(name, cheap_schema(schema), pools).map(
-                partial(Case, name, kind="valid_cheap")
-            )
+            cheap = valid_arguments(name, cheap_schema(schema), pools)
+            self.strategies[name, "valid_cheap"] = cheap.map(partial(Case, name, kind="valid_cheap"))
             briefly = _briefly if "wait_seconds" in schema.get("properties", {}) else dict
             self.strategies[name, "valid_full"] = valid_arguments(name, schema, pools).map(
                 lambda arguments, name=name, briefly=briefly: Case(name, briefly(arguments), "valid_full")
             )
-            self.strategies[name, "broken"] = broken_arguments(name, schema, pools)
+            self.strategies[name, "broken"] = broken_arguments(name, schema, pools, cheap)
             heavy = "inline" in schema.get("properties", {}) and name != "get_job"
             self.valid[name] = heavy_valid if heavy else 0.5
 
