@@ -202,7 +202,7 @@ def broken_arguments(
     """A cheap valid call with one field broken, and the field the refusal must name. `cheap` is the tool's cheap
     valid strategy when the caller holds it already: a strategy from a schema is resolved on its first draw, which
     costs many times a draw (built anew for each broken call, it was most of a small fuzz run's time)."""
-    return _broken(tool, schema, cheap or valid_arguments(tool, cheap_schema(schema), pools))
+    return _broken(tool, schema, valid_arguments(tool, cheap_schema(schema), pools) if cheap is None else cheap)
 
 
 JSON_TYPES: dict[str, st.SearchStrategy[Any]] = {
@@ -542,6 +542,8 @@ class Plan:
     """Each call's arguments are written here before it is made (to find the call a hang or crash follows)."""
     minutes: float | None = None
     """Stop after this long even if fewer calls were made (the tally says how many)."""
+    checkpoint: Callable[[Tally], None] | None = None
+    """Called with the tally every 100 calls, so that a long run stopped from outside still leaves its figures."""
 
 
 def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, plan: Plan) -> Tally:
@@ -561,6 +563,9 @@ def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, p
             if plan.minutes is not None and time.monotonic() - started > plan.minutes * 60:
                 break
             fuzzer.run(cases.next())
+            if plan.checkpoint is not None and tally.calls % 100 == 0:
+                tally.seconds = time.monotonic() - started
+                plan.checkpoint(tally)
     except (TimeoutError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
         # counted as a crash or a hang; the run stops, since the session is gone
         tally.problems.setdefault("stopped", []).append(f"{type(error).__name__}: {str(error)[:300]}")
@@ -600,10 +605,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=Path, help="Write each call's arguments here before making it.")
     parser.add_argument("--verbose", action="store_true", help="Print slow calls and every 100th call.")
     args = parser.parse_args(argv)
-    summaries = []
+    summaries: list[dict[str, Any]] = []
+
+    def write(extra: list[dict[str, Any]]) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([*summaries, *extra], indent=1))
+
+    def checkpoint(tally: Tally) -> None:  # the transport under way, marked unfinished
+        write([{**tally.summary(), "partial": True}])
+
     for transport in args.transport:
         with tempfile.TemporaryDirectory(prefix=f"fuzz-{transport}-") as folder:
-            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace, args.minutes)
+            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace, args.minutes, checkpoint)
             tally = fuzz_transport(transport, plan, Path(folder), args.profile)
         summary = tally.summary()
         summaries.append(summary)
@@ -612,9 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, examples in tally.problems.items():
             for example in examples:
                 print(f"  {name}: {example}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summaries, indent=1))
+        write([])
     return 0 if all(s["calls"] >= args.calls and not any(s[p] for p in Tally.PROBLEMS) for s in summaries) else 1
 
 
