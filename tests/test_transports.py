@@ -57,7 +57,7 @@ def http_server(tmp_path, server_environment) -> Iterator[str]:
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}/mcp"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a server's start on a loaded machine (two test workers and more)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
