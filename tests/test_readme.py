@@ -135,9 +135,7 @@ def test_the_method_defaults_table_is_the_profiles():
     from pictoprompt.models.profiles import BUILTIN_PROFILES
 
     rows = [
-        line
-        for line in README.read_text().splitlines()
-        if re.match(r"\| `(distillation_keeps_words|(sd_ipc|concept_\w+|domain_\w+)\.)", line)
+        line for line in README.read_text().splitlines() if re.match(r"\| `(vgd|sd_ipc|concept_\w+|domain_\w+)\.", line)
     ]
     assert len(rows) >= 8, "the README lost its table of each profile's method defaults"
     for row in rows:

@@ -32,8 +32,10 @@ from pictoprompt.configs import (
     ConceptTuningConfig,
     DescriptionConfig,
     DomainTuningConfig,
+    EditorConfig,
     SdIpcConfig,
     SegmentationConfig,
+    VgdConfig,
 )
 from pictoprompt.errors import InvalidInputError, NotFoundError
 from pictoprompt.models.shapes import WEIGHTS_DIR, weights_present
@@ -131,10 +133,14 @@ class Profile(BaseModel):
         "alignment) unless a profile's models need others.",
     )
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig, description="segment_image's method.")
-    distillation_keeps_words: bool = Field(
-        True,
-        description="Ours, not the paper's: VGD's distillation may only leave words out of the long prompt, so the "
-        "short one invents nothing (vgd.copied_from). False: the paper's free distillation.",
+    editor: EditorConfig = Field(
+        default_factory=EditorConfig,
+        description="invert_image's EDITOR: the paper's, with the request's iterations (default 100) and tokens.",
+    )
+    vgd: VgdConfig = Field(
+        default_factory=VgdConfig,
+        description="VGD as invert_image, fuse_concepts, distill_prompt and the picture prompts use it: the paper's, "
+        "and distill_prompt keeping the long prompt's words (ours).",
     )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."

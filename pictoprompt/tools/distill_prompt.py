@@ -2,9 +2,9 @@
 
 VGD decodes against the long prompt's CLIP text embedding, with the long prompt in the LLM's instruction and a
 budget in CLIP tokens (default 30% of the original, as in the paper). Unless the profile turns it off
-(`distillation_keeps_words`, ours), the short prompt may only leave words out of the long one, so it cannot invent an
-object or a colour; on a profile with a dictionary it uses only words its CLIP learnt. Optional previews render both
-prompts from the same seed so the two can be compared by eye.
+(`vgd.distillation_keeps_words`, ours), the short prompt may only leave words out of the long one, so it cannot
+invent an object or a colour; on a profile with a dictionary it uses only words its CLIP learnt. Optional previews
+render both prompts from the same seed so the two can be compared by eye.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ class DistillPromptResponse(BaseModel):
 
 
 def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> DistillPromptResponse:
-    clip, llm = context.runtime.clip(), context.runtime.llm()
+    clip, llm, config = context.runtime.clip(), context.runtime.llm(), context.runtime.profile.vgd
     tokens_before = clip_token_count(clip, [request.prompt])[0]
-    budget = request.max_tokens or distillation_length(clip, request.prompt)
+    budget = request.max_tokens or distillation_length(clip, request.prompt, config.distillation_ratio)
     if budget >= tokens_before:
         raise InvalidInputError(
             f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
@@ -70,8 +70,9 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
         clip,
         request.prompt,
         max_length=budget,
-        keep_words=context.runtime.profile.distillation_keeps_words,
+        keep_words=config.distillation_keeps_words,
         dictionary=frozenset(dictionary) if dictionary is not None else None,
+        config=config,
         progress=context.progress,
     ).best.text
     similarity = prompt_similarities(clip, [short], text_target(clip, request.prompt))[0][0]
