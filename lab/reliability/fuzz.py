@@ -64,6 +64,9 @@ CHEAP_CAPS = {
 CALL_SECONDS = 240.0
 """A call that has not answered by then counts as hung."""
 
+JOB_WAITS = 10
+"""`get_job` waits of 120 s a job left running gets before it counts as hung."""
+
 INTERNAL_PATTERNS = (re.compile(r"^Error executing tool \w+$"), re.compile(r"Internal error", re.IGNORECASE))
 """A tool error that only says the tool failed (the SDK's text for a crash inside a tool), or a job's crash."""
 
@@ -488,7 +491,16 @@ class Fuzzer:
         self.pools.jobs.append(job_id)
         if case.kind != "valid_cheap":
             self.call("cancel_job", {"job_id": job_id})
-        ended = self.call("get_job", {"job_id": job_id, "wait_seconds": 120})
+        # Until the job has ended: one still running would save its pictures during a later call, whose refusal
+        # would then seem to have changed the store (it did once, on a loaded machine, after a 120 s wait).
+        for _ in range(JOB_WAITS):
+            ended = self.call("get_job", {"job_id": job_id, "wait_seconds": 120})
+            job = (ended.structured_content or {}).get("job") or {}
+            if ended.is_error or job.get("state") not in {"queued", "running"}:
+                break
+        else:
+            self.tally.problem("hang", case, f"job {job_id} still running after {JOB_WAITS * 2} minutes")
+            return
         text = _text(ended)
         if ended.is_error and "cancel" in text.lower():
             self.tally.outcomes["cancelled"] += 1
