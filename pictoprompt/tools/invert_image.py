@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.editor import Candidate, check_generator, editor, start_prompt
+from pictoprompt.methods.editor import Candidate, check_generator, editor, one_cpu_thread, start_prompt
 from pictoprompt.methods.scoring import Embeddings, prompt_similarities
 from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
@@ -188,10 +188,18 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
         raise InvalidInputError(
             "method='editor' inverts what a picture shows; for its style use focus='style' with method='vgd'."
         )
+    pipeline = context.runtime.pipeline()
+    # The whole call on one thread on a small CPU generator: what `pictoprompt bench editor` measures (one thread),
+    # for less CPU time than on two (lab/results/editor-speed.md).
+    with one_cpu_thread(pipeline):
+        # Refused before the start prompt is written: on SD 2.x the captioner's minute would be spent for nothing.
+        check_generator(pipeline, context.runtime.clip())
+        return _editor_response(request, context)
+
+
+def _editor_response(request: InvertImageRequest, context: ToolContext) -> InvertImageResponse:
     runtime = context.runtime
     pipeline, clip, llm = runtime.pipeline(), runtime.clip(), runtime.llm()
-    # Refused before the start prompt is written: on SD 2.x the captioner's minute would be spent for nothing.
-    check_generator(pipeline, clip)
     images = [context.images.load(ref) for ref in request.images]
     iterations = request.iterations or EDITOR_ITERATIONS
     config = runtime.profile.editor.model_copy(update={"iterations": iterations, "max_tokens": request.max_tokens})
