@@ -197,24 +197,23 @@ def cmd_train_domain(args: argparse.Namespace) -> int:
     from pictoprompt.models.runtime import Runtime
     from pictoprompt.progress import Progress
     from pictoprompt.settings import Settings
-    from pictoprompt.tools.customize_concept import train_domain_adapter
+    from pictoprompt.tools.customize_concept import domain_tuning_config, train_domain_adapter
 
     settings = Settings()
     runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
+    config = domain_tuning_config(
+        runtime.profile.domain_tuning,
+        iterations=args.iterations,
+        learning_rate=args.learning_rate,
+        caption_alignment=args.caption_alignment,
+        prompt_learning_rate=args.prompt_learning_rate,
+    )
+    store = ConceptStore(settings.data_dir / "concepts")
     bar = _ProgressBar()
     with runtime.gpu_lock:
+        training_set = (args.images, args.captions)
         summary = train_domain_adapter(
-            runtime,
-            ConceptStore(settings.data_dir / "concepts"),
-            args.name,
-            args.images,
-            args.captions,
-            iterations=args.iterations,
-            learning_rate=args.learning_rate,
-            caption_alignment=args.caption_alignment,
-            prompt_learning_rate=args.prompt_learning_rate,
-            overwrite=args.overwrite,
-            progress=Progress(bar.update),
+            runtime, store, args.name, training_set, config, args.overwrite, Progress(bar.update)
         )
     bar.close()
     print(json.dumps(summary.model_dump(mode="json"), indent=2))

@@ -10,24 +10,24 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from pictoprompt.configs import ConceptTuningConfig, DescriptionConfig
 from pictoprompt.errors import JobCancelledError
 from pictoprompt.methods.concept_description import (
     align_to_generator,
     closest_words,
     complete_description,
-    denoising_errors,
     describe,
     moved,
-    relative_gains,
     with_article,
     with_word,
 )
+from pictoprompt.methods.generator_score import denoising_errors, relative_gains
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import ConceptStore
-from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
+from pictoprompt.models.profiles import BUILTIN_PROFILES
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools.base import ToolContext
@@ -101,14 +101,28 @@ def test_a_word_is_added_only_when_it_beats_the_threshold(tiny_runtime: Runtime)
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     words = ["striped", "outlined", "small", "large", "blue"]
     groups = [[word] for word in words]
-    loose = complete_description(pipeline, clip, pictures(3), "a red square", groups, timesteps=4, threshold=0.0)
+    loose = complete_description(
+        pipeline,
+        clip,
+        pictures(3),
+        "a red square",
+        groups,
+        DescriptionConfig(completion_timesteps=4, completion_threshold=0.0),
+    )
     assert set(loose.gains) == set(words)
     best = min(loose.gains, key=loose.gains.__getitem__)
     if loose.gains[best] < 0:
         assert (loose.added, loose.description) == (best, with_word("a red square", best))
     else:
         assert (loose.added, loose.description) == (None, "a red square")
-    strict = complete_description(pipeline, clip, pictures(3), "a red square", groups, timesteps=4, threshold=0.99)
+    strict = complete_description(
+        pipeline,
+        clip,
+        pictures(3),
+        "a red square",
+        groups,
+        DescriptionConfig(completion_timesteps=4, completion_threshold=0.99),
+    )
     assert (strict.added, strict.description) == (None, "a red square")
     assert strict.gains == pytest.approx(loose.gains)
 
@@ -116,10 +130,14 @@ def test_a_word_is_added_only_when_it_beats_the_threshold(tiny_runtime: Runtime)
 def test_a_group_the_description_already_uses_offers_no_word(tiny_runtime: Runtime) -> None:
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     groups = [["red", "blue", "green"], ["solid", "striped"], ["striped"], ["square"]]
-    result = complete_description(pipeline, clip, pictures(3), " a  Red square ", groups, timesteps=2)
+    result = complete_description(
+        pipeline, clip, pictures(3), " a  Red square ", groups, DescriptionConfig(completion_timesteps=2)
+    )
     assert list(result.gains) == ["solid", "striped"]  # no second colour, no repeated word, in the groups' order
     used = [["red", "blue"], ["", "square"]]
-    nothing = complete_description(pipeline, clip, pictures(3), "a red square", used, timesteps=2)
+    nothing = complete_description(
+        pipeline, clip, pictures(3), "a red square", used, DescriptionConfig(completion_timesteps=2)
+    )
     assert (nothing.description, nothing.added, nothing.gains) == ("a red square", None, {})
 
 
@@ -155,8 +173,9 @@ def test_without_a_list_the_candidates_are_the_words_clip_finds_closest(tiny_run
     assert similarity[vocabulary.words.index(words[0])] == similarity.max()
 
 
-def tiny_context(tiny_runtime: Runtime, tmp_path: Path, tuning: ConceptTuning) -> ToolContext:
-    profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning})
+def tiny_context(tiny_runtime: Runtime, tmp_path: Path, description: DescriptionConfig) -> ToolContext:
+    tuning = ConceptTuningConfig(iterations=1, neutral_fit_steps=1)
+    profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning, "concept_description": description})
     runtime = Runtime(profile)
     runtime._components = tiny_runtime._components  # the same loaded models, another profile's defaults
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
@@ -167,10 +186,10 @@ def test_the_tool_stores_the_completed_description_and_says_what_it_added(
     tiny_runtime: Runtime, tmp_path: Path
 ) -> None:
     # A threshold of 0 and one candidate the tiny models must judge: "striped" is added unless it raises the error.
-    tuning = ConceptTuning(iterations=1, neutral_fit_steps=1, completion_words=[["striped"]], completion_threshold=0.0)
-    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    description = DescriptionConfig(completion_words=[["striped"]], completion_threshold=0.0)
+    context = tiny_context(tiny_runtime, tmp_path, description)
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
-    expected = complete_description(pipeline, clip, pictures(3), "a red square", [["striped"]], threshold=0.0)
+    expected = complete_description(pipeline, clip, pictures(3), "a red square", [["striped"]], description)
     request = CustomizeConceptRequest(name="mine", images=["img0", "img1", "img2"], description="a red square")
     card = customize_concept(request, context)
     assert (card.description, card.completed_with) == (expected.description, expected.added)
@@ -189,8 +208,8 @@ def test_the_tool_reports_progress_through_completion_then_tuning(
     tiny_runtime: Runtime, tmp_path: Path, completion_words: list[list[str]] | None
 ) -> None:
     # None: the candidates are the CLIP's nearest vocabulary words, which it may first have to embed.
-    tuning = ConceptTuning(iterations=2, neutral_fit_steps=1, completion_words=completion_words, completion_timesteps=2)
-    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    description = DescriptionConfig(completion_words=completion_words, completion_timesteps=2)
+    context = tiny_context(tiny_runtime, tmp_path, description)
     reports: list[tuple[float, float | None, str | None]] = []
     context.progress = Progress(lambda done, total, message: reports.append((done, total, message)))
     request = CustomizeConceptRequest(name="mine", images=["img0", "img1", "img2"], description="a red square")
@@ -201,8 +220,9 @@ def test_the_tool_reports_progress_through_completion_then_tuning(
 
 
 def test_a_cancel_during_completion_stores_nothing(tiny_runtime: Runtime, tmp_path: Path) -> None:
-    tuning = ConceptTuning(iterations=1, neutral_fit_steps=1, completion_words=[["blue"]], completion_alignment=1)
-    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    context = tiny_context(
+        tiny_runtime, tmp_path, DescriptionConfig(completion_words=[["blue"]], completion_alignment=1)
+    )
     context.progress.cancel()
     request = CustomizeConceptRequest(name="mine", images=["img0", "img1", "img2"], description="a red square")
     with pytest.raises(JobCancelledError):
@@ -212,7 +232,13 @@ def test_a_cancel_during_completion_stores_nothing(tiny_runtime: Runtime, tmp_pa
     for alignment in (0, 1):  # the alignment and the judging each stop at a cancel
         with pytest.raises(JobCancelledError):
             complete_description(
-                pipeline, clip, pictures(3), "a red square", [["blue"]], alignment=alignment, progress=context.progress
+                pipeline,
+                clip,
+                pictures(3),
+                "a red square",
+                [["blue"]],
+                DescriptionConfig(completion_alignment=alignment),
+                progress=context.progress,
             )
 
 
@@ -227,7 +253,8 @@ def test_a_word_must_explain_most_pictures_not_one_picture_hugely() -> None:
 def test_without_a_description_the_generator_writes_one_around_a_noun_or_none(tiny_runtime: Runtime) -> None:
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     groups = [["striped", "solid"], ["red", "blue"], ["square", "circle"]]
-    written = describe(pipeline, clip, pictures(3), groups, timesteps=2, threshold=0.0)
+    loose = DescriptionConfig(completion_words=groups[:-1], description_nouns=groups[-1], completion_timesteps=2)
+    written = describe(pipeline, clip, pictures(3), loose.model_copy(update={"completion_threshold": 0.0}))
     words = written.description.split()
     if words:
         assert words[0] in ("a", "an") and words[-1] in ("square", "circle")
@@ -237,7 +264,7 @@ def test_without_a_description_the_generator_writes_one_around_a_noun_or_none(ti
         )  # the groups' order
     else:
         assert (written.added, written.gains) == (None, {})
-    nothing = describe(pipeline, clip, pictures(3), groups, timesteps=2, threshold=0.99)
+    nothing = describe(pipeline, clip, pictures(3), loose.model_copy(update={"completion_threshold": 0.99}))
     assert (nothing.description, nothing.added, nothing.gains) == ("", None, {})
     assert with_article(["outlined", "red", "square"]) == "an outlined red square" and with_article([]) == ""
 
@@ -245,19 +272,15 @@ def test_without_a_description_the_generator_writes_one_around_a_noun_or_none(ti
 def test_the_tool_writes_a_description_only_where_the_profile_names_nouns(
     tiny_runtime: Runtime, tmp_path: Path
 ) -> None:
-    tuning = ConceptTuning(
-        iterations=1,
-        neutral_fit_steps=1,
+    description = DescriptionConfig(
         completion_words=[["red", "blue"]],
         description_nouns=["square", "circle"],
         completion_timesteps=2,
         completion_threshold=0.0,
     )
-    context = tiny_context(tiny_runtime, tmp_path, tuning)
+    context = tiny_context(tiny_runtime, tmp_path, description)
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
-    expected = describe(
-        pipeline, clip, pictures(3), [["red", "blue"], ["square", "circle"]], timesteps=2, threshold=0.0
-    )
+    expected = describe(pipeline, clip, pictures(3), description)
     request = CustomizeConceptRequest(name="written", images=["img0", "img1", "img2"])
     card = customize_concept(request, context)
     assert (card.description, card.completed_with) == (expected.description or None, expected.added)
@@ -268,15 +291,15 @@ def test_the_tool_writes_a_description_only_where_the_profile_names_nouns(
 def test_the_shapes_profile_completes_with_what_the_object_is_never_where_or_how_large() -> None:
     from pictoprompt.models.shapes.scenes import COLOURS, FILLS
 
-    tuning = BUILTIN_PROFILES["shapes"].concept_tuning
+    tuning = BUILTIN_PROFILES["shapes"].concept_description
     assert [sorted(group) for group in tuning.completion_words or []] == [sorted(FILLS), sorted(COLOURS)]
     assert tuning.completion_alignment > 0  # its U-Net was trained on a grid of positions
-    assert BUILTIN_PROFILES["sd15"].concept_tuning.completion_words is None
-    assert BUILTIN_PROFILES["sd15"].concept_tuning.completion_alignment == 0
+    assert BUILTIN_PROFILES["sd15"].concept_description.completion_words is None
+    assert BUILTIN_PROFILES["sd15"].concept_description.completion_alignment == 0
     from pictoprompt.models.shapes.scenes import TRAIN_SHAPES
 
     assert sorted(tuning.description_nouns or []) == sorted(TRAIN_SHAPES)
-    assert BUILTIN_PROFILES["sd15"].concept_tuning.description_nouns is None  # real profiles write none
+    assert BUILTIN_PROFILES["sd15"].concept_description.description_nouns is None  # real profiles write none
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +311,8 @@ def shapes() -> tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int]:
     if not weights_present():
         pytest.skip("the shapes weights are not built yet")
     runtime = Runtime(get_profile("shapes"))
-    tuning = runtime.profile.concept_tuning
-    return runtime.pipeline(), runtime.clip(), tuning.completion_words or [], tuning.completion_alignment
-
-
-def tuning_nouns() -> list[str]:
-    return BUILTIN_PROFILES["shapes"].concept_tuning.description_nouns or []
+    config = runtime.profile.concept_description
+    return runtime.pipeline(), runtime.clip(), config.completion_words or [], config.completion_alignment
 
 
 def test_shapes_a_description_gains_the_fill_the_pictures_show(
@@ -307,15 +326,23 @@ def test_shapes_a_description_gains_the_fill_the_pictures_show(
         render_scene(Scene(background, (SceneObject("heart", "green", size, position, "striped"),)))
         for background, size, position in places
     ]
-    assert complete_description(pipeline, clip, hearts, "a green heart", words, alignment=reach).added == "striped"
+    assert (
+        complete_description(
+            pipeline, clip, hearts, "a green heart", words, DescriptionConfig(completion_alignment=reach)
+        ).added
+        == "striped"
+    )
     # Off the grid by a pixel or two, the U-Net hardly sees the stripes; moved back onto it, it does again.
     off_grid = [moved(heart, 2, 1) for heart in hearts]
     as_given = complete_description(pipeline, clip, off_grid, "a green heart", words)
-    aligned = complete_description(pipeline, clip, off_grid, "a green heart", words, alignment=reach)
+    aligned = complete_description(
+        pipeline, clip, off_grid, "a green heart", words, DescriptionConfig(completion_alignment=reach)
+    )
     assert aligned.added == "striped" and aligned.gains["striped"] < 2 * as_given.gains["striped"] < 0
     # Without a description, the generator writes the whole of it.
-    groups = [*words, tuning_nouns()]
-    assert describe(pipeline, clip, hearts, groups, alignment=reach).description == "a striped green heart"
+    assert describe(pipeline, clip, hearts, BUILTIN_PROFILES["shapes"].concept_description).description == (
+        "a striped green heart"
+    )
 
 
 @pytest.mark.slow
@@ -333,4 +360,9 @@ def test_shapes_concepts_drawn_with_pil_gain_their_fill(
         ("circle", "red", "solid"),
     ]:
         drawn = outside_concept(shape, colour, fill, count=4, seed="completion")
-        assert complete_description(pipeline, clip, drawn, f"a {colour} {shape}", words, alignment=reach).added == fill
+        assert (
+            complete_description(
+                pipeline, clip, drawn, f"a {colour} {shape}", words, DescriptionConfig(completion_alignment=reach)
+            ).added
+            == fill
+        )

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
+from pictoprompt.configs import ConceptTuningConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_tuning import tune_concept
 from pictoprompt.methods.concept_weights import named_concept_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import TuningResult
 from pictoprompt.models.concepts import ConceptStore, mentions
-from pictoprompt.models.profiles import BUILTIN_PROFILES, ConceptTuning
+from pictoprompt.models.profiles import BUILTIN_PROFILES
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import ToolContext
@@ -139,8 +141,8 @@ def test_generate_image_draws_the_named_concept(tiny_runtime: Runtime, tmp_path:
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     store = ConceptStore(tmp_path / "concepts")
     context = ToolContext(tiny_runtime, AssetStore(tmp_path / "assets"), DictImages({}), concepts=store)
-    result = tune_concept(pipeline, clip, pictures(3), iterations=1, num_prompts=2)
-    other = tune_concept(pipeline, clip, pictures(3, seed=5), iterations=1, num_prompts=2)
+    result = tune_concept(pipeline, clip, pictures(3), ConceptTuningConfig(iterations=1, num_prompts=2))
+    other = tune_concept(pipeline, clip, pictures(3, seed=5), ConceptTuningConfig(iterations=1, num_prompts=2))
     for name, tuned in (("my-star", result), ("obj-1", result), ("obj-2", other)):
         store.save(concept_card(name, "concept", tuned, tiny_runtime), tuned.weights.to_tensors(), pictures(1))
 
@@ -161,7 +163,7 @@ def test_generate_image_draws_the_named_concept(tiny_runtime: Runtime, tmp_path:
 def test_a_concept_of_no_iterations_is_untuned_sd_ipc_and_stores(tiny_runtime: Runtime, tmp_path: Path) -> None:
     """The concept benchmark's untuned row: 0 iterations, no deep prompts, so `concept:NAME` is plain SD-IPC."""
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
-    result = tune_concept(pipeline, clip, pictures(1), iterations=0, num_prompts=0)
+    result = tune_concept(pipeline, clip, pictures(1), ConceptTuningConfig(iterations=0, num_prompts=0))
     card = concept_card("untuned", "concept", result, tiny_runtime)
     assert card.final_loss is None and card.iterations == 0
     store = ConceptStore(tmp_path / "concepts")
@@ -176,7 +178,7 @@ def test_a_concept_of_no_iterations_is_untuned_sd_ipc_and_stores(tiny_runtime: R
 def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tmp_path: Path) -> None:
     store = ConceptStore(tmp_path / "concepts")
     refs = {f"img{i}": image for i, image in enumerate(pictures(3))}
-    tuning = ConceptTuning(
+    tuning = ConceptTuningConfig(
         iterations=2, learning_rate=1e-4, neutral_fit_steps=3, caption_alignment=1.0, aligned_prompt_learning_rate=1e-2
     )
     profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning})
@@ -205,7 +207,7 @@ def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tm
 
 
 def test_profiles_keep_the_paper_defaults_unless_their_models_need_others() -> None:
-    paper = ConceptTuning()
+    paper = ConceptTuningConfig()
     assert (paper.iterations, paper.learning_rate) == (30, 5e-6)
     assert BUILTIN_PROFILES["sd15"].concept_tuning == paper
     assert BUILTIN_PROFILES["sd21"].concept_tuning == paper
@@ -252,9 +254,13 @@ def test_tuning_with_a_description_pulls_the_concept_towards_it(tiny_runtime: Ru
         states, eos = converter.text_states(["a green heart"])
         words = states[0, int(eos[0])]
     options = {"iterations": 20, "learning_rate": 1e-3, "prompt_learning_rate": 1e-2, "num_prompts": 4}
-    plain = tune_concept(pipeline, clip, pictures(3), augment=False, **options)
+    plain = tune_concept(pipeline, clip, pictures(3), ConceptTuningConfig(augment=False, **options))
     aligned = tune_concept(
-        pipeline, clip, pictures(3), augment=False, description="a green heart", caption_alignment=1.0, **options
+        pipeline,
+        clip,
+        pictures(3),
+        ConceptTuningConfig(augment=False, caption_alignment=1.0, **options),
+        description="a green heart",
     )
 
     def closeness(result: TuningResult) -> float:
@@ -263,10 +269,12 @@ def test_tuning_with_a_description_pulls_the_concept_towards_it(tiny_runtime: Ru
     assert closeness(aligned) > closeness(plain) + 0.1
     assert aligned.hyperparameters["caption_alignment"] == 1.0 and plain.hyperparameters["caption_alignment"] == 0.0
     # Without words to align to, the weight does nothing and the card says so.
-    unaligned = tune_concept(pipeline, clip, pictures(3), iterations=1, num_prompts=2, caption_alignment=1.0)
+    unaligned = tune_concept(
+        pipeline, clip, pictures(3), ConceptTuningConfig(iterations=1, num_prompts=2, caption_alignment=1.0)
+    )
     assert unaligned.hyperparameters["caption_alignment"] == 0.0
-    with pytest.raises(InvalidInputError, match="at least 0"):
-        tune_concept(pipeline, clip, pictures(3), iterations=1, description="a heart", caption_alignment=-1.0)
+    with pytest.raises(ValidationError, match="caption_alignment"):
+        ConceptTuningConfig(iterations=1, caption_alignment=-1.0)
 
 
 def test_a_described_concept_is_drawn_with_its_words_and_edited_from_them(

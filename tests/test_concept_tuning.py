@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pictoprompt.configs import ConceptTuningConfig, DomainTuningConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods.concept_tuning import tune_concept
 from pictoprompt.methods.concept_weights import (
@@ -43,6 +44,7 @@ from pictoprompt.tools.concepts import DeleteConceptRequest, ListConceptsRequest
 from pictoprompt.tools.customize_concept import (
     CustomizeConceptRequest,
     customize_concept,
+    domain_tuning_config,
     read_captions,
     train_domain_adapter,
 )
@@ -168,7 +170,9 @@ def test_only_the_named_parameters_change(tiny_runtime: Runtime) -> None:
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     before = snapshot(tiny_runtime)
     initial = ConceptWeights.initial(pipeline.unet, clip, 4, torch.Generator().manual_seed(0))
-    result = tune_concept(pipeline, clip, pictures(3), iterations=3, learning_rate=TINY_LR, num_prompts=4)
+    result = tune_concept(
+        pipeline, clip, pictures(3), ConceptTuningConfig(iterations=3, learning_rate=TINY_LR, num_prompts=4)
+    )
 
     after = snapshot(tiny_runtime)
     assert before.keys() == after.keys()
@@ -186,8 +190,10 @@ def test_loss_decreases_over_30_iterations(tiny_runtime: Runtime) -> None:
     images = pictures(4, seed=1)
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     options = {"learning_rate": TINY_LR, "num_prompts": 4, "augment": False}
-    start = tune_concept(pipeline, clip, images, iterations=0, **options)  # the same seed: where tuning starts
-    result = tune_concept(pipeline, clip, images, **options)
+    start = tune_concept(
+        pipeline, clip, images, ConceptTuningConfig(iterations=0, **options)
+    )  # the same seed: where tuning starts
+    result = tune_concept(pipeline, clip, images, ConceptTuningConfig(**options))
     assert len(result.losses) == 30
     assert evaluation_loss(tiny_runtime, result.weights, images) < 0.95 * evaluation_loss(
         tiny_runtime, start.weights, images
@@ -197,7 +203,9 @@ def test_loss_decreases_over_30_iterations(tiny_runtime: Runtime) -> None:
 def test_base_outputs_are_bit_identical_after_a_concept_was_used(tiny_runtime: Runtime) -> None:
     pipeline, clip = tiny_runtime.pipeline(), tiny_runtime.clip()
     images = pictures(3)
-    result = tune_concept(pipeline, clip, images, iterations=2, learning_rate=TINY_LR, num_prompts=4)
+    result = tune_concept(
+        pipeline, clip, images, ConceptTuningConfig(iterations=2, learning_rate=TINY_LR, num_prompts=4)
+    )
 
     def render(clip_in_use: object) -> tuple[np.ndarray, torch.Tensor]:
         with torch.no_grad():
@@ -308,26 +316,17 @@ def test_train_domain_with_ab_targets(tiny_runtime: Runtime, tmp_path: Path) -> 
 
     before = snapshot(tiny_runtime)
     store = ConceptStore(tmp_path / "concepts")
-    card = train_domain_adapter(
-        tiny_runtime, store, "noise", images_dir, tmp_path / "metadata.jsonl", iterations=2, batch_size=2
-    )
+    training_set = (images_dir, tmp_path / "metadata.jsonl")
+    config = domain_tuning_config(tiny_runtime.profile.domain_tuning, iterations=2, batch_size=2)
+    card = train_domain_adapter(tiny_runtime, store, "noise", training_set, config)
     assert all(torch.equal(value, snapshot(tiny_runtime)[key]) for key, value in before.items())
     assert card.kind == "domain" and card.method == "SD-IPC-FT" and card.hyperparameters["ab_targets"] is True
     assert card.hyperparameters["schedule"] == "cosine" and card.iterations == 2
     # The tiny profile keeps the paper's settings; the bundled set's own are in its profile.
     assert card.hyperparameters["learning_rate"] == 1e-5 and card.hyperparameters["prompt_learning_rate"] == 1e-5
     assert card.hyperparameters["caption_alignment"] == 0.0
-    tuned = train_domain_adapter(
-        tiny_runtime,
-        store,
-        "aligned",
-        images_dir,
-        tmp_path / "metadata.jsonl",
-        iterations=1,
-        batch_size=2,
-        caption_alignment=2.0,
-        prompt_learning_rate=1e-2,
-    )
+    config = domain_tuning_config(config, iterations=1, caption_alignment=2.0, prompt_learning_rate=1e-2)
+    tuned = train_domain_adapter(tiny_runtime, store, "aligned", training_set, config)
     assert tuned.hyperparameters["caption_alignment"] == 2.0 and tuned.hyperparameters["prompt_learning_rate"] == 1e-2
     assert store.load("noise", card.base_hash, tiny_runtime.model_ids()).tensors["vision.deep_prompts"].shape[1] == 50
 
@@ -354,8 +353,8 @@ def test_caption_alignment_pulls_the_converted_prompts_towards_the_captions(tiny
         "num_prompts": 4,
         "augment": False,
     }
-    plain = train_domain(pipeline, clip, images, captions, **options)
-    aligned = train_domain(pipeline, clip, images, captions, caption_alignment=1.0, **options)
+    plain = train_domain(pipeline, clip, images, captions, None, DomainTuningConfig(**options))
+    aligned = train_domain(pipeline, clip, images, captions, None, DomainTuningConfig(caption_alignment=1.0, **options))
     assert misalignment(aligned.weights.deep_prompts) < misalignment(plain.weights.deep_prompts) - 0.1
     assert aligned.hyperparameters["caption_alignment"] == 1.0 and plain.hyperparameters["caption_alignment"] == 0.0
     assert aligned.hyperparameters["prompt_learning_rate"] == 1e-2
@@ -384,8 +383,8 @@ def test_train_domain_rejects_unpaired_inputs(tiny_runtime: Runtime) -> None:
     with pytest.raises(InvalidInputError, match="one caption"):
         train_domain(tiny_runtime.pipeline(), tiny_runtime.clip(), pictures(2), ["only one"])
     for options in ({"caption_alignment": -1.0}, {"learning_rate": 0.0}, {"prompt_learning_rate": -1e-3}):
-        with pytest.raises(InvalidInputError, match="must be positive"):
-            train_domain(tiny_runtime.pipeline(), tiny_runtime.clip(), pictures(2), ["a", "b"], **options)
+        with pytest.raises(InvalidInputError, match=next(iter(options))):
+            domain_tuning_config(tiny_runtime.profile.domain_tuning, **options)
 
 
 def test_bad_captions_file_is_refused(tmp_path: Path) -> None:
@@ -410,7 +409,7 @@ def test_shapes_concept_loss_decreases_with_the_paper_defaults() -> None:
     runtime = Runtime(get_profile("shapes"))
     pipeline, clip = runtime.pipeline(), runtime.clip()
     images = [render_scene(scene) for scene in held_out_scenes("crescent", 5)]
-    start = tune_concept(pipeline, clip, images, iterations=0)
+    start = tune_concept(pipeline, clip, images, ConceptTuningConfig(iterations=0))
     result = tune_concept(pipeline, clip, images)
     # The speed goal (under a minute on a CPU) is a benchmark's figure (`pictoprompt bench concepts`), not a test's.
     assert len(result.losses) == 30 and result.hyperparameters["learning_rate"] == 5e-6
@@ -433,7 +432,7 @@ def test_neutral_prompts_keep_the_shapes_conversion() -> None:
     with torch.no_grad():
         base = clip.encode_image(images)
     for prompt_init, low, high in [("random", -1.0, 0.9), ("neutral", 0.98, 1.0)]:
-        start = tune_concept(pipeline, clip, images, iterations=0, prompt_init=prompt_init)
+        start = tune_concept(pipeline, clip, images, ConceptTuningConfig(iterations=0, prompt_init=prompt_init))
         with torch.no_grad():
             prompted = DeepPromptedVision(clip, start.weights.deep_prompts).encode_image(images)
         assert low < float(torch.nn.functional.cosine_similarity(prompted, base).mean()) < high
@@ -469,8 +468,10 @@ def test_tune_concept_on_open_clip_trains_the_deep_prompts_and_kv_deltas(open_cl
     images = pictures(3)
     before = {key: value.clone() for key, value in clip.model.state_dict().items()}
     options = {"learning_rate": TINY_LR, "num_prompts": 4, "augment": False}
-    start = tune_concept(pipeline, clip, images, iterations=0, **options)  # the same seed: where tuning starts
-    result = tune_concept(pipeline, clip, images, iterations=2, **options)
+    start = tune_concept(
+        pipeline, clip, images, ConceptTuningConfig(iterations=0, **options)
+    )  # the same seed: where tuning starts
+    result = tune_concept(pipeline, clip, images, ConceptTuningConfig(iterations=2, **options))
 
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert all(torch.equal(value, clip.model.state_dict()[key]) for key, value in before.items())
@@ -527,10 +528,8 @@ def test_train_domain_on_open_clip(open_clip_runtime: Runtime) -> None:
         clip,
         pictures(4, seed=2),
         [f"picture {i}" for i in range(4)],
-        iterations=2,
-        batch_size=2,
-        learning_rate=TINY_LR,
-        num_prompts=4,
+        None,
+        DomainTuningConfig(iterations=2, batch_size=2, learning_rate=TINY_LR, num_prompts=4),
     )
     assert result.hyperparameters["method"] == "SD-IPC-FT" and len(result.losses) == 2
     assert result.weights.deep_prompts.shape == (OPEN_CLIP_LAYERS, 4, OPEN_CLIP_WIDTH)
@@ -541,4 +540,4 @@ def test_an_open_clip_without_a_class_token_tower_is_refused(open_clip_runtime: 
     clip = copy.deepcopy(open_clip_runtime.clip())
     clip.model.visual.pool_type = "avg"
     with pytest.raises(InvalidInputError, match="pools its class token"):
-        tune_concept(open_clip_runtime.pipeline(), clip, pictures(1), iterations=1, num_prompts=2)
+        tune_concept(open_clip_runtime.pipeline(), clip, pictures(1), ConceptTuningConfig(iterations=1, num_prompts=2))

@@ -13,18 +13,10 @@ FOLDERS = ("methods", "tools")
 MAX_LINES = 60
 MAX_PARAMETERS = 8
 NOT_YET = {
-    "methods/concept_description.py complete_description",
-    "methods/concept_description.py describe",
-    "methods/concept_tuning.py tune_concept",
-    "methods/domain_tuning.py train_domain",
     "methods/editor.py editor",
     "methods/editor.py reverse_engineer",
     "methods/generation.py generate",
-    "methods/segmentation.py record_attention",
-    "methods/segmentation.py segment",
-    "methods/tuning.py start_tuning",
     "methods/vgd.py guided_decode",
-    "tools/customize_concept.py train_domain_adapter",
 }
 """The functions over the limits that issue 36 found and has not yet brought within them (12 at 3417fc0). The list
 only shrinks: a function brought within the limits must leave it, and any other function over them fails."""

@@ -372,7 +372,7 @@ def test_vary_image_follows_the_profiles_method(context: ToolContext, monkeypatc
     paper = vary_image(request, context)
     assert paper.prompt is None and Image.open(paper.images[0].path).text["method"] == "sd-ipc-variation"
     profile = context.runtime.profile
-    prompted = profile.model_copy(update={"variation": profile.variation.model_copy(update={"picture_prompt": True})})
+    prompted = profile.model_copy(update={"sd_ipc": profile.sd_ipc.model_copy(update={"picture_prompt": True})})
     monkeypatch.setattr(context.runtime, "profile", prompted)
     prompted_response = vary_image(request, context)
     assert prompted_response.prompt

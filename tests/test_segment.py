@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lab.shapes.world import full_caption
+from pictoprompt.configs import SegmentationConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods import segmentation
 from pictoprompt.methods.segmentation import (
@@ -170,9 +171,9 @@ def test_a_word_needed_around_its_region_takes_the_surroundings():
     assert np.array_equal(mask, left | right)
 
 
-def test_binding_timesteps_must_be_fractions(tiny_runtime: Runtime):
-    with pytest.raises(InvalidInputError, match="fractions of the schedule"):
-        segment(tiny_runtime.pipeline(), Image.new("RGB", (32, 32)), "a red square", binding_timesteps=(0.5, 1.0))
+def test_binding_timesteps_must_be_fractions():
+    with pytest.raises(ValidationError, match="fractions of the schedule"):
+        SegmentationConfig(binding_timesteps=(0.5, 1.0))
 
 
 def test_attributions_use_the_same_noise_for_every_text(tiny_runtime: Runtime, monkeypatch: pytest.MonkeyPatch):
@@ -180,16 +181,13 @@ def test_attributions_use_the_same_noise_for_every_text(tiny_runtime: Runtime, m
     latents = picture_latents(pipeline, Image.new("RGB", (32, 32), (200, 40, 40)))
     words = prompt_words(pipeline, "red red")
     # Both words leave the same text "red": with the same noise, their attributions are equal.
-    attributions = word_attributions(
-        pipeline, latents, "red red", words, timesteps=(0.5,), num_noise=3, seed=0, progress=Progress()
-    )
+    config = SegmentationConfig(binding_timesteps=(0.5,), binding_noise=3)
+    attributions = word_attributions(pipeline, latents, "red red", words, config, Progress())
     assert attributions.shape == (2, *latents.shape[2:])
     assert torch.equal(attributions[0], attributions[1]) and attributions.abs().sum() > 0
     # Any batch split gives the same numbers.
     monkeypatch.setattr(segmentation, "ATTRIBUTION_LATENT_PIXELS", 1)  # one text per call
-    again = word_attributions(
-        pipeline, latents, "red red", words, timesteps=(0.5,), num_noise=3, seed=0, progress=Progress()
-    )
+    again = word_attributions(pipeline, latents, "red red", words, config, Progress())
     assert torch.allclose(again, attributions, atol=1e-6)
 
 
@@ -365,7 +363,9 @@ def test_on_shapes_each_shape_word_is_bound_to_its_own_object(scene: Scene):
     pipeline = Runtime(get_profile("shapes")).pipeline()
     prompt = " and ".join(f"a {obj.colour} {obj.shape}" for obj in scene.objects)
     bound = {s.word: s.mask for s in segment(pipeline, render_scene(scene), prompt)}
-    unbound = {s.word: s.mask for s in segment(pipeline, render_scene(scene), prompt, binding_timesteps=())}
+    unbound = {
+        s.word: s.mask for s in segment(pipeline, render_scene(scene), prompt, SegmentationConfig(binding_timesteps=()))
+    }
     spilled = []
     for index, obj in enumerate(scene.objects):
         own, other = silhouette(scene, index), silhouette(scene, 1 - index)

@@ -60,6 +60,7 @@ from PIL import Image
 from lab.benchmarks.harness import DictImages, Timer, outside_concept, print_table
 from lab.shapes.oracle import SceneReading, parse_scene
 from lab.shapes.world import held_out_scenes
+from pictoprompt.configs import ConceptTuningConfig
 from pictoprompt.methods.concept_description import complete_description
 from pictoprompt.methods.concept_tuning import tune_concept
 from pictoprompt.methods.concept_weights import ConceptWeights, swapped_projections
@@ -77,6 +78,9 @@ from pictoprompt.tools.customize_concept import CustomizeConceptRequest, concept
 from pictoprompt.tools.edit_with_text import EditWithTextRequest, edit_with_text
 from pictoprompt.tools.generate_image import GenerateImageRequest, generate_image
 from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
+
+UNTUNED = ConceptTuningConfig(iterations=0, num_prompts=0)
+"""SD-IPC as it is: no steps, no deep prompts."""
 
 Concept = tuple[str, str, str]
 """(colour, shape, fill) of a held-out colour-shape combination; stars are always solid in this world."""
@@ -216,9 +220,8 @@ class Bench:
         """SD-IPC-CT with `tune_concept`'s options, some of which the tool does not take, stored as the tool stores
         it."""
         started = time.perf_counter()
-        result = tune_concept(
-            self.pipeline, self.clip, pictures, neutral_fit_steps=self.defaults.neutral_fit_steps, **options
-        )
+        config = ConceptTuningConfig(neutral_fit_steps=self.defaults.neutral_fit_steps, **options)
+        result = tune_concept(self.pipeline, self.clip, pictures, config)
         seconds = time.perf_counter() - started
         name = self._save(result, pictures)
         return Learned(name, name, concept, seconds)
@@ -230,7 +233,7 @@ class Bench:
 
     def untuned(self, concept: Concept, pictures: list[Image.Image]) -> Learned:
         """Untuned SD-IPC of the first picture alone, stored as a concept so it is asked the same way."""
-        result = tune_concept(self.pipeline, self.clip, pictures[:1], iterations=0, num_prompts=0)
+        result = tune_concept(self.pipeline, self.clip, pictures[:1], UNTUNED)
         name = self._save(result, pictures[:1])
         return Learned(name, name, concept, 0.0)
 
@@ -257,7 +260,7 @@ class Bench:
             )
         seconds = time.perf_counter() - started
         # The stored mean embedding is the untuned SD-IPC one (no deep prompts): what `concept:NAME` stands for.
-        untuned = tune_concept(self.pipeline, self.clip, pictures, iterations=0, num_prompts=0)
+        untuned = tune_concept(self.pipeline, self.clip, pictures, UNTUNED)
         untuned.weights, untuned.losses = weights, losses
         untuned.hyperparameters = {
             "method": "K/V only",
@@ -401,7 +404,7 @@ draws 'a COLOUR SHAPE' solid 86% of the time); the other pattern changes the con
 
 def completion_study(bench: Bench) -> None:
     """Which word `customize_concept` adds to "a COLOUR SHAPE": the bench's concepts, then pictures drawn with PIL."""
-    tuning = bench.defaults
+    tuning = bench.runtime.profile.concept_description
     words = tuning.completion_words or []
     for concept, seed in [
         *((c, TUNING_SEED) for c in TUNING_CONCEPTS),
@@ -413,7 +416,7 @@ def completion_study(bench: Bench) -> None:
             references(concept, seed),
             described(concept),
             words,
-            alignment=tuning.completion_alignment,
+            tuning,
         )
         best = sorted(result.gains.items(), key=lambda item: item[1])[:2]
         print(f"  {concept}: {result.description!r}; best gains {[(w, round(100 * g, 1)) for w, g in best]} %")
@@ -422,8 +425,9 @@ def completion_study(bench: Bench) -> None:
     for alignment in sorted({0, tuning.completion_alignment}):
         verdicts = []
         for (shape, colour, fill), pictures in sets:
+            config = tuning.model_copy(update={"completion_alignment": alignment})
             added = complete_description(
-                bench.pipeline, bench.clip, pictures, f"a {colour} {shape}", words, alignment=alignment
+                bench.pipeline, bench.clip, pictures, f"a {colour} {shape}", words, config
             ).added
             verdicts.append(
                 "none" if added is None else "right" if added == fill else "solid" if added == "solid" else "wrong"

@@ -80,7 +80,7 @@ from pictoprompt.models.shapes.scenes import (
 from pictoprompt.progress import Progress
 from pictoprompt.server.assets import AssetStore
 from pictoprompt.tools.base import ToolContext
-from pictoprompt.tools.customize_concept import train_domain_adapter
+from pictoprompt.tools.customize_concept import domain_tuning_config, train_domain_adapter
 from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
 
 HEADLINE = ("colour", "shape", "fill", "background")
@@ -236,17 +236,15 @@ class Bench:
 
         started = time.perf_counter()
         with self.runtime.gpu_lock:
-            train_domain_adapter(
-                self.runtime,
-                self.store,
-                name,
-                images_dir,
-                captions,
+            config = domain_tuning_config(
+                self.runtime.profile.domain_tuning,
                 iterations=iterations,
                 learning_rate=learning_rate,
                 caption_alignment=self.settings.caption_alignment,
                 prompt_learning_rate=self.settings.prompt_learning_rate,
-                progress=Progress(report),
+            )
+            train_domain_adapter(
+                self.runtime, self.store, name, (images_dir, captions), config, False, Progress(report)
             )
         seconds = time.perf_counter() - started
         per_iteration = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else seconds

@@ -42,6 +42,7 @@ from PIL import Image
 
 from lab.benchmarks.harness import OUTSIDE_SEED, Timer, outside_picture, outside_silhouette, print_table
 from lab.shapes.world import HELD_OUT_SEED, full_caption, held_out_scenes
+from pictoprompt.configs import SegmentationConfig
 from pictoprompt.methods.segmentation import WordSegment, otsu, segment
 from pictoprompt.methods.vgd import image_targets, invert, runtime_vocabulary
 from pictoprompt.models.profiles import get_profile
@@ -239,6 +240,7 @@ def evaluate(
     """One row: mean IoU of the shape words on `n` pictures of `kind` with prompts from `source`, and the
     baselines."""
     pipeline = runtime.pipeline()
+    config = SegmentationConfig.model_validate({**runtime.profile.segmentation.model_dump(), **options})
     scores, whole, colour, named, pairs = [], [], [], [], []
     segmenting, describing = Timer(), Timer()
     for case in cases(kind, n, tuning):
@@ -250,7 +252,7 @@ def evaluate(
             with describing:
                 prompt = describe(runtime, case.image, max_tokens)
         with segmenting:
-            segments = segment(pipeline, case.image, prompt, **options)
+            segments = segment(pipeline, case.image, prompt, config)
         words = [s.word for s in segments]
         masks = [s.mask for s in segments]
         scores += shape_word_scores(case.shapes, case.truths, lambda i, masks=masks: masks[i], words)

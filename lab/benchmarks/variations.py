@@ -11,7 +11,7 @@ cell or give all one size.
 The sets: held-out single-object scenes of the world (`held_out_scenes`, its evaluation seed) and one-object
 pictures drawn with PIL by `harness.outside_set` (other sizes, positions and line widths). `--tune` draws both
 from other seeds, for choosing settings without looking at the reported sets. `--converted-weights` sweeps the
-`prompted` method's share of the converted embedding (`Profile.variation.converted_weight`). Goal (issue 35, item
+`prompted` method's share of the converted embedding (`Profile.sd_ipc.converted_weight`). Goal (issue 35, item
 8), at the defaults: shape and background kept in at least 80 %, colour in at least 90 %, on both sets, against the
 untuned SD-IPC (`sd-ipc`), with the variations not all the same picture.
 """
@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     profile = get_profile("shapes")
     sets = {"world scenes": references("world", args.n, args.tune), "drawn": references("drawn", args.drawn, args.tune)}
     table, summary = [], {}
-    weights = args.converted_weights or [profile.variation.converted_weight]
+    weights = args.converted_weights or [profile.sd_ipc.converted_weight]
     runtime = Runtime(profile)
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         for method in args.methods:
             for weight in weights if method == "prompted" else [None]:
-                variation = profile.variation.model_copy(update={} if weight is None else {"converted_weight": weight})
+                variation = profile.sd_ipc.model_copy(update={} if weight is None else {"converted_weight": weight})
                 # The same loaded models; only the method's settings change.
-                runtime.profile = profile.model_copy(update={"variation": variation})
+                runtime.profile = profile.model_copy(update={"sd_ipc": variation})
                 name = method if weight is None else f"{method}, converted weight {weight}"
                 for set_name, refs in ((name, refs) for name, refs in sets.items() if refs):
                     scores, _ = run(runtime, refs, method, args.seeds, Path(scratch), args.guidance)

@@ -15,7 +15,7 @@ A generator trained on a grid of positions (`shapes`) judges only pictures on th
 on rendered outlined squares, and raises it once they are moved one pixel (lab/RESULTS.md, "Figures behind the
 code's choices").
 `align_to_generator` first moves each picture, by a few pixels, to where the description's error is lowest; the
-profile says how far (`ConceptTuning.completion_alignment`).
+profile says how far (`DescriptionConfig.completion_alignment`).
 
 Given no description, `describe` has the generator write one from the profile's groups and nouns ("a FILL COLOUR
 SHAPE"), judged the same way.
@@ -29,13 +29,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from pictoprompt.methods.generation import default_size, errors_per_text, noise_target
+from pictoprompt.configs import DescriptionConfig
+from pictoprompt.methods.generation import default_size
+from pictoprompt.methods.generator_score import denoising_errors, relative_gains
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary, image_targets
@@ -43,8 +44,6 @@ from pictoprompt.models.clip import ClipModel, border_colour, pad_to_square
 from pictoprompt.progress import Progress
 
 ARTICLES = ("a", "an", "the")
-CANDIDATES_PER_BATCH = 8
-"""Candidate descriptions per U-Net call (times the references): bounds the batch on SD-sized U-Nets."""
 
 
 @dataclass
@@ -77,42 +76,6 @@ def closest_words(
     targets = F.normalize(image_targets(clip, references).float(), dim=-1).to(vocabulary.embeddings.device)
     similarity = (targets @ vocabulary.embeddings.T).mean(0)
     return [vocabulary.words[i] for i in similarity.argsort(descending=True)[:count].tolist()]
-
-
-def denoising_errors(
-    pipeline: StableDiffusionPipeline,
-    converter: ImageToPrompt,
-    latents: Tensor,
-    texts: Sequence[str],
-    timesteps: int,
-    seed: int,
-    progress: Progress,
-) -> Tensor:
-    """(len(texts), N) mean squared denoising error of each text on each of the N latents, over `timesteps` evenly
-    spaced timesteps with one noise draw per timestep, the same for every text."""
-    scheduler, unet = pipeline.scheduler, pipeline.unet
-    train_steps = scheduler.config.num_train_timesteps
-    steps = torch.linspace(0.05 * train_steps, 0.95 * train_steps, timesteps).long()
-    generator = torch.Generator().manual_seed(seed)
-    count = latents.shape[0]
-    noises = [torch.randn(latents.shape, generator=generator).to(latents) for _ in range(timesteps)]
-    with torch.no_grad():
-        states, _ = converter.text_states(list(texts))
-        errors = torch.zeros(len(texts), count)
-        for index, step in enumerate(steps.tolist()):
-            t = torch.full((count,), step, device=latents.device)
-            noisy = scheduler.add_noise(latents, noises[index], t)
-            target = noise_target(scheduler, latents, noises[index], t)
-            errors += errors_per_text(unet, noisy, t, target, states, CANDIDATES_PER_BATCH).mean(dim=(2, 3))
-            progress.step(index + 1, timesteps, f"judging {len(texts) - 1} words, timestep {index + 1}/{timesteps}")
-    return errors / timesteps
-
-
-def relative_gains(errors: Tensor) -> Tensor:
-    """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0.
-    The median, not the mean of the errors: one picture that a word fits far better (a small shape on white) must
-    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's large drop."""
-    return (errors[1:] / errors[0] - 1).median(dim=1).values
 
 
 def moved(image: Image.Image, dx: int, dy: int) -> Image.Image:
@@ -158,16 +121,13 @@ def complete_description(
     references: Sequence[Image.Image],
     description: str,
     candidates: Sequence[Sequence[str]],
-    *,
-    timesteps: int = 16,
-    threshold: float = 0.01,
-    alignment: int = 0,
-    seed: int = 0,
+    config: DescriptionConfig = DescriptionConfig(),
     progress: Progress | None = None,
 ) -> CompletedDescription:
     """The description with the one candidate word that lowers the references' denoising error the most, by more
-    than `threshold` (`relative_gains`), or the description as given. `candidates` are groups of alternative words;
-    a group of which the description has a word offers none. `alignment`: see `align_to_generator`."""
+    than `completion_threshold` (`relative_gains`), or the description as given. `candidates` are groups of
+    alternative words; a group of which the description has a word offers none. `completion_alignment`: see
+    `align_to_generator`."""
     description = " ".join(description.split())
     present = {word.lower() for word in description.split()}
     open_groups = [group for group in candidates if not present & {word.lower() for word in group}]
@@ -176,14 +136,17 @@ def complete_description(
         return CompletedDescription(description, None, {})
     progress = progress or Progress()
     converter = ImageToPrompt.cached(clip, pipeline)
-    if alignment:
+    timesteps, seed = config.completion_timesteps, config.seed
+    if config.completion_alignment:
         progress.report(0, timesteps, "placing the pictures where the generator judges them")
-    pictures = align_to_generator(pipeline, converter, references, description, alignment, seed=seed, progress=progress)
+    pictures = align_to_generator(
+        pipeline, converter, references, description, config.completion_alignment, seed=seed, progress=progress
+    )
     texts = [description, *(with_word(description, word) for word in words)]
     errors = denoising_errors(pipeline, converter, encode_latents(pipeline, pictures), texts, timesteps, seed, progress)
     gains = {word: float(change) for word, change in zip(words, relative_gains(errors).tolist(), strict=True)}
     best = min(gains, key=gains.__getitem__)
-    if gains[best] < -threshold:
+    if gains[best] < -config.completion_threshold:
         return CompletedDescription(with_word(description, best), best, gains)
     return CompletedDescription(description, None, gains)
 
@@ -199,25 +162,20 @@ def describe(
     pipeline: StableDiffusionPipeline,
     clip: ClipModel,
     references: Sequence[Image.Image],
-    groups: Sequence[Sequence[str]],
-    *,
-    timesteps: int = 16,
-    threshold: float = 0.01,
-    alignment: int = 0,
-    sweeps: int = 2,
-    seed: int = 0,
+    config: DescriptionConfig,
     progress: Progress | None = None,
 ) -> CompletedDescription:
-    """A description written by the generator when the user gives none: one word per group at most, in the groups'
-    order after an article ("a FILL COLOUR SHAPE"), the last group's (the noun) required, else none at all.
+    """A description written by the generator when the user gives none, from the groups `completion_words` and then
+    `description_nouns`: one word per group at most, in the groups' order after an article ("a FILL COLOUR SHAPE"),
+    the noun required, else none at all.
 
     It starts from each group's word CLIP finds closest to the pictures, then, group by group for `sweeps` rounds,
     keeps the word (or none) whose whole description lowers the references' denoising error the most; a word stays
-    only if it beats leaving its group out by `threshold`. Partial phrases ("a striped") are never judged against
-    each other: the generator learnt whole captions, and from the empty prompt up, one word at a time, "a striped"
-    won for a yellow outlined square and nothing followed it."""
+    only if it beats leaving its group out by `completion_threshold`. Partial phrases ("a striped") are never judged
+    against each other: the generator learnt whole captions, and from the empty prompt up, one word at a time,
+    "a striped" won for a yellow outlined square and nothing followed it."""
     progress = progress or Progress()
-    converter = ImageToPrompt.cached(clip, pipeline)
+    groups = [*(config.completion_words or []), config.description_nouns or []]
     options = [list(dict.fromkeys(word.strip() for word in group if word.strip())) for group in groups]
     options = [words for words in options if words]
     if not options:
@@ -226,34 +184,59 @@ def describe(
         index: closest_words(clip, clip_vocabulary(clip, words=words), references, 1)[0]
         for index, words in enumerate(options)
     }
-
-    def phrase(words: dict[int, str | None]) -> str:
-        return with_article([word for _, word in sorted(words.items()) if word is not None])
-
+    converter = ImageToPrompt.cached(clip, pipeline)
     pictures = align_to_generator(
-        pipeline, converter, references, phrase(chosen), alignment, seed=seed, progress=progress
+        pipeline,
+        converter,
+        references,
+        _phrase(chosen),
+        config.completion_alignment,
+        seed=config.seed,
+        progress=progress,
     )
-    latents = encode_latents(pipeline, pictures)
+    judge = _PhraseJudge(pipeline, converter, encode_latents(pipeline, pictures), config)
     gains: dict[str, float] = {}
-    steps, unchanged = sweeps * len(options), 0
+    steps, unchanged = config.sweeps * len(options), 0
     for step in range(steps):
         if unchanged == len(options):  # a whole sweep kept every word: another would judge the same texts again
             break
         index = step % len(options)
-        choices: list[str | None] = [None, *options[index]]
-        texts = [phrase({**chosen, index: choice}) for choice in choices]
-        changes = relative_gains(
-            denoising_errors(pipeline, converter, latents, texts, timesteps, seed, progress.scaled(step, 1, steps))
-        )
-        best = int(changes.argmin()) + 1
-        gain = float(changes[best - 1])
-        choice = choices[best] if gain < -threshold else None
+        choice, gain = judge.best_choice(chosen, index, options[index], progress.scaled(step, 1, steps))
         unchanged = unchanged + 1 if choice == chosen[index] else 0
         chosen[index] = choice
-        if chosen[index] is not None:
-            gains[str(chosen[index])] = gain
+        if choice is not None:
+            gains[choice] = gain
     if chosen[len(options) - 1] is None:  # no noun: "a striped" would describe nothing
         return CompletedDescription("", None, {})
-    description = phrase(chosen)
+    description = _phrase(chosen)
     kept = {word: gain for word, gain in gains.items() if word in description.split()}
     return CompletedDescription(description, description, kept)
+
+
+def _phrase(words: dict[int, str | None]) -> str:
+    return with_article([word for _, word in sorted(words.items()) if word is not None])
+
+
+@dataclass
+class _PhraseJudge:
+    """Which word of a group (or none) makes the whole description explain the pictures best."""
+
+    pipeline: StableDiffusionPipeline
+    converter: ImageToPrompt
+    latents: Tensor
+    config: DescriptionConfig
+
+    def best_choice(
+        self, chosen: dict[int, str | None], index: int, words: list[str], progress: Progress
+    ) -> tuple[str | None, float]:
+        """The best of `words` at group `index` with its gain, or (None, its gain) unless it beats the threshold."""
+        choices: list[str | None] = [None, *words]
+        texts = [_phrase({**chosen, index: choice}) for choice in choices]
+        config = self.config
+        errors = denoising_errors(
+            self.pipeline, self.converter, self.latents, texts, config.completion_timesteps, config.seed, progress
+        )
+        changes = relative_gains(errors)
+        best = int(changes.argmin()) + 1
+        gain = float(changes[best - 1])
+        return (choices[best] if gain < -config.completion_threshold else None), gain

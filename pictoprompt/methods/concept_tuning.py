@@ -8,21 +8,21 @@ is already a good prompt, a concept needs only ~30 updates instead of Custom Dif
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import ConceptTuningConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_weights import swapped_projections
 from pictoprompt.methods.sd_ipc import pseudo_prompt
 from pictoprompt.methods.tuning import (
-    NEUTRAL_FIT_STEPS,
     CaptionAlignment,
-    PromptInit,
     TuningResult,
+    TuningStart,
     denoising_loss,
     encode_latents,
     optimise,
@@ -41,17 +41,8 @@ def tune_concept(
     pipeline: StableDiffusionPipeline,
     clip: ClipModel,
     references: Sequence[Image.Image],
-    iterations: int = 30,
-    learning_rate: float = 5e-6,
-    num_prompts: int = 50,
-    prompt_dropout: float = 0.1,
-    prompt_init: PromptInit = "neutral",
-    neutral_fit_steps: int = NEUTRAL_FIT_STEPS,
-    augment: bool = True,
-    prompt_learning_rate: float | None = None,
+    config: ConceptTuningConfig = ConceptTuningConfig(),
     description: str | None = None,
-    caption_alignment: float = 0.0,
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> TuningResult:
     """SD-IPC-CT (Sec. 3.3): tune the K/V projections and deep prompts on a few reference images.
@@ -65,59 +56,52 @@ def tune_concept(
     With a `description` of the concept ("a green heart") and `caption_alignment` > 0, the loss adds that weight
     times `CaptionAlignment`'s pull of every reference's `f_cnvrt` towards the description's end-of-text state
     (not in the paper; one caption, so no contrastive term): the words steer the conversion while the denoising
-    loss still fits the pictures.
+    loss still fits the pictures, and the deep prompts learn at `aligned_prompt_learning_rate` when it is set.
     """
     if not references:
         raise InvalidInputError("Concept tuning needs at least one reference image.")
-    if caption_alignment < 0 or learning_rate <= 0 or (prompt_learning_rate is not None and prompt_learning_rate <= 0):
-        raise InvalidInputError(
-            "The learning rates must be positive and the caption alignment's weight at least 0 (0 turns it off)."
-        )
     description = (description or "").strip() or None
     progress = progress or Progress()
-    start = start_tuning(
-        pipeline,
-        clip,
-        lambda _: references,
-        num_prompts,
-        prompt_dropout,
-        prompt_init,
-        neutral_fit_steps,
-        seed,
-        progress,
-    )
-    generator, converter = start.generator, start.converter
+    start = start_tuning(pipeline, clip, lambda _: references, config, progress)
     alignment = None
-    if description is not None and caption_alignment:
+    if description is not None and config.caption_alignment:
         with torch.no_grad():
-            states, eos_index = converter.text_states([description])
+            states, eos_index = start.converter.text_states([description])
             alignment = CaptionAlignment([description], states[:1, int(eos_index[0])])
+    loss_at = _concept_loss(pipeline, start, references, config, alignment)
+    aligned_rate = config.aligned_prompt_learning_rate if alignment is not None else None
+    prompt_rate = aligned_rate or config.prompt_learning_rate or config.learning_rate
+    groups = start.weights.parameter_groups(config.learning_rate, prompt_rate)
+    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
+        losses = optimise(groups, loss_at, config.iterations, config.learning_rate, progress)
+    hyperparameters = {
+        "method": SD_IPC_CT,
+        "schedule": "constant",
+        **config.model_dump(exclude={"aligned_prompt_learning_rate", "place_context_words"}),
+        "prompt_learning_rate": prompt_rate,
+        "caption_alignment": config.caption_alignment if alignment is not None else 0.0,
+    }
+    return tuning_result(start, losses, references, hyperparameters)
+
+
+def _concept_loss(
+    pipeline: StableDiffusionPipeline,
+    start: TuningStart,
+    references: Sequence[Image.Image],
+    config: ConceptTuningConfig,
+    alignment: CaptionAlignment | None,
+) -> Callable[[int], Tensor]:
+    """Each iteration's loss: every reference denoised under its own converted prompt, plus the alignment's pull."""
+    generator, converter = start.generator, start.converter
     owners = [0] * len(references)
 
     def loss_at(iteration: int) -> Tensor:
-        images = [random_augmentation(image, generator) if augment else image for image in references]
+        images = [random_augmentation(image, generator) if config.augment else image for image in references]
         f_cnvrt = converter.convert(start.tower(clip_pixels(start.clip, images), generator))
         prompt = pseudo_prompt(f_cnvrt, converter.start_state, converter.length)
         loss = denoising_loss(pipeline, encode_latents(pipeline, images), prompt, generator)
         if alignment is not None:
-            loss = loss + caption_alignment * alignment.loss(f_cnvrt, owners)
+            loss = loss + config.caption_alignment * alignment.loss(f_cnvrt, owners)
         return loss
 
-    groups = start.weights.parameter_groups(learning_rate, prompt_learning_rate)
-    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
-        losses = optimise(groups, loss_at, iterations, learning_rate, progress)
-    hyperparameters = {
-        "method": SD_IPC_CT,
-        "iterations": iterations,
-        "learning_rate": learning_rate,
-        "schedule": "constant",
-        "num_prompts": num_prompts,
-        "prompt_dropout": prompt_dropout,
-        "prompt_init": prompt_init,
-        "neutral_fit_steps": neutral_fit_steps,
-        "augment": augment,
-        "prompt_learning_rate": prompt_learning_rate or learning_rate,
-        "caption_alignment": caption_alignment if alignment is not None else 0.0,
-        "seed": seed,
-    }
-    return tuning_result(start, losses, references, hyperparameters)
+    return loss_at

@@ -13,15 +13,15 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import DomainTuningConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_weights import swapped_projections
 from pictoprompt.methods.sd_ipc import pseudo_prompt
 from pictoprompt.methods.tuning import (
     NEUTRAL_FIT_IMAGES,
-    NEUTRAL_FIT_STEPS,
     CaptionAlignment,
-    PromptInit,
     TuningResult,
+    TuningStart,
     denoising_loss,
     encode_latents,
     optimise,
@@ -69,17 +69,7 @@ def train_domain(
     images: Sequence[Image.Image],
     captions: Sequence[str],
     classes: Sequence[str] | None = None,
-    iterations: int = 1000,
-    learning_rate: float = 1e-5,
-    batch_size: int = 4,
-    num_prompts: int = 50,
-    prompt_dropout: float = 0.1,
-    prompt_init: PromptInit = "neutral",
-    neutral_fit_steps: int = NEUTRAL_FIT_STEPS,
-    augment: bool = True,
-    caption_alignment: float = 0.0,
-    prompt_learning_rate: float | None = None,
-    seed: int = 0,
+    config: DomainTuningConfig = DomainTuningConfig(),
     progress: Progress | None = None,
 ) -> TuningResult:
     """SD-IPC-FT (Sec. 3.2, Eq. 9): adapt the conversion to a domain from ~100 captioned images.
@@ -97,63 +87,64 @@ def train_domain(
         raise InvalidInputError("Give exactly one caption (and one class, if any) per training image.")
     if not images:
         raise InvalidInputError("Domain training needs at least one captioned image.")
-    if caption_alignment < 0 or learning_rate <= 0 or (prompt_learning_rate is not None and prompt_learning_rate <= 0):
-        raise InvalidInputError(
-            "The learning rates must be positive and the caption alignment's weight at least 0 (0 turns it off)."
-        )
     progress = progress or Progress()
 
     def neutral_fit_sample(generator: torch.Generator) -> list[Image.Image]:
         return [images[i] for i in torch.randperm(len(images), generator=generator)[:NEUTRAL_FIT_IMAGES].tolist()]
 
-    start = start_tuning(
-        pipeline, clip, neutral_fit_sample, num_prompts, prompt_dropout, prompt_init, neutral_fit_steps, seed, progress
-    )
-    generator, converter = start.generator, start.converter
-    with torch.no_grad():
-        caption_states, caption_eos_index = converter.text_states(list(captions))
-        caption_states = caption_states.detach()
-        alignment = CaptionAlignment(captions, caption_states[torch.arange(len(captions)), caption_eos_index])
-    batches = _DomainBatches(len(images), classes, batch_size, generator)
+    start = start_tuning(pipeline, clip, neutral_fit_sample, config, progress)
+    loss_at = _DomainLoss(pipeline, start, images, captions, classes, config)
+    groups = start.weights.parameter_groups(config.learning_rate, config.prompt_learning_rate)
+    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
+        losses = optimise(groups, loss_at, config.iterations, config.learning_rate, progress, cosine=True)
+    hyperparameters = {
+        "method": SD_IPC_FT,
+        "schedule": "cosine",
+        **config.model_dump(),
+        "ab_targets": classes is not None,
+        "prompt_learning_rate": config.prompt_learning_rate or config.learning_rate,
+    }
+    return tuning_result(start, losses, images, hyperparameters)
 
-    def view(image: Image.Image) -> Image.Image:
-        return random_augmentation(image, generator) if augment else image
 
-    def loss_at(iteration: int) -> Tensor:
-        batch, partners = batches.next()
-        references = [view(images[i]) for i in batch]
+class _DomainLoss:
+    """Each iteration's loss (Eq. 9) on the next batch: the targets denoised under the references' converted prompts,
+    the references under their captions, plus the caption alignment's pull."""
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        start: TuningStart,
+        images: Sequence[Image.Image],
+        captions: Sequence[str],
+        classes: Sequence[str] | None,
+        config: DomainTuningConfig,
+    ) -> None:
+        self.pipeline, self.start, self.images, self.config = pipeline, start, images, config
+        with torch.no_grad():
+            states, eos_index = start.converter.text_states(list(captions))
+            self.caption_states = states.detach()
+            self.alignment = CaptionAlignment(captions, self.caption_states[torch.arange(len(captions)), eos_index])
+        self.batches = _DomainBatches(len(images), classes, config.batch_size, start.generator)
+
+    def view(self, image: Image.Image) -> Image.Image:
+        return random_augmentation(image, self.start.generator) if self.config.augment else image
+
+    def __call__(self, iteration: int) -> Tensor:
+        pipeline, start, generator = self.pipeline, self.start, self.start.generator
+        batch, partners = self.batches.next()
+        references = [self.view(self.images[i]) for i in batch]
         targets = [
-            reference if partner == i else view(images[partner])
+            reference if partner == i else self.view(self.images[partner])
             for reference, i, partner in zip(references, batch, partners, strict=True)
         ]
         reference_latents = encode_latents(pipeline, references)
         target_latents = reference_latents if partners == batch else encode_latents(pipeline, targets)
-        f_cnvrt = converter.convert(start.tower(clip_pixels(start.clip, references), generator))
-        image_prompt = pseudo_prompt(f_cnvrt, converter.start_state, converter.length)
+        f_cnvrt = start.converter.convert(start.tower(clip_pixels(start.clip, references), generator))
+        image_prompt = pseudo_prompt(f_cnvrt, start.converter.start_state, start.converter.length)
         loss_convert = denoising_loss(pipeline, target_latents, image_prompt, generator)
-        loss_text = denoising_loss(pipeline, reference_latents, caption_states[batch], generator)
+        loss_text = denoising_loss(pipeline, reference_latents, self.caption_states[batch], generator)
         loss = loss_convert + loss_text
-        if caption_alignment:
-            loss = loss + caption_alignment * alignment.loss(f_cnvrt, batch)
+        if self.config.caption_alignment:
+            loss = loss + self.config.caption_alignment * self.alignment.loss(f_cnvrt, batch)
         return loss
-
-    groups = start.weights.parameter_groups(learning_rate, prompt_learning_rate)
-    with swapped_projections(pipeline.unet, start.weights.kv_deltas):
-        losses = optimise(groups, loss_at, iterations, learning_rate, progress, cosine=True)
-    hyperparameters = {
-        "method": SD_IPC_FT,
-        "iterations": iterations,
-        "learning_rate": learning_rate,
-        "schedule": "cosine",
-        "batch_size": batch_size,
-        "num_prompts": num_prompts,
-        "prompt_dropout": prompt_dropout,
-        "prompt_init": prompt_init,
-        "neutral_fit_steps": neutral_fit_steps,
-        "augment": augment,
-        "ab_targets": classes is not None,
-        "caption_alignment": caption_alignment,
-        "prompt_learning_rate": prompt_learning_rate or learning_rate,
-        "seed": seed,
-    }
-    return tuning_result(start, losses, images, hyperparameters)

@@ -45,8 +45,9 @@ Which words name nothing visible, and get no mask (`no_mask_reason`):
   the picture lacks ("dog") still gets a mask there; only the form of the word (stop word, punctuation) is a
   reliable sign on that model.
 
-The attention's defaults were tuned on the `shapes` world's tuning scenes (`lab/benchmarks/segment.py --tune`), the
-binding's on those and on drawn tuning pictures (`--tune-binding`). Everything runs under `torch.no_grad`.
+The settings are `SegmentationConfig`'s: the attention's defaults were tuned on the `shapes` world's tuning scenes
+(`lab/benchmarks/segment.py --tune`), the binding's on those and on drawn tuning pictures (`--tune-binding`).
+Everything runs under `torch.no_grad`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import SegmentationConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.generation import default_size, encode_text_prompt, errors_per_text, noise_target
 from pictoprompt.models.clip import preprocess_images
@@ -232,12 +234,8 @@ def record_attention(
     pipeline: StableDiffusionPipeline,
     latents: Tensor,
     prompt_embeds: Tensor,
-    *,
     sides: Sequence[int],
-    timestep: int,
-    num_steps: int,
-    num_noise: int,
-    seed: int,
+    config: SegmentationConfig,
     progress: Progress,
 ) -> AttentionRecord:
     """The U-Net's attention while it denoises the picture's `latents` (1, C, h, w) under `prompt_embeds` (1, L, D),
@@ -247,7 +245,8 @@ def record_attention(
     steps of `timestep / num_steps` each.
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
-    generator = torch.Generator().manual_seed(seed)
+    timestep, num_steps, num_noise = config.timestep, config.num_steps, config.num_noise
+    generator = torch.Generator().manual_seed(config.seed)
     record = AttentionRecord()
     queries = frozenset(side * side for side in sides)
     with torch.no_grad():
@@ -292,20 +291,18 @@ def word_attributions(
     latents: Tensor,
     prompt: str,
     words: Sequence[PromptWord],
-    *,
-    timesteps: Sequence[float],
-    num_noise: int,
-    seed: int,
+    config: SegmentationConfig,
     progress: Progress,
 ) -> Tensor:
     """(W, h, w) at the latents' side: how much worse the generator predicts the noise on each latent pixel when
-    each word is taken out of the prompt, averaged over `timesteps` (fractions of the training schedule) and
-    `num_noise` draws, the same draws for every text. Positive where the generator needs the word to redraw the
+    each word is taken out of the prompt, averaged over `binding_timesteps` (fractions of the training schedule) and
+    `binding_noise` draws, the same draws for every text. Positive where the generator needs the word to redraw the
     picture: the word's own thing, not everything the word's attention also rests on.
     """
     unet, scheduler = pipeline.unet, pipeline.scheduler
+    timesteps, num_noise = config.binding_timesteps, config.binding_noise
     texts = [prompt] + [without_word(pipeline, prompt, word) for word in words]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     train_steps = scheduler.config.num_train_timesteps
     draws = latents.expand(num_noise, -1, -1, -1)
     with torch.no_grad():
@@ -502,17 +499,8 @@ def segment(
     pipeline: StableDiffusionPipeline,
     image: Image.Image,
     prompt: str,
-    *,
+    config: SegmentationConfig = SegmentationConfig(),
     words: Sequence[str] | None = None,
-    timestep: int = 100,
-    num_steps: int = 1,
-    num_noise: int = 4,
-    num_resolutions: int = 1,
-    refinement_steps: int = 3,
-    binding_timesteps: Sequence[float] = (0.5, 0.7),
-    binding_noise: int = 4,
-    binding_spread: int = 1,
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> list[WordSegment]:
     """Masks of the prompt's words on `image`, in the prompt's order, at `map_size(image)` (the picture's own size
@@ -523,16 +511,13 @@ def segment(
     (`timestep`, `num_steps`, `num_noise`, `num_resolutions`, `refinement_steps`), and its mask is the part of the
     region it is bound to (`binding_timesteps` as fractions of the schedule, `binding_noise` draws each, the
     attribution spread `binding_spread` times along the finest self-attention); an empty `binding_timesteps` keeps
-    the whole region. The defaults were tuned on the `shapes` world's tuning scenes (`lab/benchmarks/segment.py`).
+    the whole region.
     """
     if not prompt.strip():
         raise InvalidInputError("The prompt is empty; give the words to find in the picture, or omit the prompt.")
-    if not 0 < timestep < pipeline.scheduler.config.num_train_timesteps:
-        raise InvalidInputError(
-            f"timestep must be between 1 and {pipeline.scheduler.config.num_train_timesteps - 1}, got {timestep}."
-        )
-    if not all(0 < fraction < 1 for fraction in binding_timesteps):
-        raise InvalidInputError(f"binding_timesteps are fractions of the schedule, in (0, 1); got {binding_timesteps}.")
+    train_steps = pipeline.scheduler.config.num_train_timesteps
+    if not config.timestep < train_steps:
+        raise InvalidInputError(f"timestep must be between 1 and {train_steps - 1}, got {config.timestep}.")
     found = prompt_words(pipeline, prompt)
     if words is not None:
         found = _select(found, words, prompt)
@@ -541,36 +526,18 @@ def segment(
     progress = progress or Progress()
     latents = picture_latents(pipeline, image)
     prompt_embeds, _ = encode_text_prompt(pipeline, prompt)
-    sides = cross_attention_sides(pipeline, num_resolutions)
+    sides = cross_attention_sides(pipeline, config.num_resolutions)
     candidates = [word for word in found if word.no_mask_reason is None]
-    looking = progress.scaled(0.0, 0.2 if candidates and binding_timesteps else 1.0, 1.0)
-    record = record_attention(
-        pipeline,
-        latents,
-        prompt_embeds,
-        sides=sides,
-        timestep=timestep,
-        num_steps=num_steps,
-        num_noise=num_noise,
-        seed=seed,
-        progress=looking,
-    )
+    binding = bool(candidates and config.binding_timesteps)
+    looking = progress.scaled(0.0, 0.2 if binding else 1.0, 1.0)
+    record = record_attention(pipeline, latents, prompt_embeds, sides, config, looking)
     height, width = map_size(image)
-    scores, attention = word_maps(record, found, height, width, refinement_steps)
+    scores, attention = word_maps(record, found, height, width, config.refinement_steps)
     bound: dict[int, np.ndarray] = {}
-    if candidates and binding_timesteps:
-        attributions = word_attributions(
-            pipeline,
-            latents,
-            prompt,
-            candidates,
-            timesteps=binding_timesteps,
-            num_noise=binding_noise,
-            seed=seed,
-            progress=progress.scaled(0.2, 0.8, 1.0),
-        )
+    if binding:
+        attributions = word_attributions(pipeline, latents, prompt, candidates, config, progress.scaled(0.2, 0.8, 1.0))
         # The errors were gathered on the CPU; the recorded self-attention is on the U-Net's device.
-        spread = spread_along(attributions.float(), record.self_maps()[sides[0] ** 2].cpu(), binding_spread)
+        spread = spread_along(attributions.float(), record.self_maps()[sides[0] ** 2].cpu(), config.binding_spread)
         upsampled = F.interpolate(spread[None], size=(height, width), mode="bilinear", align_corners=False)[0]
         bound = {word.positions[0]: grid for word, grid in zip(candidates, upsampled.numpy(), strict=True)}
     segments = []

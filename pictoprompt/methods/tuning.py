@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from pictoprompt.configs import TuningConfig
 from pictoprompt.methods.concept_weights import ConceptWeights
 from pictoprompt.methods.generation import default_size, noise_target
 from pictoprompt.methods.sd_ipc import ImageToPrompt, average_embeddings
@@ -28,7 +28,6 @@ from pictoprompt.progress import Progress
 
 WEIGHT_DECAY = 1e-2
 """AdamW's decay, as diffusers' training scripts. On deltas it pulls towards the base weights, not towards 0."""
-NEUTRAL_FIT_STEPS = 50
 NEUTRAL_FIT_LR = 1e-2
 NEUTRAL_FIT_IMAGES = 16
 """Fitting fresh deep prompts to leave the embeddings unchanged (`prompt_init="neutral"`): cosine loss, Adam,
@@ -88,15 +87,13 @@ def denoising_loss(
 
 # ------------------------------------------------------------------------------------------ the tuning
 
-PromptInit = Literal["neutral", "random"]
-
 
 def fit_neutral_prompts(
     clip: ClipModel,
     deep_prompts: Tensor,
     images: Sequence[Image.Image],
     progress: Progress,
-    steps: int = NEUTRAL_FIT_STEPS,
+    steps: int,
 ) -> None:
     """Move fresh deep prompts (in place) until the prompted encoder gives `images` their original embeddings.
 
@@ -185,22 +182,19 @@ def start_tuning(
     pipeline: StableDiffusionPipeline,
     clip: ClipModel,
     neutral_fit_images: Callable[[torch.Generator], Sequence[Image.Image]],
-    num_prompts: int,
-    prompt_dropout: float,
-    prompt_init: PromptInit,
-    neutral_fit_steps: int,
-    seed: int,
+    config: TuningConfig,
     progress: Progress,
 ) -> TuningStart:
     """The shared set-up; with `prompt_init="neutral"` the deep prompts are first fitted (`fit_neutral_prompts`) on
     the images `neutral_fit_images` picks with the generator."""
     started = time.perf_counter()
     base = vision_tower(clip).clip
-    generator = torch.Generator().manual_seed(seed)
-    weights = ConceptWeights.initial(pipeline.unet, base, num_prompts, generator)
-    if weights.deep_prompts is not None and prompt_init == "neutral":
-        fit_neutral_prompts(base, weights.deep_prompts, neutral_fit_images(generator), progress, neutral_fit_steps)
-    tower = DeepPromptedVision(base, weights.deep_prompts, prompt_dropout)
+    generator = torch.Generator().manual_seed(config.seed)
+    weights = ConceptWeights.initial(pipeline.unet, base, config.num_prompts, generator)
+    if weights.deep_prompts is not None and config.prompt_init == "neutral":
+        images = neutral_fit_images(generator)
+        fit_neutral_prompts(base, weights.deep_prompts, images, progress, config.neutral_fit_steps)
+    tower = DeepPromptedVision(base, weights.deep_prompts, config.prompt_dropout)
     return TuningStart(base, ImageToPrompt.cached(base, pipeline), generator, weights, tower, started)
 
 

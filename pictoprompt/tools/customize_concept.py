@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, ValidationError
 
+from pictoprompt.configs import ConceptTuningConfig, DescriptionConfig, DomainTuningConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.concept_description import (
     CompletedDescription,
@@ -27,7 +28,6 @@ from pictoprompt.methods.domain_tuning import train_domain
 from pictoprompt.methods.tuning import TuningResult
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.models.concepts import ConceptCard, ConceptStore, ConceptSummary
-from pictoprompt.models.profiles import ConceptTuning
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools.base import (
@@ -108,23 +108,16 @@ def concept_card(
     )
 
 
-def prompt_learning_rate(defaults: ConceptTuning, description: str | None, asked: float | None) -> float | None:
-    """The deep prompts' own rate: the profile's for aligning to a description, unless the request sets the
-    learning rate (then every weight's); None means the K/V deltas' rate."""
-    aligned = description is not None and defaults.caption_alignment > 0
-    return defaults.aligned_prompt_learning_rate if aligned and asked is None else None
-
-
 def completion_candidates(
-    runtime: Runtime, references: list[Image.Image], defaults: ConceptTuning, progress: Progress
+    runtime: Runtime, references: list[Image.Image], config: DescriptionConfig, progress: Progress
 ) -> list[list[str]]:
     """The groups of words a description may be completed with: the profile's, else each of the vocabulary's words
     closest to the pictures alone."""
-    if defaults.completion_words is not None:
-        return defaults.completion_words
+    if config.completion_words is not None:
+        return config.completion_words
     # The whole vocabulary is embedded once per CLIP (then read from the cache): minutes on a CPU the first time.
     vocabulary = runtime_vocabulary(runtime, progress)
-    words = closest_words(runtime.clip(), vocabulary, references, defaults.completion_candidates)
+    words = closest_words(runtime.clip(), vocabulary, references, config.completion_candidates)
     return [[word] for word in words]
 
 
@@ -133,31 +126,27 @@ def completed(
 ) -> CompletedDescription:
     """The user's description with the word the pictures show best, or without one, the profile's nouns with a
     word of each completion group that the generator writes."""
-    defaults = runtime.profile.concept_tuning
+    config = runtime.profile.concept_description
     pipeline, clip = runtime.pipeline(), runtime.clip()
     if description is None:
-        groups = [*(defaults.completion_words or []), defaults.description_nouns or []]
-        return describe(
-            pipeline,
-            clip,
-            references,
-            groups,
-            timesteps=defaults.completion_timesteps,
-            threshold=defaults.completion_threshold,
-            alignment=defaults.completion_alignment,
-            progress=progress,
-        )
+        return describe(pipeline, clip, references, config, progress)
+    candidates = completion_candidates(runtime, references, config, progress.scaled(0.0, 0.2, 1.0))
     return complete_description(
-        pipeline,
-        clip,
-        references,
-        description,
-        completion_candidates(runtime, references, defaults, progress.scaled(0.0, 0.2, 1.0)),
-        timesteps=defaults.completion_timesteps,
-        threshold=defaults.completion_threshold,
-        alignment=defaults.completion_alignment,
-        progress=progress.scaled(0.2, 0.8, 1.0),
+        pipeline, clip, references, description, candidates, config, progress.scaled(0.2, 0.8, 1.0)
     )
+
+
+def tuning_config(request: CustomizeConceptRequest, profile: ConceptTuningConfig) -> ConceptTuningConfig:
+    """The profile's SD-IPC-CT config with what the request sets: a learning rate set is every weight's."""
+    if request.learning_rate is not None:
+        profile = profile.model_copy(
+            update={
+                "learning_rate": request.learning_rate,
+                "prompt_learning_rate": None,
+                "aligned_prompt_learning_rate": None,
+            }
+        )
+    return profile.model_copy(update={"iterations": request.iterations or profile.iterations})
 
 
 def customize_concept(request: CustomizeConceptRequest, context: ToolContext) -> CustomizeConceptResponse:
@@ -165,27 +154,17 @@ def customize_concept(request: CustomizeConceptRequest, context: ToolContext) ->
     store.check_free(request.name, request.overwrite)  # before minutes of tuning, not after
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     references = [context.images.load(ref) for ref in request.images]
-    defaults = context.runtime.profile.concept_tuning
+    profile = context.runtime.profile
     description = " ".join((request.description or "").split()) or None
     completed_with, tuning_progress = None, context.progress
-    if request.complete_description and (description is not None or defaults.description_nouns):
+    if request.complete_description and (description is not None or profile.concept_description.description_nouns):
         # Half the bar: on `shapes` the completion, with its alignment, took longer than the tuning (about 10 s
         # against 4 s); on real profiles the tuning's passes with gradients through ViT-L or ViT-H take longer.
         completion = completed(context.runtime, references, description, context.progress.scaled(0.0, 0.5, 1.0))
         description, completed_with = completion.description or None, completion.added
         tuning_progress = context.progress.scaled(0.5, 0.5, 1.0)
-    result = tune_concept(
-        pipeline,
-        clip,
-        references,
-        iterations=request.iterations or defaults.iterations,
-        learning_rate=request.learning_rate or defaults.learning_rate,
-        prompt_learning_rate=prompt_learning_rate(defaults, description, request.learning_rate),
-        neutral_fit_steps=defaults.neutral_fit_steps,
-        description=description,
-        caption_alignment=defaults.caption_alignment,
-        progress=tuning_progress,
-    )
+    config = tuning_config(request, profile.concept_tuning)
+    result = tune_concept(pipeline, clip, references, config, description, tuning_progress)
     card = concept_card(request.name, "concept", result, context.runtime, description, completed_with)
     summary = store.save(card, result.weights.to_tensors(), references, overwrite=request.overwrite).summary()
     return CustomizeConceptResponse(**summary.model_dump(), domain_note=picture_note(context, request.images))
@@ -225,40 +204,29 @@ def read_captions(images_dir: Path, captions_file: Path) -> tuple[list[Image.Ima
     return images, captions, [str(c) for c in classes] if with_class else None
 
 
+def domain_tuning_config(profile: DomainTuningConfig, **options: float | int | None) -> DomainTuningConfig:
+    """The profile's SD-IPC-FT config with the `options` given (None: the profile's), validated."""
+    given = {name: value for name, value in options.items() if value is not None}
+    try:
+        return DomainTuningConfig.model_validate({**profile.model_dump(), **given})
+    except ValidationError as error:
+        raise InvalidInputError(f"Invalid domain training settings: {error}") from error
+
+
 def train_domain_adapter(
     runtime: Runtime,
     store: ConceptStore,
     name: str,
-    images_dir: Path,
-    captions_file: Path,
-    iterations: int | None = None,
-    learning_rate: float | None = None,
-    batch_size: int = 4,
-    caption_alignment: float | None = None,
-    prompt_learning_rate: float | None = None,
+    training_set: tuple[Path, Path],
+    config: DomainTuningConfig,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ConceptSummary:
-    """`pictoprompt train-domain`: SD-IPC-FT on captioned images, saved in the store as a 'domain' concept. Settings
-    left None are the profile's (`Profile.domain_tuning`)."""
+    """`pictoprompt train-domain`: SD-IPC-FT on the captioned images of `training_set` (the images' folder and the
+    captions file), saved in the store as a 'domain' concept."""
     store.check_free(name, overwrite)
-    defaults = runtime.profile.domain_tuning
-    images, captions, classes = read_captions(images_dir, captions_file)
-    pipeline, clip = runtime.pipeline(), runtime.clip()
-    result = train_domain(
-        pipeline,
-        clip,
-        images,
-        captions,
-        classes,
-        iterations=iterations or defaults.iterations,
-        learning_rate=learning_rate or defaults.learning_rate,
-        batch_size=batch_size,
-        caption_alignment=defaults.caption_alignment if caption_alignment is None else caption_alignment,
-        prompt_learning_rate=prompt_learning_rate or defaults.prompt_learning_rate,
-        neutral_fit_steps=runtime.profile.concept_tuning.neutral_fit_steps,
-        progress=progress,
-    )
+    images, captions, classes = read_captions(*training_set)
+    result = train_domain(runtime.pipeline(), runtime.clip(), images, captions, classes, config, progress)
     card = concept_card(name, "domain", result, runtime)
     # A domain has ~100 images; a handful of thumbnails is enough to recognise it.
     return store.save(card, result.weights.to_tensors(), images[:10], overwrite=overwrite).summary()

@@ -33,8 +33,6 @@ from pictoprompt.tools.base import (
 )
 
 METHOD = "cross-attention-segmentation"
-SEED = 0
-"""The noise the picture is looked at through: fixed, so the same call gives the same masks."""
 PROMPT_TOKENS = 32
 """Without a prompt: the longest prompt VGD writes, in LLM tokens (invert_image's default)."""
 
@@ -116,12 +114,13 @@ def segment_image(request: SegmentImageRequest, context: ToolContext) -> Segment
             progress=describing,
         )
         prompt, llm_note, progress = result.best.text, llm.fallback_note, progress.scaled(0.8, 0.2, 1.0)
-    segments = segment(runtime.pipeline(), image, prompt, words=request.words, seed=SEED, progress=progress)
+    config = runtime.profile.segmentation
+    segments = segment(runtime.pipeline(), image, prompt, config, request.words, progress)
 
     metadata = {
         "method": METHOD,
         "prompt": prompt,
-        "seed": str(SEED),
+        "seed": str(config.seed),
         **{f"model_{key}": value for key, value in runtime.model_ids().items()},
     }
     colours = _colours(segments)

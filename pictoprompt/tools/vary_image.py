@@ -5,7 +5,7 @@ that the unchanged generator renders; no training and no caption are involved (`
 `method="prompted"` (ours) first writes the references' readable prompt with VGD and conditions on it together
 with the converted embedding (`methods.sd_ipc.prompted_states`): the prompt names the shape and the background,
 which the conversion alone loses on a small CLIP, while the seeds still vary what it does not name. The profile
-says which is the default (`Profile.variation`). Each variation reports how close CLIP finds it to the
+says which is the default (`Profile.sd_ipc`). Each variation reports how close CLIP finds it to the
 references, so the assistant can point the user to the closest ones.
 """
 
@@ -83,7 +83,7 @@ def _relative(weights: list[float] | None) -> list[float] | None:
 
 
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
-    settings = context.runtime.profile.variation
+    settings = context.runtime.profile.sd_ipc
     method: VaryMethod = request.method or ("prompted" if settings.picture_prompt else "sd-ipc")
     weights = request.weights or [1.0] * len(request.images)
     metadata = {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)}
