@@ -165,7 +165,7 @@ def prune(
             raise InvalidInputError("The prompt has no word this CLIP learnt; nothing in it can be kept.")
         if learnt != pieces:
             removed.append(_difference(pieces, learnt))
-        pieces = learnt
+        pieces = prompt_pieces(joined(learnt))  # one comma where a phrase between two went, so one deletion drops it
     pieces, repairs = repair(clip, llm, pieces)
     removed += repairs
     if max_tokens is not None:
