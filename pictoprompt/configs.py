@@ -170,3 +170,67 @@ class SegmentationConfig(MethodConfig):
         if not all(0 < fraction < 1 for fraction in value):
             raise ValueError(f"binding_timesteps are fractions of the schedule, in (0, 1); got {value}")
         return value
+
+
+# ------------------------------------------------------------------------------------------ EDITOR (paper 003)
+
+
+class EditorConfig(MethodConfig):
+    """EDITOR (section 3, authors' code): the text encoder's output states optimised so that the generator redraws
+    the picture, decoded into text, the candidates ranked by their pictures (methods.editor)."""
+
+    iterations: int = Field(1000, ge=1, le=100_000, description="Optimisation steps (paper: 1000).")
+    max_tokens: int = Field(
+        32, ge=1, le=75, description="The start prompt's tokens, and the candidates' (paper: 32 at most, 16 best)."
+    )
+    denoising_steps: int = Field(5, ge=1, le=50, description="LMS steps the gradient runs through (code: 5).")
+    guidance_scale: float = Field(7.5, ge=1.0, le=30.0)
+    base_learning_rate: float = Field(0.05, gt=0.0, description="CyclicLR's low end (code: 0.05).")
+    max_learning_rate: float = Field(0.1, gt=0.0, description="CyclicLR's high end (code: 0.1).")
+    step_size_up: int = Field(50, ge=1, description="CyclicLR's half cycle in iterations (code: 50).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW's (torch's default, as the code).")
+    check_every: int = Field(50, ge=1, description="Iterations between checks for the best states (code: 50).")
+    noise_seed: int = Field(0, description="The fixed noise the picture is redrawn from (code: seed 0).")
+    candidates_per_target: int = Field(
+        3, ge=1, le=10, description="Ours: VGD's best texts kept as candidates (it replaces the unpublished vec2text)."
+    )
+    selection_seeds: tuple[int, ...] = Field(
+        (0, 1, 2, 3),
+        min_length=1,
+        description="Ours: each candidate is judged on its pictures from these seeds (the paper: one); the first "
+        "one's is its preview.",
+    )
+    selection_steps: int = Field(25, ge=1, le=200, description="Denoising steps of those pictures.")
+
+
+# ------------------------------------------------------------------------------------------ VGD (paper 002)
+
+
+class VgdConfig(MethodConfig):
+    """Visually guided decoding (section 3, authors' code): an LLM proposes, CLIP rescores every token
+    (methods.vgd). `clip_alpha=0` and `llm_alpha=0` are the paper's Table 2 ablations."""
+
+    num_beams: int = Field(10, ge=1, le=64, description="Beams kept each step (paper: K = 10).")
+    beam_expand_factor: int = Field(10, ge=1, le=64, description="The LLM proposes num_beams times this (code: 10).")
+    llm_alpha: float = Field(1.0, ge=0.0, description="Weight of the LLM's log-probability (code: 1.0).")
+    clip_alpha: float = Field(1.5, ge=0.0, description="Weight of CLIP's log-softmax (code: 1.5; paper alpha 0.67).")
+    length_penalty_alpha: float = Field(1.2, description="The final pick's length penalty exponent (code: 1.2).")
+    length_penalty_offset: int = Field(5, ge=0, description="The final pick's length penalty offset (code: 5).")
+    distillation_ratio: float = Field(
+        0.3, gt=0.0, le=1.0, description="Distillation's default length, of the long prompt's CLIP tokens (code: 0.3)."
+    )
+    no_repeat_ngram_size: int = Field(
+        3, ge=0, le=16, description="Ours: no beam repeats a run of this many tokens (a small LLM loops); 0: off."
+    )
+    merge_part_tokens: int = Field(
+        16,
+        ge=1,
+        le=77,
+        description="Ours: fuse's `merge` decodes each picture's prompt in at least this many tokens (the paper's "
+        "shortest table length); the parts are read by the LLM, not pasted, so they need not share the budget.",
+    )
+    distillation_keeps_words: bool = Field(
+        True,
+        description="Ours: distill_prompt's short prompt may only leave words out of the long one, so it invents "
+        "nothing (methods.vgd.copied_from). False: the paper's free distillation.",
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pictoprompt.methods.generation import Sample, encode_text_prompt, generate_alone, generate_batch
+from pictoprompt.methods.generation import Sample, encode_text_prompt, generate, generate_batch
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 
@@ -44,7 +44,7 @@ def test_each_call_in_a_batch_gets_the_pictures_it_gets_alone(tiny_runtime: Runt
     batched = generate_batch(pipeline, calls, STEPS, SIDE, SIDE)
     for call, pictures in zip(calls, batched, strict=True):
         assert pictures is not None
-        assert_same_pictures(pictures, generate_alone(pipeline, call, STEPS, SIDE, SIDE))
+        assert_same_pictures(pictures, generate(pipeline, call, STEPS, SIDE, SIDE))
     # The same seed under two prompts gives two pictures: the rows did not mix.
     assert np.abs(pixels(batched[0][:1]) - pixels(batched[2])).max() > 10
 
@@ -54,7 +54,7 @@ def test_unguided_calls_batch_too_but_never_with_guided_ones(tiny_runtime: Runti
     calls = [sample(tiny_runtime, "a red circle", [5], guidance=1.0), sample(tiny_runtime, "a star", [6], guidance=0.5)]
     batched = generate_batch(pipeline, calls, STEPS, SIDE, SIDE)
     for call, pictures in zip(calls, batched, strict=True):
-        assert_same_pictures(pictures, generate_alone(pipeline, call, STEPS, SIDE, SIDE))
+        assert_same_pictures(pictures, generate(pipeline, call, STEPS, SIDE, SIDE))
     with pytest.raises(ValueError, match="guided and unguided"):
         generate_batch(pipeline, [calls[0], sample(tiny_runtime, "x", [1])], STEPS, SIDE, SIDE)
 
@@ -82,7 +82,7 @@ def test_progress_is_per_call_and_a_cancelled_call_leaves_the_batch(tiny_runtime
     assert [done for done, _ in heard["stays"]] == list(range(1, STEPS + 1))
     # While both ran the messages said so; after the other left, this call ran alone.
     assert "in a batch of 2 calls" in heard["stays"][1][1] and "batch" not in heard["stays"][-1][1]
-    assert_same_pictures(batched[0], generate_alone(pipeline, stays, STEPS, SIDE, SIDE))
+    assert_same_pictures(batched[0], generate(pipeline, stays, STEPS, SIDE, SIDE))
 
 
 def test_a_call_cancelled_before_the_batch_starts_takes_no_part(tiny_runtime: Runtime):
@@ -92,7 +92,7 @@ def test_a_call_cancelled_before_the_batch_starts_takes_no_part(tiny_runtime: Ru
     calls = [sample(tiny_runtime, "a star", [1], progress=cancelled), sample(tiny_runtime, "a circle", [2])]
     batched = generate_batch(pipeline, calls, STEPS, SIDE, SIDE)
     assert batched[0] is None
-    assert_same_pictures(batched[1], generate_alone(pipeline, calls[1], STEPS, SIDE, SIDE))
+    assert_same_pictures(batched[1], generate(pipeline, calls[1], STEPS, SIDE, SIDE))
 
 
 def test_every_call_cancelled_ends_the_batch_with_no_pictures(tiny_runtime: Runtime):

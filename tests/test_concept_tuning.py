@@ -29,7 +29,7 @@ from pictoprompt.methods.concept_weights import (
     swapped_projections,
 )
 from pictoprompt.methods.domain_tuning import train_domain
-from pictoprompt.methods.generation import default_size, generate
+from pictoprompt.methods.generation import Sample, default_size, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.tuning import CaptionAlignment, denoising_loss, encode_latents
 from pictoprompt.models.clip import OpenClipClip
@@ -212,7 +212,7 @@ def test_base_outputs_are_bit_identical_after_a_concept_was_used(tiny_runtime: R
             converter = ImageToPrompt.cached(clip_in_use, pipeline)
             embeds = clip_in_use.encode_image(images[:1])
             prompt = converter.prompt(embeds)
-        picture = generate(pipeline, prompt, converter.empty_states, [7], 3, 7.5, 32, 32, Progress())[0]
+        picture = generate(pipeline, Sample(prompt, converter.empty_states, [7], 7.5, Progress()), 3, 32, 32)[0]
         return np.asarray(picture), embeds
 
     base_picture, base_embeds = render(clip)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from transformers import (
     BertTokenizer,
     BlipConfig,
@@ -21,6 +22,7 @@ from transformers import (
     CLIPModel,
 )
 
+from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError, ModelNotFoundError
 from pictoprompt.methods import editor as ed
 from pictoprompt.methods.vgd import ClipVocabulary, clip_vocabulary
@@ -66,6 +68,10 @@ def runtime(tiny_lm_dir: Path) -> Runtime:
     return runtime
 
 
+def one_seed(seed: int) -> EditorConfig:
+    return EditorConfig(selection_seeds=(seed,))
+
+
 def red_target() -> torch.Tensor:
     return ed.target_pixels([solid((220, 30, 30))], SIZE)
 
@@ -75,7 +81,7 @@ def red_target() -> torch.Tensor:
 
 def test_start_states_are_the_text_states_cut_at_the_eos(runtime: Runtime) -> None:
     pipeline = runtime.pipeline()
-    states = ed.start_states(pipeline, "a red circle")
+    states = ed.start_states(pipeline, "a red circle", 32)
     # start token, three words, EOS
     assert states.shape == (5, pipeline.text_encoder.config.hidden_size)
     ids = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -84,16 +90,15 @@ def test_start_states_are_the_text_states_cut_at_the_eos(runtime: Runtime) -> No
     # The encoder is causal: what follows the EOS changes nothing before it.
     torch.testing.assert_close(states, padded[:5], atol=1e-5, rtol=1e-5)
     assert ed.start_states(pipeline, "a red circle and a blue square on a white background", max_tokens=4).shape[0] == 6
-    assert ed.start_states(pipeline, "").shape[0] == 2
+    assert ed.start_states(pipeline, "", 32).shape[0] == 2
 
 
 def test_the_eos_target_of_unoptimised_states_is_the_prompts_clip_embedding(runtime: Runtime) -> None:
     clip, pipeline = runtime.clip(), runtime.pipeline()
-    states = ed.start_states(pipeline, "a blue square")
+    states = ed.start_states(pipeline, "a blue square", 32)
     with torch.no_grad():
         expected = clip.encode_text(["a blue square"])
-    torch.testing.assert_close(ed.clip_space_targets(clip, states, "eos"), expected, atol=1e-4, rtol=1e-4)
-    assert ed.clip_space_targets(clip, states, "sequence").shape == (states.shape[0] - 1, clip.embed_dim)
+    torch.testing.assert_close(ed.eos_target(clip, states), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_targets_are_letterboxed_and_resized_into_zero_one() -> None:
@@ -108,8 +113,8 @@ def test_targets_are_letterboxed_and_resized_into_zero_one() -> None:
 
 def test_the_loss_falls_and_the_best_checked_states_are_kept(runtime: Runtime) -> None:
     pipeline = runtime.pipeline()
-    start = ed.start_states(pipeline, "a red circle")
-    [result] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=12, check_every=4)
+    start = ed.start_states(pipeline, "a red circle", 32)
+    result = ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=12, check_every=4))
     assert len(result.losses) == 13
     checked = {0, 4, 8, 12}
     assert {at for at, _, _ in result.improvements} <= checked
@@ -121,19 +126,8 @@ def test_the_loss_falls_and_the_best_checked_states_are_kept(runtime: Runtime) -
     torch.testing.assert_close(result.states[0], start[0])
     assert not torch.allclose(result.states[1:], start[1:])
     # A shorter run is the same trajectory: its best is what the longer run had kept by then.
-    [short] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=8, check_every=4)
+    short = ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=8, check_every=4))
     torch.testing.assert_close(short.states, result.best_within(8), atol=1e-5, rtol=1e-4)
-
-
-def test_a_batch_of_problems_gets_what_each_gets_alone(runtime: Runtime) -> None:
-    pipeline = runtime.pipeline()
-    starts = [ed.start_states(pipeline, "a red circle on a white background"), ed.start_states(pipeline, "")]
-    targets = [red_target(), ed.target_pixels([solid((30, 60, 220)), solid((30, 200, 60))], SIZE)]
-    together = ed.reverse_engineer(pipeline, starts, targets, iterations=3)
-    for start, target, batched in zip(starts, targets, together, strict=True):
-        [alone] = ed.reverse_engineer(pipeline, [start], [target], iterations=3)
-        assert batched.losses == pytest.approx(alone.losses, rel=1e-4, abs=1e-6)
-        assert batched.states.shape == start.shape
 
 
 def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
@@ -141,7 +135,7 @@ def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
 ) -> None:
     pipeline = runtime.pipeline()
     unet, vae = pipeline.unet, pipeline.vae
-    start = ed.start_states(pipeline, "a red circle")
+    start = ed.start_states(pipeline, "a red circle", 32)
     seen_in_backward: list[tuple[bool, bool]] = []
     # The tiny generator is below the side where checkpointing pays; count it as large enough here.
     monkeypatch.setattr(ed, "CHECKPOINT_FROM_SIDE", SIZE)
@@ -151,7 +145,7 @@ def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
 
     hook = unet.conv_in.register_full_backward_hook(record)
     try:
-        [checkpointed] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+        checkpointed = ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=3))
     finally:
         hook.remove()
     # On while EDITOR backpropagates through the shared pipeline, off again for every other caller.
@@ -162,7 +156,7 @@ def test_activations_are_recomputed_during_backpropagation_with_the_same_result(
     seen_in_backward.clear()
     hook = unet.conv_in.register_full_backward_hook(record)
     try:
-        [stored] = ed.reverse_engineer(pipeline, [start], [red_target()], iterations=3)
+        stored = ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=3))
     finally:
         hook.remove()
     assert seen_in_backward and all(state == (False, False) for state in seen_in_backward)
@@ -184,10 +178,10 @@ def test_checkpointing_that_was_on_stays_on(runtime: Runtime, monkeypatch: pytes
 
 def test_progress_every_iteration_and_cancel_between_iterations(runtime: Runtime) -> None:
     pipeline = runtime.pipeline()
-    start = ed.start_states(pipeline, "a red circle")
+    start = ed.start_states(pipeline, "a red circle", 32)
     reports: list[tuple[float, float | None]] = []
     ed.reverse_engineer(
-        pipeline, [start], [red_target()], iterations=4, progress=Progress(lambda d, t, m: reports.append((d, t)))
+        pipeline, start, red_target(), EditorConfig(iterations=4), Progress(lambda d, t, m: reports.append((d, t)))
     )
     assert reports == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
@@ -200,19 +194,17 @@ def test_progress_every_iteration_and_cancel_between_iterations(runtime: Runtime
 
     progress = Progress(cancel_at_three)
     with pytest.raises(JobCancelledError):
-        ed.reverse_engineer(pipeline, [start], [red_target()], iterations=50, progress=progress)
+        ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=50), progress=progress)
     assert seen == [1, 2, 3]
 
 
 def test_bad_inputs_are_refused_with_a_reason(runtime: Runtime) -> None:
     pipeline = runtime.pipeline()
-    start = ed.start_states(pipeline, "a red circle")
-    with pytest.raises(InvalidInputError, match="at least one iteration"):
-        ed.reverse_engineer(pipeline, [start], [red_target()], iterations=0)
+    start = ed.start_states(pipeline, "a red circle", 32)
+    with pytest.raises(ValidationError, match="iterations"):
+        EditorConfig(iterations=0)
     with pytest.raises(InvalidInputError, match=r"\(N, 3, 32, 32\)"):
-        ed.reverse_engineer(pipeline, [start], [torch.rand(1, 3, 16, 16)], iterations=1)
-    with pytest.raises(InvalidInputError, match="one start prompt per target"):
-        ed.reverse_engineer(pipeline, [start, start], [red_target()], iterations=1)
+        ed.reverse_engineer(pipeline, start, torch.rand(1, 3, 16, 16), EditorConfig(iterations=1))
 
 
 def test_a_generator_whose_text_encoder_is_not_the_clips_is_refused(runtime: Runtime) -> None:
@@ -264,14 +256,14 @@ def test_invert_image_by_editor_reports_each_prompts_preview_and_similarity(cont
         assert item.preview in context.assets.paths  # type: ignore[attr-defined]
         preview = Image.open(context.assets.paths[item.preview]).convert("RGB")  # type: ignore[attr-defined]
         # The preview is the prompt's picture from the first selection seed; the similarity is over all four.
-        [alone] = ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references)
+        [alone] = ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references, EditorConfig())
         # Batched and lone sampling may round one channel differently (oneDNN picks kernels per batch size).
         difference = np.abs(np.asarray(preview, dtype=int) - np.asarray(alone.image, dtype=int))
         assert preview.size == (SIZE, SIZE) and difference.max() <= 2
         assert item.image_similarity == pytest.approx(alone.image_similarity, abs=1e-4)
         pictures = [
-            ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references, seeds=[seed])[0]
-            for seed in ed.SELECTION_SEEDS
+            ed.select(context.runtime.pipeline(), clip, [(item.prompt, "any")], references, one_seed(seed))[0]
+            for seed in EditorConfig().selection_seeds
         ]
         assert item.image_similarity == pytest.approx(sum(p.image_similarity for p in pictures) / 4, abs=1e-4)
         assert item.score == item.image_similarity
@@ -280,7 +272,7 @@ def test_invert_image_by_editor_reports_each_prompts_preview_and_similarity(cont
     assert [p.score for p in response.prompts] == sorted((p.score for p in response.prompts), reverse=True)
     saved = context.assets.saved  # type: ignore[attr-defined]
     assert [m["prompt"] for m in saved] == [p.prompt for p in response.prompts]
-    assert all(m["method"] == "editor" and m["seed"] == str(ed.SELECTION_SEEDS[0]) for m in saved)
+    assert all(m["method"] == "editor" and m["seed"] == str(EditorConfig().selection_seeds[0]) for m in saved)
     # Progress rises to the end: the start prompt, 3 iterations, decoding, selection.
     fractions = [done / total for done, total in reports if total]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
@@ -336,7 +328,7 @@ def test_the_blip_captioner_loads_through_the_runtime_and_starts_editor(runtime:
     assert len(captions) == 2
     assert all(set(c.split()) <= set(BLIP_WORDS[6:]) and 0 < len(c.split()) <= 5 for c in captions)
     images = [solid((220, 30, 30)), solid((30, 60, 220))]
-    start = ed.start_prompt(images, captioner, runtime.llm(), runtime.clip(), None)
+    start = ed.start_prompt(images, captioner, runtime.llm(), runtime.clip(), None, 32)
     assert start == ", ".join(captioner.caption(images))
     assert Runtime(runtime.profile).captioner() is None
     missing = Runtime(runtime.profile.model_copy(update={"captioner": str(tmp_path / "nowhere")}))

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pictoprompt.methods.generation import encode_text_prompt, generate
+from pictoprompt.configs import VgdConfig
+from pictoprompt.methods.generation import Sample, encode_text_prompt, generate
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import image_targets, invert
 from pictoprompt.models.llm import LanguageModel
@@ -52,7 +53,7 @@ def test_sd_ipc_conversion_and_edit(tiny_runtime: Runtime) -> None:
 def test_text_to_image_pixels(tiny_runtime: Runtime) -> None:
     pipeline = tiny_runtime.pipeline()
     prompt_embeds, negative_embeds = encode_text_prompt(pipeline, "a red circle")
-    image = generate(pipeline, prompt_embeds, negative_embeds, [41], 3, 7.5, 32, 32, Progress())[0]
+    image = generate(pipeline, Sample(prompt_embeds, negative_embeds, [41], 7.5, Progress()), 3, 32, 32)[0]
     pixels = np.asarray(image).astype(int)
     top_left_red = [[122, 140, 120], [148, 118, 94], [148, 108, 112]]
     bottom_right_blue = [[98, 150, 149], [95, 122, 135], [97, 115, 116]]
@@ -62,9 +63,8 @@ def test_text_to_image_pixels(tiny_runtime: Runtime) -> None:
 
 def test_guided_decoding_with_the_tiny_lm(tiny_runtime: Runtime, load_llm: Callable[[str], LanguageModel]) -> None:
     clip = tiny_runtime.clip()
-    result = invert(
-        load_llm("transformers"), clip, image_targets(clip, [RED]), max_length=6, num_beams=3, beam_expand_factor=3
-    )
+    small = VgdConfig(num_beams=3, beam_expand_factor=3)
+    result = invert(load_llm("transformers"), clip, image_targets(clip, [RED]), max_length=6, config=small)
     ranked = [(h.text, h.final_score) for h in result.hypotheses[:3]]
     expected = [
         ("red grey orange green vector vector", -6.0359),

@@ -7,6 +7,7 @@ a minute or more, so the tests share one cluster and are marked `ray`: `make tes
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ ray = pytest.importorskip("ray", reason="the `ray` extra is not installed: pip i
 from mcp import Client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from pictoprompt.server.ray_serve import APP_NAME, DEPLOYMENT_NAME, NAMESPACE  # noqa: E402
+from pictoprompt.server.ray_serve import APP_NAME, BOARD_NAME, DEPLOYMENT_NAME, NAMESPACE  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.anyio]
 
@@ -123,6 +124,23 @@ async def test_calls_are_spread_over_both_replicas(cluster):
     status = (await call(url, "server_status", {})).structured_content
     assert sorted(status["replicas"]) == sorted(replicas)
     assert status["profile"] == "tiny" and "generator" in status["loaded_models"]
+
+
+async def test_the_replicas_and_the_board_run_at_the_priority_of_the_node(cluster):
+    """Ray starts its workers 15 steps nicer than the node; the model work and the board the calls wait on are not
+    (the local Ray is this process's, so the node's priority is this process's)."""
+    await call(cluster["urls"][0], "server_status", {})
+    replicas = [
+        ray.get_actor(actor["name"], namespace="serve")
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#")
+    ]
+    assert len(replicas) == 2
+    actors = [*replicas, ray.get_actor(BOARD_NAME, namespace=NAMESPACE)]
+    priorities = await anyio.to_thread.run_sync(
+        lambda: ray.get([actor.__ray_call__.remote(lambda _: os.nice(0)) for actor in actors], timeout=60)
+    )
+    assert priorities == [os.nice(0)] * 3
 
 
 async def test_progress_reaches_the_caller(cluster):
@@ -289,11 +307,21 @@ async def test_a_replica_batches_concurrent_calls_with_the_pictures_each_gets_al
             assert time.monotonic() < deadline, "the batch never got to its tenth step"
             await anyio.sleep(0.1)
         await board.cancel.remote("batch-3")
-        states = [await response for response in responses]
+        answered = [await response for response in responses]
         records = [await board.get.remote(f"batch-{index}") for index in range(len(calls))]
+        # A call alone on the replica samples at once: it does not wait the 2 s for a batch to fill.
+        await board.create.remote("alone", "generate_image")
+        lone = {"prompt": "a lone call", "steps": 2, "seed": 3, "width": 32, "height": 32}
+        alone_answer = await handle.run.remote("alone", "generate_image", lone, PreResolvedImages({}))
     finally:
         await anyio.to_thread.run_sync(serve.delete, "batching")
+    # Each response carries the job's ended record, as the board keeps it.
+    states = [record["state"] for record in answered]
     assert states == ["succeeded", "succeeded", "succeeded", "cancelled"]
+    kept = ("state", "result", "saved", "error", "replica")
+    assert [[a[key] for key in kept] for a in answered] == [[r[key] for key in kept] for r in records]
+    assert alone_answer["state"] == "succeeded" and "in a batch of" not in (alone_answer["message"] or "")
+    assert alone_answer["finished"] - alone_answer["started"] < settings.ray_batch_wait_seconds
     # The others kept on together after the fourth left: all three, or two when the first call reached its denoising
     # before the others had arrived and so ran alone (a call alone never waits for a batch).
     last_steps = [record["message"] for record in records[:3]]

@@ -137,7 +137,7 @@ def test_the_method_defaults_table_is_the_profiles():
     rows = [
         line
         for line in README.read_text().splitlines()
-        if re.match(r"\| `(distillation|(sd_ipc|concept_\w+|domain_\w+)\.)", line)
+        if re.match(r"\| `(distillation`|(vgd|sd_ipc|concept_\w+|domain_\w+)\.)", line)
     ]
     assert len(rows) >= 8, "the README lost its table of each profile's method defaults"
     for row in rows:

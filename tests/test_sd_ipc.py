@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import ValidationError
 
 from pictoprompt.errors import InvalidInputError, JobCancelledError
-from pictoprompt.methods.generation import encode_text_prompt, generate
+from pictoprompt.methods.generation import Sample, encode_text_prompt, generate
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_candidates, rewrite_prompt
 from pictoprompt.methods.sd_ipc import (
     VIT_L_TARGET_NORM,
@@ -294,7 +294,7 @@ def test_vary_image_renders_the_pseudo_prompt(context: ToolContext, reference_im
     converter = ImageToPrompt.cached(clip, pipeline)
     with torch.no_grad():
         prompt = converter.prompt(average_embeddings(reference_embeds, [3, 1]))
-    expected = generate(pipeline, prompt, converter.empty_states, [11, 12], 2, 7.5, 32, 32, Progress())
+    expected = generate(pipeline, Sample(prompt, converter.empty_states, [11, 12], 7.5, Progress()), 2, 32, 32)
     for output, image in zip(response.images, expected, strict=True):
         saved = Image.open(output.path)
         assert_same_picture(saved, image)
@@ -360,7 +360,7 @@ def test_vary_image_prompted_draws_the_references_prompt(
     converter = ImageToPrompt.cached(clip, pipeline)
     with torch.no_grad():
         states = prompted_states(converter, clip.encode_image(reference_images[:1]), response.prompt, 0.0)
-    expected = generate(pipeline, states, converter.empty_states, [3, 4], 2, 7.5, 32, 32, Progress())
+    expected = generate(pipeline, Sample(states, converter.empty_states, [3, 4], 7.5, Progress()), 2, 32, 32)
     for output, image in zip(response.images, expected, strict=True):
         saved = Image.open(output.path)
         assert_same_picture(saved, image)
@@ -394,7 +394,7 @@ def test_edit_with_text_renders_the_edited_prompt(context: ToolContext, referenc
     converter = ImageToPrompt.cached(clip, pipeline)
     with torch.no_grad():
         prompt = converter.edit(reference_embeds, "in the snow", 1.5)
-    expected = generate(pipeline, prompt, converter.empty_states, [3, 4], 2, 7.5, 32, 32, Progress())
+    expected = generate(pipeline, Sample(prompt, converter.empty_states, [3, 4], 7.5, Progress()), 2, 32, 32)
     text_embeds = clip.encode_text(["in the snow"])
     for output, image in zip(response.images, expected, strict=True):
         saved = Image.open(output.path)
@@ -420,7 +420,7 @@ def test_edit_with_text_rewrites_the_pictures_prompt_and_draws_it(
     clip, pipeline = context.runtime.clip(), context.runtime.pipeline()
     embeds = clip.encode_image(reference_images[:1])
     states, negative = prompt_edit_states(clip, pipeline, embeds, "a red circle", response.edited_prompt, 1.0)
-    expected = generate(pipeline, states, negative, [4, 5], 2, 7.5, 32, 32, Progress())
+    expected = generate(pipeline, Sample(states, negative, [4, 5], 7.5, Progress()), 2, 32, 32)
     for output, image in zip(response.images, expected, strict=True):
         saved = Image.open(output.path)
         assert_same_picture(saved, image)

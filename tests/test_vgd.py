@@ -7,7 +7,6 @@ Small beams and lengths keep them fast; the paper's defaults are checked as defa
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from lab.benchmarks.vgd import RecomputedBeams
+from pictoprompt.configs import VgdConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods import vgd
 from pictoprompt.methods.vgd import (
-    VARIANT_ALPHAS,
     ClipVocabulary,
+    Limits,
     clip_log_probs,
     clip_token_count,
     clip_vocabulary,
@@ -53,6 +54,8 @@ from pictoprompt.tools.fuse_concepts import FuseConceptsRequest, fuse_concepts
 from pictoprompt.tools.invert_image import InvertImageRequest, invert_image
 
 SMALL = {"num_beams": 3, "beam_expand_factor": 3}
+VARIANT_OPTIONS = {"vgd": {}, "llm_only": {"clip_alpha": 0.0}, "clip_only": {"llm_alpha": 0.0}}
+"""The paper's Table 2 ablations as configs."""
 LONG_PROMPT = (
     "a small red circle at the top left and a large blue square at the bottom right on a white background, "
     "simple flat digital art, bright colors, minimal poster style"
@@ -171,17 +174,16 @@ def test_step_score_matches_the_formula_on_a_hand_computed_case() -> None:
 
 
 def test_the_paper_defaults() -> None:
-    defaults = {name: p.default for name, p in inspect.signature(guided_decode).parameters.items()}
-    assert defaults["num_beams"] == 10 and defaults["beam_expand_factor"] == 10
-    assert defaults["llm_alpha"] == 1.0 and defaults["clip_alpha"] == 1.5
-    assert defaults["max_length"] == 32
-    assert defaults["length_penalty_alpha"] == 1.2 and defaults["length_penalty_offset"] == 5
-    assert VARIANT_ALPHAS == {"vgd": (1.0, 1.5), "llm_only": (1.0, 0.0), "clip_only": (0.0, 1.5)}
+    paper = VgdConfig()
+    assert paper.num_beams == 10 and paper.beam_expand_factor == 10
+    assert paper.llm_alpha == 1.0 and paper.clip_alpha == 1.5
+    assert Limits().max_length == 32 and paper.distillation_ratio == 0.3
+    assert paper.length_penalty_alpha == 1.2 and paper.length_penalty_offset == 5
 
 
 def test_each_step_keeps_the_best_candidates_by_the_formula(clip: ClipModel, targets: torch.Tensor) -> None:
     llm = ScriptedLM(prefer(stop_at=None))
-    result = guided_decode(llm, clip, targets, [2], num_beams=2, beam_expand_factor=2, max_length=2)
+    result = guided_decode(llm, clip, targets, [2], Limits(max_length=2), VgdConfig(num_beams=2, beam_expand_factor=2))
     # Step 1 by hand: the 4 most likely tokens, their texts scored by CLIP, the best 2 kept.
     log_probs = torch.log_softmax(torch.tensor(prefer(None)([])), dim=-1)
     log_probs[2] = -math.inf
@@ -196,25 +198,32 @@ def test_each_step_keeps_the_best_candidates_by_the_formula(clip: ClipModel, tar
 # --- the search's rules, on both backends ------------------------------------------------------------------------
 
 
-def decode(llm: LanguageModel, clip: ClipModel, targets: torch.Tensor, **options: object) -> vgd.VgdResult:
+def decode(
+    llm: LanguageModel,
+    clip: ClipModel,
+    targets: torch.Tensor,
+    limits: Limits = Limits(6),
+    progress: Progress | None = None,
+    **options: object,
+) -> vgd.VgdResult:
     prompt = vgd_prompt(llm, "inversion", 6, condition="circle")
-    return guided_decode(llm, clip, targets, prompt, **{"max_length": 6, **SMALL, **options})  # type: ignore[arg-type]
+    config = VgdConfig(**{**SMALL, **options})  # type: ignore[arg-type]
+    return guided_decode(llm, clip, targets, prompt, limits, config, progress)
 
 
 def test_cached_and_recomputed_decoders_choose_the_same_beams(
     language_model: LanguageModel, clip: ClipModel, targets: torch.Tensor
 ) -> None:
     # Recomputing costs a full forward pass per beam and step: fewer beams and steps keep this quick.
-    options = {"num_beams": 2, "max_length": 4}
-    cached = decode(language_model, clip, targets, use_cache=True, **options)
-    recomputed = decode(language_model, clip, targets, use_cache=False, **options)
+    cached = decode(language_model, clip, targets, Limits(4), num_beams=2)
+    recomputed = decode(RecomputedBeams(language_model), clip, targets, Limits(4), num_beams=2)  # type: ignore[arg-type]
     assert cached.beams == recomputed.beams
     assert [(h.text, h.token_ids) for h in cached.hypotheses] == [(h.text, h.token_ids) for h in recomputed.hypotheses]
     assert [h.final_score for h in cached.hypotheses] == pytest.approx([h.final_score for h in recomputed.hypotheses])
 
 
 def test_length_limit_and_stop_rules(language_model: LanguageModel, clip: ClipModel, targets: torch.Tensor) -> None:
-    result = decode(language_model, clip, targets, max_length=5, min_length=2)
+    result = decode(language_model, clip, targets, Limits(5, min_length=2))
     assert 1 <= result.steps <= 5 and len(result.beams) == result.steps
     assert [len(beam) for step in result.beams for beam in step] == [
         i + 1 for i, step in enumerate(result.beams) for _ in step
@@ -235,18 +244,18 @@ def test_length_limit_and_stop_rules(language_model: LanguageModel, clip: ClipMo
 def test_several_targets_each_move_the_result(
     language_model: LanguageModel, clip: ClipModel, targets: torch.Tensor
 ) -> None:
-    fused = decode(language_model, clip, targets, max_length=4).best
+    fused = decode(language_model, clip, targets, Limits(4)).best
     for left_out in range(targets.shape[0]):
         rest = torch.cat([targets[:left_out], targets[left_out + 1 :]])
-        partial = decode(language_model, clip, rest, max_length=4).best
+        partial = decode(language_model, clip, rest, Limits(4)).best
         assert partial.text != fused.text or abs(partial.score - fused.score) > 1e-6
 
 
 def test_distillation_respects_its_length(language_model: LanguageModel, clip: ClipModel) -> None:
     tokens = clip_token_count(clip, [LONG_PROMPT])[0]
-    assert distillation_length(clip, LONG_PROMPT) == math.floor(0.3 * tokens)
+    assert distillation_length(clip, LONG_PROMPT, 0.3) == math.floor(0.3 * tokens)
     for budget in (3, None):
-        result = distill(language_model, clip, LONG_PROMPT, max_length=budget, **SMALL)
+        result = distill(language_model, clip, LONG_PROMPT, max_length=budget, config=VgdConfig(**SMALL))
         limit = budget or math.floor(0.3 * tokens)
         assert result.hypotheses and result.steps <= limit
         assert max(clip_token_count(clip, [h.text for h in result.hypotheses])) <= limit
@@ -256,11 +265,14 @@ def test_variants_drop_one_term(
     clip: ClipModel, targets: torch.Tensor, monkeypatch: pytest.MonkeyPatch, load_llm: Callable[[str], LanguageModel]
 ) -> None:
     llm = load_llm("transformers")
-    results = {v: invert(llm, clip, targets, variant=v, max_length=5, **SMALL) for v in ("vgd", "clip_only")}
+    results = {
+        v: invert(llm, clip, targets, max_length=5, config=VgdConfig(**VARIANT_OPTIONS[v], **SMALL))
+        for v in ("vgd", "clip_only")
+    }
     assert results["vgd"].beams != results["clip_only"].beams
     calls = []
     monkeypatch.setattr(clip, "encode_text", lambda texts: calls.append(texts))
-    llm_only = invert(llm, clip, targets, variant="llm_only", max_length=5, **SMALL)
+    llm_only = invert(llm, clip, targets, max_length=5, config=VgdConfig(**VARIANT_OPTIONS["llm_only"], **SMALL))
     assert not calls, "llm_only never asks CLIP"
     # Without CLIP a score is the LLM log-probability alone, so the search is the LLM's own beam search.
     assert all(h.score == pytest.approx(h.llm_log_prob) for h in llm_only.hypotheses)
@@ -290,7 +302,7 @@ def test_a_target_must_be_a_matrix(clip: ClipModel) -> None:
 @pytest.mark.parametrize("stop_token", [0, 1], ids=["eos", "newline"])
 def test_a_stop_token_ends_hypotheses_and_the_search(clip: ClipModel, targets: torch.Tensor, stop_token: int) -> None:
     llm = ScriptedLM(prefer(stop_at=2, stop_token=stop_token))
-    result = guided_decode(llm, clip, targets, [2], max_length=12, **SMALL)
+    result = guided_decode(llm, clip, targets, [2], Limits(max_length=12), VgdConfig(**SMALL))
     # Every beam wants to stop after two words: enough hypotheses end and no live beam beats them.
     assert result.steps < 12
     assert result.best.finished and len(result.best.token_ids) == 2
@@ -299,7 +311,7 @@ def test_a_stop_token_ends_hypotheses_and_the_search(clip: ClipModel, targets: t
 
 def test_min_length_holds_stop_tokens_back(clip: ClipModel, targets: torch.Tensor) -> None:
     llm = ScriptedLM(prefer(stop_at=0))
-    result = guided_decode(llm, clip, targets, [2], max_length=8, min_length=3, **SMALL)
+    result = guided_decode(llm, clip, targets, [2], Limits(max_length=8, min_length=3), VgdConfig(**SMALL))
     assert result.hypotheses and min(len(h.token_ids) for h in result.hypotheses) >= 3
     assert result.best.finished and len(result.best.token_ids) == 3
 
@@ -348,9 +360,9 @@ def test_inversion_starts_from_the_closest_word(
 ) -> None:
     llm = load_llm("transformers")
     vocabulary = small_vocabulary(clip)
-    result = invert(llm, clip, targets[:1], vocabulary=vocabulary, max_length=4, **SMALL)
+    result = invert(llm, clip, targets[:1], vocabulary=vocabulary, max_length=4, config=VgdConfig(**SMALL))
     assert result.initial_condition == vocabulary.closest(targets[:1])
-    assert invert(llm, clip, targets[:1], max_length=4, **SMALL).initial_condition is None
+    assert invert(llm, clip, targets[:1], max_length=4, config=VgdConfig(**SMALL)).initial_condition is None
 
 
 # --- the tools ---------------------------------------------------------------------------------------------------
@@ -481,10 +493,10 @@ def test_an_answer_never_starts_with_a_wordless_token(clip: ClipModel, targets: 
         return [-8.0, 9.0 if tokens == [3] else -8.0, -8.0, *[1.0 - 0.1 * i for i in range(7)]]
 
     lm = ScriptedLM(fence_first)
-    fenced = guided_decode(lm, clip, targets, [2], max_length=4, **SMALL)
+    fenced = guided_decode(lm, clip, targets, [2], Limits(max_length=4), VgdConfig(**SMALL))
     assert fenced.hypotheses[0].token_ids[0] == 3, "without the mask the fence wins"
     lm.wordless_tokens[3] = True
-    result = guided_decode(lm, clip, targets, [2], max_length=4, **SMALL)
+    result = guided_decode(lm, clip, targets, [2], Limits(max_length=4), VgdConfig(**SMALL))
     assert result.hypotheses and all(h.token_ids[0] != 3 for h in result.hypotheses)
 
 
@@ -502,9 +514,9 @@ def test_no_beam_repeats_a_run_of_three_tokens(clip: ClipModel, targets: torch.T
         return logits
 
     lm = ScriptedLM(alternate)
-    looping = guided_decode(lm, clip, targets, [2], max_length=6, no_repeat_ngram_size=0, **SMALL)
+    looping = guided_decode(lm, clip, targets, [2], Limits(max_length=6), VgdConfig(no_repeat_ngram_size=0, **SMALL))
     assert any(h.token_ids[:4] == [3, 5, 3, 5] for h in looping.hypotheses)
-    for hypothesis in guided_decode(lm, clip, targets, [2], max_length=6, **SMALL).hypotheses:
+    for hypothesis in guided_decode(lm, clip, targets, [2], Limits(max_length=6), VgdConfig(**SMALL)).hypotheses:
         ids = hypothesis.token_ids
         runs = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
         assert len(set(runs)) == len(runs), ids
@@ -528,7 +540,7 @@ def test_copied_from_allows_only_the_sources_words_in_order() -> None:
 
 def test_distillation_keeping_words_invents_none(language_model: LanguageModel, clip: ClipModel) -> None:
     source = [word.strip(",").lower() for word in LONG_PROMPT.split()]
-    result = distill(language_model, clip, LONG_PROMPT, max_length=6, keep_words=True, **SMALL)
+    result = distill(language_model, clip, LONG_PROMPT, max_length=6, keep_words=True, config=VgdConfig(**SMALL))
     assert result.hypotheses
     assert all(copied_from(h.text, source, complete=True) for h in result.hypotheses if h.finished)
     assert all(copied_from(h.text, source, complete=False) for h in result.hypotheses)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from lab.benchmarks.harness import print_table
 from lab.shapes.oracle import parse_scene
-from pictoprompt.methods.generation import encode_text_prompt, generate
+from pictoprompt.methods.generation import Sample, encode_text_prompt, generate
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.models.shapes.scenes import COLOURS, TRAIN_SHAPES
@@ -63,7 +63,7 @@ def sample(pipeline, items: list[tuple[str, str, str, int]], steps: int, guidanc
         prompt = torch.cat([s[0] for s in states])
         negative = torch.cat([s[1] for s in states])
         seeds = [seed for *_, seed in chunk]
-        images += generate(pipeline, prompt, negative, seeds, steps, guidance, size, size, Progress())
+        images += generate(pipeline, Sample(prompt, negative, seeds, guidance, Progress()), steps, size, size)
     return images
 
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -53,14 +54,12 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.benchmarks.vgd import KINDS, median, percent, pez_prompt, render
+from pictoprompt.configs import EditorConfig
 from pictoprompt.methods.editor import (
-    CANDIDATES_PER_TARGET,
-    SELECTION_SEEDS,
-    SELECTION_STEPS,
-    DecodeTarget,
     Reconstruction,
     decode_candidates,
     editor,
+    eos_target,
     reverse_engineer,
     select,
     start_prompt,
@@ -101,16 +100,38 @@ class Chosen:
     kept_start: bool
 
 
+DecodeTarget = Literal["eos", "sequence"]
+"""What the decoder writes against: the optimised end-of-text state in CLIP space (the product's), or every
+optimised state so mapped, one target row per position, whose log-softmax VGD averages (a study of the lab's)."""
+
+
+def decoded(
+    models: Models, states: torch.Tensor, targets: Sequence[DecodeTarget], per_target: int = 3
+) -> list[tuple[str, str]]:
+    """EDITOR's step 3 against each of `targets`: (prompt, target) pairs, VGD's best `per_target` texts of each."""
+    clip, config = models.clip, EditorConfig(candidates_per_target=per_target)
+    candidates = []
+    for target in targets:
+        rows = (
+            eos_target(clip, states) if target == "eos" else states[1:].to(clip.device).float() @ clip.text_projection.T
+        )
+        candidates += [
+            (prompt, target)
+            for prompt, _ in decode_candidates(models.runtime.llm(), clip, rows, models.vocabulary, config)
+        ]
+    return candidates
+
+
 def choose(
     models: Models, example: Example, states: torch.Tensor, start: str, targets: Sequence[DecodeTarget]
 ) -> Chosen:
     """Steps 3-4 of EDITOR for one scene from its optimised states, as `methods.editor.editor` runs them."""
     runtime = models.runtime
-    candidates = decode_candidates(runtime.llm(), models.clip, states, models.vocabulary, targets)
+    candidates = decoded(models, states, targets)
     if start:
         candidates.append((start, "start"))
     references = image_targets(models.clip, [example.image])
-    best = select(runtime.pipeline(), models.clip, candidates, references)[0]
+    best = select(runtime.pipeline(), models.clip, candidates, references, EditorConfig())[0]
     return Chosen(best.prompt, best.source == "start")
 
 
@@ -149,16 +170,19 @@ def timed(method: Callable[[Example], str], examples: Sequence[Example]) -> tupl
 def optimise(
     models: Models, examples: Sequence[Example], starts: Sequence[str], iterations: int
 ) -> list[Reconstruction]:
-    """Every scene's reverse engineering in one batch (exact: padding is masked out of the cross-attention)."""
-    pipeline = models.runtime.pipeline()
+    """Every scene's reverse engineering, one after the other."""
+    pipeline, config = models.runtime.pipeline(), EditorConfig(iterations=iterations)
     timer = Timer()
     with timer:
-        reconstructions = reverse_engineer(
-            pipeline,
-            [start_states(pipeline, start) for start in starts],
-            [target_pixels([ex.image], default_size(pipeline)) for ex in examples],
-            iterations=iterations,
-        )
+        reconstructions = [
+            reverse_engineer(
+                pipeline,
+                start_states(pipeline, start, config.max_tokens),
+                target_pixels([ex.image], default_size(pipeline)),
+                config,
+            )
+            for start, ex in zip(starts, examples, strict=True)
+        ]
     print(f"  optimised {len(examples)} scenes x {iterations} iterations in {timer.mean:.0f} s", file=sys.stderr)
     return reconstructions
 
@@ -191,17 +215,9 @@ def time_tool_path(models: Models, examples: Sequence[Example], iterations: int)
 
         with totals:
             with starts:
-                start = start_prompt([example.image], None, llm, clip, models.vocabulary)
-            editor(
-                pipeline,
-                clip,
-                llm,
-                [example.image],
-                start,
-                vocabulary=models.vocabulary,
-                iterations=iterations,
-                progress=Progress(stamp),
-            )
+                start = start_prompt([example.image], None, llm, clip, models.vocabulary, EditorConfig().max_tokens)
+            config = EditorConfig(iterations=iterations)
+            editor(pipeline, clip, llm, [example.image], start, config, models.vocabulary, Progress(stamp))
         per_iteration.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
     each = statistics.fmean(per_iteration)
     return Timing(starts.mean, each, totals.mean - starts.mean - iterations * each)
@@ -250,20 +266,18 @@ def score_candidates(
 ) -> list[Scored]:
     """Every distinct candidate of one scene (the start first, so a decoded copy of it counts as the start)."""
     runtime, clip = models.runtime, models.clip
-    decoded = decode_candidates(
-        runtime.llm(), clip, states, models.vocabulary, ("eos",), per_target=models.settings.study_candidates
-    )
     sources: dict[str, str] = {}
-    for prompt, source in [(start, "start"), *decoded]:
+    for prompt, source in [(start, "start"), *decoded(models, states, ("eos",), models.settings.study_candidates)]:
         sources.setdefault(prompt, source)
     prompts = list(sources)
     size = default_size(runtime.pipeline())
 
     def pictures(seeds: Sequence[int]) -> list[list[Image.Image]]:
-        flat = render(runtime, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), SELECTION_STEPS)
+        steps = EditorConfig().selection_steps
+        flat = render(runtime, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), steps)
         return [flat[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
 
-    selection = pictures(SELECTION_SEEDS)
+    selection = pictures(EditorConfig().selection_seeds)
     evaluation = pictures([STUDY_SEED + study_seeds * index + k for k in range(study_seeds)])
     references = image_targets(clip, [example.image])
     target = target_pixels([example.image], size)[0]
@@ -306,7 +320,10 @@ def selection_study(models: Models, iterations: int) -> None:
     rows = []
     for kind in settings.kinds:
         examples = scene_set(kind, settings.n)
-        starts = [start_prompt([ex.image], None, llm, models.clip, models.vocabulary) for ex in examples]
+        starts = [
+            start_prompt([ex.image], None, llm, models.clip, models.vocabulary, EditorConfig().max_tokens)
+            for ex in examples
+        ]
         runs = optimise(models, examples, starts, iterations)
         per_scene = [
             score_candidates(models, ex, i, run.best_within(iterations), start, settings.study_seeds)
@@ -339,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--study-seeds", type=int, default=4, help="evaluation seeds per scene in the study")
     parser.add_argument(
-        "--study-candidates", type=int, default=CANDIDATES_PER_TARGET, help="decoded prompts per scene in the study"
+        "--study-candidates",
+        type=int,
+        default=EditorConfig().candidates_per_target,
+        help="decoded prompts per scene in the study",
     )
     settings = parser.parse_args(argv)
     if settings.study_seeds < 1 or settings.study_candidates < 1:
@@ -366,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in settings.kinds:
         examples = scene_set(kind, settings.n)
         vgd_prompts, vgd_seconds = timed(
-            lambda ex: start_prompt([ex.image], None, llm, clip, models.vocabulary), examples
+            lambda ex: start_prompt([ex.image], None, llm, clip, models.vocabulary, EditorConfig().max_tokens), examples
         )
         longest = (
             max(settings.iterations)

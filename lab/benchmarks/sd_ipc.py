@@ -53,7 +53,7 @@ from lab.benchmarks.harness import (
 )
 from lab.shapes.oracle import ATTRIBUTES, agreement, parse_scene
 from lab.shapes.world import POSITION_PHRASES, full_caption, with_object
-from pictoprompt.methods.generation import default_size, generate
+from pictoprompt.methods.generation import Sample, default_size, generate
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.sd_ipc import ImageToPrompt
 from pictoprompt.methods.vgd import invert, runtime_vocabulary
@@ -100,14 +100,10 @@ def render(
         rows = slice(start, start + BATCH)
         images += generate(
             pipeline,
-            prompt_embeds[rows],
-            negative,
-            seeds[rows],
+            Sample(prompt_embeds[rows], negative, seeds[rows], settings.guidance, Progress()),
             settings.steps,
-            settings.guidance,
             size,
             size,
-            Progress(),
         )
     return images
 

@@ -71,12 +71,13 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.shapes.world import held_out_scenes
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.configs import VgdConfig
+from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
+    Limits,
     Task,
-    Variant,
     clip_token_count,
     distill,
     fuse,
@@ -96,7 +97,12 @@ from pictoprompt.models.shapes.scenes import FILLS, Scene, render_scene
 from pictoprompt.progress import Progress
 
 KINDS = ("single", "two", "held_out_combos")
-VARIANTS: tuple[Variant, ...] = ("vgd", "llm_only", "clip_only")
+VARIANTS: dict[str, VgdConfig] = {
+    "vgd": VgdConfig(),
+    "llm_only": VgdConfig(clip_alpha=0.0),
+    "clip_only": VgdConfig(llm_alpha=0.0),
+}
+"""The paper's Table 2 ablations: without CLIP's term, without the LLM's (it still proposes the candidates)."""
 OLD_LLM = "vgd (old LLM)"
 CEILING = "caption (ceiling)"
 NAMED = ("colour", "shape", "size", "position", "fill")
@@ -143,15 +149,15 @@ class Decoder:
     max_tokens: int
     conditions: set[str] = field(default_factory=set)
 
-    def __call__(self, targets: torch.Tensor, task: Task = "inversion", variant: Variant = "vgd") -> str:
+    def __call__(self, targets: torch.Tensor, task: Task = "inversion", variant: str = "vgd") -> str:
         result = invert(
             self.llm,
             self.clip,
             targets,
             task=task,
             vocabulary=self.vocabulary,
-            variant=variant,
             max_length=self.max_tokens,
+            config=VARIANTS[variant],
         )
         if result.initial_condition is not None:
             self.conditions.add(result.initial_condition)
@@ -235,7 +241,7 @@ def render(runtime: Runtime, prompts: Sequence[str], seeds: Sequence[int], steps
         prompt_embeds = torch.cat([p for p, _ in pairs])
         negative = torch.cat([n for _, n in pairs])
         batch_seeds = list(seeds[start : start + BATCH])
-        images += generate(pipeline, prompt_embeds, negative, batch_seeds, steps, 7.5, size, size, Progress())
+        images += generate(pipeline, Sample(prompt_embeds, negative, batch_seeds, 7.5, Progress()), steps, size, size)
     return images
 
 
@@ -582,6 +588,20 @@ def distillation_table(runtime: Runtime, perplexity: Perplexity, settings: argpa
     return rows
 
 
+class RecomputedBeams:
+    """An LLM whose beams recompute every token each step, as the authors' code does (no KV cache): the product
+    always reuses each beam's cache, and this is what the speed table compares it with."""
+
+    def __init__(self, llm: LanguageModel) -> None:
+        self.llm = llm
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.llm, name)
+
+    def start(self, prompt_ids: Sequence[int], **options: object) -> object:
+        return self.llm.start(prompt_ids, **{**options, "use_cache": False})
+
+
 def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     """The same inversion with the beams' caches and recomputed from scratch: same beams, different cost.
 
@@ -596,8 +616,9 @@ def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     for use_cache in (True, False):
         timer = Timer()
         with timer:
+            decoding = llm if use_cache else RecomputedBeams(llm)
             results[use_cache] = guided_decode(
-                llm, clip, targets, prompt, max_length=max_tokens, min_length=max_tokens, use_cache=use_cache
+                decoding, clip, targets, prompt, Limits(max_tokens, min_length=max_tokens)
             )
         rows.append(
             {

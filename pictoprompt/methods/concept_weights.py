@@ -225,7 +225,7 @@ def named_concept_prompt(
     placeholder, as DreamBooth's "a [V] dog" names the class beside the identifier: "[f_cnvrt] a green heart on
     the left". With `place`, the words after the name go into the description instead of after it ("NAME small"
     -> "[f_cnvrt] a small outlined green heart"): a generator trained on captions follows a size word only before
-    the noun (an extension of ours, `ConceptTuning.place_context_words`).
+    the noun (an extension of ours, `ConceptTuningConfig.place_context_words`).
 
     On `shapes` this beat Eq. 8's form (`f_cnvrt + alpha * h_text` from the end-of-text token on) on the tuning
     concepts of `pictoprompt bench concepts`, for both the context and the concept (lab/RESULTS.md, "Figures

@@ -3,29 +3,26 @@
 Three steps, as Algorithm 1 lays them out, and a fourth from the authors' evaluation:
 
 1. *Initialise* (section 3.3): caption the target with an image captioner (BLIP-large on the real profiles) and
-   encode the caption, cut to `START_TOKENS` tokens, with the generator's text encoder. The bundled `shapes` set
+   encode the caption, cut to `max_tokens` tokens, with the generator's text encoder. The bundled `shapes` set
    has no captioner: there EDITOR starts from VGD's prompt for the picture, a deliberate change (METHODS.md).
 2. *Reverse-engineer* (section 3.4, Eq. 2-3): optimise the text encoder's *output* states (after its final layer
    norm) at positions 1..EOS so that the image the generator makes from them, from fixed noise, matches the
    target: `c* = argmin_c L(D(R_eps(c, n)), x)`. The sequence is cut at the EOS (no padding) and the
    unconditional states are cut to the same length. `L` is the pixel MSE in [0, 1]; the gradient runs through
-   `DENOISING_STEPS` LMS steps at guidance 7.5 and the VAE decoder. AdamW, its learning rate cycling between
+   `denoising_steps` LMS steps at guidance 7.5 and the VAE decoder. AdamW, its learning rate cycling between
    0.05 and 0.1 (`CyclicLR`, `step_size_up` 50); the best states are kept, checked every 50 iterations.
 3. *Embedding to text* (section 3.5): the authors' vec2text model is not public. Here VGD's decoder writes the
    text against `W_t @ h_EOS`, the optimised end-of-text state mapped into CLIP space by the CLIP's text
-   projection (`DecodeTarget` "eos"), or against every optimised state so mapped ("sequence", one target row per
-   position, whose log-softmax VGD averages).
+   projection (`eos_target`).
 4. *Select*: render every candidate prompt from fixed seeds and rank them by the CLIP image-image cosine of
    their pictures to the target(s). Two additions of ours: the start prompt is a candidate too, so the method
    does not answer with a prompt that regenerates the target worse than the one it started from; and the
-   similarity is averaged over `SELECTION_SEEDS` (four pictures, not the paper's one), because on one seed
+   similarity is averaged over `selection_seeds` (four pictures, not the paper's one), because on one seed
    the choice followed that seed's noise (the benchmark's first run: candidates that beat the start on seed 0
    regenerated the held-out scenes worse on other seeds).
 
-Several target images make one joint target: one set of states, the loss averaged over the images. The
-optimisation also runs a batch of independent problems at once (`reverse_engineer` with several starts): the
-states are padded to one length and the padding is masked out of the U-Net's cross-attention, so each problem
-gets exactly what it would alone; the benchmark uses this to invert many pictures per forward pass.
+Several target images make one joint target: one set of states, the loss averaged over the images. The settings
+are `EditorConfig`'s (the paper's and its code's, with the additions of ours marked).
 
 Step 3 needs the generator's text encoder to be the CLIP's text tower (SD 1.x, `shapes`): `check_generator`
 refuses SD 2.x, whose U-Net reads OpenCLIP's penultimate layer, which `W_t` does not map into CLIP space.
@@ -36,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -45,8 +41,9 @@ from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError, PictopromptError
-from pictoprompt.methods.generation import default_size, encode_text_prompt, generate
+from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.scoring import score_images
 from pictoprompt.methods.vgd import ClipVocabulary, image_targets, invert
 from pictoprompt.models.captioner import Captioner
@@ -54,23 +51,6 @@ from pictoprompt.models.clip import ClipModel, pad_to_square
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.progress import Progress
 
-DecodeTarget = Literal["eos", "sequence"]
-
-START_TOKENS = 32
-"""The start prompt is cut to at most this many tokens (the paper: 16 is best, 32 at most)."""
-DENOISING_STEPS = 5
-GUIDANCE_SCALE = 7.5
-BASE_LEARNING_RATE = 0.05
-MAX_LEARNING_RATE = 0.1
-STEP_SIZE_UP = 50
-CHECK_EVERY = 50
-ITERATIONS = 1000
-"""The paper's iterations; the tool's default is set from the benchmark to fit a CPU (lab/RESULTS.md, "EDITOR")."""
-NOISE_SEED = 0
-SELECTION_SEEDS = (0, 1, 2, 3)
-"""Each candidate is judged on its pictures from these seeds; the first one's is its preview."""
-SELECTION_STEPS = 25
-CANDIDATES_PER_TARGET = 3
 _SAME_ENCODER_COSINE = 0.99
 _PROBE = "a photo of a red circle on a blue background"
 
@@ -115,7 +95,7 @@ def start_prompt(
     llm: LanguageModel,
     clip: ClipModel,
     vocabulary: ClipVocabulary | None,
-    max_length: int = START_TOKENS,
+    max_length: int,
     progress: Progress | None = None,
 ) -> str:
     """Step 1's prompt: the captioner's captions joined (one per image), or, without a captioner (the `shapes` set),
@@ -128,7 +108,7 @@ def start_prompt(
     return result.best.text
 
 
-def start_states(pipeline: StableDiffusionPipeline, prompt: str, max_tokens: int = START_TOKENS) -> Tensor:
+def start_states(pipeline: StableDiffusionPipeline, prompt: str, max_tokens: int) -> Tensor:
     """The generator's text states of `prompt` cut at its EOS, (L, D) with L <= max_tokens + 2: start token, at most
     `max_tokens` words, EOS. The text encoder is causal, so the states up to the EOS need no padding after it."""
     tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
@@ -163,6 +143,12 @@ class Reconstruction:
         """The states a run of `iterations` (a multiple of the check interval) would have kept."""
         return [states for at, _, states in self.improvements if at <= iterations][-1]
 
+    def record(self, iteration: int, loss: float, prompt_embeds: Tensor, checked: bool) -> None:
+        """The loss of `iteration`'s states (L, D), and the states themselves when they are checked and better."""
+        self.losses.append(loss)
+        if checked and (not self.improvements or loss < self.improvements[-1][1]):
+            self.improvements.append((iteration, loss, prompt_embeds.detach().float().cpu().clone()))
+
 
 CHECKPOINT_FROM_SIDE = 256
 """EDITOR recomputes activations (gradient checkpointing) only for generators of at least this side in pixels."""
@@ -173,7 +159,7 @@ def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
     """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them, where the memory
     it saves is needed: generators of `CHECKPOINT_FROM_SIDE` pixels or more.
 
-    Backpropagation through `DENOISING_STEPS` guided U-Net passes and the VAE decoder otherwise keeps every
+    Backpropagation through `denoising_steps` guided U-Net passes and the VAE decoder otherwise keeps every
     activation. Measured on the SD 1.5-sized set (`lab.real_size`, float32 on the CPU), one iteration needs over
     the weights 1.65 GB at 128 px and 5.5 GB at 256 px without checkpointing, 0.78 and 2.9 GB with it, the same
     losses to the last digit; at 512 px (about 4x per doubling of the side) that is some 22 GB without and 11 GB
@@ -203,137 +189,108 @@ def _denoise(
     scheduler: LMSDiscreteScheduler,
     prompt_embeds: Tensor,
     negative_embeds: Tensor,
-    mask: Tensor | None,
     noise: Tensor,
-    num_inference_steps: int,
-    guidance_scale: float,
+    config: EditorConfig,
 ) -> Tensor:
     """`D(R_eps(c, n))` in [0, 1], differentiable in `prompt_embeds`: the pipeline's own denoising loop (its
     `__call__` runs without gradients), classifier-free guidance, the scheduler's steps and the VAE decoder."""
     unet, vae = pipeline.unet, pipeline.vae
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    scheduler.set_timesteps(config.denoising_steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
     embeds = torch.cat([negative_embeds, prompt_embeds]).to(unet.dtype)
-    attention_mask = torch.cat([mask, mask]) if mask is not None else None
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, encoder_attention_mask=attention_mask).sample
+        noise_pred = unet(model_input, t, encoder_hidden_states=embeds).sample
         uncond, cond = noise_pred.chunk(2)
-        latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        latents = scheduler.step(uncond + config.guidance_scale * (cond - uncond), t, latents).prev_sample
     pixels = vae.decode(latents / vae.config.scaling_factor).sample
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
 
+@dataclass
+class _Problem:
+    """What the optimisation redraws the target from: the start token's state (fixed), the states it optimises, the
+    empty prompt's states cut to the same length, the fixed noise and the scheduler."""
+
+    start_token: Tensor
+    states: Tensor
+    negative_embeds: Tensor
+    noise: Tensor
+    scheduler: LMSDiscreteScheduler
+
+    @classmethod
+    def of(cls, pipeline: StableDiffusionPipeline, start: Tensor, seed: int) -> _Problem:
+        device = pipeline.unet.device
+        # The unconditional states: "" padded as diffusers pads it, cut to the start's length.
+        empty_ids = pipeline.tokenizer([""], padding="max_length", max_length=start.shape[0], return_tensors="pt")
+        with torch.no_grad():
+            unconditional = pipeline.text_encoder(empty_ids.input_ids.to(device))[0].float()
+        first = start.to(device).float()[None]
+        generator = torch.Generator().manual_seed(seed)
+        channels, side = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size
+        noise = torch.randn((1, channels, side, side), generator=generator).to(device, pipeline.unet.dtype)
+        scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config)
+        return cls(first[:, :1], first[:, 1:].clone().requires_grad_(True), unconditional, noise, scheduler)
+
+
 def reverse_engineer(
     pipeline: StableDiffusionPipeline,
-    starts: Sequence[Tensor],
-    targets: Sequence[Tensor],
-    *,
-    iterations: int = ITERATIONS,
-    num_inference_steps: int = DENOISING_STEPS,
-    guidance_scale: float = GUIDANCE_SCALE,
-    base_learning_rate: float = BASE_LEARNING_RATE,
-    max_learning_rate: float = MAX_LEARNING_RATE,
-    step_size_up: int = STEP_SIZE_UP,
-    weight_decay: float = 0.01,
-    check_every: int = CHECK_EVERY,
-    seed: int = NOISE_SEED,
+    start: Tensor,
+    target: Tensor,
+    config: EditorConfig = EditorConfig(),
     progress: Progress | None = None,
-) -> list[Reconstruction]:
-    """Eq. 2-3 for each start (L_i, D) against its targets (N_i, 3, H, W) in [0, 1], all optimised together.
-
-    Each problem's loss is the MSE between its image and each of its targets, averaged over them; the total is
-    their sum, so each problem's states get the gradient of its own loss. Every problem starts from the same
-    noise (`seed`). Progress is reported after every iteration and cancellation honoured there.
-    """
-    if len(starts) != len(targets) or not starts:
-        raise InvalidInputError("EDITOR needs one start prompt per target group, and at least one.")
-    if iterations < 1:
-        raise InvalidInputError("EDITOR needs at least one iteration.")
-    progress = progress or Progress()
-    device = pipeline.unet.device
-    lengths = [start.shape[0] for start in starts]
-    longest = max(lengths)
-    width = starts[0].shape[-1]
-    # The unconditional states: "" padded as diffusers pads it, cut to the longest start's length.
-    empty_ids = pipeline.tokenizer([""], padding="max_length", max_length=longest, return_tensors="pt").input_ids
-    with torch.no_grad():
-        unconditional = pipeline.text_encoder(empty_ids.to(device))[0][0].float()
-    padded = torch.zeros(len(starts), longest, width, device=device)
-    mask = torch.zeros(len(starts), longest, device=device)
-    for i, start in enumerate(starts):
-        padded[i, : lengths[i]] = start.to(device)
-        mask[i, : lengths[i]] = 1.0
-    # Equal lengths need no mask: the sequences are already cut at their EOS.
-    attention_mask = mask.to(pipeline.unet.dtype) if min(lengths) != longest else None
-    negative_embeds = unconditional.expand(len(starts), -1, -1)
-    start_token = padded[:, :1]
-    states = padded[:, 1:].clone().requires_grad_(True)
-    groups = [target.to(device) for target in targets]
+) -> Reconstruction:
+    """Eq. 2-3 from the start states (L, D) against the target pictures (N, 3, H, W) in [0, 1]: the loss is the MSE
+    between the redrawn picture and each target, averaged over them, the noise fixed (`noise_seed`). Progress is
+    reported after every iteration and cancellation honoured there."""
     size = default_size(pipeline)
-    if any(group.ndim != 4 or group.shape[1:] != (3, size, size) for group in groups):
+    if target.ndim != 4 or target.shape[1:] != (3, size, size):
         raise InvalidInputError(f"EDITOR's targets must be (N, 3, {size}, {size}) pictures in [0, 1].")
-
-    optimizer = torch.optim.AdamW([states], lr=max_learning_rate, weight_decay=weight_decay)
+    progress = progress or Progress()
+    problem = _Problem.of(pipeline, start, config.noise_seed)
+    target = target.to(pipeline.unet.device)
+    optimizer = torch.optim.AdamW([problem.states], lr=config.max_learning_rate, weight_decay=config.weight_decay)
     # Adam's betas stay fixed: the cycle is the learning rate's only (`cycle_momentum` would cycle beta1 too).
     schedule = torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_learning_rate, max_learning_rate, step_size_up=step_size_up, cycle_momentum=False
+        optimizer,
+        config.base_learning_rate,
+        config.max_learning_rate,
+        step_size_up=config.step_size_up,
+        cycle_momentum=False,
     )
-    scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
-    channels, latent_side = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size
-    noise = torch.randn((1, channels, latent_side, latent_side), generator=generator).to(device, pipeline.unet.dtype)
-    noise = noise.expand(len(starts), -1, -1, -1)
-    results = [Reconstruction(start.float().cpu(), []) for start in starts]
-
+    result, iterations = Reconstruction(start.float().cpu(), []), config.iterations
     with recomputed_activations(pipeline):
         for iteration in range(iterations + 1):
             last = iteration == iterations
             # The last pass only measures the final states, which are checked too: no update follows.
             with torch.set_grad_enabled(not last):
-                prompt_embeds = torch.cat([start_token, states], dim=1)
+                prompt_embeds = torch.cat([problem.start_token, problem.states], dim=1)
                 pixels = _denoise(
-                    pipeline,
-                    scheduler,
-                    prompt_embeds,
-                    negative_embeds,
-                    attention_mask,
-                    noise,
-                    num_inference_steps,
-                    guidance_scale,
+                    pipeline, problem.scheduler, prompt_embeds, problem.negative_embeds, problem.noise, config
                 )
-                losses = torch.stack([(pixels[i : i + 1] - group).pow(2).mean() for i, group in enumerate(groups)])
-            for i, result in enumerate(results):
-                loss = float(losses[i].detach())
-                result.losses.append(loss)
-                checked = iteration % check_every == 0 or last
-                if checked and (not result.improvements or loss < result.improvements[-1][1]):
-                    best = prompt_embeds[i, : lengths[i]].detach().float().cpu().clone()
-                    result.improvements.append((iteration, loss, best))
+                loss = (pixels - target).pow(2).mean()
+            result.record(
+                iteration, float(loss.detach()), prompt_embeds[0], last or iteration % config.check_every == 0
+            )
             if last:
                 break
             progress.check()  # a cancel that came during the forward pass stops before the backward, its dearer half
             optimizer.zero_grad()
-            losses.sum().backward()
+            loss.backward()
             optimizer.step()
             schedule.step()
-            progress.step(
-                iteration + 1,
-                iterations,
-                f"EDITOR: iteration {iteration + 1}/{iterations}, loss {float(losses.detach().mean()):.4f}",
-            )
-    for result in results:
-        result.states = result.improvements[-1][2]
-    return results
+            message = f"EDITOR: iteration {iteration + 1}/{iterations}, loss {float(loss.detach()):.4f}"
+            progress.step(iteration + 1, iterations, message)
+    result.states = result.improvements[-1][2]
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ steps 3 and 4
 
 
-def clip_space_targets(clip: ClipModel, states: Tensor, target: DecodeTarget) -> Tensor:
-    """The decoder's target rows in CLIP space: `W_t @ h_EOS` (1, P), or `W_t @ h_i` for i in 1..EOS (L - 1, P)."""
-    chosen = states[-1:] if target == "eos" else states[1:]
-    return chosen.to(clip.device).float() @ clip.text_projection.T
+def eos_target(clip: ClipModel, states: Tensor) -> Tensor:
+    """The decoder's target in CLIP space: `W_t @ h_EOS` (1, P), the optimised end-of-text state projected."""
+    return states[-1:].to(clip.device).float() @ clip.text_projection.T
 
 
 @dataclass(frozen=True)
@@ -342,7 +299,7 @@ class Candidate:
 
     prompt: str
     source: str
-    """"eos" or "sequence" (decoded from that target), or "start" (the start prompt itself)."""
+    """"eos" (decoded from the end-of-text state), or "start" (the start prompt itself)."""
     image: Image.Image
     image_similarity: float
     """CLIP image-image cosine of its pictures to the target(s), mean over the pictures and the targets."""
@@ -351,26 +308,15 @@ class Candidate:
 def decode_candidates(
     llm: LanguageModel,
     clip: ClipModel,
-    states: Tensor,
+    target: Tensor,
     vocabulary: ClipVocabulary | None,
-    decode_targets: Sequence[DecodeTarget] = ("eos",),
-    max_length: int = START_TOKENS,
-    per_target: int = CANDIDATES_PER_TARGET,
+    config: EditorConfig,
     progress: Progress | None = None,
 ) -> list[tuple[str, str]]:
-    """Step 3: (prompt, source) pairs, the VGD decoder's best `per_target` texts for each decoding target."""
-    candidates: list[tuple[str, str]] = []
-    for target in decode_targets:
-        result = invert(
-            llm,
-            clip,
-            clip_space_targets(clip, states, target),
-            vocabulary=vocabulary,
-            max_length=max_length,
-            progress=progress,
-        )
-        candidates += [(hypothesis.text, target) for hypothesis in result.hypotheses[:per_target]]
-    return candidates
+    """Step 3: (prompt, "eos") pairs, the VGD decoder's best `candidates_per_target` texts for the CLIP-space
+    `target` (`eos_target`)."""
+    result = invert(llm, clip, target, vocabulary=vocabulary, max_length=config.max_tokens, progress=progress)
+    return [(hypothesis.text, "eos") for hypothesis in result.hypotheses[: config.candidates_per_target]]
 
 
 def select(
@@ -378,13 +324,12 @@ def select(
     clip: ClipModel,
     candidates: Sequence[tuple[str, str]],
     references: Tensor,
-    seeds: Sequence[int] = SELECTION_SEEDS,
-    num_inference_steps: int = SELECTION_STEPS,
-    guidance_scale: float = GUIDANCE_SCALE,
+    config: EditorConfig,
     progress: Progress | None = None,
 ) -> list[Candidate]:
-    """Step 4: each distinct prompt rendered from each of `seeds`, ranked by its pictures' mean CLIP similarity to
-    the `references` (N, P image embeddings), best first; a candidate's image is its picture from `seeds[0]`."""
+    """Step 4: each distinct prompt rendered from each of `selection_seeds`, ranked by its pictures' mean CLIP
+    similarity to the `references` (N, P image embeddings), best first; a candidate's image is its picture from the
+    first seed."""
     sources: dict[str, str] = {}
     for prompt, source in candidates:
         sources.setdefault(prompt, source)
@@ -392,19 +337,16 @@ def select(
     if not distinct:
         raise PictopromptError("EDITOR found no prompt to choose from (the decoder wrote nothing); allow more tokens.")
     encoded = [encode_text_prompt(pipeline, prompt) for prompt, _ in distinct]
-    size = default_size(pipeline)
+    seeds, size = config.selection_seeds, default_size(pipeline)
     # One batch, prompt-major: the pictures of prompt i are images[i * len(seeds) : (i + 1) * len(seeds)].
-    images = generate(
-        pipeline,
+    sample = Sample(
         torch.cat([prompt_embeds for prompt_embeds, _ in encoded]).repeat_interleave(len(seeds), dim=0),
         torch.cat([negative for _, negative in encoded]).repeat_interleave(len(seeds), dim=0),
         list(seeds) * len(distinct),
-        num_inference_steps,
-        guidance_scale,
-        size,
-        size,
+        config.guidance_scale,
         progress or Progress(),
     )
+    images = generate(pipeline, sample, config.selection_steps, size, size)
     similarity = torch.tensor(score_images(clip, images, references).to_references).view(len(distinct), len(seeds))
     ranked = [
         Candidate(prompt, source, images[i * len(seeds)], float(similarity[i].mean()))
@@ -430,13 +372,9 @@ def editor(
     llm: LanguageModel,
     images: Sequence[Image.Image],
     start: str,
-    *,
+    config: EditorConfig = EditorConfig(),
     vocabulary: ClipVocabulary | None = None,
-    iterations: int = ITERATIONS,
-    decode_targets: Sequence[DecodeTarget] = ("eos",),
-    max_length: int = START_TOKENS,
     progress: Progress | None = None,
-    **optimiser_options: float | int,
 ) -> EditorResult:
     """Steps 2-4 for the image(s) from the `start` prompt (step 1, `start_prompt`): the reverse-engineered states,
     decoded into candidates, ranked by how well they regenerate the image(s).
@@ -447,27 +385,20 @@ def editor(
         raise InvalidInputError("EDITOR needs at least one target image.")
     check_generator(pipeline, clip)
     progress = progress or Progress()
+    iterations = config.iterations
     total = iterations + 2
-    [reconstruction] = reverse_engineer(
+    reconstruction = reverse_engineer(
         pipeline,
-        [start_states(pipeline, start, max_length)],
-        [target_pixels(images, default_size(pipeline))],
-        iterations=iterations,
-        progress=progress.scaled(0, iterations, total),
-        **optimiser_options,  # type: ignore[arg-type]
+        start_states(pipeline, start, config.max_tokens),
+        target_pixels(images, default_size(pipeline)),
+        config,
+        progress.scaled(0, iterations, total),
     )
-    candidates = decode_candidates(
-        llm,
-        clip,
-        reconstruction.states,
-        vocabulary,
-        decode_targets,
-        max_length,
-        progress=progress.scaled(iterations, 1, total),
-    )
+    target = eos_target(clip, reconstruction.states)
+    candidates = decode_candidates(llm, clip, target, vocabulary, config, progress.scaled(iterations, 1, total))
     if start:
         candidates.append((start, "start"))
     references = image_targets(clip, images)
-    ranked = select(pipeline, clip, candidates, references, progress=progress.scaled(iterations + 1, 1, total))
+    ranked = select(pipeline, clip, candidates, references, config, progress.scaled(iterations + 1, 1, total))
     progress.step(total, total, "EDITOR: done")
     return EditorResult(ranked, start, reconstruction)

@@ -77,55 +77,12 @@ def encode_text_prompt(
     return prompt_embeds, negative_prompt_embeds
 
 
-def generate(
-    pipeline: StableDiffusionPipeline,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
-    seeds: Sequence[int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    width: int,
-    height: int,
-    progress: Progress,
-) -> list[Image.Image]:
-    """Sample one image per seed. `prompt_embeds` is (1, L, D) or (len(seeds), L, D)."""
-    count = len(seeds)
-    if prompt_embeds.shape[0] == 1:
-        prompt_embeds = prompt_embeds.expand(count, -1, -1)
-    if negative_prompt_embeds.shape[0] == 1:
-        negative_prompt_embeds = negative_prompt_embeds.expand(count, -1, -1)
-    generator_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
-    generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in seeds]
-
-    def on_step_end(pipe: StableDiffusionPipeline, step: int, timestep: int, kwargs: dict) -> dict:
-        progress.report(step + 1, num_inference_steps, f"denoising step {step + 1}/{num_inference_steps}")
-        if progress.cancelled:
-            pipe._interrupt = True
-        return kwargs
-
-    dtype = pipeline.unet.dtype
-    with torch.no_grad():
-        result = pipeline(
-            prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
-            negative_prompt_embeds=negative_prompt_embeds.to(pipeline.device, dtype),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            width=width,
-            height=height,
-            generator=generators,
-            eta=0.0,
-            callback_on_step_end=on_step_end,
-        )
-    progress.check()
-    return list(result.images)
-
-
 # ------------------------------------------------------------------------------------------------ batched sampling
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One call's share of a sampling batch: what `generate` takes besides the pipeline, steps and size."""
+    """One call's sampling: its conditioning, seeds, guidance and progress (a share of the batch when batched)."""
 
     prompt_embeds: torch.Tensor
     """(1, L, D) or (len(seeds), L, D)."""
@@ -141,25 +98,45 @@ class Sample:
 
 
 Sampler = Callable[[StableDiffusionPipeline, Sample, int, int, int], list[Image.Image]]
-"""Renders one `Sample` with (pipeline, sample, num_inference_steps, width, height): `generate_alone`, or a batcher
+"""Renders one `Sample` with (pipeline, sample, num_inference_steps, width, height): `generate`, or a batcher
 that gathers concurrent calls into `generate_batch`."""
 
 
-def generate_alone(
+def generate(
     pipeline: StableDiffusionPipeline, sample: Sample, num_inference_steps: int, width: int, height: int
 ) -> list[Image.Image]:
-    """The `Sampler` of one call on its own: `generate`."""
-    return generate(
-        pipeline,
-        sample.prompt_embeds,
-        sample.negative_prompt_embeds,
-        sample.seeds,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=sample.guidance_scale,
-        width=width,
-        height=height,
-        progress=sample.progress,
-    )
+    """The `Sampler` of one call on its own: one image per seed of `sample`, by the pipeline's own loop."""
+    count = len(sample.seeds)
+    prompt_embeds, negative_prompt_embeds = sample.prompt_embeds, sample.negative_prompt_embeds
+    if prompt_embeds.shape[0] == 1:
+        prompt_embeds = prompt_embeds.expand(count, -1, -1)
+    if negative_prompt_embeds.shape[0] == 1:
+        negative_prompt_embeds = negative_prompt_embeds.expand(count, -1, -1)
+    generator_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
+    generators = [torch.Generator(device=generator_device).manual_seed(int(seed)) for seed in sample.seeds]
+    progress = sample.progress
+
+    def on_step_end(pipe: StableDiffusionPipeline, step: int, timestep: int, kwargs: dict) -> dict:
+        progress.report(step + 1, num_inference_steps, f"denoising step {step + 1}/{num_inference_steps}")
+        if progress.cancelled:
+            pipe._interrupt = True
+        return kwargs
+
+    dtype = pipeline.unet.dtype
+    with torch.no_grad():
+        result = pipeline(
+            prompt_embeds=prompt_embeds.to(pipeline.device, dtype),
+            negative_prompt_embeds=negative_prompt_embeds.to(pipeline.device, dtype),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=sample.guidance_scale,
+            width=width,
+            height=height,
+            generator=generators,
+            eta=0.0,
+            callback_on_step_end=on_step_end,
+        )
+    progress.check()
+    return list(result.images)
 
 
 @dataclass

@@ -23,8 +23,8 @@ The objective (Eq. 7-8) is `argmax_T P_CLIP(I | T) * P_LLM(T)^alpha`, decoded le
 
 The LLM's and CLIP's tokenisers differ, so CLIP always sees the decoded text. A target is any set of CLIP-space
 vectors: image embeddings (inversion, fusion), their normalised mean (shared style), a text embedding
-(distillation) or a vector from another method (SD-IPC, EDITOR). `variant` selects the paper's Table 2 ablations:
-`llm_only` (no CLIP term) and `clip_only` (no LLM term; the LLM still proposes the candidates).
+(distillation) or a vector from another method (SD-IPC, EDITOR). The settings are `VgdConfig`'s; the paper's
+Table 2 ablations are `clip_alpha=0` (no CLIP term) and `llm_alpha=0` (no LLM term; the LLM still proposes).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.configs import VgdConfig
 from pictoprompt.errors import InvalidInputError, PictopromptError
 from pictoprompt.models.clip import ClipModel, shifted_views
 from pictoprompt.models.llm import LanguageModel, perplexity
@@ -56,18 +57,6 @@ from pictoprompt.prompts import VgdTask, load_prompt, vgd_messages
 logger = logging.getLogger(__name__)
 
 Task = VgdTask
-Variant = Literal["vgd", "llm_only", "clip_only"]
-
-VARIANT_ALPHAS: dict[Variant, tuple[float, float]] = {
-    "vgd": (1.0, 1.5),
-    "llm_only": (1.0, 0.0),
-    "clip_only": (0.0, 1.5),
-}
-"""(llm_alpha, clip_alpha) of each variant."""
-
-DISTILLATION_RATIO = 0.3
-"""Distillation's default length: 30% of the long prompt's CLIP tokens (the authors' `distillation_ratio`)."""
-
 _VOCABULARY_PROBE = "a photo of a red circle on a blue background"
 
 
@@ -432,18 +421,29 @@ class _Search:
         return sorted(best.values(), key=lambda h: h.final_score, reverse=True)
 
 
-def _allowed(
-    llm: LanguageModel, log_probs: Tensor, step: int, search: _Search, min_length: int, no_repeat_ngram_size: int
-) -> Tensor:
+@dataclass(frozen=True)
+class Limits:
+    """What one decode may write: at most `max_length` LLM tokens (and `max_clip_tokens` CLIP tokens, distillation's
+    budget), no stop before `min_length` tokens, only words of `dictionary` (`written_in`), and only `copy_from`'s
+    words in its order, some left out (`copied_from`)."""
+
+    max_length: int = 32
+    min_length: int = 1
+    max_clip_tokens: int | None = None
+    dictionary: frozenset[str] | None = None
+    copy_from: str | None = None
+
+
+def _allowed(llm: LanguageModel, log_probs: Tensor, step: int, search: _Search, limits: Limits, ngram: int) -> Tensor:
     """The next-token log-probabilities with what the rules forbid set to -inf: banned tokens, a wordless first
-    token, a repeated n-gram, and a stop before `min_length` tokens."""
+    token, a repeated `ngram`, and a stop before `min_length` tokens."""
     allowed = log_probs.clone()
     allowed[:, llm.banned_tokens] = -math.inf
     if step == 1:
         allowed[:, llm.wordless_tokens] = -math.inf
     for row, tokens_so_far in enumerate(search.tokens):
-        allowed[row, repeating_tokens(tokens_so_far, no_repeat_ngram_size)] = -math.inf
-    if step <= min_length:
+        allowed[row, repeating_tokens(tokens_so_far, ngram)] = -math.inf
+    if step <= limits.min_length:
         allowed[:, llm.stop_tokens] = -math.inf
     return allowed
 
@@ -462,76 +462,66 @@ def _expand(llm: LanguageModel, search: _Search, log_probs: Tensor, proposals: i
     return _Step(parents, tokens, stops, top.values, texts)
 
 
+class _Scorer:
+    """The step score of each candidate (`step_scores`), -inf where a limit (CLIP token budget, dictionary, copied
+    words) drops it."""
+
+    def __init__(self, clip: ClipModel, targets: Tensor, limits: Limits, config: VgdConfig) -> None:
+        self.clip, self.targets, self.limits, self.config = clip, targets, limits, config
+        self.embed = _TextEmbeddings(clip)
+        self.source_words = _WORD_PIECE.findall(limits.copy_from.lower()) if limits.copy_from is not None else None
+
+    def __call__(self, step: _Step) -> Tensor:
+        clip, limits, config = self.clip, self.limits, self.config
+        if config.clip_alpha:
+            clip_scores = clip_log_probs(self.embed(step.texts), self.targets, clip.logit_scale).cpu()
+        else:
+            clip_scores = torch.zeros(len(step.texts))
+        scores = step_scores(step.llm_log_probs, clip_scores, config.llm_alpha, config.clip_alpha)
+        if limits.max_clip_tokens is not None:
+            scores[torch.tensor(clip_token_count(clip, step.texts)) > limits.max_clip_tokens] = -math.inf
+        stops = step.stops.tolist()
+        if limits.dictionary is not None:
+            unknown = [not written_in(t, limits.dictionary, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(unknown)] = -math.inf
+        if self.source_words is not None:
+            source = self.source_words
+            invented = [not copied_from(t, source, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(invented)] = -math.inf
+        return scores
+
+
 def guided_decode(
     llm: LanguageModel,
     clip: ClipModel,
     targets: Tensor,
     prompt_ids: Sequence[int],
-    *,
-    num_beams: int = 10,
-    beam_expand_factor: int = 10,
-    max_length: int = 32,
-    min_length: int = 1,
-    llm_alpha: float = 1.0,
-    clip_alpha: float = 1.5,
-    length_penalty_alpha: float = 1.2,
-    length_penalty_offset: int = 5,
-    max_clip_tokens: int | None = None,
-    dictionary: frozenset[str] | None = None,
-    copy_from: str | None = None,
-    no_repeat_ngram_size: int = 3,
-    use_cache: bool = True,
+    limits: Limits = Limits(),
+    config: VgdConfig = VgdConfig(),
     progress: Progress | None = None,
 ) -> VgdResult:
     """Beam-search the LLM's answer to `prompt_ids`, each step rescored by CLIP against `targets` (N, P).
 
     Each step (section 3, steps 3-4): the LLM proposes `num_beams * beam_expand_factor` candidates (`_expand`,
-    within the rules of `_allowed`), CLIP scores them (`step_scores`), candidates that end become hypotheses,
-    and the best `num_beams` that go on are kept; the search stops at `max_length`, when nothing goes on, or once
-    it has `converged`.
-
-    `dictionary` drops candidates with a word outside it (`written_in`); `copy_from` those that are not the words of
-    that text in its order, some left out (`copied_from`).
-    `min_length` keeps stop tokens out before that many tokens; `max_clip_tokens` drops candidates whose text
-    is longer under the CLIP tokenizer (distillation's budget is in CLIP tokens). `no_repeat_ngram_size` (our
-    addition; 0 turns it off) keeps a beam from repeating any run of that many tokens: a small LLM otherwise
-    loops ("Shored: Shored: Shored: ..."), and CLIP does not penalise the loop. `use_cache=False` recomputes
-    every beam from scratch each step, like the authors' code (for comparison; same beams, slower).
+    within the rules of `_allowed`), CLIP scores them (`_Scorer`, within the `limits`), candidates that end become
+    hypotheses, and the best `num_beams` that go on are kept; the search stops at `max_length`, when nothing goes on,
+    or once it has `converged`. `no_repeat_ngram_size` (ours; 0 turns it off) keeps a beam from repeating any run of
+    that many tokens: a small LLM otherwise loops ("Shored: Shored: Shored: ..."), and CLIP does not penalise the
+    loop. Each beam's LLM cache is reused (the authors' code recomputes every beam each step: same beams, slower).
     """
     if targets.ndim != 2 or targets.shape[0] == 0:
         raise InvalidInputError("The decoder needs at least one target vector, as a (N, P) tensor.")
     progress = progress or Progress()
-    targets = targets.float().to(clip.device)
-    embed = _TextEmbeddings(clip)
-    search = _Search(length_penalty_alpha, length_penalty_offset)
-    source_words = _WORD_PIECE.findall(copy_from.lower()) if copy_from is not None else None
-
-    def score(step: _Step) -> Tensor:
-        """The step score of each candidate, -inf where a constraint (CLIP token budget, dictionary) drops it."""
-        if clip_alpha:
-            clip_scores = clip_log_probs(embed(step.texts), targets, clip.logit_scale).cpu()
-        else:
-            clip_scores = torch.zeros(len(step.texts))
-        scores = step_scores(step.llm_log_probs, clip_scores, llm_alpha, clip_alpha)
-        if max_clip_tokens is not None:
-            scores[torch.tensor(clip_token_count(clip, step.texts)) > max_clip_tokens] = -math.inf
-        if dictionary is not None:
-            stops = step.stops.tolist()
-            unknown = [not written_in(t, dictionary, bool(stop)) for t, stop in zip(step.texts, stops, strict=True)]
-            scores[torch.tensor(unknown)] = -math.inf
-        if source_words is not None:
-            stops = step.stops.tolist()
-            invented = [not copied_from(t, source_words, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
-            scores[torch.tensor(invented)] = -math.inf
-        return scores
-
-    with llm.start(prompt_ids, use_cache=use_cache, max_beams=num_beams, max_new_tokens=max_length) as beams:
+    score = _Scorer(clip, targets.float().to(clip.device), limits, config)
+    search = _Search(config.length_penalty_alpha, config.length_penalty_offset)
+    num_beams, max_length = config.num_beams, limits.max_length
+    with llm.start(prompt_ids, max_beams=num_beams, max_new_tokens=max_length) as beams:
         for number in range(1, max_length + 1):
             if search.steps:
                 # The LLM runs on the tokens kept last step only now that the search goes on.
                 beams.extend(*search.kept)
-            log_probs = _allowed(llm, beams.log_probs, number, search, min_length, no_repeat_ngram_size)
-            step = _expand(llm, search, log_probs, num_beams * beam_expand_factor)
+            log_probs = _allowed(llm, beams.log_probs, number, search, limits, config.no_repeat_ngram_size)
+            step = _expand(llm, search, log_probs, num_beams * config.beam_expand_factor)
             step.scores = score(step)
             search.end_hypotheses(step)
             if not search.keep_best(step, num_beams):
@@ -553,9 +543,9 @@ def invert(
     *,
     task: Task = "inversion",
     vocabulary: ClipVocabulary | None = None,
-    variant: Variant = "vgd",
     max_length: int = 32,
-    **decoder_options: Any,
+    config: VgdConfig = VgdConfig(),
+    progress: Progress | None = None,
 ) -> VgdResult:
     """A prompt for a CLIP-space target (images, a style, any vector), started from its closest CLIP word and
     written in the vocabulary's dictionary when it has one.
@@ -563,19 +553,9 @@ def invert(
     Without `vocabulary` the LLM gets no initial condition (the paper's ablation of beam initialisation).
     """
     condition = vocabulary.closest(targets) if vocabulary is not None else ""
-    llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
     prompt_ids = vgd_prompt(llm, task, max_length, condition=condition)
-    decoder_options.setdefault("dictionary", vocabulary.dictionary if vocabulary is not None else None)
-    result = guided_decode(
-        llm,
-        clip,
-        targets,
-        prompt_ids,
-        max_length=max_length,
-        llm_alpha=llm_alpha,
-        clip_alpha=clip_alpha,
-        **decoder_options,
-    )
+    limits = Limits(max_length, dictionary=vocabulary.dictionary if vocabulary is not None else None)
+    result = guided_decode(llm, clip, targets, prompt_ids, limits, config, progress)
     result.initial_condition = condition or None
     return result
 
@@ -587,10 +567,6 @@ def joined_prompts(parts: Sequence[str]) -> str:
 
 
 FuseStrategy = Literal["merge", "joint", "concat"]
-
-MERGE_PART_TOKENS = 16
-"""`merge` decodes each image's prompt in at least this many tokens (the paper's shortest table length): the parts
-are read by the LLM, not pasted, so they need not share the final prompt's budget."""
 
 
 @dataclass(frozen=True)
@@ -610,6 +586,7 @@ def fuse(
     strategy: FuseStrategy = "merge",
     vocabulary: ClipVocabulary | None = None,
     max_length: int = 32,
+    config: VgdConfig = VgdConfig(),
     progress: Progress | None = None,
 ) -> Fusion:
     """One prompt holding the concepts of several image targets (N, P), N >= 2.
@@ -629,37 +606,32 @@ def fuse(
     if targets.shape[0] < 2:
         raise InvalidInputError("Fusing needs at least two images; to describe one image, invert it.")
     progress = progress or Progress()
-    dictionary = vocabulary.dictionary if vocabulary is not None else None
+
+    def inverted(rows: Tensor, length: int, share: Progress) -> VgdResult:
+        return invert(llm, clip, rows, vocabulary=vocabulary, max_length=length, config=config, progress=share)
+
     if strategy == "joint":
-        result = invert(llm, clip, targets, vocabulary=vocabulary, max_length=max_length, progress=progress)
+        result = inverted(targets, max_length, progress)
         return Fusion(result.best.text, [], [result.initial_condition] if result.initial_condition else [])
     count = len(targets)
     steps = count + (strategy == "merge")
     share = max(4, max_length // count)
-    part_length = max(MERGE_PART_TOKENS, share) if strategy == "merge" else share
+    part_length = max(config.merge_part_tokens, share) if strategy == "merge" else share
     parts, conditions = [], []
     for i in range(count):
-        part_progress = progress.scaled(i / steps, 1 / steps, 1.0)
-        result = invert(
-            llm, clip, targets[i : i + 1], vocabulary=vocabulary, max_length=part_length, progress=part_progress
-        )
+        result = inverted(targets[i : i + 1], part_length, progress.scaled(i / steps, 1 / steps, 1.0))
         parts.append(result.best.text)
         conditions += [result.initial_condition] if result.initial_condition else []
     joined = joined_prompts(parts)
     if strategy == "concat":
         return Fusion(joined, parts, conditions)
-    merged = distill(
-        llm,
-        clip,
-        joined,
-        max_length=max_length,
-        dictionary=dictionary,
-        progress=progress.scaled(count / steps, 1 / steps, 1.0),
-    )
+    dictionary = vocabulary.dictionary if vocabulary is not None else None
+    merging = progress.scaled(count / steps, 1 / steps, 1.0)
+    merged = distill(llm, clip, joined, max_length=max_length, dictionary=dictionary, config=config, progress=merging)
     return Fusion(merged.best.text, parts, conditions)
 
 
-def distillation_length(clip: ClipModel, prompt: str, ratio: float = DISTILLATION_RATIO) -> int:
+def distillation_length(clip: ClipModel, prompt: str, ratio: float) -> int:
     """The default budget: `ratio` of the prompt's CLIP tokens, at least one."""
     return max(1, math.floor(ratio * clip_token_count(clip, [prompt])[0]))
 
@@ -670,27 +642,19 @@ def distill(
     prompt: str,
     *,
     max_length: int | None = None,
-    variant: Variant = "vgd",
     keep_words: bool = False,
-    **decoder_options: Any,
+    dictionary: frozenset[str] | None = None,
+    config: VgdConfig = VgdConfig(),
+    progress: Progress | None = None,
 ) -> VgdResult:
-    """A prompt of at most `max_length` CLIP tokens (default 30% of the original) matching `prompt`'s embedding.
+    """A prompt of at most `max_length` CLIP tokens (default `distillation_ratio` of the original) matching
+    `prompt`'s embedding, in the words of `dictionary` when given.
 
     As in the authors' code there is no initial condition: the long prompt itself is in the instruction.
-    `keep_words` (ours) lets the short prompt only leave words out of the long one (`copied_from`).
+    `keep_words` (ours, `distillation_keeps_words` on a profile) lets the short prompt only leave words out of the
+    long one (`copied_from`).
     """
-    budget = max_length or distillation_length(clip, prompt)
-    llm_alpha, clip_alpha = VARIANT_ALPHAS[variant]
+    budget = max_length or distillation_length(clip, prompt, config.distillation_ratio)
     prompt_ids = vgd_prompt(llm, "distillation", budget, target_prompt=prompt)
-    return guided_decode(
-        llm,
-        clip,
-        text_target(clip, prompt),
-        prompt_ids,
-        max_length=budget,
-        max_clip_tokens=budget,
-        llm_alpha=llm_alpha,
-        clip_alpha=clip_alpha,
-        copy_from=prompt if keep_words else None,
-        **decoder_options,
-    )
+    limits = Limits(budget, max_clip_tokens=budget, dictionary=dictionary, copy_from=prompt if keep_words else None)
+    return guided_decode(llm, clip, text_target(clip, prompt), prompt_ids, limits, config, progress)

@@ -32,8 +32,10 @@ from pictoprompt.configs import (
     ConceptTuningConfig,
     DescriptionConfig,
     DomainTuningConfig,
+    EditorConfig,
     SdIpcConfig,
     SegmentationConfig,
+    VgdConfig,
 )
 from pictoprompt.errors import InvalidInputError, NotFoundError
 from pictoprompt.models.shapes import WEIGHTS_DIR, weights_present
@@ -131,11 +133,19 @@ class Profile(BaseModel):
         "alignment) unless a profile's models need others.",
     )
     segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig, description="segment_image's method.")
-    distillation: Literal["vgd", "vgd_keep_words", "prune"] = Field(
-        "vgd_keep_words",
-        description="distill_prompt's method. vgd: the paper's free VGD distillation. vgd_keep_words (ours): VGD whose "
-        "short prompt may only leave words out of the long one, so it invents nothing (vgd.copied_from). prune "
-        "(ours): deletions that leave CLIP's reading and add fluency, as long as the content needs "
+    editor: EditorConfig = Field(
+        default_factory=EditorConfig,
+        description="invert_image's EDITOR: the paper's, with the request's iterations (default 100) and tokens.",
+    )
+    vgd: VgdConfig = Field(
+        default_factory=VgdConfig,
+        description="VGD as invert_image, fuse_concepts, distill_prompt and the picture prompts use it: the paper's, "
+        "and distill_prompt keeping the long prompt's words (ours).",
+    )
+    distillation: Literal["vgd", "prune"] = Field(
+        "vgd",
+        description="distill_prompt's method: vgd, the paper's VGD distillation (with vgd.distillation_keeps_words), "
+        "or prune (ours): deletions that leave CLIP's reading and add fluency, as long as the content needs "
         "(methods/pruning.py).",
     )
     domain_check: DomainCheck | None = Field(

@@ -14,8 +14,9 @@
   job outlives the front that started it. It only records: Ray Serve does the routing and queueing.
 - `RayJobs`, a front's `JobService`: the MCP app stays a small streamable-HTTP front that validates input, resolves
   images, hands the work to the deployment through a Serve handle and waits on the board. A front learns that a job
-  it submitted ended from the Serve response itself (no polling delay); it reads the board for progress, and for
-  the jobs of other fronts.
+  it submitted ended, and how, from the Serve response itself (the job's ended record: no polling delay, no second
+  question to the board); it reads the board for progress, and for the jobs of other fronts.
+- The replicas and the board run at the node's priority (`NODE_PRIORITY`), not the lower one Ray gives its workers.
 - `build_app`, the application for a cluster that deploys it from a config (KubeRay's RayService,
   `deploy/kuberay/`): the same replicas, configured from the `PICTOPROMPT_*` variables.
 
@@ -51,7 +52,7 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pictoprompt.errors import JobCancelledError, NotFoundError, PictopromptError
-from pictoprompt.methods.generation import Sample, generate_alone, generate_batch
+from pictoprompt.methods.generation import Sample, generate, generate_batch
 from pictoprompt.models.concepts import ConceptStore
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
@@ -84,6 +85,11 @@ REPORT_SECONDS = 0.2
 """A replica sends a job's progress to the board (and learns whether it was cancelled) at most this often, and always
 its last step."""
 SPECS = {spec.name: spec for spec in TOOLS if spec.uses_models}
+NODE_PRIORITY = {"env_vars": {"RAY_worker_niceness": "0"}}
+"""The runtime environment of the replicas and the board. Ray starts its worker processes 15 steps nicer than the node
+(its `worker_niceness`), so a replica's model work would get a CPU last whenever anything else on the node wants one,
+and every call would wait on the board's answers the same way; these run at the node's own priority, as the
+single-box server does (Ray's job supervisor does the same for the drivers it starts)."""
 
 
 # ------------------------------------------------------------------------------------------------ the job board
@@ -98,17 +104,23 @@ class JobBoard:
         self._keep_seconds, self._keep_count = keep_finished_seconds, keep_finished_count
 
     async def create(self, job_id: str, tool: str) -> None:
+        """Record a job the front submitted, unless its replica's `start` came first (the front does not wait for this
+        before it hands the job to Serve)."""
         self._forget_old()
-        self._jobs[job_id] = {
+        self._jobs.setdefault(job_id, self._record(job_id, tool))
+
+    @staticmethod
+    def _record(job_id: str, tool: str) -> dict[str, Any]:
+        return {
             **dict(id=job_id, tool=tool, state="queued", created=time.time(), started=None, finished=None),
             **dict(done=0.0, total=None, message=None, error=None, result=None, saved=[], replica=None),
             "cancel": False,
         }
 
-    async def start(self, job_id: str, replica: str) -> bool:
-        """Mark the job running on `replica`; False if it must not run (cancelled while queued, or unknown)."""
-        job = self._jobs.get(job_id)
-        if job is None or job["state"] != "queued":
+    async def start(self, job_id: str, tool: str, replica: str) -> bool:
+        """Mark the job running on `replica`; False if it must not run (cancelled while queued)."""
+        job = self._jobs.setdefault(job_id, self._record(job_id, tool))
+        if job["state"] != "queued":
             return False
         job.update(state="running", started=time.time(), replica=replica)
         return True
@@ -128,12 +140,15 @@ class JobBoard:
         result: dict[str, Any] | None = None,
         saved: list[dict[str, str]] | None = None,
         error: str | None = None,
-    ) -> None:
-        """End the job, unless it already ended (the first word stands: the replica's, or the front's)."""
+    ) -> dict[str, Any] | None:
+        """End the job, unless it already ended (the first word stands: the replica's, or the front's); the job's
+        record as it ended."""
         job = self._jobs.get(job_id)
-        if job is None or job["state"] in ENDED:
-            return
-        job.update(state=state, finished=time.time(), result=result, saved=saved or [], error=error)
+        if job is None:
+            return None
+        if job["state"] not in ENDED:
+            job.update(state=state, finished=time.time(), result=result, saved=saved or [], error=error)
+        return dict(job)
 
     async def cancel(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
         job = self._jobs.get(job_id)
@@ -167,7 +182,12 @@ class JobBoard:
 def job_board() -> ray.actor.ActorHandle:
     """The cluster's board, created by the first front or replica that asks for it."""
     board = ray.remote(JobBoard).options(
-        name=BOARD_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+        name=BOARD_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        runtime_env=NODE_PRIORITY,
     )
     return board.remote()
 
@@ -233,13 +253,16 @@ class ModelReplica:
             warm_up(self.runtime, Progress())
         self._register()
 
-    async def run(self, job_id: str, tool: str, arguments: dict[str, Any], images: PreResolvedImages) -> str:
-        """Run one job to its end and return its state; the result goes to the board."""
+    async def run(
+        self, job_id: str, tool: str, arguments: dict[str, Any], images: PreResolvedImages
+    ) -> dict[str, Any] | None:
+        """Run one job to its end. The result goes to the board, and the job's ended record back to the front in the
+        response, so that the front answers without asking the board again; None if the job must not run."""
         self._loop = asyncio.get_running_loop()
         self._calls += 1
         try:
-            if not await self.board.start.remote(job_id, self.name):
-                return "cancelled"
+            if not await self.board.start.remote(job_id, tool, self.name):
+                return None
             progress = self._progress(job_id)
             work = self._loop.run_in_executor(
                 self._tool_threads, self._run_tool, job_id, SPECS[tool], arguments, images, progress
@@ -256,7 +279,7 @@ class ModelReplica:
 
     def _run_tool(
         self, job_id: str, spec: ToolSpec, arguments: dict[str, Any], images: PreResolvedImages, progress: Progress
-    ) -> JobState:
+    ) -> dict[str, Any] | None:
         sink = RecordingSink(self.assets)
         state: JobState
         result, error = None, None
@@ -275,9 +298,10 @@ class ModelReplica:
             logger.exception("job %s (%s) crashed on replica %s", job_id, spec.name, self.name)
             state, error = "failed", f"Internal error in {spec.name}: {type(crash).__name__}: {crash}"
         saved = [image.model_dump() for image in sink.saved]
-        ray.get(self.board.finish.remote(job_id, state, result, saved, error))
+        # Waited for: once the front has the answer, every front finds the job ended on the board.
+        ended = ray.get(self.board.finish.remote(job_id, state, result, saved, error))
         self._register()
-        return state
+        return ended
 
     def _sample(
         self, pipeline: StableDiffusionPipeline, sample: Sample, steps: int, width: int, height: int
@@ -285,7 +309,7 @@ class ModelReplica:
         """The replica's sampler, called by a tool on its thread under the GPU lock: alone when no other call is on
         the replica, else through the batch."""
         if self._calls <= 1 or self._loop is None:
-            return generate_alone(pipeline, sample, steps, width, height)
+            return generate(pipeline, sample, steps, width, height)
         # Let go of the model lock while the batch gathers, so that the other calls encode their prompts and join
         # it; the batch takes the lock to sample, and this call takes it back to score and save.
         lock = self.runtime.gpu_lock
@@ -356,26 +380,31 @@ class RayJobs:
     def __init__(self, handle: DeploymentHandle, board: ray.actor.ActorHandle, owns_ray: bool) -> None:
         self._handle, self._board, self._owns_ray = handle, board, owns_ray
         self._requests: dict[str, DeploymentResponse] = {}
-        self._watchers: dict[str, asyncio.Task[None]] = {}
-        """The job ids this front submitted and still waits on, with the task that records how each ended."""
+        self._watchers: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
+        """The job ids this front submitted and still waits on, with the task that learns how each ended: the job's
+        ended record from the replica's response, or None when it ended otherwise (then the board has it)."""
 
     async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
         images = await resolve_images()
         job_id = secrets.token_hex(8)
-        await self._board.create.remote(job_id, spec.name)
+        # The record and the request go out together: Serve routes the job while the board records it (a replica
+        # that starts the job first creates the record itself).
+        created = self._board.create.remote(job_id, spec.name)
         # The tool's own arguments: the call's `wait_seconds` and `inline` concern this front only.
         arguments = request.model_dump(mode="json", include=set(spec.request_model.model_fields))
         response = self._handle.run.remote(job_id, spec.name, arguments, images)
+        await created
         self._requests[job_id] = response
         watcher = asyncio.create_task(self._watch(job_id, response))
         self._watchers[job_id] = watcher
         watcher.add_done_callback(lambda _: self._watchers.pop(job_id, None))
         return job_id
 
-    async def _watch(self, job_id: str, response: DeploymentResponse) -> None:
-        """Wait for the request and record on the board how it ended when the replica could not."""
+    async def _watch(self, job_id: str, response: DeploymentResponse) -> dict[str, Any] | None:
+        """Wait for the request: the job's ended record from the replica, or None after recording on the board how
+        it ended when the replica could not."""
         try:
-            await response
+            return await response
         except BackPressureError:
             await self._fail(
                 job_id,
@@ -396,6 +425,7 @@ class RayJobs:
             await self._fail(job_id, f"Ray Serve could not run the job: {type(error).__name__}: {error}")
         finally:
             self._requests.pop(job_id, None)
+        return None
 
     async def _fail(self, job_id: str, message: str) -> None:
         await self._board.finish.remote(job_id, "failed", error=message)
@@ -404,6 +434,7 @@ class RayJobs:
         deadline = time.monotonic() + seconds
         heard = None
         while True:
+            watcher = self._watchers.get(job_id)
             record = await self._board.get.remote(job_id)
             if record is None:
                 raise NotFoundError(
@@ -416,12 +447,13 @@ class RayJobs:
             left = deadline - time.monotonic()
             if record["state"] in ENDED or left <= 0:
                 return job_view(record)
-            watcher = self._watchers.get(job_id)
             if watcher is None:
                 await asyncio.sleep(min(POLL_SECONDS, left))
-            else:
-                # The job's own response says when it ended (the board has its record by then): no polling delay.
-                await asyncio.wait({watcher}, timeout=min(POLL_SECONDS, left) if listener is not None else left)
+                continue
+            # The job's own response says when it ended, with its record: no polling delay, no second question.
+            await asyncio.wait({watcher}, timeout=min(POLL_SECONDS, left) if listener is not None else left)
+            if watcher.done() and not watcher.cancelled() and (ended := watcher.result()) is not None:
+                return job_view(ended)
 
     def request_cancel(self, job_id: str) -> None:
         self._board.cancel.remote(job_id)
@@ -521,7 +553,7 @@ def build_app(settings: Settings | dict[str, Any] | None = None) -> Application:
         name=DEPLOYMENT_NAME,
         max_ongoing_requests=settings.ray_batch_size,
         max_queued_requests=settings.queue_depth,
-        ray_actor_options={"num_cpus": settings.ray_replica_cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": settings.ray_replica_cpus, "num_gpus": gpus, "runtime_env": NODE_PRIORITY},
         **replicas,
     )
     logger.info(

@@ -157,7 +157,7 @@ class ToolContext:
     progress: Progress = field(default_factory=Progress)
     concepts: ConceptStore | None = None
     sampler: Sampler | None = None
-    """Renders the denoising in place of `methods.generation.generate_alone`: a Ray Serve replica passes one that
+    """Renders the denoising in place of `methods.generation.generate`: a Ray Serve replica passes one that
     batches concurrent calls (`generate_batch`)."""
 
     def concept_store(self) -> ConceptStore:

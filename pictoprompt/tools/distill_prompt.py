@@ -1,12 +1,12 @@
 """`distill_prompt`: a shorter prompt that CLIP (and so the generator) reads like the long one.
 
-The profile's `distillation` picks the method. `vgd` and `vgd_keep_words` decode with VGD against the long prompt's
-CLIP text embedding, with the long prompt in the LLM's instruction and a budget in CLIP tokens (default 30% of the
-original, as in the paper); `vgd_keep_words` (ours) lets the short prompt only leave words out of the long one, so it
-cannot invent an object or a colour. `prune` (ours, `methods/pruning.py`) deletes what neither CLIP's reading nor
-the prompt's sense needs and is as long as its content needs unless `max_tokens` asks for less. On a profile with a
-dictionary every method uses only words its CLIP learnt. Optional previews render both prompts from the same seed
-so the two can be compared by eye.
+The profile's `distillation` picks the method. `vgd` decodes with VGD against the long prompt's CLIP text embedding,
+with the long prompt in the LLM's instruction and a budget in CLIP tokens (default 30% of the original, as in the
+paper); unless the profile turns it off (`vgd.distillation_keeps_words`, ours), the short prompt may only leave words
+out of the long one, so it cannot invent an object or a colour. `prune` (ours, `methods/pruning.py`) deletes what
+neither CLIP's reading nor the prompt's sense needs and is as long as its content needs unless `max_tokens` asks for
+less. On a profile with a dictionary both use only words its CLIP learnt. Optional previews render both prompts from
+the same seed so the two can be compared by eye.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pictoprompt.tools.base import (
 )
 from pictoprompt.tools.render import TextPrompt, render_and_score, seeds_for
 
-METHODS = {"vgd": "vgd-distillation", "vgd_keep_words": "vgd-distillation", "prune": "pruning"}
+METHODS = {"vgd": "vgd-distillation", "prune": "pruning"}
 """The `method` recorded with the previews, by the profile's `distillation`."""
 
 
@@ -66,7 +66,8 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
     clip, llm = context.runtime.clip(), context.runtime.llm()
     tokens_before = clip_token_count(clip, [request.prompt])[0]
     method = context.runtime.profile.distillation
-    budget = request.max_tokens or (None if method == "prune" else distillation_length(clip, request.prompt))
+    ratio = context.runtime.profile.vgd.distillation_ratio
+    budget = request.max_tokens or (None if method == "prune" else distillation_length(clip, request.prompt, ratio))
     if budget is not None and budget >= tokens_before:
         raise InvalidInputError(
             f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
@@ -91,7 +92,7 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
 
 def _shorten(prompt: str, budget: int | None, context: ToolContext) -> str:
     """The short prompt by the profile's method; `budget` None only for `prune` (as long as the content needs)."""
-    clip, llm = context.runtime.clip(), context.runtime.llm()
+    clip, llm, config = context.runtime.clip(), context.runtime.llm(), context.runtime.profile.vgd
     method = context.runtime.profile.distillation
     dictionary = context.runtime.dictionary_words()
     words = frozenset(dictionary) if dictionary is not None else None
@@ -102,8 +103,9 @@ def _shorten(prompt: str, budget: int | None, context: ToolContext) -> str:
         clip,
         prompt,
         max_length=budget,
-        keep_words=method == "vgd_keep_words",
+        keep_words=config.distillation_keeps_words,
         dictionary=words,
+        config=config,
         progress=context.progress,
     ).best.text
 

@@ -82,6 +82,7 @@ def fuse_concepts(request: FuseConceptsRequest, context: ToolContext) -> FuseCon
         strategy=request.strategy,
         vocabulary=vocabulary,
         max_length=request.max_tokens,
+        config=context.runtime.profile.vgd,
         progress=context.progress,
     )
     prompt = fusion.prompt

@@ -16,16 +16,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.editor import (
-    GUIDANCE_SCALE,
-    SELECTION_SEEDS,
-    SELECTION_STEPS,
-    Candidate,
-    check_generator,
-    editor,
-    start_prompt,
-)
+from pictoprompt.methods.editor import Candidate, check_generator, editor, start_prompt
 from pictoprompt.methods.scoring import Embeddings, prompt_similarities
 from pictoprompt.methods.vgd import (
     VgdResult,
@@ -168,6 +161,7 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         task="style" if style else "inversion",
         vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
         max_length=request.max_tokens,
+        config=context.runtime.profile.vgd,
         progress=context.progress,
     )
     return InvertImageResponse(
@@ -192,21 +186,13 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
     check_generator(pipeline, clip)
     images = [context.images.load(ref) for ref in request.images]
     iterations = request.iterations or EDITOR_ITERATIONS
+    config = runtime.profile.editor.model_copy(update={"iterations": iterations, "max_tokens": request.max_tokens})
     total = iterations + 3
     vocabulary = runtime_vocabulary(runtime, progress=context.progress)
     first = context.progress.scaled(0, 1, total)
     start = start_prompt(images, runtime.captioner(), llm, clip, vocabulary, request.max_tokens, progress=first)
-    result = editor(
-        pipeline,
-        clip,
-        llm,
-        images,
-        start,
-        vocabulary=vocabulary,
-        iterations=iterations,
-        max_length=request.max_tokens,
-        progress=context.progress.scaled(1, iterations + 2, total),
-    )
+    progress = context.progress.scaled(1, iterations + 2, total)
+    result = editor(pipeline, clip, llm, images, start, config, vocabulary, progress)
     chosen = result.candidates[: request.num_results]
     texts = [candidate.prompt for candidate in chosen]
     similarity = [sum(row) / len(row) for row in prompt_similarities(clip, texts, image_targets(clip, images))]
@@ -218,7 +204,7 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
             score=candidate.image_similarity,
             clip_similarity=s,
             perplexity=p,
-            preview=_save_preview(context, candidate).uri,
+            preview=_save_preview(context, candidate, config).uri,
             image_similarity=candidate.image_similarity,
             start_prompt=result.start_prompt,
             loss_first=reconstruction.first_loss,
@@ -236,17 +222,18 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
     )
 
 
-def _save_preview(context: ToolContext, candidate: Candidate) -> OutputImage:
+def _save_preview(context: ToolContext, candidate: Candidate, config: EditorConfig) -> OutputImage:
     """The candidate's picture from the first selection seed, stored with what reproduces it."""
+    seed = config.selection_seeds[0]
     metadata = {
         "method": "editor",
         "prompt": candidate.prompt,
-        "seed": str(SELECTION_SEEDS[0]),
-        "steps": str(SELECTION_STEPS),
-        "guidance": str(GUIDANCE_SCALE),
+        "seed": str(seed),
+        "steps": str(config.selection_steps),
+        "guidance": str(config.guidance_scale),
         **{f"model_{key}": value for key, value in context.runtime.model_ids().items()},
     }
-    return save_image(context, candidate.image, SELECTION_SEEDS[0], metadata)
+    return save_image(context, candidate.image, seed, metadata)
 
 
 SPEC = ToolSpec(

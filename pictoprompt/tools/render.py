@@ -26,7 +26,7 @@ from pictoprompt.methods.concept_weights import (
     base_hash,
     named_concept_states,
 )
-from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate_alone
+from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import (
@@ -116,7 +116,7 @@ def render_and_score(
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
         sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
         # A learned concept changes the generator's weights while applied: such a call never shares a batch.
-        sampler = context.sampler if context.sampler is not None and concept is None else generate_alone
+        sampler = context.sampler if context.sampler is not None and concept is None else generate
         images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
@@ -224,8 +224,10 @@ def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[
     targets = reference_embeddings(context, refs)
     if weights is not None:
         targets = average_embeddings(targets, weights)
+    progress = context.progress.scaled(0.1, 0.5, 1.0)
+    config = runtime.profile.vgd
     return invert(
-        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, progress=context.progress.scaled(0.1, 0.5, 1.0)
+        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, config=config, progress=progress
     ).best.text
 
 

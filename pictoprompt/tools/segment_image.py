@@ -111,6 +111,7 @@ def segment_image(request: SegmentImageRequest, context: ToolContext) -> Segment
             image_targets(clip, [image]),
             vocabulary=runtime_vocabulary(runtime, progress=describing),
             max_length=PROMPT_TOKENS,
+            config=runtime.profile.vgd,
             progress=describing,
         )
         prompt, llm_note, progress = result.best.text, llm.fallback_note, progress.scaled(0.8, 0.2, 1.0)
