@@ -234,3 +234,9 @@ class VgdConfig(MethodConfig):
         description="Ours: distill_prompt's short prompt may only leave words out of the long one, so it invents "
         "nothing (methods.vgd.copied_from). False: the paper's free distillation.",
     )
+    style_leaves_out_own_words: bool = Field(
+        False,
+        description="Ours: invert_image(focus='style') on several pictures first writes each picture's own prompt, "
+        "then decodes the style without the words some but not all of them have (one picture's object, colour or "
+        "place; methods.shared_style). False: the paper's style decode.",
+    )

@@ -29,7 +29,15 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.benchmarks.sd_ipc import attribute_variants, paired_gap
-from lab.benchmarks.vgd import KINDS, STYLE_FILLS, scene_scores, scenes_of_kind, style_pairs
+from lab.benchmarks.vgd import (
+    KINDS,
+    STYLE_FILLS,
+    STYLE_TUNING_SEED,
+    scene_scores,
+    scenes_of_kind,
+    style_leaks,
+    style_pairs,
+)
 from lab.shapes.oracle import nearest_colour
 from lab.shapes.world import caption_scene, full_caption, held_out_scenes, plain_caption, random_scene, style_caption
 from pictoprompt.models.shapes.scenes import COLOURS, FILLS, PALETTE, POSITIONS, SIZES, TRAIN_SHAPES, Scene, SceneObject
@@ -413,6 +421,24 @@ def test_style_pairs_share_exactly_the_named_property_and_differ_in_shape_and_co
         assert x.shape != y.shape and x.colour != y.colour
         assert (x.fill == y.fill == pair.value) == (pair.shared == "fill")
         assert (a.background == b.background == pair.value) == (pair.shared == "background")
+
+
+def test_tuning_style_pairs_are_other_scenes_than_the_evaluated_ones() -> None:
+    evaluated = {scene for pair in style_pairs(12) for scene in pair.scenes}
+    tuning = {scene for pair in style_pairs(12, STYLE_TUNING_SEED) for scene in pair.scenes}
+    assert len(tuning) == 24 and not evaluated & tuning
+
+
+def test_style_leaks_count_a_shape_an_own_colour_and_a_place_but_not_the_shared_look() -> None:
+    pairs = style_pairs(12)
+    fill = next(pair for pair in pairs if pair.shared == "fill")
+    background = next(pair for pair in pairs if pair.shared == "background")
+    (x,), (y,) = (scene.objects for scene in fill.scenes)
+    clean = {"names a shape": False, "names an own colour": False, "names a place": False}
+    assert style_leaks(f"{fill.value} shapes", fill) == clean
+    assert style_leaks(f"shapes on a {background.value} background", background) == clean
+    assert style_leaks(f"{fill.value} {x.colour} {y.shape}s at the top left", fill) == dict.fromkeys(clean, True)
+    assert style_leaks(f"{fill.value} shapes on a {fill.scenes[1].background} background", fill)["names an own colour"]
 
 
 def test_a_prompt_inventing_an_object_names_the_true_one_but_has_the_wrong_count() -> None:

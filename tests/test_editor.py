@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import LMSDiscreteScheduler
+from diffusers.schedulers import scheduling_lms_discrete as lms_module
 from PIL import Image
 from pydantic import ValidationError
 from transformers import (
@@ -174,6 +176,86 @@ def test_checkpointing_that_was_on_stays_on(runtime: Runtime, monkeypatch: pytes
         assert unet.is_gradient_checkpointing and not vae.is_gradient_checkpointing
     finally:
         unet.disable_gradient_checkpointing()
+
+
+def test_the_lms_coefficients_are_integrated_once_per_schedule_and_the_steps_stay_the_same(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = runtime.pipeline().scheduler.config
+    integrals: list[int] = []
+    quad = lms_module.integrate.quad
+
+    def counted(*args: object, **kwargs: object) -> tuple[float, float]:
+        integrals.append(1)
+        return quad(*args, **kwargs)
+
+    monkeypatch.setattr(lms_module.integrate, "quad", counted)
+
+    def run(scheduler: LMSDiscreteScheduler, steps: int) -> list[torch.Tensor]:
+        """One schedule from fixed noise with fixed 'model outputs': its latents after every step."""
+        generator = torch.Generator().manual_seed(3)
+        scheduler.set_timesteps(steps)
+        latents = torch.randn(1, 4, 8, 8, generator=generator) * scheduler.init_noise_sigma
+        trajectory = []
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(latents, t)
+            latents = scheduler.step(torch.randn(1, 4, 8, 8, generator=generator), t, latents).prev_sample
+            trajectory.append(latents)
+        return trajectory
+
+    plain, repeated = LMSDiscreteScheduler.from_config(config), ed.RepeatedScheduleLms.from_config(config)
+    first = run(repeated, EditorConfig().denoising_steps)
+    assert len(integrals) == 1 + 2 + 3 + 4 + 4  # orders 1..4, then 4: one integral per coefficient
+    integrals.clear()
+    again = run(repeated, EditorConfig().denoising_steps)
+    assert not integrals
+    expected = run(plain, EditorConfig().denoising_steps)
+    assert len(integrals) == 14  # diffusers' own scheduler integrates them every time
+    for ours, theirs in zip([*first, *again], [*expected, *expected], strict=True):
+        assert torch.equal(ours, theirs)
+    # Another schedule has other sigmas, so other coefficients: they are integrated, not taken from the first.
+    integrals.clear()
+    longer = run(repeated, 7)
+    assert integrals
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(longer, run(plain, 7), strict=True))
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The server's job thread: PyTorch's default of one thread per core (two here, whatever the machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_editor_runs_on_one_thread_on_a_small_cpu_generator_and_gives_the_callers_back(
+    context: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = context.runtime.pipeline()
+    seen: list[int] = []
+    hooks = [
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(torch.get_num_threads()))
+        for model in (pipeline.unet, pipeline.text_encoder)
+    ]
+    try:
+        request = InvertImageRequest(images=["red.png"], method="editor", iterations=1, max_tokens=4, num_results=1)
+        invert_image(request, context)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # The generator check, the start states, every optimisation pass and the selection's renders: one thread; the
+    # caller's two after.
+    assert len(seen) > 2 * EditorConfig().denoising_steps and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    with ed.one_cpu_thread(pipeline):
+        assert torch.get_num_threads() == 1
+    # At the side where a batch of two has work for every thread, the caller's count stays.
+    monkeypatch.setattr(ed, "ONE_THREAD_BELOW_SIDE", SIZE)
+    with ed.one_cpu_thread(pipeline):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2
 
 
 def test_progress_every_iteration_and_cancel_between_iterations(runtime: Runtime) -> None:

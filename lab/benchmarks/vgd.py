@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -70,9 +71,10 @@ from lab.benchmarks.harness import (
     print_table,
     scene_set,
 )
-from lab.shapes.world import held_out_scenes
+from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
 from pictoprompt.configs import VgdConfig
 from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
+from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
@@ -93,7 +95,7 @@ from pictoprompt.models.clip import ClipModel, TransformersClip
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
-from pictoprompt.models.shapes.scenes import FILLS, Scene, render_scene
+from pictoprompt.models.shapes.scenes import FILLS, SHAPES, Scene, render_scene
 from pictoprompt.progress import Progress
 
 KINDS = ("single", "two", "held_out_combos")
@@ -108,6 +110,16 @@ CEILING = "caption (ceiling)"
 NAMED = ("colour", "shape", "size", "position", "fill")
 STYLE_FILLS = tuple(fill for fill in FILLS if fill != "solid")
 """The fills a style pair can share: "solid" is what a picture without a style has."""
+STYLE_TUNING_SEED = 31_337
+"""The seed of the style pairs methods are tuned on (`--style-seed`); the evaluation's are `HELD_OUT_SEED`'s."""
+PLACE_WORDS = (
+    frozenset(word for phrases in POSITION_PHRASES.values() for phrase in phrases for word in phrase.split())
+    - LEXICON_FUNCTION_WORDS
+)
+"""The words that say where an object is ("left", "corner", "middle", ...)."""
+STYLE_PATHS = ("vgd (paper)", "own words left out (ours)")
+Styler = Callable[[list[Image.Image]], str]
+"""A style prompt for pictures: one path of `invert_image(focus="style")`."""
 FILLER = (
     "highly detailed",
     "trending on artstation",
@@ -475,10 +487,11 @@ class StylePair:
     scenes: tuple[Scene, Scene]
 
 
-def style_pairs(n: int) -> list[StylePair]:
+def style_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[StylePair]:
     """`n` pairs of held-out single-object scenes (half sharing a fill, half a background) that share nothing else
-    of their style and differ in shape and colour, so a style prompt can only name the shared property."""
-    pool = held_out_scenes("single", 50 * n)
+    of their style and differ in shape and colour, so a style prompt can only name the shared property. Another
+    `seed` draws tuning pairs (STYLE_TUNING_SEED), so a method is not tuned on the pairs it is judged on."""
+    pool = held_out_scenes("single", 50 * n, seed=seed)
     used: set[int] = set()
 
     def pair(shared: str, value: str | None) -> StylePair | None:
@@ -504,24 +517,62 @@ def style_pairs(n: int) -> list[StylePair]:
     return [found for shared, value in wanted if (found := pair(shared, value)) is not None]
 
 
-def style_table(decoder: Decoder, judge: Perplexity, n: int) -> list[dict]:
-    """A style prompt per pair (`invert_image(focus="style")`): does it name what the two pictures share?"""
+def style_paths(decoder: Decoder) -> dict[str, Styler]:
+    """The paths of `invert_image(focus="style")` by name: the paper's (VGD's style task against the pictures'
+    shared direction) and ours (`methods.shared_style`, `VgdConfig.style_leaves_out_own_words`)."""
+
+    def paper(images: list[Image.Image]) -> str:
+        return decoder(style_target(decoder.clip, images), task="style")
+
+    def own_words_left_out(images: list[Image.Image]) -> str:
+        found = shared_style(decoder.llm, decoder.clip, images, decoder.vocabulary, decoder.max_tokens, VARIANTS["vgd"])
+        return found.result.best.text
+
+    return dict(zip(STYLE_PATHS, (paper, own_words_left_out), strict=True))
+
+
+def style_leaks(prompt: str, pair: StylePair) -> dict[str, bool]:
+    """What a style prompt names that the pair does not share: a shape (the pair's or any other: a style names no
+    object), a colour of one picture only (an object's, or a background's when the backgrounds differ), a place."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    own_colours = {obj.colour for scene in pair.scenes for obj in scene.objects}
+    if pair.shared != "background":
+        own_colours |= {scene.background for scene in pair.scenes}
+    return {
+        "names a shape": any(
+            word in SHAPES or word.removesuffix("s") in SHAPES or word.removesuffix("es") in SHAPES for word in words
+        ),
+        "names an own colour": bool(words & own_colours),
+        "names a place": bool(words & PLACE_WORDS),
+    }
+
+
+def style_table(stylers: dict[str, Styler], judge: Perplexity, n: int, seed: int = HELD_OUT_SEED) -> list[dict]:
+    """A style prompt per pair from each styler (`invert_image(focus="style")`'s paths): does it name what the two
+    pictures share, and nothing of what they do not?"""
     rows = []
-    pairs = style_pairs(n)
-    for shared in ("fill", "background"):
-        prompts, named = [], []
-        for pair in (p for p in pairs if p.shared == shared):
-            images = [render_scene(scene) for scene in pair.scenes]
-            prompts.append(decoder(style_target(decoder.clip, images), task="style"))
-            parsed = parse_style(prompts[-1])
-            named.append(parsed is not None and getattr(parsed, shared) == pair.value)
-            print(f"  style, shared {shared} {pair.value}: {prompts[-1]!r}", file=sys.stderr)
-        if prompts:
+    pairs = style_pairs(n, seed)
+    for name, styler in stylers.items():
+        for shared in ("fill", "background"):
+            chosen = [pair for pair in pairs if pair.shared == shared]
+            prompts = []
+            for pair in chosen:
+                prompts.append(styler([render_scene(scene) for scene in pair.scenes]))
+                print(f"  style ({name}), shared {shared} {pair.value}: {prompts[-1]!r}", file=sys.stderr)
+            if not prompts:
+                continue
+            parsed = [parse_style(prompt) for prompt in prompts]
+            leaks = [style_leaks(prompt, pair) for prompt, pair in zip(prompts, chosen, strict=True)]
             rows.append(
                 {
+                    "style": name,
                     "pairs sharing": f"{shared} ({len(prompts)})",
-                    "names it": percent(named),
-                    "parse %": percent(parse_style(p) is not None for p in prompts),
+                    "names it": percent(
+                        p is not None and getattr(p, shared) == pair.value
+                        for p, pair in zip(parsed, chosen, strict=True)
+                    ),
+                    **{column: percent(leak[column] for leak in leaks) for column in leaks[0]},
+                    "parse %": percent(p is not None for p in parsed),
                     "judge ppl": median(map(judge, prompts)),
                 }
             )
@@ -645,7 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         "--outside-seed", type=int, default=OUTSIDE_SEED, help="another seed draws a fresh outside set (a check)"
     )
     parser.add_argument("--fuse-n", type=int, default=50, help="pairs of pictures to fuse")
-    parser.add_argument("--style-n", type=int, default=40, help="pairs of scenes sharing a style (half fill)")
+    parser.add_argument("--style-n", type=int, default=80, help="pairs of scenes sharing a style (half fill)")
+    parser.add_argument(
+        "--style-paths", nargs="+", default=list(STYLE_PATHS), choices=STYLE_PATHS, help="style paths to compare"
+    )
+    parser.add_argument(
+        "--style-seed", type=int, default=HELD_OUT_SEED, help=f"{STYLE_TUNING_SEED}: the pairs methods are tuned on"
+    )
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
     parser.add_argument(
         "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="scene sets to invert (to split a run)"
@@ -696,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         print_goals(goals)
         summary["fuse"], summary["fuse goals"] = rows, goals
     if "style" not in settings.skip:
-        rows = style_table(decoder, judge, settings.style_n)
+        paths = {name: path for name, path in style_paths(decoder).items() if name in settings.style_paths}
+        rows = style_table(paths, judge, settings.style_n, settings.style_seed)
         print_table(f"Style prompts of pairs sharing one style property, in % ({header})", rows)
         summary["style"] = rows
     if "distillation" not in settings.skip:

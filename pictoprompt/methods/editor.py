@@ -184,6 +184,53 @@ def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
                 model.disable_gradient_checkpointing()
 
 
+ONE_THREAD_BELOW_SIDE = 64
+"""On a CPU, EDITOR runs on one intra-op thread for generators smaller than this side in pixels."""
+
+
+@contextmanager
+def one_cpu_thread(pipeline: StableDiffusionPipeline) -> Iterator[None]:
+    """One PyTorch thread while EDITOR runs through a small generator on a CPU, the caller's count after.
+
+    An iteration through the `shapes` set (32 px) is some 2,800 tiny operations per U-Net pass on a batch of two
+    16x16 latents: below PyTorch's parallel grain, so a second thread only joins the convolutions and matrix
+    products, and waking it costs more than it saves. The server's job thread runs with PyTorch's default (one
+    thread per core): on the 2-core build machine its default call took 78 s alone on the machine for 63 s of CPU
+    time; on one thread the server spends 31 s of CPU time a call (lab/results/editor-speed.md), and under load
+    two threads spent 23x the CPU time of one on the same iterations. Larger generators (64 px and up: a batch of
+    two passes the grain) and accelerators keep the caller's setting. The count is the process's; the job runner
+    runs one tool at a time.
+    """
+    threads = torch.get_num_threads()
+    if pipeline.device.type != "cpu" or default_size(pipeline) >= ONE_THREAD_BELOW_SIDE or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class RepeatedScheduleLms(LMSDiscreteScheduler):
+    """The LMS scheduler, its step coefficients integrated once per schedule and then reused.
+
+    Each coefficient is an integral (`scipy.integrate.quad` over a product of the sigmas, evaluated in PyTorch
+    scalars) that depends only on the sigmas around its step. EDITOR runs the same `denoising_steps` schedule in
+    every iteration, so diffusers' scheduler integrated the same 14 coefficients 100 times per call: about 1 s of
+    CPU time in a default call on the `shapes` set, 3-4 % of it (lab/results/editor-speed.md). The cached value is
+    the one diffusers computes, so every step is the same to the bit.
+    """
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        # The integrand reads sigmas t - order + 1 .. t, the bounds t and t + 1: the key holds all of them.
+        key = (order, t, current_order, tuple(self.sigmas[max(t - order + 1, 0) : t + 2].tolist()))
+        cache: dict[tuple, float] = self.__dict__.setdefault("_coefficients", {})
+        if key not in cache:
+            cache[key] = super().get_lms_coefficient(order, t, current_order)
+        return cache[key]
+
+
 def _denoise(
     pipeline: StableDiffusionPipeline,
     scheduler: LMSDiscreteScheduler,
@@ -229,7 +276,7 @@ class _Problem:
         generator = torch.Generator().manual_seed(seed)
         channels, side = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size
         noise = torch.randn((1, channels, side, side), generator=generator).to(device, pipeline.unet.dtype)
-        scheduler = LMSDiscreteScheduler.from_config(pipeline.scheduler.config)
+        scheduler = RepeatedScheduleLms.from_config(pipeline.scheduler.config)
         return cls(first[:, :1], first[:, 1:].clone().requires_grad_(True), unconditional, noise, scheduler)
 
 

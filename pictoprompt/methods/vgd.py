@@ -197,6 +197,19 @@ def written_in(text: str, dictionary: frozenset[str], complete: bool) -> bool:
     return not growing or any(known.startswith(words[-1]) for known in dictionary)
 
 
+def uses_any(text: str, words: frozenset[str], complete: bool) -> bool:
+    """Whether `text` has one of `words` (lower-cased); unless `complete`, its last word may still be growing and
+    counts only once it is finished.
+
+    Our addition to VGD, for the style of several pictures (`methods.shared_style`): a style prompt must not use
+    a word that only some of the pictures' own prompts have.
+    """
+    found = _WORD_PIECE.findall(text.lower())
+    if not complete and found and text[-1:].isalpha():
+        found = found[:-1]
+    return any(word in words for word in found)
+
+
 def copied_from(text: str, source: Sequence[str], complete: bool) -> bool:
     """Whether `text`'s words are `source`'s words (lower-cased) in their order, some left out; unless `complete`,
     its last word may still be growing and need only begin the next source word it could be.
@@ -424,14 +437,15 @@ class _Search:
 @dataclass(frozen=True)
 class Limits:
     """What one decode may write: at most `max_length` LLM tokens (and `max_clip_tokens` CLIP tokens, distillation's
-    budget), no stop before `min_length` tokens, only words of `dictionary` (`written_in`), and only `copy_from`'s
-    words in its order, some left out (`copied_from`)."""
+    budget), no stop before `min_length` tokens, only words of `dictionary` (`written_in`), only `copy_from`'s
+    words in its order, some left out (`copied_from`), and none of `excluded_words` (`uses_any`)."""
 
     max_length: int = 32
     min_length: int = 1
     max_clip_tokens: int | None = None
     dictionary: frozenset[str] | None = None
     copy_from: str | None = None
+    excluded_words: frozenset[str] = frozenset()
 
 
 def _allowed(llm: LanguageModel, log_probs: Tensor, step: int, search: _Search, limits: Limits, ngram: int) -> Tensor:
@@ -464,7 +478,7 @@ def _expand(llm: LanguageModel, search: _Search, log_probs: Tensor, proposals: i
 
 class _Scorer:
     """The step score of each candidate (`step_scores`), -inf where a limit (CLIP token budget, dictionary, copied
-    words) drops it."""
+    or excluded words) drops it."""
 
     def __init__(self, clip: ClipModel, targets: Tensor, limits: Limits, config: VgdConfig) -> None:
         self.clip, self.targets, self.limits, self.config = clip, targets, limits, config
@@ -484,6 +498,9 @@ class _Scorer:
         if limits.dictionary is not None:
             unknown = [not written_in(t, limits.dictionary, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
             scores[torch.tensor(unknown)] = -math.inf
+        if limits.excluded_words:
+            excluded = [uses_any(t, limits.excluded_words, bool(s)) for t, s in zip(step.texts, stops, strict=True)]
+            scores[torch.tensor(excluded)] = -math.inf
         if self.source_words is not None:
             source = self.source_words
             invented = [not copied_from(t, source, bool(s)) for t, s in zip(step.texts, stops, strict=True)]

@@ -7,7 +7,9 @@ VGD writes them back as text and the candidate that regenerates the image(s) bes
 
 Each prompt comes with its CLIP similarity to the image(s) and its perplexity under the LLM, so the assistant can
 weigh faithfulness against readability; EDITOR's also with its regenerated preview and that picture's similarity.
-`focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject.
+`focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject; with the
+profile's `vgd.style_leaves_out_own_words` (ours) the style of several images leaves out the words that only some of
+their own prompts have (`methods/shared_style.py`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pydantic import BaseModel, Field
 
 from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.methods.editor import Candidate, check_generator, editor, start_prompt
+from pictoprompt.methods.editor import Candidate, check_generator, editor, one_cpu_thread, start_prompt
 from pictoprompt.methods.scoring import Embeddings, prompt_similarities
+from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     VgdResult,
     image_targets,
@@ -153,17 +156,22 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
     images = [context.images.load(ref) for ref in request.images]
     style = request.focus == "style"
     embeddings = image_targets(clip, images)
-    targets = style_target(clip, images) if style else embeddings
-    result = invert(
-        llm,
-        clip,
-        targets,
-        task="style" if style else "inversion",
-        vocabulary=runtime_vocabulary(context.runtime, progress=context.progress),
-        max_length=request.max_tokens,
-        config=context.runtime.profile.vgd,
-        progress=context.progress,
-    )
+    vocabulary = runtime_vocabulary(context.runtime, progress=context.progress)
+    config = context.runtime.profile.vgd
+    if style and len(images) > 1 and config.style_leaves_out_own_words:
+        found = shared_style(llm, clip, images, vocabulary, request.max_tokens, config, context.progress)
+        result = found.result
+    else:
+        result = invert(
+            llm,
+            clip,
+            style_target(clip, images) if style else embeddings,
+            task="style" if style else "inversion",
+            vocabulary=vocabulary,
+            max_length=request.max_tokens,
+            config=config,
+            progress=context.progress,
+        )
     return InvertImageResponse(
         focus=request.focus,
         method=request.method,
@@ -180,10 +188,18 @@ def invert_by_editor(request: InvertImageRequest, context: ToolContext) -> Inver
         raise InvalidInputError(
             "method='editor' inverts what a picture shows; for its style use focus='style' with method='vgd'."
         )
+    pipeline = context.runtime.pipeline()
+    # The whole call on one thread on a small CPU generator: what `pictoprompt bench editor` measures (one thread),
+    # for less CPU time than on two (lab/results/editor-speed.md).
+    with one_cpu_thread(pipeline):
+        # Refused before the start prompt is written: on SD 2.x the captioner's minute would be spent for nothing.
+        check_generator(pipeline, context.runtime.clip())
+        return _editor_response(request, context)
+
+
+def _editor_response(request: InvertImageRequest, context: ToolContext) -> InvertImageResponse:
     runtime = context.runtime
     pipeline, clip, llm = runtime.pipeline(), runtime.clip(), runtime.llm()
-    # Refused before the start prompt is written: on SD 2.x the captioner's minute would be spent for nothing.
-    check_generator(pipeline, clip)
     images = [context.images.load(ref) for ref in request.images]
     iterations = request.iterations or EDITOR_ITERATIONS
     config = runtime.profile.editor.model_copy(update={"iterations": iterations, "max_tokens": request.max_tokens})
