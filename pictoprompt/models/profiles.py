@@ -33,6 +33,7 @@ from pictoprompt.configs import (
     DescriptionConfig,
     DomainTuningConfig,
     EditorConfig,
+    GeneratorRerank,
     SdIpcConfig,
     SegmentationConfig,
     VgdConfig,
@@ -147,6 +148,11 @@ class Profile(BaseModel):
         description="distill_prompt's method: vgd, the paper's VGD distillation (with vgd.distillation_keeps_words), "
         "or prune (ours): deletions that leave CLIP's reading and add fluency, as long as the content needs "
         "(methods/pruning.py).",
+    )
+    vgd_rerank: GeneratorRerank | None = Field(
+        None,
+        description="Ours, not the paper's: VGD's best prompts for a picture's content reordered by the generator "
+        "(configs.GeneratorRerank). None: the paper's choice, the best length-penalised score.",
     )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."
