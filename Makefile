@@ -20,9 +20,11 @@ demo: install
 	$(BIN)/pictoprompt demo -o demo-output
 
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
-# clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too.
+# clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too. The fast suite runs on
+# TEST_WORKERS processes (pytest-xdist), each test file on one of them, so that a module's server starts once.
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not ray and not browser and not conformance"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not gpu and not ray and not browser and not conformance"
 	$(BIN)/ruff check pictoprompt tests lab
 
 test-slow: install

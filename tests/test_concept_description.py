@@ -315,23 +315,35 @@ def shapes() -> tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int]:
     return runtime.pipeline(), runtime.clip(), config.completion_words or [], config.completion_alignment
 
 
-def test_shapes_a_description_gains_the_fill_the_pictures_show(
-    shapes: tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int],
-) -> None:
+def striped_hearts() -> list[Image.Image]:
     from pictoprompt.models.shapes.scenes import Scene, SceneObject, render_scene
 
-    pipeline, clip, words, reach = shapes
     places = [("white", "small", "top left"), ("gray", "large", "right"), ("pink", "small", "bottom")]
-    hearts = [
+    return [
         render_scene(Scene(background, (SceneObject("heart", "green", size, position, "striped"),)))
         for background, size, position in places
     ]
+
+
+def test_shapes_a_description_gains_the_fill_the_pictures_show(
+    shapes: tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int],
+) -> None:
+    pipeline, clip, words, reach = shapes
+    hearts = striped_hearts()
     assert (
         complete_description(
             pipeline, clip, hearts, "a green heart", words, DescriptionConfig(completion_alignment=reach)
         ).added
         == "striped"
     )
+
+
+@pytest.mark.slow  # four more completions on the shapes set (about 15 s of CPU); the one above stays in `make test`
+def test_shapes_alignment_finds_the_fill_off_the_grid_and_the_generator_writes_the_whole_description(
+    shapes: tuple[StableDiffusionPipeline, ClipModel, list[list[str]], int],
+) -> None:
+    pipeline, clip, words, reach = shapes
+    hearts = striped_hearts()
     # Off the grid by a pixel or two, the U-Net hardly sees the stripes; moved back onto it, it does again.
     off_grid = [moved(heart, 2, 1) for heart in hearts]
     as_given = complete_description(pipeline, clip, off_grid, "a green heart", words)

@@ -293,7 +293,7 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer
             stderr=output,
         )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a server's start on a loaded machine (two test workers and more)
         while True:
             if process.poll() is not None:
                 pytest.fail(f"server exited: {log.read_text()[-2000:]}")

@@ -244,9 +244,16 @@ async def test_vary_and_edit_through_the_client_with_every_reference_kind(tmp_pa
         images = varied.structured_content["result"]["images"]
         assert [image["seed"] for image in images] == [4, 5]
         edited = await client.call_tool(
-            # The default rewrite runs VGD first: on a loaded machine it can outlast the default wait.
+            # The picture's prompt is given: VGD writing it (test_sd_ipc, test_every_tool) is not what this checks.
             "edit_with_text",
-            {"image": asset_uri, "text": "in the snow", "num_images": 1, "steps": 2, "wait_seconds": 600},
+            {
+                "image": asset_uri,
+                "text": "in the snow",
+                "source_prompt": "a star",
+                "num_images": 1,
+                "steps": 2,
+                "wait_seconds": 600,
+            },
         )
         assert not edited.is_error, edited.content
     # The scores are CLIP's cosine similarities of the saved pictures, recomputed here from the files.
@@ -300,8 +307,16 @@ async def test_concept_round_trip_leaves_the_base_model_untouched(tmp_path, sett
         with_concept = await client.call_tool("generate_image", {**base_call, "concept": "red-thing"})
         after = await client.call_tool("generate_image", base_call)
         edited = await client.call_tool(
+            # The picture's prompt is given, so that the edit waits on no VGD decoding (test_every_tool's edit runs it).
             "edit_with_text",
-            {"image": "concept:red-thing", "text": "in the snow", "concept": "red-thing", "steps": 2, "num_images": 1},
+            {
+                "image": "concept:red-thing",
+                "text": "in the snow",
+                "source_prompt": "a red thing",
+                "concept": "red-thing",
+                "steps": 2,
+                "num_images": 1,
+            },
         )
         assert not edited.is_error, edited.content
         varied = await client.call_tool(

@@ -446,6 +446,7 @@ def test_fuse_concepts(context: ToolContext, strategy: str) -> None:
     assert context.assets.saved[0]["prompt"] == response.prompt  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow  # three more decodings (about 10 s of CPU); test_fuse_concepts[merge] stays in `make test`
 def test_merge_writes_one_prompt_from_the_per_image_prompts(tiny_runtime: Runtime, targets: torch.Tensor) -> None:
     """merge = a prompt per image (at least MERGE_PART_TOKENS long), then VGD distillation of their list."""
     llm, clip = tiny_runtime.llm(), tiny_runtime.clip()

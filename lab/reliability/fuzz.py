@@ -64,6 +64,9 @@ CHEAP_CAPS = {
 CALL_SECONDS = 240.0
 """A call that has not answered by then counts as hung."""
 
+JOB_WAITS = 10
+"""`get_job` waits of 120 s a job left running gets before it counts as hung."""
+
 INTERNAL_PATTERNS = (re.compile(r"^Error executing tool \w+$"), re.compile(r"Internal error", re.IGNORECASE))
 """A tool error that only says the tool failed (the SDK's text for a crash inside a tool), or a job's crash."""
 
@@ -196,6 +199,15 @@ def valid_arguments(tool: str, schema: dict[str, Any], pools: Pools) -> st.Searc
     return st.tuples(from_schema(schema), st.lists(st.integers(1, 10**6), min_size=12, max_size=12)).map(filled)
 
 
+def broken_arguments(
+    tool: str, schema: dict[str, Any], pools: Pools, cheap: st.SearchStrategy[dict[str, Any]] | None = None
+) -> st.SearchStrategy[Case]:
+    """A cheap valid call with one field broken, and the field the refusal must name. `cheap` is the tool's cheap
+    valid strategy when the caller holds it already: a strategy from a schema is resolved on its first draw, which
+    costs many times a draw (built anew for each broken call, it was most of a small fuzz run's time)."""
+    return _broken(tool, schema, valid_arguments(tool, cheap_schema(schema), pools) if cheap is None else cheap)
+
+
 JSON_TYPES: dict[str, st.SearchStrategy[Any]] = {
     "string": st.text(max_size=20),
     "integer": st.integers(-(2**70), 2**70),
@@ -228,9 +240,8 @@ def _nested(depth: int, leaf: Any) -> Any:
 
 
 @st.composite
-def broken_arguments(draw: st.DrawFn, tool: str, schema: dict[str, Any], pools: Pools) -> Case:
-    """A cheap valid call with one field broken, and the field the refusal must name."""
-    arguments = dict(draw(valid_arguments(tool, cheap_schema(schema), pools)))
+def _broken(draw: st.DrawFn, tool: str, schema: dict[str, Any], cheap: st.SearchStrategy[dict[str, Any]]) -> Case:
+    arguments = dict(draw(cheap))
     properties: dict[str, dict[str, Any]] = schema.get("properties", {})
     names = sorted(properties)
     ways = ["unknown_field"]
@@ -344,14 +355,13 @@ class Cases:
         self.valid: dict[str, float] = {}
         for name in self.names:
             schema = tools[name]["inputSchema"]
-            self.strategies[name, "valid_cheap"] = valid_arguments(name, cheap_schema(schema), pools).map(
-                partial(Case, name, kind="valid_cheap")
-            )
+            cheap = valid_arguments(name, cheap_schema(schema), pools)
+            self.strategies[name, "valid_cheap"] = cheap.map(partial(Case, name, kind="valid_cheap"))
             briefly = _briefly if "wait_seconds" in schema.get("properties", {}) else dict
             self.strategies[name, "valid_full"] = valid_arguments(name, schema, pools).map(
                 lambda arguments, name=name, briefly=briefly: Case(name, briefly(arguments), "valid_full")
             )
-            self.strategies[name, "broken"] = broken_arguments(name, schema, pools)
+            self.strategies[name, "broken"] = broken_arguments(name, schema, pools, cheap)
             heavy = "inline" in schema.get("properties", {}) and name != "get_job"
             self.valid[name] = heavy_valid if heavy else 0.5
 
@@ -481,7 +491,16 @@ class Fuzzer:
         self.pools.jobs.append(job_id)
         if case.kind != "valid_cheap":
             self.call("cancel_job", {"job_id": job_id})
-        ended = self.call("get_job", {"job_id": job_id, "wait_seconds": 120})
+        # Until the job has ended: one still running would save its pictures during a later call, whose refusal
+        # would then seem to have changed the store (it did once, on a loaded machine, after a 120 s wait).
+        for _ in range(JOB_WAITS):
+            ended = self.call("get_job", {"job_id": job_id, "wait_seconds": 120})
+            job = (ended.structured_content or {}).get("job") or {}
+            if ended.is_error or job.get("state") not in {"queued", "running"}:
+                break
+        else:
+            self.tally.problem("hang", case, f"job {job_id} still running after {JOB_WAITS * 2} minutes")
+            return
         text = _text(ended)
         if ended.is_error and "cancel" in text.lower():
             self.tally.outcomes["cancelled"] += 1
@@ -535,6 +554,8 @@ class Plan:
     """Each call's arguments are written here before it is made (to find the call a hang or crash follows)."""
     minutes: float | None = None
     """Stop after this long even if fewer calls were made (the tally says how many)."""
+    checkpoint: Callable[[Tally], None] | None = None
+    """Called with the tally every 100 calls, so that a long run stopped from outside still leaves its figures."""
 
 
 def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, plan: Plan) -> Tally:
@@ -554,6 +575,9 @@ def fuzz(portal: BlockingPortal, client: Client, folder: Path, transport: str, p
             if plan.minutes is not None and time.monotonic() - started > plan.minutes * 60:
                 break
             fuzzer.run(cases.next())
+            if plan.checkpoint is not None and tally.calls % 100 == 0:
+                tally.seconds = time.monotonic() - started
+                plan.checkpoint(tally)
     except (TimeoutError, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
         # counted as a crash or a hang; the run stops, since the session is gone
         tally.problems.setdefault("stopped", []).append(f"{type(error).__name__}: {str(error)[:300]}")
@@ -593,10 +617,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=Path, help="Write each call's arguments here before making it.")
     parser.add_argument("--verbose", action="store_true", help="Print slow calls and every 100th call.")
     args = parser.parse_args(argv)
-    summaries = []
+    summaries: list[dict[str, Any]] = []
+
+    def write(extra: list[dict[str, Any]]) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([*summaries, *extra], indent=1))
+
+    def checkpoint(tally: Tally) -> None:  # the transport under way, marked unfinished
+        write([{**tally.summary(), "partial": True}])
+
     for transport in args.transport:
         with tempfile.TemporaryDirectory(prefix=f"fuzz-{transport}-") as folder:
-            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace, args.minutes)
+            plan = Plan(args.calls, args.seed, args.heavy_valid, args.verbose, args.trace, args.minutes, checkpoint)
             tally = fuzz_transport(transport, plan, Path(folder), args.profile)
         summary = tally.summary()
         summaries.append(summary)
@@ -605,9 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, examples in tally.problems.items():
             for example in examples:
                 print(f"  {name}: {example}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summaries, indent=1))
+        write([])
     return 0 if all(s["calls"] >= args.calls and not any(s[p] for p in Tally.PROBLEMS) for s in summaries) else 1
 
 
