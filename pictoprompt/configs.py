@@ -97,6 +97,33 @@ class DomainTuningConfig(TuningConfig):
     batch_size: int = Field(4, ge=1, le=256)
 
 
+# ------------------------------------------------------------------------------------------ VGD (paper 002)
+
+
+class GeneratorRerank(MethodConfig):
+    """Ours, not VGD's: when VGD's prompt for a picture names several subjects, a one-subject prompt is decoded
+    too, and the generator chooses between VGD's best and the one-subject decode's best by how well its denoising
+    explains the picture under each (a diffusion classifier, `methods.generator_score`). A small CLIP cannot count:
+    on the `shapes` set it scores an invented second object above the true caption, the LLM continues a one-object
+    caption with "and" about half the time, and VGD's length penalty favours the longer prompt; the generator,
+    trained to draw what a caption names, explains a one-object picture worse under a two-object caption
+    (lab/results/onecount.md)."""
+
+    candidates: int = Field(
+        4, ge=1, le=10, description="How many of the one-subject decode's best hypotheses are judged against VGD's."
+    )
+    timesteps: int = Field(
+        8, ge=1, le=64, description="Noised timesteps each is judged at: one U-Net pass per candidate and timestep."
+    )
+    seed: int = Field(0, description="The noise draw, the same for every candidate so that their errors compare.")
+    joining_words: tuple[str, ...] = Field(
+        ("and",),
+        description="Words that join a second subject to the first (a comma list does too): the one-subject "
+        "decode is written in the profile's dictionary without them. Empty, or a profile without a dictionary: "
+        "VGD's choice stands.",
+    )
+
+
 # ------------------------------------------------------------------------------------------ concept description
 
 

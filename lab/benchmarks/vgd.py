@@ -1,6 +1,6 @@
 """VGD on `shapes`: are the prompts right, readable sentences of the world, and fast, and does the cache pay?
 
-Run: `pictoprompt bench vgd [--n 200] [--outside-n 60] [--fuse-n 50] [--style-n 40] [--distill-n 100]
+Run: `pictoprompt bench vgd [--n 200] [--outside-n 60] [--count-n 100] [--fuse-n 50] [--style-n 40] [--distill-n 100]
 [--max-tokens 32] [--profile shapes]`. `--kinds` and `--skip` run a part of the tables, so a long run can be split
 across processes. A prompt names an attribute only if it parses under the world's caption grammar (`grammar.py`)
 and the parsed object paired with the true one carries it: a sentence about "the diffusion prompt" that contains
@@ -20,6 +20,13 @@ and the parsed object paired with the true one carries it: a sentence about "the
    64, 128 and non-square sizes, anywhere, with any line width, some RGBA (flattened as the server does). The
    share of VGD's prompts naming the right colour (goal >= 85%) and shape (goal >= 75%), that parse, and their
    judged perplexity.
+2b. One object named once (issue 35, item 5): held-out single objects (`--count-n`), held-out colour-shape
+   combinations (half as many) and the outside pictures, by number of objects: the share of prompts that parse and
+   name as many objects as the picture has, and name its colour and shape, with the paper's choice of hypothesis
+   (the best length-penalised score) and with the generator rerank (`Profile.vgd_rerank`,
+   `methods.generator_score.generator_reranked`; `--rerank 4x8 6x4` compares others) from the same decoding, and
+   the rerank's CPU seconds per picture. Goal: at least 95% right count on every one-object set with the profile's
+   choice. `--tune` draws the sets from other seeds, for choosing settings.
 3. fuse_concepts: pairs of held-out single-object pictures, fused by each of the tool's strategies (`merge`, the
    default: a prompt per picture, then one sentence distilled from them; `joint`: one prompt decoded against
    both; `concat`: a prompt per picture, joined); the share naming both objects' colour and shape (goal >= 60%,
@@ -47,13 +54,15 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from lab.benchmarks.grammar import WORLD_WORDS, match_parsed, named_attributes, parse_caption, parse_style
@@ -72,14 +81,16 @@ from lab.benchmarks.harness import (
     scene_set,
 )
 from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
-from pictoprompt.configs import VgdConfig
+from pictoprompt.configs import GeneratorRerank, VgdConfig
 from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
+from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.shared_style import shared_style
 from pictoprompt.methods.vgd import (
     ClipVocabulary,
     FuseStrategy,
     Limits,
     Task,
+    VgdResult,
     clip_token_count,
     distill,
     fuse,
@@ -140,6 +151,11 @@ PERPLEXITY_GOAL = 1.5
 """VGD's judged perplexity may be at most this many times llm_only's."""
 OUTSIDE_GOALS = {"colour": 85.0, "shape": 75.0}
 FUSE_GOAL = 60.0
+COUNT_GOAL = 95.0
+"""Issue 35, floor 5: one-object pictures whose prompt names one object, in %."""
+COUNT_TUNING_SEED = 7_000_001
+OUTSIDE_TUNING_SEED = 99_001
+"""`--tune`'s seeds: scenes and drawings for choosing settings, none of them in a reported set."""
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -153,27 +169,64 @@ def initial_vocabulary(runtime: Runtime) -> ClipVocabulary:
 
 @dataclass
 class Decoder:
-    """VGD as the tools call it, with one LLM, remembering every initial condition it started from."""
+    """VGD as the tools call it, with one LLM, remembering every initial condition it started from. With `rerank`
+    (the profile's `vgd_rerank`) and the pictures, an inversion's best hypotheses are reordered by the generator as
+    `invert_image` does (`methods.generator_score.generator_reranked`)."""
 
     llm: LanguageModel
     clip: ClipModel
     vocabulary: ClipVocabulary
     max_tokens: int
     conditions: set[str] = field(default_factory=set)
+    pipeline: StableDiffusionPipeline | None = None
+    rerank: GeneratorRerank | None = None
 
-    def __call__(self, targets: torch.Tensor, task: Task = "inversion", variant: str = "vgd") -> str:
+    def decode(
+        self,
+        targets: torch.Tensor,
+        task: Task = "inversion",
+        variant: str = "vgd",
+        vocabulary: ClipVocabulary | None = None,
+    ) -> VgdResult:
         result = invert(
             self.llm,
             self.clip,
             targets,
             task=task,
-            vocabulary=self.vocabulary,
+            vocabulary=vocabulary or self.vocabulary,
             max_length=self.max_tokens,
             config=VARIANTS[variant],
         )
         if result.initial_condition is not None:
             self.conditions.add(result.initial_condition)
-        return result.best.text
+        return result
+
+    def reranked(
+        self,
+        targets: torch.Tensor,
+        images: Sequence[Image.Image],
+        rerank: GeneratorRerank,
+        result: VgdResult | None = None,
+    ) -> tuple[VgdResult, VgdResult]:
+        """VGD's decode (`result`, when already made), and the result as `tools.render.content_inversion` writes it
+        with `rerank`."""
+        result = result or self.decode(targets)
+        alternative = one_subject_vocabulary(self.vocabulary, rerank)
+        if self.pipeline is None or alternative is None or not names_several(result.best.text, rerank):
+            return result, result
+        one_subject = self.decode(targets, vocabulary=alternative)
+        return result, generator_reranked(self.pipeline, self.clip, images, result, [one_subject], rerank)
+
+    def __call__(
+        self,
+        targets: torch.Tensor,
+        task: Task = "inversion",
+        variant: str = "vgd",
+        images: Sequence[Image.Image] | None = None,
+    ) -> str:
+        if images and self.rerank is not None and (task, variant) == ("inversion", "vgd"):
+            return self.reranked(targets, images, self.rerank)[1].best.text
+        return self.decode(targets, task, variant).best.text
 
 
 def median(values: Iterable[float]) -> float:
@@ -257,6 +310,13 @@ def render(runtime: Runtime, prompts: Sequence[str], seeds: Sequence[int], steps
     return images
 
 
+def right_count(prompt: str, objects: int) -> bool:
+    """Whether the prompt parses and names as many objects as the picture has (an invented second object, or a
+    dropped one, is wrong)."""
+    parsed = parse_caption(prompt)
+    return parsed is not None and len(parsed.objects) == objects
+
+
 def parse_rate(prompts: Sequence[str]) -> float:
     return percent(parse_caption(p) is not None for p in prompts)
 
@@ -282,7 +342,7 @@ def scene_scores(prompt: str, image: Image.Image, example: Example) -> dict[str,
         "named shape": named["shape"],
         "named all": statistics.fmean(named[a] for a in NAMED),
         "parse %": float(parsed is not None),
-        "right count": float(parsed is not None and len(parsed.objects) == len(scene.objects)),
+        "right count": float(right_count(prompt, len(scene.objects))),
         "regen colour": seen["colour"],
         "regen shape": seen["shape"],
         "regen all": statistics.fmean(seen.values()),
@@ -295,10 +355,11 @@ def held_out_table(
     """The rows per kind and method, and per method every prompt's scores over all kinds (for the goals)."""
     clip = runtime.clip()
     methods: dict[str, Callable[[Example], str]] = {
-        variant: (lambda ex, v=variant: decoder(image_targets(clip, [ex.image]), variant=v)) for variant in VARIANTS
+        variant: (lambda ex, v=variant: decoder(image_targets(clip, [ex.image]), variant=v, images=[ex.image]))
+        for variant in VARIANTS
     }
     if old_decoder is not None:
-        methods[OLD_LLM] = lambda ex: old_decoder(image_targets(clip, [ex.image]))
+        methods[OLD_LLM] = lambda ex: old_decoder(image_targets(clip, [ex.image]), images=[ex.image])
     if isinstance(clip, TransformersClip) and settings.pez_iterations > 0:
         methods["pez"] = lambda ex: pez_prompt(
             clip, image_targets(clip, [ex.image])[0], settings.pez_length, settings.pez_iterations
@@ -382,8 +443,9 @@ def outside_table(decoder: Decoder, judge: Perplexity, n: int, seed: int = OUTSI
     examples = outside_set(n, seed)
     prompts, named = [], []
     for ex in examples:
-        prompts.append(decoder(image_targets(decoder.clip, [ex.flat])))
+        prompts.append(decoder(image_targets(decoder.clip, [ex.flat]), images=[ex.flat]))
         named.append(named_attributes(parse_caption(prompts[-1]), ex.objects, None, ("colour", "shape")))
+        named[-1]["count"] = float(right_count(prompts[-1], len(ex.objects)))
         print(f"  outside {describe_drawn(ex)}: {prompts[-1]!r}", file=sys.stderr)
     groups: dict[str, Callable[[OutsideExample], bool]] = {
         "64x64": lambda ex: ex.image.size == (64, 64),
@@ -404,6 +466,7 @@ def outside_table(decoder: Decoder, judge: Perplexity, n: int, seed: int = OUTSI
                 "pictures": f"{group} ({len(chosen)})",
                 "named colour": percent(named[i]["colour"] for i in chosen),
                 "named shape": percent(named[i]["shape"] for i in chosen),
+                "right count": percent(named[i]["count"] for i in chosen),
                 "parse %": parse_rate(group_prompts),
                 "judge ppl": median(map(judge, group_prompts)),
             }
@@ -414,6 +477,82 @@ def outside_table(decoder: Decoder, judge: Perplexity, n: int, seed: int = OUTSI
 def describe_drawn(example: OutsideExample) -> str:
     objects = " and ".join(f"{o.fill} {o.colour} {o.shape}" for o in example.objects)
     return f"{example.image.width}x{example.image.height} {example.image.mode} {objects} on {example.background}"
+
+
+# ------------------------------------------------------------------------------------------ one object named once
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A picture with the objects it shows, for the count table."""
+
+    image: Image.Image
+    objects: tuple
+
+
+COUNT_SETS = ("single", "held_out_combos", "drawn", "two")
+"""`two` (held-out two-object scenes, `--count-n`): whether the rerank keeps a second object that is there."""
+
+
+def count_sets(n: int, outside_n: int, tune: bool, chosen: Sequence[str] = COUNT_SETS) -> dict[str, list[Counted]]:
+    """Issue 35 item 5's sets (those `chosen`): held-out single objects (`n`) and held-out colour-shape combinations
+    (`n` // 2), and the first `outside_n` pictures drawn with PIL, by their number of objects. `tune` draws every set
+    from other seeds than the reported ones."""
+    seed = {"seed": COUNT_TUNING_SEED} if tune else {}
+    sets = {
+        kind: [Counted(render_scene(scene), scene.objects) for scene in held_out_scenes(kind, size, **seed)]
+        for kind, size in (("single", n), ("held_out_combos", max(1, n // 2)), ("two", n))
+        if kind in chosen
+    }
+    if "drawn" not in chosen:
+        return sets
+    drawn = outside_set(outside_n, OUTSIDE_TUNING_SEED if tune else OUTSIDE_SEED)
+    for count in (1, 2):
+        sets[f"drawn, {count} object{'s' * (count > 1)}"] = [
+            Counted(ex.flat, ex.objects) for ex in drawn if len(ex.objects) == count
+        ]
+    return sets
+
+
+def count_table(decoder: Decoder, settings: argparse.Namespace) -> list[dict]:
+    """The prompts' object count, colour and shape (parsed) with the paper's choice of hypothesis (the best
+    length-penalised score of VGD's decode) and with each generator rerank of `settings.rerank` (as
+    `tools.render.content_inversion`), from the same VGD decode; CPU seconds per picture (process time, one torch
+    thread): VGD's decode on the paper's row, what the rerank adds on its own (the one-subject decode where VGD's
+    prompt names several subjects, and the judging)."""
+    reranks = {}
+    for spec in settings.rerank:
+        candidates, timesteps = (int(part) for part in spec.split("x"))
+        reranks[f"rerank {candidates} x {timesteps}"] = GeneratorRerank(candidates=candidates, timesteps=timesteps)
+    rows = []
+    for name, examples in count_sets(settings.count_n, settings.outside_n, settings.tune, settings.count_sets).items():
+        scores: dict[str, list[dict[str, float]]] = {}
+        for example in examples:
+            targets = image_targets(decoder.clip, [example.image])
+            began = time.process_time()
+            paper = decoder.decode(targets)
+            choices = {"paper's choice": (paper.best.text, time.process_time() - began)}
+            for label, rerank in reranks.items():
+                began = time.process_time()
+                _, chosen = decoder.reranked(targets, [example.image], rerank, paper)
+                choices[label] = (chosen.best.text, time.process_time() - began)
+            for choice, (prompt, seconds) in choices.items():
+                named = named_attributes(parse_caption(prompt), example.objects, None, ("colour", "shape"))
+                row = {**named, "count": right_count(prompt, len(example.objects)), "s": seconds}
+                scores.setdefault(choice, []).append(row)
+                print(f"  count {name} {choice}: {prompt!r}", file=sys.stderr, flush=True)
+        for choice, rows_of in scores.items():
+            rows.append(
+                {
+                    "pictures": f"{name} ({len(examples)})",
+                    "choice": choice,
+                    "right count": percent(row["count"] for row in rows_of),
+                    "named colour": percent(row["colour"] for row in rows_of),
+                    "named shape": percent(row["shape"] for row in rows_of),
+                    "CPU s": statistics.fmean(row["s"] for row in rows_of),
+                }
+            )
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ fuse_concepts
@@ -684,7 +823,7 @@ def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     return rows
 
 
-TABLES = ("inversion", "outside", "fuse", "style", "distillation", "speed")
+TABLES = ("inversion", "outside", "count", "fuse", "style", "distillation", "speed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,6 +834,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--outside-seed", type=int, default=OUTSIDE_SEED, help="another seed draws a fresh outside set (a check)"
     )
+    parser.add_argument("--count-n", type=int, default=100, help="held-out single objects for the count table")
+    parser.add_argument(
+        "--rerank",
+        nargs="*",
+        default=None,
+        help="generator reranks to compare, CANDIDATESxTIMESTEPS (default: the profile's)",
+    )
+    parser.add_argument(
+        "--count-sets",
+        nargs="+",
+        default=list(COUNT_SETS),
+        choices=COUNT_SETS,
+        help="count table's sets (to split a run)",
+    )
+    parser.add_argument("--tune", action="store_true", help="count table: other seeds than the reported sets")
     parser.add_argument("--fuse-n", type=int, default=50, help="pairs of pictures to fuse")
     parser.add_argument("--style-n", type=int, default=80, help="pairs of scenes sharing a style (half fill)")
     parser.add_argument(
@@ -721,7 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime = Runtime(profile, cache_dir=cache)
     clip, llm = runtime.clip(), runtime.llm()
     vocabulary = initial_vocabulary(runtime)
-    decoder = Decoder(llm, clip, vocabulary, settings.max_tokens)
+    rerank = profile.vgd_rerank
+    decoder = Decoder(llm, clip, vocabulary, settings.max_tokens, pipeline=runtime.pipeline(), rerank=rerank)
+    if settings.rerank is None:
+        settings.rerank = [f"{rerank.candidates}x{rerank.timesteps}"] if rerank is not None else []
     judge = Perplexity()
     adapter = profile.llm.adapter
     header = f"profile {settings.profile}, LLM {Path(llm.model_id).name}, adapter {adapter}, {runtime.device}"
@@ -731,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         if adapter is not None:
             old_profile = profile.model_copy(update={"llm": profile.llm.model_copy(update={"adapter": None})})
             old_llm = Runtime(old_profile, cache_dir=cache).llm()
-            old_decoder = Decoder(old_llm, clip, vocabulary, settings.max_tokens, decoder.conditions)
+            old_decoder = replace(decoder, llm=old_llm)
         rows, pooled = held_out_table(runtime, decoder, old_decoder, judge, settings)
         title = f"Held-out scenes, {settings.max_tokens} tokens, named (parsed) and regenerated attributes in %"
         print_table(f"{title} ({header})", rows)
@@ -746,6 +903,17 @@ def main(argv: list[str] | None = None) -> int:
         goals = [goal(f"outside pictures, named {a} (%)", rows[-1][f"named {a}"], b) for a, b in OUTSIDE_GOALS.items()]
         print_goals(goals)
         summary["outside"], summary["outside goals"] = rows, goals
+    if "count" not in settings.skip:
+        rows = count_table(decoder, settings)
+        print_table(f"One object named once: VGD's prompts by choice of hypothesis, in % ({header})", rows)
+        default = f"rerank {rerank.candidates} x {rerank.timesteps}" if rerank is not None else "paper's choice"
+        goals = [
+            goal(f"{row['pictures']}, right count (%), {default}", row["right count"], COUNT_GOAL)
+            for row in rows
+            if row["choice"] == default and "2 objects" not in row["pictures"] and not row["pictures"].startswith("two")
+        ]
+        print_goals(goals)
+        summary["count"], summary["count goals"] = rows, goals
     if "fuse" not in settings.skip:
         rows = fuse_table(decoder, judge, settings.fuse_n)
         print_table(f"fuse_concepts on pairs of single-object pictures, in % ({header})", rows)

@@ -33,6 +33,7 @@ from pictoprompt.configs import (
     DescriptionConfig,
     DomainTuningConfig,
     EditorConfig,
+    GeneratorRerank,
     SdIpcConfig,
     SegmentationConfig,
     VgdConfig,
@@ -141,6 +142,17 @@ class Profile(BaseModel):
         default_factory=VgdConfig,
         description="VGD as invert_image, fuse_concepts, distill_prompt and the picture prompts use it: the paper's, "
         "and distill_prompt keeping the long prompt's words (ours).",
+    )
+    distillation: Literal["vgd", "prune"] = Field(
+        "vgd",
+        description="distill_prompt's method: vgd, the paper's VGD distillation (with vgd.distillation_keeps_words), "
+        "or prune (ours): deletions that leave CLIP's reading and add fluency, as long as the content needs "
+        "(methods/pruning.py).",
+    )
+    vgd_rerank: GeneratorRerank | None = Field(
+        None,
+        description="Ours, not the paper's: VGD's best prompts for a picture's content reordered by the generator "
+        "(configs.GeneratorRerank). None: the paper's choice, the best length-penalised score.",
     )
     domain_check: DomainCheck | None = Field(
         None, description="Only for a set trained on a narrow world: when a picture is outside it. None: never."

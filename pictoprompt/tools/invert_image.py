@@ -44,7 +44,7 @@ from pictoprompt.tools.base import (
     ToolSpec,
     picture_note,
 )
-from pictoprompt.tools.render import save_image
+from pictoprompt.tools.render import content_inversion, save_image
 
 STYLE_TEMPLATE = "{subject} in the style of {style}"
 """How the paper applies an extracted style prompt (section 4, style transfer)."""
@@ -92,8 +92,8 @@ class InvertImageRequest(ToolRequest):
 class InvertedPrompt(BaseModel):
     prompt: str
     score: float = Field(
-        description="What ranks the prompts, higher is better: vgd, the decoder's length-penalised score (LLM + "
-        "CLIP); editor, image_similarity."
+        description="Higher is better: vgd, the decoder's length-penalised score (LLM + CLIP; sets that rerank by "
+        "the generator order the best by it instead); editor, image_similarity (the order)."
     )
     clip_similarity: ClipSimilarity
     perplexity: Perplexity
@@ -161,17 +161,19 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
     if style and len(images) > 1 and config.style_leaves_out_own_words:
         found = shared_style(llm, clip, images, vocabulary, request.max_tokens, config, context.progress)
         result = found.result
-    else:
+    elif style:
         result = invert(
             llm,
             clip,
-            style_target(clip, images) if style else embeddings,
-            task="style" if style else "inversion",
+            style_target(clip, images),
+            task="style",
             vocabulary=vocabulary,
             max_length=request.max_tokens,
             config=config,
             progress=context.progress,
         )
+    else:
+        result = content_inversion(context, images, embeddings, request.max_tokens)
     return InvertImageResponse(
         focus=request.focus,
         method=request.method,

@@ -27,6 +27,7 @@ from pictoprompt.methods.concept_weights import (
     named_concept_states,
 )
 from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate
+from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
 from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
 from pictoprompt.methods.sd_ipc import (
@@ -36,9 +37,10 @@ from pictoprompt.methods.sd_ipc import (
     prompted_variation_states,
     variation_states,
 )
-from pictoprompt.methods.vgd import invert, runtime_vocabulary
+from pictoprompt.methods.vgd import VgdResult, invert, runtime_vocabulary
 from pictoprompt.models.clip import ClipModel
 from pictoprompt.models.concepts import mentions
+from pictoprompt.progress import Progress
 from pictoprompt.tools.base import CONCEPT_REF_PREFIX, OutputImage, SamplingRequest, ToolContext
 
 # ------------------------------------------------------------------------------------------------ what to draw
@@ -219,16 +221,55 @@ def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[
         description = context.concept_store().get(refs[0].removeprefix(CONCEPT_REF_PREFIX)).description
         if description:
             return description
-    runtime = context.runtime
-    vocabulary = runtime_vocabulary(runtime, progress=context.progress.scaled(0.0, 0.1, 1.0))
     targets = reference_embeddings(context, refs)
     if weights is not None:
         targets = average_embeddings(targets, weights)
-    progress = context.progress.scaled(0.1, 0.5, 1.0)
+    # A learned concept has no picture of its own for the generator to judge.
+    concepts = any(ref.startswith(CONCEPT_REF_PREFIX) for ref in refs)
+    images = None if concepts else [context.images.load(ref) for ref in refs]
+    progress = context.progress.scaled(0.0, 0.6, 1.0)
+    return content_inversion(context, images, targets, weights=weights, progress=progress).best.text
+
+
+def content_inversion(
+    context: ToolContext,
+    images: Sequence[Image.Image] | None,
+    targets: Embeddings,
+    max_length: int = 32,
+    weights: Sequence[float] | None = None,
+    progress: Progress | None = None,
+) -> VgdResult:
+    """VGD's inversion of what the pictures show (`targets`: their CLIP embeddings), as the tools write it: the
+    paper's decode; with the profile's `vgd_rerank` (ours) and the pictures at hand, when its best prompt names
+    several subjects, also a one-subject decode, and the generator chooses between them
+    (`methods.generator_score.generator_reranked`)."""
+    runtime, progress = context.runtime, progress or context.progress
+    llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
+    vocabulary = runtime_vocabulary(runtime, progress=progress.scaled(0.0, 0.1, 1.0))
     config = runtime.profile.vgd
-    return invert(
-        runtime.llm(), runtime.clip(), targets, vocabulary=vocabulary, config=config, progress=progress
-    ).best.text
+    result = invert(
+        llm,
+        clip,
+        targets,
+        vocabulary=vocabulary,
+        max_length=max_length,
+        config=config,
+        progress=progress.scaled(0.1, 0.5, 1),
+    )
+    alternative = one_subject_vocabulary(vocabulary, settings) if settings is not None and images else None
+    if settings is None or not images or alternative is None or not names_several(result.best.text, settings):
+        return result
+    one_subject = invert(
+        llm,
+        clip,
+        targets,
+        vocabulary=alternative,
+        max_length=max_length,
+        config=config,
+        progress=progress.scaled(0.6, 0.35, 1),
+    )
+    judging = progress.scaled(0.95, 0.05, 1.0)
+    return generator_reranked(runtime.pipeline(), clip, images, result, [one_subject], settings, weights, judging)
 
 
 # ------------------------------------------------------------------------------------------------ seeds and saving
