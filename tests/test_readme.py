@@ -124,7 +124,7 @@ def _setting(profile: object, path: str) -> object:
 def _same(shown: str, value: object) -> bool:
     if shown == "None" or value is None:
         return shown == "None" and value is None
-    if isinstance(value, bool):
+    if isinstance(value, bool | str):
         return shown == str(value)
     if isinstance(value, list):
         return False
@@ -135,7 +135,9 @@ def test_the_method_defaults_table_is_the_profiles():
     from pictoprompt.models.profiles import BUILTIN_PROFILES
 
     rows = [
-        line for line in README.read_text().splitlines() if re.match(r"\| `(vgd|sd_ipc|concept_\w+|domain_\w+)\.", line)
+        line
+        for line in README.read_text().splitlines()
+        if re.match(r"\| `(distillation`|(vgd|sd_ipc|concept_\w+|domain_\w+)\.)", line)
     ]
     assert len(rows) >= 8, "the README lost its table of each profile's method defaults"
     for row in rows:

@@ -143,6 +143,12 @@ class Profile(BaseModel):
         description="VGD as invert_image, fuse_concepts, distill_prompt and the picture prompts use it: the paper's, "
         "and distill_prompt keeping the long prompt's words (ours).",
     )
+    distillation: Literal["vgd", "prune"] = Field(
+        "vgd",
+        description="distill_prompt's method: vgd, the paper's VGD distillation (with vgd.distillation_keeps_words), "
+        "or prune (ours): deletions that leave CLIP's reading and add fluency, as long as the content needs "
+        "(methods/pruning.py).",
+    )
     vgd_rerank: GeneratorRerank | None = Field(
         None,
         description="Ours, not the paper's: VGD's best prompts for a picture's content reordered by the generator "

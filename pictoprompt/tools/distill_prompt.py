@@ -1,10 +1,12 @@
 """`distill_prompt`: a shorter prompt that CLIP (and so the generator) reads like the long one.
 
-VGD decodes against the long prompt's CLIP text embedding, with the long prompt in the LLM's instruction and a
-budget in CLIP tokens (default 30% of the original, as in the paper). Unless the profile turns it off
-(`vgd.distillation_keeps_words`, ours), the short prompt may only leave words out of the long one, so it cannot
-invent an object or a colour; on a profile with a dictionary it uses only words its CLIP learnt. Optional previews
-render both prompts from the same seed so the two can be compared by eye.
+The profile's `distillation` picks the method. `vgd` decodes with VGD against the long prompt's CLIP text embedding,
+with the long prompt in the LLM's instruction and a budget in CLIP tokens (default 30% of the original, as in the
+paper); unless the profile turns it off (`vgd.distillation_keeps_words`, ours), the short prompt may only leave words
+out of the long one, so it cannot invent an object or a colour. `prune` (ours, `methods/pruning.py`) deletes what
+neither CLIP's reading nor the prompt's sense needs and is as long as its content needs unless `max_tokens` asks for
+less. On a profile with a dictionary both use only words its CLIP learnt. Optional previews render both prompts from
+the same seed so the two can be compared by eye.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from pictoprompt.errors import InvalidInputError
+from pictoprompt.methods.pruning import prune
 from pictoprompt.methods.scoring import prompt_similarities
 from pictoprompt.methods.vgd import clip_token_count, distill, distillation_length, text_perplexities, text_target
 from pictoprompt.tools.base import (
@@ -29,12 +32,15 @@ from pictoprompt.tools.base import (
 )
 from pictoprompt.tools.render import TextPrompt, render_and_score, seeds_for
 
-METHOD = "vgd-distillation"
+METHODS = {"vgd": "vgd-distillation", "prune": "pruning"}
+"""The `method` recorded with the previews, by the profile's `distillation`."""
 
 
 class DistillPromptRequest(ToolRequest):
     prompt: str = Field(min_length=1, max_length=2000, description="The long prompt to shorten.")
-    max_tokens: int | None = Field(None, ge=1, le=75, description="CLIP tokens; default: 30% of the prompt's.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=75, description="CLIP tokens; default 30% of the prompt's (VGD), what it needs (prune)."
+    )
     generate_preview: bool = Field(False, description="Also render both from one seed.")
     steps: Steps = 25
     guidance: Guidance = 7.5
@@ -57,32 +63,25 @@ class DistillPromptResponse(BaseModel):
 
 
 def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> DistillPromptResponse:
-    clip, llm, config = context.runtime.clip(), context.runtime.llm(), context.runtime.profile.vgd
+    clip, llm = context.runtime.clip(), context.runtime.llm()
     tokens_before = clip_token_count(clip, [request.prompt])[0]
-    budget = request.max_tokens or distillation_length(clip, request.prompt, config.distillation_ratio)
-    if budget >= tokens_before:
+    method = context.runtime.profile.distillation
+    ratio = context.runtime.profile.vgd.distillation_ratio
+    budget = request.max_tokens or (None if method == "prune" else distillation_length(clip, request.prompt, ratio))
+    if budget is not None and budget >= tokens_before:
         raise InvalidInputError(
             f"The prompt has {tokens_before} CLIP tokens, already within max_tokens={budget}; ask for fewer tokens."
         )
-    dictionary = context.runtime.dictionary_words()
-    short = distill(
-        llm,
-        clip,
-        request.prompt,
-        max_length=budget,
-        keep_words=config.distillation_keeps_words,
-        dictionary=frozenset(dictionary) if dictionary is not None else None,
-        config=config,
-        progress=context.progress,
-    ).best.text
+    short = _shorten(request.prompt, budget, context)
     similarity = prompt_similarities(clip, [short], text_target(clip, request.prompt))[0][0]
+    tokens_after = clip_token_count(clip, [short])[0]
     response = DistillPromptResponse(
         prompt=short,
         original_prompt=request.prompt,
         clip_similarity=similarity,
         tokens_before=tokens_before,
-        tokens_after=clip_token_count(clip, [short])[0],
-        max_tokens=budget,
+        tokens_after=tokens_after,
+        max_tokens=budget or tokens_after,
         perplexity=text_perplexities(llm, [short])[0],
         llm_note=llm.fallback_note,
     )
@@ -91,12 +90,33 @@ def distill_prompt(request: DistillPromptRequest, context: ToolContext) -> Disti
     return response
 
 
+def _shorten(prompt: str, budget: int | None, context: ToolContext) -> str:
+    """The short prompt by the profile's method; `budget` None only for `prune` (as long as the content needs)."""
+    clip, llm, config = context.runtime.clip(), context.runtime.llm(), context.runtime.profile.vgd
+    method = context.runtime.profile.distillation
+    dictionary = context.runtime.dictionary_words()
+    words = frozenset(dictionary) if dictionary is not None else None
+    if method == "prune":
+        return prune(llm, clip, prompt, max_tokens=budget, dictionary=words).text
+    return distill(
+        llm,
+        clip,
+        prompt,
+        max_length=budget,
+        keep_words=config.distillation_keeps_words,
+        dictionary=words,
+        config=config,
+        progress=context.progress,
+    ).best.text
+
+
 def _previews(request: DistillPromptRequest, context: ToolContext, prompts: list[str]) -> list[OutputImage]:
     """One image per prompt, all from the same seed."""
     seed = seeds_for(request.seed, 1)[0]
     sampling = SamplingRequest(steps=request.steps, guidance=request.guidance, seed=seed)
+    method = METHODS[context.runtime.profile.distillation]
     return [
-        render_and_score(context, TextPrompt(prompt), sampling, METHOD, {"prompt": prompt})[0].image
+        render_and_score(context, TextPrompt(prompt), sampling, method, {"prompt": prompt})[0].image
         for prompt in prompts
     ]
 
@@ -105,8 +125,9 @@ SPEC = ToolSpec(
     name="distill_prompt",
     title="Shorten a prompt without changing what it generates",
     description=(
-        "A shorter prompt (default: 30% of the CLIP tokens) that CLIP reads like the original (VGD), with its "
-        "similarity, token counts and optional previews from one seed."
+        "A shorter prompt that CLIP reads like the original (VGD distillation at 30% of the CLIP tokens, or pruning "
+        "to what the content needs, by profile), with its similarity, token counts and optional previews from one "
+        "seed."
     ),
     request_model=DistillPromptRequest,
     response_model=DistillPromptResponse,
