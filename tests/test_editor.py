@@ -42,12 +42,7 @@ SIZE = 32
 """The tiny generator's resolution."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def solid(colour: tuple[int, int, int], size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:

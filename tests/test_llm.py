@@ -6,7 +6,7 @@ recomputed from the first prompt token, and fork and drop beams correctly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,14 +20,7 @@ from pictoprompt.models.llm_loading import default_gguf_path, load_language_mode
 from pictoprompt.models.llm_transformers import TransformersModel
 from pictoprompt.models.profiles import LlmSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared CPU: a second OpenMP thread spins more than it helps (4x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prompt_for(llm: LanguageModel) -> list[int]:

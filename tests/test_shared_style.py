@@ -4,7 +4,6 @@ only some of their own prompts have."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,7 @@ from pictoprompt.server.images import PreResolvedImages
 from pictoprompt.tools.base import SavedImage, ToolContext
 from pictoprompt.tools.invert_image import InvertImageRequest, invert_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def words(text: str) -> set[str]:

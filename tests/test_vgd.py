@@ -62,13 +62,7 @@ LONG_PROMPT = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared CPU: a second OpenMP thread spins more than it helps (4x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_vocabulary(clip: ClipModel) -> ClipVocabulary:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from PIL import Image
 
@@ -247,27 +248,12 @@ def content_inversion(
     llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
     vocabulary = runtime_vocabulary(runtime, progress=progress.scaled(0.0, 0.1, 1.0))
     config = runtime.profile.vgd
-    result = invert(
-        llm,
-        clip,
-        targets,
-        vocabulary=vocabulary,
-        max_length=max_length,
-        config=config,
-        progress=progress.scaled(0.1, 0.5, 1),
-    )
+    decode = partial(invert, llm, clip, targets, max_length=max_length, config=config)
+    result = decode(vocabulary=vocabulary, progress=progress.scaled(0.1, 0.5, 1))
     alternative = one_subject_vocabulary(vocabulary, settings) if settings is not None and images else None
     if settings is None or not images or alternative is None or not names_several(result.best.text, settings):
         return result
-    one_subject = invert(
-        llm,
-        clip,
-        targets,
-        vocabulary=alternative,
-        max_length=max_length,
-        config=config,
-        progress=progress.scaled(0.6, 0.35, 1),
-    )
+    one_subject = decode(vocabulary=alternative, progress=progress.scaled(0.6, 0.35, 1))
     judging = progress.scaled(0.95, 0.05, 1.0)
     return generator_reranked(runtime.pipeline(), clip, images, result, [one_subject], settings, weights, judging)
 
