@@ -110,12 +110,9 @@ class DomainTuningConfig(TuningConfig):
 
 class GeneratorRerank(MethodConfig):
     """Ours, not VGD's: when VGD's prompt for a picture names several subjects, a one-subject prompt is decoded
-    too, and the generator chooses between VGD's best and the one-subject decode's best by how well its denoising
-    explains the picture under each (a diffusion classifier, `methods.generator_score`). A small CLIP cannot count:
-    on the `shapes` set it scores an invented second object above the true caption, the LLM continues a one-object
-    caption with "and" about half the time, and VGD's length penalty favours the longer prompt; the generator,
-    trained to draw what a caption names, explains a one-object picture worse under a two-object caption
-    (lab/results/onecount.md)."""
+    too, and the generator chooses between them by how well its denoising explains the picture under each (a
+    diffusion classifier, `methods.generator_score`). A small CLIP cannot count; the generator, trained to draw what
+    a caption names, explains a one-object picture worse under a two-object caption (lab/results/onecount.md)."""
 
     candidates: int = Field(
         4, ge=1, le=10, description="How many of the one-subject decode's best hypotheses are judged against VGD's."

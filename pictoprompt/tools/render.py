@@ -1,14 +1,8 @@
-"""The tools' shared kernel: render images from a prompt of any kind, score them, and save them.
+"""The tools' shared kernel: render images from a prompt of any kind, score them with CLIP, and save them.
 
-Every image-making tool goes through `render_and_score`: it applies the requested learned concept, turns the
-prompt into the generator's conditioning (a text, SD-IPC's converted image embedding, or its text-edited form),
-samples one image per seed, scores each against the references with CLIP, and saves it with its metadata. The
-tool modules stay plain (a request model, a method call, a result) and never touch tensors; this module is the
-one place of `tools/` that does.
-
-It also holds what a concept reference needs: `load_concept` gives the weights `applied_concept` uses, and
-`concept_image_embedding` what an image reference `concept:NAME` stands for. Both refuse a concept trained on
-another base model, naming the one it needs.
+Every image-making tool goes through `render_and_score`, so the tool modules stay plain (a request model, a method
+call, a result) and never touch tensors. It also resolves concept references: `load_concept` for `concept=NAME`,
+`concept_image_embedding` for an image reference `concept:NAME`; both refuse a concept of another base model.
 """
 
 from __future__ import annotations
@@ -57,10 +51,8 @@ class TextPrompt:
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """SD-IPC's variation: the references' CLIP embedding (weighted mean) converted into a prompt embedding.
-    A reference may be `concept:NAME`, a learned concept's mean embedding. With `prompt` (the references' readable
-    prompt, `picture_prompt`), that prompt's states with `converted_weight` of the converted embedding combined in
-    (`methods.sd_ipc.prompted_states`, ours)."""
+    """SD-IPC's variation: the references' CLIP embedding (weighted mean; `concept:NAME` among them) converted into a
+    prompt embedding; with `prompt` (`picture_prompt`), combined with that prompt's states (ours)."""
 
     images: Sequence[str]
     weights: Sequence[float] | None = None
@@ -103,11 +95,8 @@ def render_and_score(
     metadata: dict[str, str] | None = None,
     score_against: Embeddings | None = None,
 ) -> list[Rendered]:
-    """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved.
-
-    `metadata` adds PNG text chunks to the common ones (method, seed, steps, guidance, model ids);
-    `score_against` (N, P) scores text-prompted images against these CLIP embeddings.
-    """
+    """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved with the common
+    PNG text chunks and `metadata`; `score_against` (N, P) scores text-prompted images against these embeddings."""
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     seeds = seeds_for(sampling.seed, sampling.num_images)
     size = default_size(pipeline)
@@ -126,14 +115,10 @@ def render_and_score(
         save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
         for image, seed in zip(images, seeds, strict=True)
     ]
-    return [
-        Rendered(
-            output,
-            scores.to_references[i] if scores is not None else None,
-            scores.to_text[i] if scores is not None and scores.to_text is not None else None,
-        )
-        for i, output in enumerate(saved)
-    ]
+    if scores is None:
+        return [Rendered(output) for output in saved]
+    to_text = scores.to_text or [None] * len(saved)
+    return [Rendered(*row) for row in zip(saved, scores.to_references, to_text, strict=True)]
 
 
 def _references(prompt: Prompt) -> list[str]:
@@ -154,9 +139,8 @@ def _named_concept(prompt: Prompt, concept: str | None) -> list[str]:
 def _conditioning(
     context: ToolContext, prompt: Prompt, clip: ClipModel, stored: dict[str, Embeddings], concept: str | None
 ) -> tuple[PromptStates, PromptStates, Embeddings | None]:
-    """(prompt states, negative states, reference embeddings or None) for the generator; `clip` is the one in
-    use (a learned concept's while one is applied). A text prompt that names the applied concept gets the
-    concept's converted embedding where the name stands, followed by its description if it has one."""
+    """(prompt states, negative states, reference embeddings or None) for the generator, `clip` the one in use. A
+    text prompt that names the applied concept gets the concept's converted embedding where the name stands."""
     pipeline = context.runtime.pipeline()
     if isinstance(prompt, TextPrompt):
         named = _named_concept(prompt, concept)
@@ -193,8 +177,7 @@ def _conditioning(
 
 
 def _word_placer(context: ToolContext) -> WordPlacer | None:
-    """The LLM's rewrite (as an edit puts its words into a prompt) when the profile places a concept's context words
-    into its description, else None."""
+    """The LLM's rewrite when the profile places a concept's context words into its description, else None."""
     if not context.runtime.profile.concept_tuning.place_context_words:
         return None
     llm = context.runtime.llm()
@@ -215,9 +198,8 @@ def _scores(
 
 
 def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[float] | None = None) -> str:
-    """VGD's prompt for the reference(s), as `invert_image` writes it (several are described together; with
-    `weights`, their weighted mean); for one `concept:NAME` taught with a description, that description (the user's
-    own words for it, where VGD may invent a second object). Progress: the first 60 % of the call's."""
+    """VGD's prompt for the reference(s) (with `weights`, their weighted mean), as `invert_image` writes it; for one
+    `concept:NAME` taught with a description, that description: the user's own words, where VGD may invent."""
     if len(refs) == 1 and refs[0].startswith(CONCEPT_REF_PREFIX):
         description = context.concept_store().get(refs[0].removeprefix(CONCEPT_REF_PREFIX)).description
         if description:
@@ -240,9 +222,8 @@ def content_inversion(
     weights: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> VgdResult:
-    """VGD's inversion of what the pictures show (`targets`: their CLIP embeddings), as the tools write it: the
-    paper's decode; with the profile's `vgd_rerank` (ours) and the pictures at hand, when its best prompt names
-    several subjects, also a one-subject decode, and the generator chooses between them
+    """VGD's inversion of the pictures' CLIP embeddings `targets`; with the profile's `vgd_rerank` (ours) and the
+    pictures at hand, a best prompt naming several subjects is weighed by the generator against a one-subject decode
     (`methods.generator_score.generator_reranked`)."""
     runtime, progress = context.runtime, progress or context.progress
     llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
@@ -299,8 +280,7 @@ def load_concept(context: ToolContext, name: str | None) -> ConceptWeights | Non
 
 
 def concept_image_embedding(context: ToolContext, name: str) -> Embeddings:
-    """The (1, P) CLIP image embedding `concept:NAME` stands for: the mean of its references through the tuned
-    image encoder. SD-IPC takes it as an image's embedding."""
+    """The (1, P) CLIP image embedding `concept:NAME` stands for: its references' mean through the tuned encoder."""
     runtime = context.runtime
     clip = runtime.clip()
     embedding = context.concept_store().mean_embedding(name, base_hash(runtime.pipeline(), clip), runtime.model_ids())
