@@ -8,6 +8,9 @@ reported per denoising step and cancellation is honoured between steps through d
 gathers concurrent calls into it): the same arithmetic as the pipeline's loop, row by row, so each call gets the
 pictures it gets alone for its seeds, up to float rounding. Each call keeps its own progress and may leave the batch
 between two steps when cancelled; the others go on.
+
+`generate_best` draws several candidates per seed and keeps the one a judge prefers (a concept's candidate check,
+ours: `ConceptTuningConfig.candidates_per_picture`); the choice depends on the seed alone, so it still reproduces.
 """
 
 from __future__ import annotations
