@@ -1,8 +1,5 @@
-"""The CLIP scores reported with results: how close an output is to its references, a text or a target.
-
-Every score is a cosine similarity in the CLIP embedding space (`ClipModel.similarity`), higher is closer. They
-rank and explain results for the assistant (the closest variation, how strongly each image shows in a fused
-prompt); they are not part of any paper's objective.
+"""The CLIP scores reported with results: cosine similarities in CLIP space (`ClipModel.similarity`) of an output
+to its references, a text or a target. They rank and explain results; they are no paper's objective.
 """
 
 from __future__ import annotations
