@@ -87,6 +87,14 @@ class ConceptTuningConfig(TuningConfig):
         "-> '[concept] a small striped green heart'), instead of after it (for a generator that follows a word only "
         "where its captions put it).",
     )
+    candidates_per_picture: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ours: for each picture asked of a prompt or an edit that names a concept, draw this many from "
+        "their own noises and keep the one the CLIP finds closest to the concept's description and the words drawn; "
+        "the reported seed reproduces the choice. 1: the paper's one picture.",
+    )
 
 
 class DomainTuningConfig(TuningConfig):

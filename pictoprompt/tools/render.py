@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from PIL import Image
 
 from pictoprompt.methods.concept_weights import (
@@ -21,10 +22,18 @@ from pictoprompt.methods.concept_weights import (
     base_hash,
     named_concept_states,
 )
-from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate
+from pictoprompt.methods.generation import (
+    Judge,
+    PromptStates,
+    Sample,
+    default_size,
+    encode_text_prompt,
+    generate,
+    generate_best,
+)
 from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
-from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
+from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images, weighted_similarity
 from pictoprompt.methods.sd_ipc import (
     average_embeddings,
     edit_states,
@@ -107,9 +116,13 @@ def render_and_score(
     with applied_concept(pipeline, clip, concept) as clip:
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
         sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
-        # A learned concept changes the generator's weights while applied: such a call never shares a batch.
-        sampler = context.sampler if context.sampler is not None and concept is None else generate
-        images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
+        width, height = sampling.width or size, sampling.height or size
+        if concept is None:
+            images = (context.sampler or generate)(pipeline, sample, sampling.steps, width, height)
+        else:
+            # A learned concept changes the generator's weights while applied: such a call never shares a batch.
+            count, judge = _candidate_check(context, prompt, sampling.concept)
+            images = generate_best(pipeline, sample, sampling.steps, (width, height), count, judge)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
         save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
@@ -174,6 +187,32 @@ def _conditioning(
     else:
         prompt_embeds, negative_embeds = edit_states(clip, pipeline, references, prompt.text, prompt.alpha)
     return prompt_embeds, negative_embeds, references
+
+
+def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) -> tuple[int, Judge]:
+    """How many candidates each picture of a prompt or an edit naming the concept has, and the judge that keeps
+    one (`ConceptTuningConfig.candidates_per_picture`, ours): the CLIP's similarity to the concept's description
+    plus its mean similarity to the concept's pictures. Any other call draws one picture, as the paper."""
+    count = context.runtime.profile.concept_tuning.candidates_per_picture
+    named = isinstance(prompt, TextPrompt) and bool(_named_concept(prompt, concept))
+    edited = isinstance(prompt, EditPrompt) and prompt.image == f"{CONCEPT_REF_PREFIX}{concept}"
+    if concept is None or count == 1 or not (named or edited):
+        return 1, lambda images: [0.0] * len(images)
+    store, clip = context.concept_store(), context.runtime.clip()
+    description = store.get(concept).description
+    with torch.no_grad():
+        pictures = clip.encode_image([Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)])
+        words = clip.encode_text([description]) if description else None
+
+    def judge(images: list[Image.Image]) -> list[float]:
+        with torch.no_grad():
+            embeds = clip.encode_image(images)
+        closeness = torch.tensor(weighted_similarity(clip, embeds, pictures))
+        if words is not None:
+            closeness += torch.tensor(weighted_similarity(clip, embeds, words))
+        return closeness.tolist()
+
+    return count, judge
 
 
 def _word_placer(context: ToolContext) -> WordPlacer | None:
