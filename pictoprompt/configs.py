@@ -101,6 +101,14 @@ class ConceptTuningConfig(TuningConfig):
         "-> '[concept] a small striped green heart'), instead of after it (for a generator that follows a word only "
         "where its captions put it).",
     )
+    candidates_per_picture: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ours: for each picture asked of a prompt or an edit that names a concept, draw this many from "
+        "their own noises and keep the one the CLIP finds closest to the concept's description and the words drawn; "
+        "the reported seed reproduces the choice. 1: the paper's one picture.",
+    )
 
 
 class DomainTuningConfig(TuningConfig):
@@ -116,12 +124,9 @@ class DomainTuningConfig(TuningConfig):
 
 class GeneratorRerank(MethodConfig):
     """Ours, not VGD's: when VGD's prompt for a picture names several subjects, a one-subject prompt is decoded
-    too, and the generator chooses between VGD's best and the one-subject decode's best by how well its denoising
-    explains the picture under each (a diffusion classifier, `methods.generator_score`). A small CLIP cannot count:
-    on the `shapes` set it scores an invented second object above the true caption, the LLM continues a one-object
-    caption with "and" about half the time, and VGD's length penalty favours the longer prompt; the generator,
-    trained to draw what a caption names, explains a one-object picture worse under a two-object caption
-    (lab/results/onecount.md)."""
+    too, and the generator chooses between them by how well its denoising explains the picture under each (a
+    diffusion classifier, `methods.generator_score`). A small CLIP cannot count; the generator, trained to draw what
+    a caption names, explains a one-object picture worse under a two-object caption (lab/results/onecount.md)."""
 
     candidates: int = Field(
         4, ge=1, le=10, description="How many of the one-subject decode's best hypotheses are judged against VGD's."
