@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from PIL import Image
 
+from pictoprompt.methods.concept_description import description_margins, swapped_descriptions
 from pictoprompt.methods.concept_weights import (
     ConceptWeights,
     WordPlacer,
@@ -200,6 +201,9 @@ def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) 
         return 1, lambda images: [0.0] * len(images)
     store, clip = context.concept_store(), context.runtime.clip()
     description = store.get(concept).description
+    generator_judge = _generator_judge(context, description)
+    if generator_judge is not None:
+        return count, generator_judge
     with torch.no_grad():
         pictures = clip.encode_image([Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)])
         words = clip.encode_text([description]) if description else None
@@ -213,6 +217,18 @@ def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) 
         return closeness.tolist()
 
     return count, judge
+
+
+def _generator_judge(context: ToolContext, description: str | None) -> Judge | None:
+    """The generator as the candidates' judge (`candidate_timesteps`): how much better the concept's description
+    explains a candidate than the same with its other fills; None when the profile leaves it to the CLIP."""
+    runtime = context.runtime
+    timesteps, groups = runtime.profile.concept_tuning.candidate_timesteps, runtime.profile.concept_description
+    alternatives = swapped_descriptions(description or "", groups.completion_words or [])
+    if not timesteps or not alternatives:
+        return None
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    return lambda images: description_margins(pipeline, clip, images, str(description), alternatives, timesteps)
 
 
 def _word_placer(context: ToolContext) -> WordPlacer | None:
