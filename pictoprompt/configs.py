@@ -35,6 +35,20 @@ class SdIpcConfig(MethodConfig):
         description="Ours, with picture_prompt: the converted embedding's share of the states from the prompt's "
         "end-of-text token on (0: the prompt's own states).",
     )
+    reading_span: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Ours, with picture_prompt: VGD reads each picture centred on what differs from its border and "
+        "zoomed so that this spans that share of a square canvas in the border's colour (methods.sd_ipc."
+        "centred_on_object). None: the picture as given. A CLIP that learnt objects of a few sizes misreads others.",
+    )
+    seed_varies: str | None = Field(
+        None,
+        description="Ours, with picture_prompt: a regular expression; what it matches is cut from the written "
+        "prompt, so that the seeds vary it (the place and the size, which a centred reading cannot know). None: "
+        "the prompt as written.",
+    )
 
 
 class TuningConfig(MethodConfig):

@@ -34,7 +34,7 @@ from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedIma
 from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, ModelsStatus, worker_status
 from pictoprompt.server.prompts import add_workflow_prompts
 from pictoprompt.server.results import InlineMode, JobInfo, job_info, job_result
-from pictoprompt.server.tasks import TaskMiddleware, TasksExtension, TaskStore, asked_task
+from pictoprompt.server.tasks import ASKED, TaskMiddleware, TasksExtension, TaskStore
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
@@ -133,7 +133,7 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
 
         with refusals_as(ToolError):
             job_id = await state.jobs.submit(spec, request, resolve_images)
-            if (task := asked_task()) is not None:  # the client polls a task instead of waiting here
+            if (task := ASKED.get()) is not None:  # the client polls a task instead of waiting here
                 return state.tasks.start(task, job_id, spec.name, request.inline)
             job = await _wait_for_job(state, job_id, request.wait_seconds, ctx)
         return job_result(job, state.assets, request.inline)

@@ -74,11 +74,7 @@ class TaskAsk:
 
 
 ASKED: ContextVar[TaskAsk | None] = ContextVar("pictoprompt_task_ask", default=None)
-
-
-def asked_task() -> TaskAsk | None:
-    """The task this `tools/call` is to become, or None for a call that waits as usual."""
-    return ASKED.get()
+"""The task this `tools/call` is to become, or None for a call that waits as usual."""
 
 
 @dataclass

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from PIL import Image
 
 from pictoprompt.methods.concept_description import description_margins, swapped_descriptions
@@ -34,7 +33,7 @@ from pictoprompt.methods.generation import (
 )
 from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
-from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images, weighted_similarity
+from pictoprompt.methods.scoring import Embeddings, ImageScores, closeness_judge, score_images
 from pictoprompt.methods.sd_ipc import (
     average_embeddings,
     edit_states,
@@ -199,24 +198,13 @@ def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) 
     edited = isinstance(prompt, EditPrompt) and prompt.image == f"{CONCEPT_REF_PREFIX}{concept}"
     if concept is None or count == 1 or not (named or edited):
         return 1, lambda images: [0.0] * len(images)
-    store, clip = context.concept_store(), context.runtime.clip()
+    store = context.concept_store()
     description = store.get(concept).description
     generator_judge = _generator_judge(context, description)
     if generator_judge is not None:
         return count, generator_judge
-    with torch.no_grad():
-        pictures = clip.encode_image([Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)])
-        words = clip.encode_text([description]) if description else None
-
-    def judge(images: list[Image.Image]) -> list[float]:
-        with torch.no_grad():
-            embeds = clip.encode_image(images)
-        closeness = torch.tensor(weighted_similarity(clip, embeds, pictures))
-        if words is not None:
-            closeness += torch.tensor(weighted_similarity(clip, embeds, words))
-        return closeness.tolist()
-
-    return count, judge
+    pictures = [Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)]
+    return count, closeness_judge(context.runtime.clip(), pictures, description)
 
 
 def _generator_judge(context: ToolContext, description: str | None) -> Judge | None:
