@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -36,9 +36,6 @@ from pictoprompt.server.assets import AssetStore, RecordingSink
 from pictoprompt.server.images import ImagePolicy, ImageResolver
 from pictoprompt.server.jobs import JobRunner, forget_ended
 from pictoprompt.tools import TOOLS
-
-if TYPE_CHECKING:
-    from conftest import HttpServer
 
 HOST = "127.0.0.2"
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -250,6 +247,17 @@ def test_the_body_limit_fits_the_most_images_a_tool_takes_at_the_documented_size
 
 
 # --- the HTTP server ------------------------------------------------------------------------------------------
+
+
+class HttpServer(Protocol):
+    """What these tests use of the session's token-less HTTP server (conftest's `shared_http_server`)."""
+
+    host: str
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str: ...
 
 
 @pytest.fixture
