@@ -109,6 +109,14 @@ class ConceptTuningConfig(TuningConfig):
         "their own noises and keep the one the CLIP finds closest to the concept's description and the words drawn; "
         "the reported seed reproduces the choice. 1: the paper's one picture.",
     )
+    candidate_timesteps: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Ours: with candidates, 0: the CLIP judges them; N: the generator's denoising error at N "
+        "timesteps does, the description against the same with the other words of the first completion group it uses "
+        "(shapes: its fill), which the CLIP tells apart poorly.",
+    )
 
 
 class DomainTuningConfig(TuningConfig):

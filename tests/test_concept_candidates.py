@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pictoprompt.configs import ConceptTuningConfig
+from pictoprompt.methods.concept_description import swapped_descriptions
 from pictoprompt.methods.concept_tuning import tune_concept
 from pictoprompt.methods.generation import Sample, candidate_seeds, encode_text_prompt, generate, generate_best
 from pictoprompt.methods.scoring import weighted_similarity
@@ -55,13 +56,18 @@ def test_a_concepts_prompt_keeps_the_candidate_closest_to_its_pictures(tiny_runt
     references = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
     tuned = tune_concept(pipeline, clip, references, ConceptTuningConfig(iterations=1, num_prompts=2))
 
-    def draw(candidates: int, prompt: str) -> list[np.ndarray]:
-        tuning = tiny_runtime.profile.concept_tuning.model_copy(update={"candidates_per_picture": candidates})
-        runtime = Runtime(tiny_runtime.profile.model_copy(update={"concept_tuning": tuning}))
+    def draw(candidates: int, prompt: str, timesteps: int = 0) -> list[np.ndarray]:
+        tuning = tiny_runtime.profile.concept_tuning.model_copy(
+            update={"candidates_per_picture": candidates, "candidate_timesteps": timesteps}
+        )
+        words = tiny_runtime.profile.concept_description.model_copy(update={"completion_words": [["red", "blue"]]})
+        profile = tiny_runtime.profile.model_copy(update={"concept_tuning": tuning, "concept_description": words})
+        runtime = Runtime(profile)
         runtime._components = tiny_runtime._components  # the same loaded models, another count of candidates
-        store = ConceptStore(tmp_path / f"concepts-{candidates}")
-        store.save(concept_card("my-star", "concept", tuned, runtime), tuned.weights.to_tensors(), references, True)
-        assets = AssetStore(tmp_path / f"assets-{candidates}")
+        store = ConceptStore(tmp_path / f"concepts-{candidates}-{timesteps}")
+        card = concept_card("my-star", "concept", tuned, runtime, description="a red square")
+        store.save(card, tuned.weights.to_tensors(), references, True)
+        assets = AssetStore(tmp_path / f"assets-{candidates}-{timesteps}")
         context = ToolContext(runtime, assets, None, concepts=store)  # type: ignore[arg-type]
         request = GenerateImageRequest(prompt=prompt, concept="my-star", seed=3, num_images=2, steps=2)
         outputs = generate_image(request, context).images
@@ -77,5 +83,14 @@ def test_a_concepts_prompt_keeps_the_candidate_closest_to_its_pictures(tiny_runt
             drawn = clip.encode_image([Image.fromarray(best.astype(np.uint8)), Image.fromarray(one.astype(np.uint8))])
             closeness = weighted_similarity(clip, drawn, pictures)
             assert closeness[0] >= closeness[1] - 1e-3
+    # With candidate_timesteps the generator judges instead ("a red square" against "a blue square").
+    assert any(not np.array_equal(a, b) for a, b in zip(kept, draw(3, "my-star on the left", 2), strict=True))
     # A prompt without the concept's name draws one picture per seed whatever the count.
     assert all(np.array_equal(a, b) for a, b in zip(draw(1, "on the left"), draw(3, "on the left"), strict=True))
+
+
+def test_the_generator_judges_the_description_against_its_other_fills() -> None:
+    fills = [["solid", "outlined", "striped"], ["green", "red"]]
+    assert swapped_descriptions("a striped green heart", fills) == ["a solid green heart", "an outlined green heart"]
+    assert swapped_descriptions("a green heart", fills) == ["a red heart"]
+    assert swapped_descriptions("a heart", fills) == []

@@ -277,5 +277,6 @@ def generate_best(
         seeds=[seed for requested in sample.seeds for seed in candidate_seeds(int(requested), count)],
     )
     images = generate(pipeline, candidates, num_inference_steps, width, height)
-    scores = torch.tensor(list(judge(images)), dtype=torch.float64).view(len(sample.seeds), count)
-    return [images[row * count + best] for row, best in enumerate(scores.argmax(dim=1).tolist())]
+    # Judged seed by seed: a judge that draws noise per batch then sees the same batch whatever else was asked.
+    groups = [images[begin : begin + count] for begin in range(0, len(images), count)]
+    return [group[max(range(count), key=list(judge(group)).__getitem__)] for group in groups]

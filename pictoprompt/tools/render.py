@@ -14,6 +14,7 @@ from functools import partial
 
 from PIL import Image
 
+from pictoprompt.methods.concept_description import description_margins, swapped_descriptions
 from pictoprompt.methods.concept_weights import (
     ConceptWeights,
     WordPlacer,
@@ -198,8 +199,24 @@ def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) 
     if concept is None or count == 1 or not (named or edited):
         return 1, lambda images: [0.0] * len(images)
     store = context.concept_store()
+    description = store.get(concept).description
+    generator_judge = _generator_judge(context, description)
+    if generator_judge is not None:
+        return count, generator_judge
     pictures = [Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)]
-    return count, closeness_judge(context.runtime.clip(), pictures, store.get(concept).description)
+    return count, closeness_judge(context.runtime.clip(), pictures, description)
+
+
+def _generator_judge(context: ToolContext, description: str | None) -> Judge | None:
+    """The generator as the candidates' judge (`candidate_timesteps`): how much better the concept's description
+    explains a candidate than the same with its other fills; None when the profile leaves it to the CLIP."""
+    runtime = context.runtime
+    timesteps, groups = runtime.profile.concept_tuning.candidate_timesteps, runtime.profile.concept_description
+    alternatives = swapped_descriptions(description or "", groups.completion_words or [])
+    if not timesteps or not alternatives:
+        return None
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    return lambda images: description_margins(pipeline, clip, images, str(description), alternatives, timesteps)
 
 
 def _word_placer(context: ToolContext) -> WordPlacer | None:
