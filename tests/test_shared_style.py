@@ -88,11 +88,14 @@ class NoAssets:
         raise AssertionError("a style prompt stores no picture")
 
 
-def style_context(tiny_lm_dir: Path, leave_out: bool, style_text_encoder: str | None = None) -> ToolContext:
+def style_context(
+    tiny_lm_dir: Path, leave_out: bool, style_text_encoder: str | None = None, start_words: Path | None = None
+) -> ToolContext:
     tiny = get_profile("tiny")
     vgd = {**tiny.vgd.model_dump(), "style_leaves_out_own_words": leave_out, "style_text_encoder": style_text_encoder}
     llm = {"backend": "transformers", "source": str(tiny_lm_dir)}
-    profile = Profile(**{**tiny.model_dump(), "llm": llm, "vgd": vgd})
+    vocabulary = str(start_words) if start_words is not None else tiny.vocabulary
+    profile = Profile(**{**tiny.model_dump(), "llm": llm, "vgd": vgd, "vocabulary": vocabulary})
     images = {"red": solid((220, 30, 30)), "blue": solid((30, 60, 220))}
     return ToolContext(Runtime(profile), NoAssets(), PreResolvedImages(images))
 
@@ -148,8 +151,10 @@ def test_the_shapes_style_reader_names_the_fill_and_the_background_two_pictures_
 
 
 def test_the_style_decode_scores_with_the_profiles_text_tower(tiny_lm_dir: Path, tmp_path: Path) -> None:
-    path = tmp_path / "style_text.safetensors"
-    context = style_context(tiny_lm_dir, leave_out=False, style_text_encoder=str(path))
+    path, start_words = tmp_path / "style_text.safetensors", tmp_path / "start_words.txt"
+    # A few start words: the whole vocabulary would be embedded twice (the CLIP's, the reader's).
+    start_words.write_text("red\nblue\nstriped\nshapes\n")
+    context = style_context(tiny_lm_dir, leave_out=False, style_text_encoder=str(path), start_words=start_words)
     runtime = context.runtime
     clip = runtime.clip()
     assert isinstance(clip, TransformersClip)
