@@ -21,7 +21,8 @@ demo: install
 
 # The fast suite (under 3 minutes on two cores) and ruff; `test-slow` adds the tests marked slow (the wheel in a
 # clean venv, the LLM stage, both LLM backends on the shipped adapter), which CI runs too. The fast suite runs on
-# TEST_WORKERS processes (pytest-xdist), each test file on one of them, so that a module's server starts once.
+# TEST_WORKERS processes (pytest-xdist), each test file on one of them, the heaviest files first; the files that
+# share the session's stdio and HTTP servers go to one worker together (tests/conftest.py), so each starts once.
 TEST_WORKERS ?= 2
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not gpu and not ray and not browser and not conformance"

@@ -10,14 +10,19 @@ import secrets
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel
 
 from pictoprompt.errors import PictopromptError
+
+if TYPE_CHECKING:
+    from pictoprompt.models.concepts import ConceptStore
+    from pictoprompt.models.runtime import Runtime
+    from pictoprompt.progress import Progress
 
 # The shell names of the tools; every tool in the registry gets a command generated from its request model.
 CLI_NAMES = {
@@ -36,8 +41,7 @@ CLI_NAMES = {
 
 class DirectorySink:
     """Saves a tool's output images as numbered PNGs (with their metadata text chunks) in a folder, never over an
-    earlier result: a run whose names are taken (the same command again, or the same tool on another picture)
-    gets its own `-runN` suffix, the same for all of its images."""
+    earlier result: a run whose names are taken gets its own `-runN` suffix, the same for all of its images."""
 
     def __init__(self, directory: Path, stem: str) -> None:
         self.directory = directory
@@ -107,30 +111,38 @@ def add_tool_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) 
             parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=field.default, **option)
 
 
-def run_tool_command(args: argparse.Namespace) -> int:
+def run_locally(args: argparse.Namespace, work: Callable[[Runtime, ConceptStore, Progress], BaseModel]) -> int:
+    """Run `work` on this process's runtime for `--profile`, its progress as a bar on stderr; print its result."""
     from pictoprompt.models.concepts import ConceptStore
     from pictoprompt.models.profiles import get_profile
     from pictoprompt.models.runtime import Runtime
     from pictoprompt.progress import Progress
-    from pictoprompt.server.images import ImagePolicy, ImageResolver
     from pictoprompt.settings import Settings
+
+    settings = Settings()
+    runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
+    bar = _ProgressBar()
+    with runtime.gpu_lock:
+        result = work(runtime, ConceptStore(settings.data_dir / "concepts"), Progress(bar.update))
+    bar.close()
+    print(json.dumps(result.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def run_tool_command(args: argparse.Namespace) -> int:
+    from pictoprompt.server.images import ImagePolicy, ImageResolver
     from pictoprompt.tools.base import ToolContext
 
     spec = args.spec
     fields = {name: getattr(args, name) for name in spec.request_model.model_fields}
     request = spec.request_model(**{k: v for k, v in fields.items() if v is not None})
-    settings = Settings()
-    runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
     resolver = ImageResolver(ImagePolicy(allowed_roots=[Path("/")], allow_private_urls=True), None)
-    bar = _ProgressBar()
-    concepts = ConceptStore(settings.data_dir / "concepts")
     sink = DirectorySink(Path(args.output), spec.name)
-    context = ToolContext(runtime, sink, resolver, Progress(bar.update), concepts)
-    with runtime.gpu_lock:
-        result = spec.run(request, context)
-    bar.close()
-    print(json.dumps(result.model_dump(mode="json"), indent=2))
-    return 0
+
+    def run(runtime: Runtime, concepts: ConceptStore, progress: Progress) -> BaseModel:
+        return spec.run(request, ToolContext(runtime, sink, resolver, progress, concepts))
+
+    return run_locally(args, run)
 
 
 class _ProgressBar:
@@ -164,15 +176,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
-    from pictoprompt.server.docs import tools_document, write_readme_section
+    from pictoprompt.tools import TOOLS
 
     if args.write_readme:
-        print(f"refreshed {args.write_readme} and {write_readme_section(args.write_readme)}")
+        docs = import_lab("lab.docs", "`pictoprompt tools --write-readme`")
+        print(f"refreshed {args.write_readme} and {docs.write_readme_section(args.write_readme)}")
     elif args.markdown:
-        print(tools_document(), end="")
+        print(import_lab("lab.docs", "`pictoprompt tools --markdown`").tools_document(), end="")
     else:
-        from pictoprompt.tools import TOOLS
-
         for spec in TOOLS:
             print(f"{spec.name:20} {CLI_NAMES.get(spec.name, ''):16} {spec.title}")
     return 0
@@ -192,32 +203,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train_domain(args: argparse.Namespace) -> int:
-    from pictoprompt.models.concepts import ConceptStore
-    from pictoprompt.models.profiles import get_profile
-    from pictoprompt.models.runtime import Runtime
-    from pictoprompt.progress import Progress
-    from pictoprompt.settings import Settings
     from pictoprompt.tools.customize_concept import domain_tuning_config, train_domain_adapter
 
-    settings = Settings()
-    runtime = Runtime(get_profile(args.profile, args.profiles_file), settings.cache_dir)
-    config = domain_tuning_config(
-        runtime.profile.domain_tuning,
-        iterations=args.iterations,
-        learning_rate=args.learning_rate,
-        caption_alignment=args.caption_alignment,
-        prompt_learning_rate=args.prompt_learning_rate,
-    )
-    store = ConceptStore(settings.data_dir / "concepts")
-    bar = _ProgressBar()
-    with runtime.gpu_lock:
-        training_set = (args.images, args.captions)
-        summary = train_domain_adapter(
-            runtime, store, args.name, training_set, config, args.overwrite, Progress(bar.update)
+    def train(runtime: Runtime, store: ConceptStore, progress: Progress) -> BaseModel:
+        config = domain_tuning_config(
+            runtime.profile.domain_tuning,
+            iterations=args.iterations,
+            learning_rate=args.learning_rate,
+            caption_alignment=args.caption_alignment,
+            prompt_learning_rate=args.prompt_learning_rate,
         )
-    bar.close()
-    print(json.dumps(summary.model_dump(mode="json"), indent=2))
-    return 0
+        training_set = (args.images, args.captions)
+        return train_domain_adapter(runtime, store, args.name, training_set, config, args.overwrite, progress)
+
+    return run_locally(args, train)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

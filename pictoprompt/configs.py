@@ -35,6 +35,20 @@ class SdIpcConfig(MethodConfig):
         description="Ours, with picture_prompt: the converted embedding's share of the states from the prompt's "
         "end-of-text token on (0: the prompt's own states).",
     )
+    reading_span: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Ours, with picture_prompt: VGD reads each picture centred on what differs from its border and "
+        "zoomed so that this spans that share of a square canvas in the border's colour (methods.sd_ipc."
+        "centred_on_object). None: the picture as given. A CLIP that learnt objects of a few sizes misreads others.",
+    )
+    seed_varies: str | None = Field(
+        None,
+        description="Ours, with picture_prompt: a regular expression; what it matches is cut from the written "
+        "prompt, so that the seeds vary it (the place and the size, which a centred reading cannot know). None: "
+        "the prompt as written.",
+    )
 
 
 class TuningConfig(MethodConfig):
@@ -87,6 +101,22 @@ class ConceptTuningConfig(TuningConfig):
         "-> '[concept] a small striped green heart'), instead of after it (for a generator that follows a word only "
         "where its captions put it).",
     )
+    candidates_per_picture: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ours: for each picture asked of a prompt or an edit that names a concept, draw this many from "
+        "their own noises and keep the one the CLIP finds closest to the concept's description and the words drawn; "
+        "the reported seed reproduces the choice. 1: the paper's one picture.",
+    )
+    candidate_timesteps: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Ours: with candidates, 0: the CLIP judges them; N: the generator's denoising error at N "
+        "timesteps does, the description against the same with the other words of the first completion group it uses "
+        "(shapes: its fill), which the CLIP tells apart poorly.",
+    )
 
 
 class DomainTuningConfig(TuningConfig):
@@ -102,12 +132,9 @@ class DomainTuningConfig(TuningConfig):
 
 class GeneratorRerank(MethodConfig):
     """Ours, not VGD's: when VGD's prompt for a picture names several subjects, a one-subject prompt is decoded
-    too, and the generator chooses between VGD's best and the one-subject decode's best by how well its denoising
-    explains the picture under each (a diffusion classifier, `methods.generator_score`). A small CLIP cannot count:
-    on the `shapes` set it scores an invented second object above the true caption, the LLM continues a one-object
-    caption with "and" about half the time, and VGD's length penalty favours the longer prompt; the generator,
-    trained to draw what a caption names, explains a one-object picture worse under a two-object caption
-    (lab/results/onecount.md)."""
+    too, and the generator chooses between them by how well its denoising explains the picture under each (a
+    diffusion classifier, `methods.generator_score`). A small CLIP cannot count; the generator, trained to draw what
+    a caption names, explains a one-object picture worse under a two-object caption (lab/results/onecount.md)."""
 
     candidates: int = Field(
         4, ge=1, le=10, description="How many of the one-subject decode's best hypotheses are judged against VGD's."

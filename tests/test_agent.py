@@ -9,25 +9,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastmcp.client import Client as FastMCPClient
-from fastmcp.client.transports import StdioTransport
-from fastmcp_tasks.client import call_tool_task
 from PIL import Image, ImageDraw
-from pydantic_ai import Agent
-from pydantic_ai.mcp import MCPToolset
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
-from pydantic_ai.usage import UsageLimits
 
+if TYPE_CHECKING:
+    from pydantic_ai.messages import ModelMessage
+    from pydantic_ai.models.function import AgentInfo
+
+# pydantic-ai and FastMCP are imported in the functions: at the top they cost each `make test` worker seconds of
+# collection for a test that only `make test-slow` runs.
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 def returned(messages: list[ModelMessage], tool: str) -> dict[str, Any] | None:
     """The tool's own result in the last call to `tool`, as the agent received it: the structured content
     (`{job, result}`) when the answer is all text, else its JSON text block (the result alone) beside the links."""
+    from pydantic_ai.messages import ModelRequest, ToolReturnPart
+
     for message in reversed(messages):
         for part in message.parts if isinstance(message, ModelRequest) else []:
             if isinstance(part, ToolReturnPart) and part.tool_name == tool:
@@ -45,6 +45,7 @@ def returned(messages: list[ModelMessage], tool: str) -> dict[str, Any] | None:
 
 def script(picture: Path):
     """A model that finds the picture's prompt, draws it again, and says what it drew."""
+    from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
 
     def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         assert {"invert_image", "generate_image"} <= {tool.name for tool in info.function_tools}
@@ -72,6 +73,14 @@ def drawn_star(folder: Path) -> Path:
 
 
 async def test_an_agent_inverts_a_picture_then_generates_its_prompt_through_tasks(tmp_path, server_environment):
+    from fastmcp.client import Client as FastMCPClient
+    from fastmcp.client.transports import StdioTransport
+    from fastmcp_tasks.client import call_tool_task
+    from pydantic_ai import Agent
+    from pydantic_ai.mcp import MCPToolset
+    from pydantic_ai.models.function import FunctionModel
+    from pydantic_ai.usage import UsageLimits
+
     picture = drawn_star(tmp_path)
     command = ["-m", "pictoprompt.cli", "serve"]
     transport = StdioTransport(sys.executable, command, env=server_environment(tmp_path))

@@ -8,10 +8,10 @@ import sys
 import pytest
 from PIL import Image
 
+from lab.docs import tools_markdown
 from pictoprompt.cli import main
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.models.profiles import get_profile, load_profiles_file
-from pictoprompt.server.docs import tools_markdown
 
 
 def test_generate_writes_pngs_with_metadata(tmp_path, capsys):

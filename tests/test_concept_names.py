@@ -191,13 +191,23 @@ def test_customize_concept_takes_the_profiles_defaults(tiny_runtime: Runtime, tm
     assert card.hyperparameters["neutral_fit_steps"] == 3
     # Without a description nothing is aligned and the deep prompts share the K/V deltas' rate.
     assert (card.hyperparameters["prompt_learning_rate"], card.hyperparameters["caption_alignment"]) == (1e-4, 0.0)
+    # The described calls keep their descriptions as written (completing one is test_concept_description's): the
+    # rates and the alignment follow from a description being given.
     card = customize_concept(
-        CustomizeConceptRequest(name="described", images=list(refs), description="a red square"), context
+        CustomizeConceptRequest(
+            name="described", images=list(refs), description="a red square", complete_description=False
+        ),
+        context,
     )
     assert (card.hyperparameters["prompt_learning_rate"], card.hyperparameters["caption_alignment"]) == (1e-2, 1.0)
     card = customize_concept(
         CustomizeConceptRequest(
-            name="asked", images=list(refs), iterations=3, learning_rate=2e-4, description="a red square"
+            name="asked",
+            images=list(refs),
+            iterations=3,
+            learning_rate=2e-4,
+            description="a red square",
+            complete_description=False,
         ),
         context,
     )

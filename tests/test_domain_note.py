@@ -91,7 +91,9 @@ class _Folder:
 def test_a_tool_that_reads_a_photo_says_so(shapes: Runtime, tmp_path: Path) -> None:
     images = PreResolvedImages({"photo": photo(), "drawn": drawn_circle()})
     context = ToolContext(runtime=shapes, assets=_Folder(tmp_path), images=images)
-    request = {"num_images": 1, "steps": 2, "seed": 1}
+    # The paper's SD-IPC: the note is the tool's whatever its method (the shapes profile's own, `prompted`, first
+    # writes each picture's prompt with VGD, seconds of decoding the note does not depend on).
+    request = {"num_images": 1, "steps": 2, "seed": 1, "method": "sd-ipc"}
     noted = vary_image(VaryImageRequest(images=["photo"], **request), context)
     assert noted.domain_note is not None and "sd15" in noted.domain_note
     assert vary_image(VaryImageRequest(images=["drawn"], **request), context).domain_note is None

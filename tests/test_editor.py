@@ -24,6 +24,7 @@ from transformers import (
     CLIPModel,
 )
 
+from lab.benchmarks.editor import best_within
 from pictoprompt.configs import EditorConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError, ModelNotFoundError
 from pictoprompt.methods import editor as ed
@@ -124,7 +125,7 @@ def test_the_loss_falls_and_the_best_checked_states_are_kept(runtime: Runtime) -
     assert not torch.allclose(result.states[1:], start[1:])
     # A shorter run is the same trajectory: its best is what the longer run had kept by then.
     short = ed.reverse_engineer(pipeline, start, red_target(), EditorConfig(iterations=8, check_every=4))
-    torch.testing.assert_close(short.states, result.best_within(8), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(short.states, best_within(result, 8), atol=1e-5, rtol=1e-4)
 
 
 def test_activations_are_recomputed_during_backpropagation_with_the_same_result(

@@ -1,8 +1,8 @@
 """Hardening found by an outside attack (issue 21): memory under hostile load, DNS rebinding, the HTTP body limit,
 tokens in the access log, jobs orphaned by dead clients.
 
-The HTTP tests run the real `pictoprompt serve --http` in a subprocess, once for the module, token-less on
-127.0.0.2: a loopback address other than the three the MCP SDK protects by itself.
+The HTTP tests run the real `pictoprompt serve --http` in a subprocess, token-less on 127.0.0.2 (a loopback address
+other than the three the MCP SDK protects by itself): the session's shared server (conftest), started once.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -252,62 +249,23 @@ def test_the_body_limit_fits_the_most_images_a_tool_takes_at_the_documented_size
 # --- the HTTP server ------------------------------------------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+class HttpServer(Protocol):
+    """What these tests use of the session's token-less HTTP server (conftest's `shared_http_server`)."""
 
-
-@dataclass
-class HttpServer:
+    host: str
     port: int
     log: Path
 
     @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}/mcp"
+    def url(self) -> str: ...
 
 
-@pytest.fixture(scope="module")
-def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
-    try:
-        port = _free_port(HOST)
-    except OSError:
+@pytest.fixture
+def http_server(shared_http_server: HttpServer) -> HttpServer:
+    """The session's token-less HTTP server (conftest), which the fuzz run's HTTP half shares."""
+    if shared_http_server.host != HOST:
         pytest.skip(f"{HOST} is not a loopback address here")
-    folder = tmp_path_factory.mktemp("http-server")
-    log = folder / "output.log"  # uvicorn's access log goes to stdout, other logs to stderr: both land here
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PICTOPROMPT_PROFILE": "tiny",
-        "PICTOPROMPT_ASSET_DIR": str(folder / "assets"),
-        "PICTOPROMPT_DATA_DIR": str(folder / "data"),
-        "PICTOPROMPT_ALLOW_DIRS": json.dumps([str(folder)]),
-    }
-    environment.pop("PICTOPROMPT_TOKEN", None)
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pictoprompt.cli", "serve", "--http", "--host", HOST, "--port", str(port)],
-            env=environment,
-            stdout=output,
-            stderr=output,
-        )
-    try:
-        deadline = time.monotonic() + 600  # a server's start on a loaded machine (two test workers and more)
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection((HOST, port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("the server did not start listening")
-                time.sleep(0.2)
-        yield HttpServer(port, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return shared_http_server
 
 
 def _initialize(version: str = LEGACY_VERSION) -> dict[str, Any]:

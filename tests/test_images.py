@@ -180,7 +180,7 @@ def resolver(tmp_path: Path | None = None, assets: AssetStore | None = None, **p
 
 def refused(ref: str, match: str, resolver_: ImageResolver, error: type[Exception] = InvalidInputError) -> str:
     with pytest.raises(error, match=match) as info:
-        resolver_.resolve_sync(ref)
+        resolver_.load(ref)
     return str(info.value)
 
 
@@ -204,21 +204,21 @@ def test_each_supported_format_decodes_to_rgb(
 ) -> None:
     path = tmp_path / "picture.bin"  # the extension says nothing: the decoded format is what counts
     path.write_bytes(encode(image, image_format, **options))
-    decoded = resolver(tmp_path).resolve_sync(str(path))
+    decoded = resolver(tmp_path).load(str(path))
     assert decoded.size == (24, 16)
     assert_color(decoded, (128, 128, 128) if image.mode == "L" else RED)
 
 
 def test_transparency_is_flattened_onto_white(tmp_path: Path) -> None:
     transparent = solid((0, 0, 0, 0), mode="RGBA")
-    decoded = resolver().resolve_sync(data_uri(encode(transparent, "PNG")))
+    decoded = resolver().load(data_uri(encode(transparent, "PNG")))
     assert_color(decoded, (255, 255, 255), tolerance=0)
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display", as phone cameras write
-    decoded = resolver().resolve_sync(data_uri(encode(solid(size=(40, 20)), "JPEG", exif=exif)))
+    decoded = resolver().load(data_uri(encode(solid(size=(40, 20)), "JPEG", exif=exif)))
     assert decoded.size == (20, 40)
 
 
@@ -228,7 +228,7 @@ def test_local_paths_relative_home_and_symlinks_inside_roots(tmp_path: Path, mon
     (tmp_path / "link.png").symlink_to(tmp_path / "pics" / "a.png")  # a symlink that stays inside is fine
     monkeypatch.chdir(tmp_path / "pics")
     monkeypatch.setenv("HOME", str(tmp_path))
-    resolve = resolver(tmp_path).resolve_sync
+    resolve = resolver(tmp_path).load
     for ref in [
         str(tmp_path / "pics" / "a.png"),
         "a.png",
@@ -240,7 +240,7 @@ def test_local_paths_relative_home_and_symlinks_inside_roots(tmp_path: Path, mon
 
 
 def test_data_uris_and_bare_base64() -> None:
-    resolve = resolver().resolve_sync
+    resolve = resolver().load
     encoded = base64.b64encode(PNG).decode()
     jpeg = base64.b64encode(encode(solid(BLUE), "JPEG", quality=95)).decode()
     accepted = [
@@ -259,15 +259,15 @@ def test_data_uris_and_bare_base64() -> None:
 def test_asset_uri_of_an_earlier_result(tmp_path: Path) -> None:
     store = AssetStore(tmp_path / "assets")
     saved = store.save(solid(BLUE), {"prompt": "blue"})
-    assert_color(resolver(assets=store).resolve_sync(saved.uri), BLUE)
+    assert_color(resolver(assets=store).load(saved.uri), BLUE)
 
 
 def test_url(server: ImageServer) -> None:
-    assert_color(resolver(allow_private_urls=True).resolve_sync(server.url("/img.png")), RED)
+    assert_color(resolver(allow_private_urls=True).load(server.url("/img.png")), RED)
 
 
 def test_up_to_three_redirects_are_followed(server: ImageServer) -> None:
-    assert_color(resolver(allow_private_urls=True).resolve_sync(server.url("/hops/3")), RED)
+    assert_color(resolver(allow_private_urls=True).load(server.url("/hops/3")), RED)
 
 
 def test_connects_to_the_checked_address_keeping_the_host_name(
@@ -276,7 +276,7 @@ def test_connects_to_the_checked_address_keeping_the_host_name(
     # public.example exists in no DNS: the fetch can only work if it goes to the address that was checked.
     lookups = fake_dns({"public.example": ["127.0.0.1"]})
     server.hosts.clear()
-    assert_color(resolver().resolve_sync(server.url("/hops/1", host="public.example")), RED)
+    assert_color(resolver().load(server.url("/hops/1", host="public.example")), RED)
     assert server.hosts == [f"public.example:{server.port}"] * 2  # virtual hosting still sees its name
     assert lookups == ["public.example"] * 2  # checked again at every hop
 
@@ -285,7 +285,7 @@ def test_the_next_address_is_tried_when_one_refuses(
     server: ImageServer, fake_dns: Callable[[dict[str, list[str]]], list[str]], loopback_is_public: None
 ) -> None:
     fake_dns({"dual.example": ["::1", "127.0.0.1"]})  # nothing listens on ::1 at that port
-    assert_color(resolver().resolve_sync(server.url("/img.png", host="dual.example")), RED)
+    assert_color(resolver().load(server.url("/img.png", host="dual.example")), RED)
 
 
 def test_resolve_all_and_pre_resolved_images(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ def test_hard_links_are_refused_since_they_may_reach_outside_the_roots(tmp_path:
     message = refused(str(root / "linked.png"), "has 2 hard links", resolver(root))
     assert "copy it into an allowed folder" in message and str(outside) not in message
     (root / "own.png").write_bytes(PNG)  # a file with one name is read as before
-    assert_color(resolver(root).resolve_sync(str(root / "own.png")), RED)
+    assert_color(resolver(root).load(str(root / "own.png")), RED)
 
 
 def test_no_roots_means_no_local_files(tmp_path: Path) -> None:

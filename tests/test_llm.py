@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from lab.recomputed import RecomputedLlm
 from pictoprompt.errors import InvalidInputError, ModelNotFoundError
 from pictoprompt.models.llm import LanguageModel, perplexity
 from pictoprompt.models.llm_llama_cpp import LlamaCppModel
@@ -30,7 +31,8 @@ def prompt_for(llm: LanguageModel) -> list[int]:
 def walk(llm: LanguageModel, use_cache: bool, steps: int = 4, width: int = 3) -> list[tuple[list[list[int]], Tensor]]:
     """A fixed pattern of forks and drops: each step every beam's top tokens, parents taken out of order."""
     records = []
-    with llm.start(prompt_for(llm), use_cache=use_cache, max_beams=width, max_new_tokens=steps) as beams:
+    decoding = llm if use_cache else RecomputedLlm(llm)
+    with decoding.start(prompt_for(llm), max_beams=width, max_new_tokens=steps) as beams:
         for step in range(steps):
             parents = [(step + j) % len(beams.tokens) for j in range(width)]
             tokens = [int(beams.log_probs[p].topk(width).indices[j]) for j, p in enumerate(parents)]

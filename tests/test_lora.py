@@ -11,13 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pictoprompt.models.lora as lora
+from lab.shapes.lora import LoraAdapter
 from lab.tiny_lm import write_tiny_causal_lm as tiny_lm
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.models.llm_llama_cpp import LlamaCppModel
 from pictoprompt.models.llm_loading import default_gguf_path
 from pictoprompt.models.llm_transformers import TransformersModel
-from pictoprompt.models.lora import LoraAdapter, merge_gguf_adapter, read_gguf_adapter
+from pictoprompt.models.lora import merge_gguf_adapter, read_gguf_adapter
 
 
 @cache
@@ -96,9 +97,9 @@ def test_the_gguf_file_merges_into_the_weights_exactly_as_the_hooks_apply_it(tmp
 
 
 def test_the_rope_permutation_is_a_permutation_that_interleaves_each_heads_halves() -> None:
-    order = lora._rope_permutation(8, 2)
+    order = lora.rope_permutation(8, 2)
     assert order.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
-    assert sorted(lora._rope_permutation(576, 9).tolist()) == list(range(576))
+    assert sorted(lora.rope_permutation(576, 9).tolist()) == list(range(576))
 
 
 def test_files_that_are_no_adapter_or_do_not_fit_are_refused(tmp_path: Path) -> None:

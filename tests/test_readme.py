@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.docs import tools_document, tools_table, write_readme_section
 from pictoprompt.cli import build_parser
-from pictoprompt.server.docs import tools_document, tools_table, write_readme_section
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from pydantic import ValidationError
 
@@ -19,6 +19,7 @@ from pictoprompt.methods.sd_ipc import (
     VIT_L_TARGET_NORM,
     ImageToPrompt,
     average_embeddings,
+    centred_on_object,
     conversion_matrix,
     convert_image_embedding,
     edited_prompt,
@@ -26,12 +27,14 @@ from pictoprompt.methods.sd_ipc import (
     pseudo_prompt,
     target_norm,
 )
+from pictoprompt.models.profiles import get_profile
 from pictoprompt.models.runtime import Runtime
 from pictoprompt.progress import Progress
 from pictoprompt.tools import TOOLS
+from pictoprompt.tools import vary_image as vary_image_module
 from pictoprompt.tools.base import SavedImage, ToolContext
 from pictoprompt.tools.edit_with_text import EditWithTextRequest, edit_with_text
-from pictoprompt.tools.vary_image import VaryImageRequest, vary_image
+from pictoprompt.tools.vary_image import VaryImageRequest, vary_image, written_prompt
 
 
 def matrix_with_singular_values(values: list[float], rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -447,3 +450,64 @@ def test_a_cancelled_variation_stops(context: ToolContext) -> None:
     with pytest.raises(JobCancelledError):
         vary_image(VaryImageRequest(images=["first.png"], num_images=1, steps=3), context)
     assert context.assets.saved == []
+
+
+# --- the prompted variation's reading (ours: SdIpcConfig.reading_span, seed_varies) ------------------------------
+
+
+def off_centre_star(size: tuple[int, int] = (120, 80)) -> Image.Image:
+    """A large black star near the top left of a white picture, as a user might draw one."""
+    image = Image.new("RGB", size, "white")
+    points = [(0.0, -1.0), (0.22, -0.3), (0.95, -0.31), (0.36, 0.12), (0.59, 0.81)]
+    points += [(0.0, 0.38), (-0.59, 0.81), (-0.36, 0.12), (-0.95, -0.31), (-0.22, -0.3)]
+    ImageDraw.Draw(image).polygon([(35 + 30 * x, 33 + 30 * y) for x, y in points], fill="black")
+    return image
+
+
+def test_centred_on_object_centres_the_object_at_the_asked_span() -> None:
+    image = Image.new("RGB", (100, 60), (10, 200, 10))
+    ImageDraw.Draw(image).rectangle((5, 5, 14, 14), fill="red")  # 10 x 10 px in the top left corner
+    centred = centred_on_object(image, 0.5)
+    assert centred.size == (20, 20)
+    pixels = np.asarray(centred)
+    red = np.argwhere((pixels == [255, 0, 0]).all(axis=-1))
+    assert red.min(axis=0).tolist() == [5, 5] and red.max(axis=0).tolist() == [14, 14]
+    assert pixels[0, 0].tolist() == [10, 200, 10]  # the canvas in the border's colour
+    blank = Image.new("RGB", (40, 30), "white")
+    assert np.array_equal(np.asarray(centred_on_object(blank, 0.5)), np.asarray(blank))
+
+
+def test_written_prompt_reads_the_centred_picture_and_leaves_place_and_size_to_the_seeds(
+    context: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Image.Image] = []
+
+    def prompt_of(context: ToolContext, refs: list[str], weights: list[float] | None) -> str:
+        read.extend(context.images.load(ref) for ref in refs)
+        return "a large outlined red circle in the top left corner on a white background"
+
+    monkeypatch.setattr(vary_image_module, "picture_prompt", prompt_of)
+    settings = get_profile("shapes").sd_ipc
+    assert written_prompt(context, ["first.png"], None, settings) == "an outlined red circle on a white background"
+    reference = context.images.load("first.png")
+    assert np.array_equal(np.asarray(read[0]), np.asarray(centred_on_object(reference, settings.reading_span)))
+    paper = settings.model_copy(update={"reading_span": None, "seed_varies": None})
+    assert written_prompt(context, ["first.png"], None, paper) == prompt_of(context, [], None)
+    assert np.array_equal(np.asarray(read[-1]), np.asarray(reference))
+
+
+def test_on_shapes_a_drawn_star_off_centre_is_varied_as_a_star(tmp_path: Path) -> None:
+    """The behaviour the reading is for: the variations' prompt names the drawn star's shape, colour and background,
+    and no place or size (the seeds vary those)."""
+    from pictoprompt.models.shapes import weights_present
+    from pictoprompt.server.assets import AssetStore, RecordingSink
+    from pictoprompt.server.images import PreResolvedImages
+
+    if not weights_present():
+        pytest.skip("the shapes weights are not built yet")
+    runtime = Runtime(get_profile("shapes"))
+    context = ToolContext(runtime, RecordingSink(AssetStore(tmp_path)), PreResolvedImages({"s": off_centre_star()}))
+    response = vary_image(VaryImageRequest(images=["s"], num_images=2, seed=0, steps=4), context)
+    words = set(response.prompt.split())
+    assert {"black", "star", "white", "background"} <= words, response.prompt
+    assert not words & {"small", "large", "left", "right", "top", "bottom", "middle", "center", "corner"}

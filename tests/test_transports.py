@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
@@ -20,15 +19,14 @@ from pictoprompt.errors import InvalidInputError
 from pictoprompt.server.serve import http_auth_options
 from pictoprompt.settings import Settings
 
-pytestmark = pytest.mark.anyio
 TOKEN = "test-token-0123456789abcdef"
 
 
-async def test_stdio_subprocess_session(tmp_path, server_environment):
-    parameters = StdioServerParameters(
-        command=sys.executable, args=["-m", "pictoprompt.cli", "serve"], env=server_environment(tmp_path)
-    )
-    async with Client(parameters, read_timeout_seconds=300) as client:
+def test_stdio_subprocess_session(shared_stdio_server):
+    # The session's `pictoprompt serve` over stdio (conftest), which the fuzz run's stdio half shares.
+    folder = shared_stdio_server.folder
+
+    async def session(client: Client) -> None:
         names = {tool.name for tool in (await client.list_tools()).tools}
         assert "generate_image" in names
         workflows = {prompt.name for prompt in (await client.list_prompts()).prompts}
@@ -39,7 +37,9 @@ async def test_stdio_subprocess_session(tmp_path, server_environment):
         assert not result.is_error
         image = result.structured_content["result"]["images"][0]
         assert image["seed"] == 3 and Path(image["path"]).is_file()
-        assert Path(image["path"]).is_relative_to(tmp_path / "assets")
+        assert Path(image["path"]).is_relative_to(folder / "assets")
+
+    shared_stdio_server.portal.call(session, shared_stdio_server.client)
 
 
 def free_port() -> int:
@@ -73,6 +73,7 @@ def http_server(tmp_path, server_environment) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+@pytest.mark.anyio
 async def test_http_session_requires_the_token(http_server):
     initialize = {
         "jsonrpc": "2.0",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lab.benchmarks.vgd import RecomputedBeams
+from lab.recomputed import RecomputedLlm
 from pictoprompt.configs import VgdConfig
 from pictoprompt.errors import InvalidInputError, JobCancelledError
 from pictoprompt.methods import vgd
@@ -210,7 +210,7 @@ def test_cached_and_recomputed_decoders_choose_the_same_beams(
 ) -> None:
     # Recomputing costs a full forward pass per beam and step: fewer beams and steps keep this quick.
     cached = decode(language_model, clip, targets, Limits(4), num_beams=2)
-    recomputed = decode(RecomputedBeams(language_model), clip, targets, Limits(4), num_beams=2)  # type: ignore[arg-type]
+    recomputed = decode(RecomputedLlm(language_model), clip, targets, Limits(4), num_beams=2)  # type: ignore[arg-type]
     assert cached.beams == recomputed.beams
     assert [(h.text, h.token_ids) for h in cached.hypotheses] == [(h.text, h.token_ids) for h in recomputed.hypotheses]
     assert [h.final_score for h in cached.hypotheses] == pytest.approx([h.final_score for h in recomputed.hypotheses])

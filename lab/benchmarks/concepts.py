@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -176,6 +177,20 @@ class Bench:
         self.seeds, self.steps = seeds, steps
         self.defaults = self.runtime.profile.concept_tuning
         self.count = 0
+        self.at_defaults: dict[Concept | None, Learned] = {}
+        """Concepts learned at the profile's defaults, by concept: the `single` row asks them again."""
+
+    def with_candidates(self, count: int) -> None:
+        """Ask from now on with `count` candidates per picture of a concept (`candidates_per_picture`)."""
+        profile = self.runtime.profile
+        tuning = profile.concept_tuning.model_copy(update={"candidates_per_picture": count})
+        self.runtime.profile = profile.model_copy(update={"concept_tuning": tuning})
+
+    def at_profile_defaults(self, concept: Concept | None, pictures: list[Image.Image]) -> Learned:
+        """`customize` at the profile's defaults, once per concept."""
+        if concept not in self.at_defaults:
+            self.at_defaults[concept] = self.customize(concept, pictures, None, None)
+        return self.at_defaults[concept]
 
     def _name(self) -> str:
         self.count += 1
@@ -291,18 +306,25 @@ class Bench:
                     outcome.setdefault(f"{tool} context", []).append(shows(reading))
                     outcome.setdefault(f"{tool} both", []).append(kept and shows(reading))
 
+        def timed(tool: str, call: Callable[[], Any]) -> Any:
+            started = time.perf_counter()
+            result = call()
+            outcome.setdefault(f"{tool} s a picture", []).append((time.perf_counter() - started) / self.seeds)
+            return result
+
         source_prompt = None
         for text, shows in CONTEXTS.items():
-            generated = generate_image(GenerateImageRequest(prompt=f"{learned.words} {text}", **common), self.context)
+            request = GenerateImageRequest(prompt=f"{learned.words} {text}", **common)
+            generated = timed("generate", lambda request=request: generate_image(request, self.context))
             record("generate", self._read(generated.images), shows)
             if not edits or not learned.stored:
                 continue
             # The concept's prompt, once the first edit has written it, comes back with the later edits as an
             # assistant would send it (the default method would otherwise invert the same concept six times).
-            request = EditWithTextRequest(
+            edit = EditWithTextRequest(
                 image=CONCEPT_REF_PREFIX + learned.name, text=text, source_prompt=source_prompt, **common
             )
-            edited = edit_with_text(request, self.context)
+            edited = timed("edit", lambda edit=edit: edit_with_text(edit, self.context))
             source_prompt = edited.source_prompt
             record("edit", self._read(edited.images), shows)
         if not learned.stored:
@@ -322,15 +344,18 @@ COLUMNS = [
     "edit both",
     "vary identity",
     "tune s",
+    "generate s a picture",
+    "edit s a picture",
 ]
 
 
 def summarise(label: str, outcomes: list[dict[str, list[bool]]], learned: list[Learned]) -> dict[str, object]:
     """Percentages over every picture of every concept of a row, and the mean tuning time."""
     row: dict[str, object] = {"row": label}
-    for key in COLUMNS[1:-1]:
+    for key in COLUMNS[1:]:
         values = [value for outcome in outcomes for value in outcome.get(key, [])]
-        row[key] = 100 * statistics.fmean(values) if values else float("nan")
+        # Shares of pictures in percent; the times (seconds) as they are.
+        row[key] = (1 if key.endswith(" s a picture") else 100) * statistics.fmean(values) if values else float("nan")
     row["tune s"] = statistics.fmean(item.seconds for item in learned)
     return row
 
@@ -341,8 +366,12 @@ def evaluate(
     learn: Callable[[Concept | None, list[Image.Image]], Learned],
     sets: list,
     edits: bool = True,
+    candidates: int | None = None,
 ) -> dict[str, object]:
+    """One row; with `candidates`, the concepts are asked with that many candidates per picture (else the
+    profile's)."""
     learned = [learn(concept, pictures) for concept, pictures in sets]
+    bench.with_candidates(candidates or bench.defaults.candidates_per_picture)
     outcomes = []
     for item in learned:
         outcomes.append(bench.ask(item, edits))
@@ -464,6 +493,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Instead of the evaluation: the word the tool adds to a description, on the concepts and on drawn ones.",
     )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        nargs="+",
+        help="The defaults row once per count of candidates a picture, the concepts learned once (default: the "
+        "profile's count).",
+    )
+    parser.add_argument(
+        "--tuning-concepts",
+        action="store_true",
+        help="Ask the rows of the tuning concepts instead of the evaluated ones (to choose settings on).",
+    )
     args = parser.parse_args(argv)
     if not weights_present():
         print("The shapes weights are not built; run `pictoprompt models train-shapes` first.")
@@ -492,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
             print_table(f"Sweep on the tuning concepts ({len(sets)} concepts x {args.seeds} seeds)", rows, COLUMNS)
             return 0
         sets = [(concept, references(concept, EVALUATION_SEED)) for concept in EVALUATION_CONCEPTS[: args.concepts]]
+        if args.tuning_concepts:
+            sets = [(concept, references(concept, TUNING_SEED)) for concept in TUNING_CONCEPTS]
+        candidates = args.candidates or [bench.defaults.candidates_per_picture]
         tuning = bench.defaults
         defaults = f"{tuning.iterations} it, lr {tuning.learning_rate:g}, deep prompts' lr when described " + (
             f"{tuning.aligned_prompt_learning_rate or tuning.learning_rate:g}"
@@ -502,13 +546,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         evaluations: dict[str, tuple[str, Callable[[Concept | None, list[Image.Image]], Learned], list]] = {
+            **{
+                f"defaults {count}": (
+                    f"SD-IPC-CT profile defaults ({defaults}), {count} candidate(s) a picture",
+                    bench.at_profile_defaults,
+                    sets,
+                )
+                for count in candidates
+            },
             "untuned": ("SD-IPC untuned, one reference", bench.untuned, sets),
             "paper": ("SD-IPC-CT paper (30 it, lr 5e-06)", lambda c, p: bench.customize(c, p, 30, 5e-6), sets),
-            "defaults": (
-                f"SD-IPC-CT profile defaults ({defaults})",
-                lambda c, p: bench.customize(c, p, None, None),
-                sets,
-            ),
             "described": (
                 f"SD-IPC-CT profile defaults, described as 'a COLOUR SHAPE' ({defaults})",
                 lambda c, p: bench.customize(c, p, None, None, described(c)),
@@ -527,7 +574,12 @@ def main(argv: list[str] | None = None) -> int:
                 [(None, [])],
             ),
         }
-        rows = [evaluate(bench, *evaluations[row]) for row in args.rows if row in evaluations]
+        rows = [
+            evaluate(bench, *evaluations[key], candidates=count)
+            for row in args.rows
+            for key, count in ([(f"defaults {n}", n) for n in candidates] if row == "defaults" else [(row, None)])
+            if key in evaluations
+        ]
         if rows:
             print_table("Concepts on shapes (oracle, % of pictures)", rows, COLUMNS)
         if "speed" in args.rows:

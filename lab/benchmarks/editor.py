@@ -187,6 +187,12 @@ def optimise(
     return reconstructions
 
 
+def best_within(run: Reconstruction, iterations: int) -> torch.Tensor:
+    """The states a run of `iterations` (a multiple of the check interval) would have kept: one long run stands for
+    the shorter ones."""
+    return [states for at, _, states in run.improvements if at <= iterations][-1]
+
+
 @dataclass
 class Timing:
     """The tool path unbatched: seconds for the start prompt, per iteration, and for decoding and selection."""
@@ -326,7 +332,7 @@ def selection_study(models: Models, iterations: int) -> None:
         ]
         runs = optimise(models, examples, starts, iterations)
         per_scene = [
-            score_candidates(models, ex, i, run.best_within(iterations), start, settings.study_seeds)
+            score_candidates(models, ex, i, best_within(run, iterations), start, settings.study_seeds)
             for i, (ex, run, start) in enumerate(zip(examples, runs, starts, strict=True))
         ]
         rows += rule_rows(per_scene, kind)
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         settings_to_run += [(default, ("sequence",)), (default, ("eos", "sequence"))]
         for iterations, targets in settings_to_run:
             chosen = [
-                choose(models, ex, run.best_within(iterations), start, targets)
+                choose(models, ex, best_within(run, iterations), start, targets)
                 for ex, run, start in zip(examples, runs, vgd_prompts, strict=True)
             ]
             name = f"editor {iterations} it, {'+'.join(targets)}"
@@ -444,7 +450,7 @@ def start_ablation(models: Models, iterations: int, vgd_start: dict) -> list[dic
     for index, (name, prompts) in enumerate(starts.items()):
         own = runs[index * len(examples) : (index + 1) * len(examples)]
         chosen = [
-            choose(models, ex, run.best_within(iterations), start, ("eos",))
+            choose(models, ex, best_within(run, iterations), start, ("eos",))
             for ex, run, start in zip(examples, own, prompts, strict=True)
         ]
         losses = [run.best_loss for run in own]

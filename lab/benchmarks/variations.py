@@ -1,19 +1,21 @@
 """`vary_image` on `shapes`: do variations keep what the picture shows while still varying?
 
-Run: `pictoprompt bench variations [--n 40] [--drawn 40] [--seeds 4] [--methods sd-ipc prompted]
-[--converted-weights 0.0] [--tune]`. For each reference, `--seeds` variations through the tool function (as the
-server runs it) by each method; the oracle reads every variation and the table gives, per set and method, how
+Run: `pictoprompt bench variations [--n 40] [--drawn 50] [--seeds 4] [--methods sd-ipc prompted]
+[--converted-weights 0.0] [--as-given] [--tune]`. For each reference, `--seeds` variations through the tool function
+(as the server runs it) by each method; the oracle reads every variation and the table gives, per set and method, how
 often the main object keeps the reference's shape, colour and fill, and the picture its background; "varied %" is
 the share of references whose variations are not all the same picture (some pair differs by more than 2 % of
 the pixel range on average), and "moved %" the share whose variations the oracle does not place all in one grid
 cell or give all one size.
 
 The sets: held-out single-object scenes of the world (`held_out_scenes`, its evaluation seed) and one-object
-pictures drawn with PIL by `harness.outside_set` (other sizes, positions and line widths). `--tune` draws both
-from other seeds, for choosing settings without looking at the reported sets. `--converted-weights` sweeps the
-`prompted` method's share of the converted embedding (`Profile.sd_ipc.converted_weight`). Goal (issue 35, item
-8), at the defaults: shape and background kept in at least 80 %, colour in at least 90 %, on both sets, against the
-untuned SD-IPC (`sd-ipc`), with the variations not all the same picture.
+pictures drawn with PIL by `harness.outside_set` (other sizes, positions and line widths; `--drawn 50` is every
+one-object picture of its first 60, the outside checks' drawn set). `--tune` draws both from other seeds, for
+choosing settings without looking at the reported sets. `--converted-weights` sweeps the `prompted` method's share
+of the converted embedding (`Profile.sd_ipc.converted_weight`); `--as-given` adds `prompted` without the centred
+reading and the cut place and size (`reading_span`, `seed_varies`). Goal (issue 35, item 8), at the defaults: shape
+and background kept in at least 80 %, colour in at least 90 %, on both sets, against the untuned SD-IPC (`sd-ipc`),
+with the variations not all the same picture.
 """
 
 from __future__ import annotations
@@ -119,10 +121,16 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pictoprompt bench variations", description=__doc__)
     parser.add_argument("--n", type=int, default=40, help="world scenes")
-    parser.add_argument("--drawn", type=int, default=40, help="one-object PIL drawings")
+    parser.add_argument("--drawn", type=int, default=50, help="one-object PIL drawings")
     parser.add_argument("--seeds", type=int, default=4, help="variations per reference")
     parser.add_argument("--methods", nargs="+", default=["sd-ipc", "prompted"])
     parser.add_argument("--converted-weights", type=float, nargs="+", default=None)
+    parser.add_argument(
+        "--as-given",
+        action="store_true",
+        help="also `prompted` with VGD reading each picture as given and the prompt kept whole (reading_span and "
+        "seed_varies off: the method before they were added)",
+    )
     parser.add_argument("--guidance", type=float, default=7.5, help="the request's guidance (default: the tool's)")
     parser.add_argument("--tune", action="store_true", help="other seeds than the reported sets")
     args = parser.parse_args(argv)
@@ -133,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     runtime = Runtime(profile)
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         for method in args.methods:
-            for weight in weights if method == "prompted" else [None]:
-                variation = profile.sd_ipc.model_copy(update={} if weight is None else {"converted_weight": weight})
+            readings = [False, True] if method == "prompted" and args.as_given else [False]
+            for weight, as_given in itertools.product(weights if method == "prompted" else [None], readings):
+                update = {} if weight is None else {"converted_weight": weight}
+                update |= {"reading_span": None, "seed_varies": None} if as_given else {}
                 # The same loaded models; only the method's settings change.
-                runtime.profile = profile.model_copy(update={"sd_ipc": variation})
+                runtime.profile = profile.model_copy(update={"sd_ipc": profile.sd_ipc.model_copy(update=update)})
                 name = method if weight is None else f"{method}, converted weight {weight}"
+                name += ", read as given" if as_given else ""
                 for set_name, refs in ((name, refs) for name, refs in sets.items() if refs):
                     scores, _ = run(runtime, refs, method, args.seeds, Path(scratch), args.guidance)
                     table.append({"set": f"{set_name} ({len(refs)} x {args.seeds})", "method": name, **scores})

@@ -80,6 +80,7 @@ from lab.benchmarks.harness import (
     print_table,
     scene_set,
 )
+from lab.recomputed import RecomputedLlm
 from lab.shapes.world import HELD_OUT_SEED, LEXICON_FUNCTION_WORDS, POSITION_PHRASES, held_out_scenes
 from pictoprompt.configs import GeneratorRerank, VgdConfig
 from pictoprompt.methods.generation import Sample, default_size, encode_text_prompt, generate
@@ -787,20 +788,6 @@ def distillation_table(runtime: Runtime, perplexity: Perplexity, settings: argpa
     return rows
 
 
-class RecomputedBeams:
-    """An LLM whose beams recompute every token each step, as the authors' code does (no KV cache): the product
-    always reuses each beam's cache, and this is what the speed table compares it with."""
-
-    def __init__(self, llm: LanguageModel) -> None:
-        self.llm = llm
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.llm, name)
-
-    def start(self, prompt_ids: Sequence[int], **options: object) -> object:
-        return self.llm.start(prompt_ids, **{**options, "use_cache": False})
-
-
 def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     """The same inversion with the beams' caches and recomputed from scratch: same beams, different cost.
 
@@ -815,7 +802,7 @@ def speed_table(decoder: Decoder, example: Example) -> list[dict]:
     for use_cache in (True, False):
         timer = Timer()
         with timer:
-            decoding = llm if use_cache else RecomputedBeams(llm)
+            decoding = llm if use_cache else RecomputedLlm(llm)
             results[use_cache] = guided_decode(
                 decoding, clip, targets, prompt, Limits(max_tokens, min_length=max_tokens)
             )

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lab.shapes.lora import LoraAdapter
 from lab.shapes.world import (
     caption_lexicon,
     caption_scene,
@@ -35,7 +36,6 @@ from lab.shapes.world import (
 )
 from pictoprompt.models.llm_loading import default_gguf_path
 from pictoprompt.models.llm_transformers import TransformersModel
-from pictoprompt.models.lora import LoraAdapter
 from pictoprompt.models.shapes.scenes import Scene
 from pictoprompt.prompts import VgdTask, vgd_messages
 

@@ -32,6 +32,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from lab.schedule import build_scheduler
 from lab.shapes.language import answer_loss, chat_batch, export_language, load_base_llm
+from lab.shapes.lora import LoraAdapter
 from lab.shapes.world import FreeView, caption_scene, random_free_view, random_scene, render_free_view, shape_twin
 from pictoprompt.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from pictoprompt.models.clip_tokenizer import (
@@ -40,7 +41,6 @@ from pictoprompt.models.clip_tokenizer import (
     load_clip_tokenizer,
     write_clip_tokenizer,
 )
-from pictoprompt.models.lora import LoraAdapter
 from pictoprompt.models.shapes import WEIGHTS_DIR
 from pictoprompt.models.shapes.scenes import IMAGE_SIZE, PALETTE, TRAIN_SHAPES, Scene, render_array
 from pictoprompt.progress import Progress

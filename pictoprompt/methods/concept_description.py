@@ -240,3 +240,33 @@ class _PhraseJudge:
         best = int(changes.argmin()) + 1
         gain = float(changes[best - 1])
         return (choices[best] if gain < -config.completion_threshold else None), gain
+
+
+def swapped_descriptions(description: str, groups: Sequence[Sequence[str]]) -> list[str]:
+    """The description with the word it uses of the first group it uses replaced by each of that group's others
+    ("a striped green heart", fills -> "a solid green heart", "an outlined green heart"); none if it uses no group."""
+    words = description.split()
+    words = words[1:] if words and words[0].lower() in ARTICLES else words
+    for group in groups:
+        used = [i for i, word in enumerate(words) if word in group]
+        if used:
+            i = used[0]
+            return [with_article([*words[:i], other, *words[i + 1 :]]) for other in group if other != words[i]]
+    return []
+
+
+def description_margins(
+    pipeline: StableDiffusionPipeline,
+    clip: ClipModel,
+    images: Sequence[Image.Image],
+    description: str,
+    alternatives: Sequence[str],
+    timesteps: int,
+) -> list[float]:
+    """Per picture, how much better the description explains it than the best of `alternatives`: the lowest
+    alternative's denoising error over the description's, minus 1 (positive: the description wins). Ours: a
+    concept's candidate check with the generator as judge (`ConceptTuningConfig.candidate_timesteps`)."""
+    latents = encode_latents(pipeline, [image.convert("RGB") for image in images])
+    converter = ImageToPrompt.cached(clip, pipeline)
+    errors = denoising_errors(pipeline, converter, latents, [description, *alternatives], timesteps, 0, Progress())
+    return (errors[1:].min(dim=0).values / errors[0] - 1).tolist()

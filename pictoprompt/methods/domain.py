@@ -1,15 +1,11 @@
 """Is a picture far from the world a narrow model set was trained on? The `domain_note` of the tools that read pictures.
 
 A set trained on one small world (the bundled `shapes`: flat coloured shapes on a plain background) still answers for
-a photo, and confidently: its CLIP places a photo as close to its captions as its own pictures (measured on the
-shapes set, `lab/results/quality-a.md`), so CLIP cannot tell. What the world's pictures share is their make-up: a
-plain background and a few flat-coloured objects. The generator's own VAE reads that: a world picture's latents
-gather around at most a few points (one per flat region; antialiased edges and stripes are the rest), a photo's
-spread over many. The statistic is the share of latent positions within `latent_radius` of the `regions` densest
-latent points (greedy: the densest point and its neighbours, then the densest of the rest, ...), on the picture
-letterboxed to a square of `working_size` pixels, so a picture's own size does not count. Below the profile's
-`min_coverage` the picture is outside the set's world. The profile carries the numbers (`DomainCheck`); a profile
-without them (real models, which have no such world) gets no note.
+a photo, confidently, and its CLIP cannot tell (lab/results/quality-a.md). The generator's own VAE can: a world
+picture's latents gather around a few points (one per flat region), a photo's spread over many. The statistic is
+the share of latent positions within `latent_radius` of the `regions` densest latent points, on the picture
+letterboxed to `working_size` pixels; below the profile's `min_coverage` (`DomainCheck`) the picture is outside the
+world. A profile without a `DomainCheck` (real models) gets no note.
 """
 
 from __future__ import annotations

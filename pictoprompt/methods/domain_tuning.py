@@ -1,7 +1,5 @@
-"""SD-IPC-FT: tuning the image-to-prompt conversion to a captioned domain (paper 000_2353b6a202bfe3f4, Eq. 9).
-
-The same trainable parameters as a concept (`concept_weights`: K/V deltas and deep prompts) and the same set-up
-(`tuning`), trained on ~100 captioned images of a domain, optionally with a caption-alignment loss (ours).
+"""SD-IPC-FT: tuning the image-to-prompt conversion to a captioned domain (paper 000_2353b6a202bfe3f4, Eq. 9), with
+the trainable parameters of a concept (`concept_weights`) and the set-up of `tuning`.
 """
 
 from __future__ import annotations
@@ -75,13 +73,10 @@ def train_domain(
     """SD-IPC-FT (Sec. 3.2, Eq. 9): adapt the conversion to a domain from ~100 captioned images.
 
     Loss = `L_convrt` (denoise the target under the pseudo-prompt of the reference) + `L_text` (denoise the
-    reference under its own caption: the ordinary text-to-image loss, kept as a regulariser so text prompts
-    still work). With `classes` ("A/B training") the target is another image of the reference's class, which
-    teaches the converter to keep what the class shares; without, the target is the reference itself.
-    Learning rate with cosine decay; `iterations` x `batch_size` defaults to 40 passes over 100 images (the
-    paper gives ~1 GPU-hour, not a step count). Two additions of ours, off by default: `caption_alignment` weighs
-    `CaptionAlignment`'s loss (the converted prompt pulled towards its own caption), and `prompt_learning_rate`
-    gives the deep prompts their own rate (the paper's 1e-5 hardly moves them in 1000 steps).
+    reference under its own caption, a regulariser so text prompts still work). With `classes` ("A/B training")
+    the target is another image of the reference's class, which teaches the converter to keep what the class
+    shares; without, the reference itself. Cosine decay; the paper gives ~1 GPU-hour, not a step count. Ours, off
+    by default: `caption_alignment` (`CaptionAlignment`) and the deep prompts' own `prompt_learning_rate`.
     """
     if len(images) != len(captions) or (classes is not None and len(classes) != len(images)):
         raise InvalidInputError("Give exactly one caption (and one class, if any) per training image.")

@@ -1,31 +1,21 @@
 """EDITOR (paper 003_ccad9491c5e4f205, section 3): a prompt reverse-engineered through the generator itself.
 
-Three steps, as Algorithm 1 lays them out, and a fourth from the authors' evaluation:
+Algorithm 1's three steps, and a fourth from the authors' evaluation:
 
-1. *Initialise* (section 3.3): caption the target with an image captioner (BLIP-large on the real profiles) and
-   encode the caption, cut to `max_tokens` tokens, with the generator's text encoder. The bundled `shapes` set
-   has no captioner: there EDITOR starts from VGD's prompt for the picture, a deliberate change (METHODS.md).
-2. *Reverse-engineer* (section 3.4, Eq. 2-3): optimise the text encoder's *output* states (after its final layer
-   norm) at positions 1..EOS so that the image the generator makes from them, from fixed noise, matches the
-   target: `c* = argmin_c L(D(R_eps(c, n)), x)`. The sequence is cut at the EOS (no padding) and the
-   unconditional states are cut to the same length. `L` is the pixel MSE in [0, 1]; the gradient runs through
-   `denoising_steps` LMS steps at guidance 7.5 and the VAE decoder. AdamW, its learning rate cycling between
-   0.05 and 0.1 (`CyclicLR`, `step_size_up` 50); the best states are kept, checked every 50 iterations.
-3. *Embedding to text* (section 3.5): the authors' vec2text model is not public. Here VGD's decoder writes the
-   text against `W_t @ h_EOS`, the optimised end-of-text state mapped into CLIP space by the CLIP's text
-   projection (`eos_target`).
-4. *Select*: render every candidate prompt from fixed seeds and rank them by the CLIP image-image cosine of
-   their pictures to the target(s). Two additions of ours: the start prompt is a candidate too, so the method
-   does not answer with a prompt that regenerates the target worse than the one it started from; and the
-   similarity is averaged over `selection_seeds` (four pictures, not the paper's one), because on one seed
-   the choice followed that seed's noise (the benchmark's first run: candidates that beat the start on seed 0
-   regenerated the held-out scenes worse on other seeds).
+1. *Initialise* (section 3.3): caption the target (BLIP-large on the real profiles), cut to `max_tokens` tokens.
+   The bundled `shapes` set has no captioner: there EDITOR starts from VGD's prompt, a deliberate change.
+2. *Reverse-engineer* (section 3.4, Eq. 2-3): optimise the text encoder's *output* states at positions 1..EOS so
+   that the image the generator makes from them, from fixed noise, matches the target:
+   `c* = argmin_c L(D(R_eps(c, n)), x)`, `L` the pixel MSE in [0, 1], the gradient through `denoising_steps` LMS
+   steps and the VAE decoder, AdamW under a cyclic learning rate, the best states kept at every check.
+3. *Embedding to text* (section 3.5): the authors' vec2text model is not public; VGD's decoder writes the text
+   against `W_t @ h_EOS`, the optimised end-of-text state projected into CLIP space (`eos_target`).
+4. *Select*: render every candidate from fixed seeds and rank by the CLIP image-image cosine to the target(s).
+   Ours: the start prompt is a candidate too, so EDITOR never answers worse than it started, and the similarity is
+   averaged over `selection_seeds`, because on one seed the choice followed that seed's noise.
 
-Several target images make one joint target: one set of states, the loss averaged over the images. The settings
-are `EditorConfig`'s (the paper's and its code's, with the additions of ours marked).
-
-Step 3 needs the generator's text encoder to be the CLIP's text tower (SD 1.x, `shapes`): `check_generator`
-refuses SD 2.x, whose U-Net reads OpenCLIP's penultimate layer, which `W_t` does not map into CLIP space.
+Several target images make one joint target: one set of states, the loss averaged over the images. Step 3 needs
+the generator's text encoder to be the CLIP's text tower (SD 1.x, `shapes`): `check_generator` refuses SD 2.x.
 """
 
 from __future__ import annotations
@@ -129,7 +119,7 @@ class Reconstruction:
     losses: list[float]
     """The loss of the states after 0, 1, ..., `iterations` updates."""
     improvements: list[tuple[int, float, Tensor]] = field(default_factory=list)
-    """(iteration, loss, states) at each check that found better states: what `best_within` reads."""
+    """(iteration, loss, states) at each check that found better states."""
 
     @property
     def first_loss(self) -> float:
@@ -138,10 +128,6 @@ class Reconstruction:
     @property
     def best_loss(self) -> float:
         return self.improvements[-1][1]
-
-    def best_within(self, iterations: int) -> Tensor:
-        """The states a run of `iterations` (a multiple of the check interval) would have kept."""
-        return [states for at, _, states in self.improvements if at <= iterations][-1]
 
     def record(self, iteration: int, loss: float, prompt_embeds: Tensor, checked: bool) -> None:
         """The loss of `iteration`'s states (L, D), and the states themselves when they are checked and better."""
@@ -156,18 +142,9 @@ CHECKPOINT_FROM_SIDE = 256
 
 @contextmanager
 def recomputed_activations(pipeline: StableDiffusionPipeline) -> Iterator[None]:
-    """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them, where the memory
-    it saves is needed: generators of `CHECKPOINT_FROM_SIDE` pixels or more.
-
-    Backpropagation through `denoising_steps` guided U-Net passes and the VAE decoder otherwise keeps every
-    activation. Measured on the SD 1.5-sized set (`lab.real_size`, float32 on the CPU), one iteration needs over
-    the weights 1.65 GB at 128 px and 5.5 GB at 256 px without checkpointing, 0.78 and 2.9 GB with it, the same
-    losses to the last digit; at 512 px (about 4x per doubling of the side) that is some 22 GB without and 11 GB
-    with in float32, half in float16, beside the weights, so EDITOR stays well inside a 24 GB GPU. Below 256 px the
-    memory is small and the recomputation is not free: on the `shapes` set (32 px) it cost 1.6-1.9x the CPU time
-    per iteration (10 iterations, one thread: 6.0 and 7.2 s with it, 3.7 and 3.8 s without, the same losses; see
-    lab/results/quality-b.md), which is what kept EDITOR's default call over a minute on a shared CPU. Only on while
-    EDITOR runs; the pipeline is shared, so its settings are restored.
+    """Gradient checkpointing in the U-Net and the VAE while EDITOR backpropagates through them, for generators of
+    `CHECKPOINT_FROM_SIDE` pixels or more: it halves the memory at 512 px, and below 256 px the memory is small and
+    the recomputation is not free (lab/results/quality-b.md). The pipeline is shared, so its settings are restored.
     """
     if default_size(pipeline) < CHECKPOINT_FROM_SIDE:
         yield
@@ -190,16 +167,9 @@ ONE_THREAD_BELOW_SIDE = 64
 
 @contextmanager
 def one_cpu_thread(pipeline: StableDiffusionPipeline) -> Iterator[None]:
-    """One PyTorch thread while EDITOR runs through a small generator on a CPU, the caller's count after.
-
-    An iteration through the `shapes` set (32 px) is some 2,800 tiny operations per U-Net pass on a batch of two
-    16x16 latents: below PyTorch's parallel grain, so a second thread only joins the convolutions and matrix
-    products, and waking it costs more than it saves. The server's job thread runs with PyTorch's default (one
-    thread per core): on the 2-core build machine its default call took 78 s alone on the machine for 63 s of CPU
-    time; on one thread the server spends 31 s of CPU time a call (lab/results/editor-speed.md), and under load
-    two threads spent 23x the CPU time of one on the same iterations. Larger generators (64 px and up: a batch of
-    two passes the grain) and accelerators keep the caller's setting. The count is the process's; the job runner
-    runs one tool at a time.
+    """One PyTorch thread while EDITOR runs through a small generator on a CPU, the caller's count after: its
+    operations are below PyTorch's parallel grain, so waking a second thread costs more than it saves
+    (lab/results/editor-speed.md). The count is the process's; the job runner runs one tool at a time.
     """
     threads = torch.get_num_threads()
     if pipeline.device.type != "cpu" or default_size(pipeline) >= ONE_THREAD_BELOW_SIDE or threads == 1:
@@ -213,12 +183,8 @@ def one_cpu_thread(pipeline: StableDiffusionPipeline) -> Iterator[None]:
 
 
 class RepeatedScheduleLms(LMSDiscreteScheduler):
-    """The LMS scheduler, its step coefficients integrated once per schedule and then reused.
-
-    Each coefficient is an integral (`scipy.integrate.quad` over a product of the sigmas, evaluated in PyTorch
-    scalars) that depends only on the sigmas around its step. EDITOR runs the same `denoising_steps` schedule in
-    every iteration, so diffusers' scheduler integrated the same 14 coefficients 100 times per call: about 1 s of
-    CPU time in a default call on the `shapes` set, 3-4 % of it (lab/results/editor-speed.md). The cached value is
+    """The LMS scheduler, its step coefficients (integrals over the sigmas around each step) computed once per
+    schedule: EDITOR runs the same schedule in every iteration (lab/results/editor-speed.md). The cached value is
     the one diffusers computes, so every step is the same to the bit.
     """
 

@@ -8,12 +8,15 @@ reported per denoising step and cancellation is honoured between steps through d
 gathers concurrent calls into it): the same arithmetic as the pipeline's loop, row by row, so each call gets the
 pictures it gets alone for its seeds, up to float rounding. Each call keeps its own progress and may leave the batch
 between two steps when cancelled; the others go on.
+
+`generate_best` draws several candidates per seed and keeps the one a judge prefers (a concept's candidate check,
+ours: `ConceptTuningConfig.candidates_per_picture`); the choice depends on the seed alone, so it still reproduces.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline
@@ -232,3 +235,48 @@ def _leave_if_cancelled(samples: Sequence[Sample], rows: _Rows) -> None:
 def _decode(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
     return pipeline.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(latents))
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+
+CANDIDATE_STRIDE = 1_000_003
+"""Seed distance between the candidates of one requested picture: far beyond the seeds of consecutive pictures."""
+
+Judge = Callable[[list[Image.Image]], Sequence[float]]
+"""Scores pictures, higher is better: which candidate is kept."""
+
+
+def candidate_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of `count` candidates for a requested seed: the seed itself first (its picture is the one a single
+    draw gives), then seeds that consecutive requested seeds do not reach."""
+    return [(seed + j * CANDIDATE_STRIDE) % 2**32 for j in range(count)]
+
+
+def generate_best(
+    pipeline: StableDiffusionPipeline,
+    sample: Sample,
+    num_inference_steps: int,
+    size: tuple[int, int],
+    count: int,
+    judge: Judge,
+) -> list[Image.Image]:
+    """One picture per seed of `sample`: of `count` candidates drawn from `candidate_seeds` (one U-Net batch), the
+    one `judge` scores highest. The choice depends on the seed alone, so the seed still reproduces its picture.
+    `count` 1 is `generate`."""
+    width, height = size
+    if count == 1:
+        return generate(pipeline, sample, num_inference_steps, width, height)
+
+    def per_candidate(states: torch.Tensor) -> torch.Tensor:
+        return states if states.shape[0] == 1 else states.repeat_interleave(count, dim=0)
+
+    candidates = replace(
+        sample,
+        prompt_embeds=per_candidate(sample.prompt_embeds),
+        negative_prompt_embeds=per_candidate(sample.negative_prompt_embeds),
+        seeds=[seed for requested in sample.seeds for seed in candidate_seeds(int(requested), count)],
+    )
+    images = generate(pipeline, candidates, num_inference_steps, width, height)
+    # Judged seed by seed: a judge that draws noise per batch then sees the same batch whatever else was asked.
+    groups = [images[begin : begin + count] for begin in range(0, len(images), count)]
+    return [group[max(range(count), key=list(judge(group)).__getitem__)] for group in groups]

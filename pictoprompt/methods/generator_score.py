@@ -1,10 +1,6 @@
 """How well the generator's denoising explains pictures under a text: a diffusion classifier (Li et al. 2023, "Your
-Diffusion Model is Secretly a Zero-Shot Classifier").
-
-Each text is scored by the U-Net's denoising error on the pictures' latents, at the same timesteps and the same noise
-for every text, so that the errors compare text by text. Used by concept completion (`concept_description`) and by
-VGD's generator rerank (`vgd.generator_rerank`); the generator judges what CLIP cannot, such as how many objects a
-picture holds.
+Diffusion Model is Secretly a Zero-Shot Classifier"), scored at the same timesteps and noise for every text so that
+the errors compare. The generator judges what CLIP cannot, such as how many objects a picture holds.
 """
 
 from __future__ import annotations
@@ -60,9 +56,8 @@ def denoising_errors(
 
 
 def relative_gains(errors: Tensor) -> Tensor:
-    """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0.
-    The median, not the mean of the errors: one picture that a word fits far better (a small shape on white) must
-    not outvote the others; the mean gave an outlined orange heart "striped" on one picture's large drop."""
+    """For rows 1.. of (T, N) errors: the median over the N pictures of each one's relative change against row 0,
+    so that one picture a word fits far better does not outvote the others."""
     return (errors[1:] / errors[0] - 1).median(dim=1).values
 
 
@@ -91,13 +86,12 @@ def generator_reranked(
     progress: Progress | None = None,
 ) -> VgdResult:
     """`result` with its best hypothesis and the `settings.candidates` best finished one-subject hypotheses of the
-    `alternatives` (the one-subject decode) in front, ordered by their denoising error on the images (mean over
-    them, or weighted by `weights`), lowest first; its other hypotheses follow in their order.
+    `alternatives` in front, lowest denoising error on the images first (mean, or weighted by `weights`); its other
+    hypotheses follow in their order.
 
     Ours, not VGD's (`Profile.vgd_rerank`): the generator judges the whole sentence against the whole picture, so a
-    second object the picture does not have costs a prompt what CLIP's similarity did not. Only sentences the LLM
-    ended are judged: one cut at the length limit is a fragment, and the generator, judging pictures drawn off its
-    grid, can prefer a fragment. Cost: `1 + candidates` texts times `timesteps` U-Net passes, one VAE encoding.
+    second object the picture lacks costs a prompt what CLIP's similarity did not. Only sentences the LLM ended are
+    judged: the generator can prefer a fragment cut at the length limit.
     """
     chosen = {result.best.text: result.best}
     for alternative in alternatives:

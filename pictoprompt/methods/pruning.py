@@ -1,19 +1,14 @@
 """Distillation by pruning (ours, beside the paper's VGD distillation, `vgd.distill`): the short prompt is the long
-one with pieces deleted, never a word added, and it is as long as its content needs rather than a fixed share.
-
-Three steps, each judged by the set's own models:
+one with pieces deleted, never a word added, and as long as its content needs rather than a fixed share.
 
 1. **Words the CLIP never learnt go** (profiles with a dictionary only): the generator's text encoder cannot read
-   them either (`vgd.written_in`), so they cannot change the picture.
-2. **Deletions that make the prompt read better and draw the same** are taken one at a time: each candidate
-   deletes one word or one comma-separated phrase made only of words that draw nothing by themselves (their CLIP
-   text embedding alone is within `WORDLESS_SALIENCE` of the empty prompt's: articles, "of", "on", never a colour
-   or a shape), and it must lower the LLM's mean negative log-likelihood per token by at least `FLUENCY_GAIN` (so a
-   leftover of fluff, a doubled article or a dangling "of", goes, while an object's size, fill or place, which
-   reads as naturally as the rest, stays). The most fluent such deletion wins; none left ends the step. This is the
-   content-fitting length.
-3. **A budget, when one is asked for:** while the prompt has more CLIP tokens than `max_tokens`, the deletion of
-   one to three pieces that keeps its CLIP text embedding closest to the long prompt's is taken.
+   them either (`vgd.written_in`).
+2. **Deletions that make the prompt read better and draw the same** (`repair`), one at a time, the most fluent
+   first: one word or one comma-separated phrase made only of words that draw nothing by themselves
+   (`WORDLESS_SALIENCE`), lowering the LLM's surprisal per token by at least `FLUENCY_GAIN`. So a leftover of fluff
+   goes, while an object's size, fill or place, which reads as naturally as the rest, stays.
+3. **A budget, when one is asked for** (`fit_budget`): while the prompt has more CLIP tokens than `max_tokens`, the
+   deletion of one to three pieces that keeps its CLIP text embedding closest to the long prompt's.
 
 Only CLIP's text tower and the LLM's likelihood of whole candidates are run: no decoding, no image.
 """
@@ -37,14 +32,11 @@ from pictoprompt.prompts import load_prompt
 
 WORDLESS_SALIENCE = 0.08
 """Step 2 deletes only words whose CLIP reading alone is this close to the empty prompt's (cosine distance,
-`salience`): words that draw nothing by themselves (articles, "of", "on", a comma), never a colour or a shape.
-Calibrated on the `shapes` CLIP's dictionary (`pictoprompt bench distill --calibrate`; lab/results/distill.md). A
-whole-prompt measure (how far one deletion moves the prompt's embedding) could not tell these apart: in a
-three-object caption one colour word moves it less than a stray leading article does."""
+`salience`), calibrated on the `shapes` CLIP's dictionary (lab/results/distill.md). A whole-prompt measure could
+not tell these apart: in a three-object caption one colour word moves the embedding less than a stray article."""
 FLUENCY_GAIN = 0.1
-"""Step 2's least fall of the LLM's mean negative log-likelihood per token (nats). On the calibration captions a
-repair of what fluff left gains several times this, and deleting a colour, a size, a fill or a place loses
-fluency (lab/results/distill.md)."""
+"""Step 2's least fall of the LLM's mean negative log-likelihood per token (nats): a repair of what fluff left gains
+several times this, deleting a colour, a size, a fill or a place loses fluency (lab/results/distill.md)."""
 MAX_BUDGET_SPAN = 3
 """Step 3 deletes up to this many pieces at once, so a phrase ("on the left") can go in one step."""
 
@@ -97,7 +89,7 @@ def unit_embeddings(clip: ClipModel, texts: Sequence[str]) -> Tensor:
 
 def mean_surprisals(llm: LanguageModel, texts: Sequence[str]) -> list[float]:
     """The LLM's mean negative log-likelihood per token of each text, as its answer to a neutral request for an
-    image prompt (the context of `vgd.text_perplexities`)."""
+    image prompt."""
     context = llm.chat_prompt(load_prompt("vgd_system"), load_prompt("vgd_perplexity"))
     tokens = [llm.tokenize(text) for text in texts]
     return [-total / max(1, len(t)) for total, t in zip(llm.log_likelihoods(context, tokens), tokens, strict=True)]

@@ -1,8 +1,5 @@
-"""The CLIP scores reported with results: how close an output is to its references, a text or a target.
-
-Every score is a cosine similarity in the CLIP embedding space (`ClipModel.similarity`), higher is closer. They
-rank and explain results for the assistant (the closest variation, how strongly each image shows in a fused
-prompt); they are not part of any paper's objective.
+"""The CLIP scores reported with results: cosine similarities in CLIP space (`ClipModel.similarity`) of an output
+to its references, a text or a target. They rank and explain results; they are no paper's objective.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from pictoprompt.methods.generation import Judge
 from pictoprompt.models.clip import ClipModel
 
 Embeddings = Tensor
@@ -51,6 +49,24 @@ def score_images(
         embeds = clip.encode_image(images)
         to_text = clip.similarity(embeds, clip.encode_text([text]))[:, 0].tolist() if text is not None else None
         return ImageScores(weighted_similarity(clip, embeds, references.to(embeds.device), weights), to_text)
+
+
+def closeness_judge(clip: ClipModel, pictures: Sequence[Image.Image], description: str | None) -> Judge:
+    """A judge of candidate pictures (`generation.generate_best`): each one's mean CLIP similarity to `pictures`, plus
+    its similarity to `description` when there is one."""
+    with torch.no_grad():
+        references = clip.encode_image(pictures)
+        words = clip.encode_text([description]) if description else None
+
+    def judge(images: list[Image.Image]) -> list[float]:
+        with torch.no_grad():
+            embeds = clip.encode_image(images)
+        closeness = torch.tensor(weighted_similarity(clip, embeds, references))
+        if words is not None:
+            closeness += torch.tensor(weighted_similarity(clip, embeds, words))
+        return closeness.tolist()
+
+    return judge
 
 
 def prompt_similarities(clip: ClipModel, texts: Sequence[str], targets: Embeddings) -> list[list[float]]:

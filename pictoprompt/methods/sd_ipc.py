@@ -16,6 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
@@ -23,7 +24,10 @@ from PIL import Image
 from torch import Tensor
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.models.clip import ClipModel
+from pictoprompt.models.clip import ClipModel, border_colour
+
+OBJECT_CONTRAST = 48
+"""A pixel belongs to the object when one of its channels differs from the border's colour by more than this."""
 
 SINGULAR_VALUE_ATOL = 0.3
 """Paper footnote 6: singular values of `W_t` below 0.3 are treated as 0 when forming the pseudo-inverse."""
@@ -258,6 +262,28 @@ def prompted_states(
     combined = states.float().expand(f_cnvrt.shape[0], -1, -1).clone()
     combined[:, end:] = (1 - converted_weight) * combined[:, end:] + converted_weight * f_cnvrt.unsqueeze(1)
     return combined
+
+
+def centred_on_object(image: Image.Image, span: float) -> Image.Image:
+    """Ours, not the paper's: the picture on a square canvas in its border's colour, centred on what differs from the
+    border (its objects) and scaled so that their extent is `span` of the canvas's side; unchanged if nothing differs.
+
+    The bundled CLIP learnt objects of two sizes on a grid of places; a picture drawn with another size, anywhere, is
+    read better centred at the size it knows (on tuning pictures drawn with PIL, shape named right 87 % -> 93 %,
+    lab/results/variations.md). The place and the size are lost, which a variation varies anyway.
+    """
+    rgb = image.convert("RGB")
+    border = border_colour(rgb)
+    difference = np.abs(np.asarray(rgb, dtype=np.float32) - np.asarray(border, dtype=np.float32)).max(axis=-1)
+    rows, columns = np.nonzero(difference > OBJECT_CONTRAST)
+    if len(rows) == 0:
+        return rgb
+    left, right, top, bottom = columns.min(), columns.max() + 1, rows.min(), rows.max() + 1
+    extent = int(max(right - left, bottom - top))
+    side = max(round(extent / span), extent)
+    canvas = Image.new("RGB", (side, side), border)
+    canvas.paste(rgb, (round(side / 2 - (left + right) / 2), round(side / 2 - (top + bottom) / 2)))
+    return canvas
 
 
 def edit_states(

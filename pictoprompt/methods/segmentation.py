@@ -1,52 +1,24 @@
 """Segmentation from the generator's own cross-attention (EDITOR paper 003_ccad9491c5e4f205, appendix B,
-"Unsupervised Segmentation", after DiffuMask and Attend-and-Excite).
+"Unsupervised Segmentation", after DiffuMask and Attend-and-Excite), and a binding of ours.
 
 A word of the prompt is drawn where the U-Net's pixels attend to it, so its cross-attention map is a soft mask:
 
-1. *Look at the picture through the generator* (`record_attention`): the picture, stretched to the generator's
-   native square, is encoded to latents, noised to `timestep` and denoised for `num_steps` DDIM steps conditioned
-   on the prompt. Several noise draws go through as one batch: a single draw leaves its grain in the maps.
-2. *Record*: every attention layer runs `RecordingAttnProcessor`, diffusers' `AttnProcessor` that also keeps the
-   probabilities `attn.get_attention_scores` gives, at the `num_resolutions` finest maps carrying cross-attention:
-   per head for cross-attention (queries: latent pixels; keys: the 77 prompt tokens), averaged over heads for
-   self-attention.
-3. *Aggregate per word* (`word_maps`): a word may be several BPE tokens; its map in one head is the sum of its
-   tokens' probabilities, averaged over steps and noise draws. Each head's map is spread along the self-attention
-   of its resolution (`refinement_steps` products: pixels that attend to each other belong to one thing), then
-   standardised and oriented (`_orient`: a small U-Net's heads may mark a word's thing by attending to it *less*).
-   Heads and layers are averaged per resolution, each resolution is upsampled (bilinear) to the picture, and the
-   resolutions are averaged.
-4. *Region* (`word_mask`): Otsu's threshold on the word's map, min-max normalised, gives the word's region.
-5. *Bind* (`word_attributions`, `word_mask`): a small U-Net's cross-attention does not tell a word's thing from the
-   other things in the picture (on `shapes`, a shape word's map is as strong on the other object as on its own,
-   and no head or layer tells them apart reliably: lab/RESULTS.md, "Segmentation"), so a region often holds
-   every object. What does tell them apart is what the generator does with the word: the picture's latents are
-   noised at `binding_timesteps` (fractions of the schedule) with `binding_noise` draws, and the U-Net predicts
-   the noise under the prompt and under the prompt without each word, the same draws for every text. Where the
-   word is taken out, the prediction gets worse on the word's own thing (more than on the other object for 48 of
-   the 50 shape words of 25 two-object tuning scenes). That increase, spread along the finest self-attention
-   (`binding_spread` times) so that it fills its thing, cuts the region: the mask keeps the pixels above Otsu's
-   threshold of the increase within the region, and above zero, and the holes that leaves are filled. It is the
-   generator's own denoising (as DiffEdit reads masks from it), not a new model. When the increase is not positive
-   on average over the region, taking the word out helps the generator redraw it: the generator's idea of the word
-   fights the picture (on `shapes`, a thing drawn off its grid), and the region is kept whole. When the increase is
-   positive in the region and larger outside it, the word names the surroundings (the colour of "on a white
-   background"), and its region is the complement: on `shapes`, a background colour word then covers 0.67 of
-   the background (IoU, 16 one-object tuning scenes) where it covered 0.06.
+1. *Look* (`record_attention`): the picture, stretched to the generator's native square, is encoded, noised to
+   `timestep` and denoised for `num_steps` DDIM steps under the prompt, `num_noise` draws in one batch (a single
+   draw leaves its grain in the maps), every attention layer recording its probabilities (`RecordingAttnProcessor`).
+2. *Aggregate per word* (`word_maps`): a word's map is the sum of its BPE tokens' probabilities, spread along the
+   self-attention of its resolution and oriented per head (`_orient`), then averaged over heads, layers, steps,
+   draws and the `num_resolutions` finest resolutions.
+3. *Region* (`word_mask`): Otsu's threshold on the word's map.
+4. *Bind* (ours; `word_attributions`, `word_mask`): a small U-Net's cross-attention does not tell a word's thing
+   from the other things in the picture, so a region often holds every object. What the generator does with the
+   word does: the U-Net predicts the noise of the picture's latents under the prompt and under the prompt without
+   each word (DiffEdit reads masks from the same denoising), and the mask keeps the part of the region where taking
+   the word out makes the prediction worse. lab/RESULTS.md, "Segmentation", has the figures behind it.
 
-Which words name nothing visible, and get no mask (`no_mask_reason`):
-- a piece without a letter (punctuation, numbers on their own): "punctuation";
-- a function word (`STOP_WORDS`: articles, prepositions, conjunctions, pronouns, auxiliaries): "stop word";
-- a word past the text encoder's context: "beyond the text encoder's context";
-- "flat attention": the word's raw attention hardly varies over the picture (standard deviation under
-  `MIN_CONTRAST` of its mean), or its map has no two classes (Otsu's separability under `MIN_SEPARABILITY`). A
-  generator that places a word nowhere spreads its attention evenly (the random-weight `tiny` set does for every
-  word). On `shapes` this test rarely fires: its attention follows the picture's regions for any token, so a word
-  the picture lacks ("dog") still gets a mask there; only the form of the word (stop word, punctuation) is a
-  reliable sign on that model.
-
-The settings are `SegmentationConfig`'s: the attention's defaults were tuned on the `shapes` world's tuning scenes
-(`lab/benchmarks/segment.py --tune`), the binding's on those and on drawn tuning pictures (`--tune-binding`).
+Which words name nothing visible, and get no mask (`no_mask_reason`): punctuation, a stop word (`STOP_WORDS`), a
+word past the text encoder's context, and "flat attention", a word whose raw attention hardly varies over the
+picture or whose map has no two classes (a generator that places a word nowhere spreads its attention evenly).
 Everything runs under `torch.no_grad`.
 """
 
@@ -67,7 +39,7 @@ from torch import Tensor
 from pictoprompt.configs import SegmentationConfig
 from pictoprompt.errors import InvalidInputError
 from pictoprompt.methods.generation import default_size, encode_text_prompt, errors_per_text, noise_target
-from pictoprompt.models.clip import preprocess_images
+from pictoprompt.methods.tuning import encode_latents
 from pictoprompt.progress import Progress
 
 STOP_WORDS = frozenset(
@@ -83,8 +55,8 @@ STOP_WORDS = frozenset(
     )
     for word in group.split()
 )
-"""Words that never name a thing in the picture. Also the openers of captions ("a picture of ..."): they name the
-whole picture, so their mask would be everything."""
+"""Words that never name a thing in the picture, and the openers of captions ("a picture of ..."), which name the
+whole picture."""
 
 MIN_SEPARABILITY = 0.7
 """Otsu's eta below which a map counts as flat (a uniform histogram scores 0.75, two clean classes 1.0)."""
@@ -94,12 +66,11 @@ MIN_CONTRAST = 0.05
 
 ATTRIBUTION_LATENT_PIXELS = 32 * 16 * 16
 """At most this many latent pixels (texts x noise draws x height x width) per U-Net call while binding words, and
-at least one text's draws: 32 samples of the `shapes` latents (16 x 16), one text's 4 draws at SD 1.5's 64 x 64."""
+at least one text's draws."""
 
 MAX_MAP_SIDE = 1024
-"""Maps and masks are made at the picture's size up to this longest side (the finest attention map of SD 1.5 at
-512 px is 64 x 64, so more pixels would only interpolate); a 40-megapixel picture would otherwise cost gigabytes
-per word."""
+"""Maps and masks are made at the picture's size up to this longest side: the finest attention map is far coarser,
+and a 40-megapixel picture would otherwise cost gigabytes per word."""
 
 
 # ------------------------------------------------------------------------------------------------ words
@@ -107,8 +78,8 @@ per word."""
 
 @dataclass(frozen=True)
 class PromptWord:
-    """One word of the prompt as the generator's tokenizer splits it: its text and its token positions in the
-    text encoder's sequence (after the start token)."""
+    """One word of the prompt as the generator's tokenizer splits it, and its token positions after the start
+    token."""
 
     text: str
     positions: tuple[int, ...]
@@ -120,11 +91,8 @@ _HAS_LETTER = re.compile(r"[^\W\d_]")
 
 
 def prompt_words(pipeline: StableDiffusionPipeline, prompt: str) -> list[PromptWord]:
-    """The prompt's words in order, each with the token positions the text encoder reads it at.
-
-    Words are the tokenizer's own pieces: CLIP's BPE marks the last token of each piece with `</w>`, so tokens are
-    grouped up to that mark ("xylophonist" -> "xy", "lo", "ph", "onist</w>" is one word; "don't" is "don" and "'t").
-    """
+    """The prompt's words in order: CLIP's BPE marks the last token of each piece with `</w>`, so tokens are grouped
+    up to that mark ("xylophonist" -> "xy", "lo", "ph", "onist</w>" is one word; "don't" is "don" and "'t")."""
     tokenizer = pipeline.tokenizer
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False).input_ids)
     context = tokenizer.model_max_length - 2  # the start and end tokens take two places
@@ -154,9 +122,8 @@ def prompt_words(pipeline: StableDiffusionPipeline, prompt: str) -> list[PromptW
 
 @dataclass
 class AttentionRecord:
-    """What the U-Net's attention layers saw at the recorded resolutions, averaged over the noise draws and (by
-    `cross_maps`, `self_maps`) over the denoising steps: per cross-attention layer its per-head probabilities
-    (heads, Q, L), and per resolution the self-attention probabilities averaged over heads and layers (Q, Q)."""
+    """The attention probabilities recorded per denoising step, averaged over the noise draws: per cross-attention
+    layer per head (heads, Q, L), per resolution over heads and layers for self-attention (Q, Q)."""
 
     cross: dict[str, list[Tensor]] = field(default_factory=dict)
     self_attention: dict[int, list[Tensor]] = field(default_factory=dict)
@@ -165,17 +132,12 @@ class AttentionRecord:
         return {name: torch.stack(calls).mean(0) for name, calls in self.cross.items()}
 
     def self_maps(self) -> dict[int, Tensor]:
-        """Rows still sum to one: a mean of attention matrices is one."""
         return {queries: torch.stack(calls).mean(0) for queries, calls in self.self_attention.items()}
 
 
 class RecordingAttnProcessor(AttnProcessor):
-    """diffusers' `AttnProcessor` that also adds the attention probabilities of its layer to `record`, when the
-    layer's query count is one of `queries`: per head for cross-attention, averaged over heads for self-attention.
-
-    The probabilities come from the layer's own projections and `attn.get_attention_scores`, on the same inputs
-    the parent then attends with, so they are the ones the layer uses; the output is the parent's.
-    """
+    """diffusers' `AttnProcessor` that also adds its layer's attention probabilities (`attn.get_attention_scores`
+    on the inputs the parent then attends with) to `record`, when the layer's query count is one of `queries`."""
 
     def __init__(self, record: AttentionRecord, name: str, queries: frozenset[int]) -> None:
         self.record = record
@@ -207,11 +169,8 @@ class RecordingAttnProcessor(AttnProcessor):
 
 
 def cross_attention_sides(pipeline: StableDiffusionPipeline, num_resolutions: int) -> list[int]:
-    """The sides of the `num_resolutions` finest attention maps carrying cross-attention, finest first.
-
-    Each down block halves the latents after it; the first cross-attention block sets the finest map (the latents'
-    own side for SD 1.x and 2.x, half of it for `shapes`).
-    """
+    """The sides of the `num_resolutions` finest attention maps carrying cross-attention, finest first (each down
+    block halves the latents after it)."""
     blocks = pipeline.unet.config.down_block_types
     first = next(i for i, block in enumerate(blocks) if "CrossAttn" in block)
     last = max(i for i, block in enumerate(blocks) if "CrossAttn" in block)
@@ -220,14 +179,9 @@ def cross_attention_sides(pipeline: StableDiffusionPipeline, num_resolutions: in
 
 
 def picture_latents(pipeline: StableDiffusionPipeline, image: Image.Image) -> Tensor:
-    """The picture, stretched to the generator's native square, as the VAE's latents (1, C, h, w): the posterior's
-    mean, scaled as the U-Net expects."""
+    """The picture, stretched to the generator's native square, as its latents (1, C, h, w)."""
     size = default_size(pipeline)
-    half = (0.5, 0.5, 0.5)  # mean = std = 0.5 maps [0, 1] to the VAE's [-1, 1]
-    pixels = preprocess_images([image.convert("RGB").resize((size, size), Image.BICUBIC)], size, half, half)
-    vae = pipeline.vae
-    with torch.no_grad():
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    return encode_latents(pipeline, [image.convert("RGB").resize((size, size), Image.BICUBIC)])
 
 
 def record_attention(
@@ -238,12 +192,8 @@ def record_attention(
     config: SegmentationConfig,
     progress: Progress,
 ) -> AttentionRecord:
-    """The U-Net's attention while it denoises the picture's `latents` (1, C, h, w) under `prompt_embeds` (1, L, D),
-    at the maps of `sides`.
-
-    The latents are noised to `timestep` with `num_noise` noise draws at once, and denoised for `num_steps` DDIM
-    steps of `timestep / num_steps` each.
-    """
+    """The U-Net's attention at the maps of `sides` while it denoises the picture's `latents` (1, C, h, w) under
+    `prompt_embeds` (1, L, D): step 1 of the module docstring."""
     unet, scheduler = pipeline.unet, pipeline.scheduler
     timestep, num_steps, num_noise = config.timestep, config.num_steps, config.num_noise
     generator = torch.Generator().manual_seed(config.seed)
@@ -296,9 +246,7 @@ def word_attributions(
 ) -> Tensor:
     """(W, h, w) at the latents' side: how much worse the generator predicts the noise on each latent pixel when
     each word is taken out of the prompt, averaged over `binding_timesteps` (fractions of the training schedule) and
-    `binding_noise` draws, the same draws for every text. Positive where the generator needs the word to redraw the
-    picture: the word's own thing, not everything the word's attention also rests on.
-    """
+    `binding_noise` draws, the same draws for every text."""
     unet, scheduler = pipeline.unet, pipeline.scheduler
     timesteps, num_noise = config.binding_timesteps, config.binding_noise
     texts = [prompt] + [without_word(pipeline, prompt, word) for word in words]
@@ -335,13 +283,11 @@ def spread_along(maps: Tensor, self_attention: Tensor, steps: int) -> Tensor:
 
 def _orient(maps: Tensor) -> Tensor:
     """Each map (N, h, w), standardised and signed so that its high side holds at most half of the picture's
-    border: the high side is meant to be the word's thing, and a thing is what its surroundings frame.
+    border: a thing is what its surroundings frame.
 
-    Why a sign at all: in a small U-Net many heads attend to a word *less* on its thing than around it (they read
-    "where the circle is not"), and which heads do flips from picture to picture with the colours, so no fixed sign
-    per head holds and plain averaging cancels them out (`shapes`: mean IoU 0.38 plain, 0.49 oriented, on the
-    tuning scenes). The price: a word for the surroundings themselves ("background", "sky") gets the thing they
-    frame rather than the frame, which the binding turns back (`word_mask`).
+    In a small U-Net many heads attend to a word *less* on its thing than around it, and which heads do flips from
+    picture to picture, so plain averaging would cancel them out. The price: a word for the surroundings themselves
+    ("background") gets the thing they frame, which the binding turns back (`word_mask`).
     """
     standard = (maps - maps.mean((1, 2), keepdim=True)) / (maps.std((1, 2), keepdim=True) + 1e-12)
     border = torch.ones_like(standard[0], dtype=torch.bool)
@@ -358,31 +304,25 @@ def word_maps(
     width: int,
     refinement_steps: int = 3,
 ) -> tuple[Tensor, Tensor]:
-    """Each word's map for thresholding (W, height, width) and its raw attention (W, height, width).
+    """Each word's map for thresholding (W, height, width), step 2 of the module docstring, and its raw attention
+    (the plain mean of its probabilities, upsampled alike) for the flatness test and the mean attention.
 
-    Per cross-attention layer and head, the word's tokens' probabilities are summed, spread `refinement_steps`
-    times along the self-attention of that resolution (pixels that attend to each other belong together, so a
-    blob grows to its object's edges), and oriented (`_orient`). Heads and layers are averaged per resolution,
-    each resolution is upsampled (bilinear) to the picture, and resolutions are averaged. The raw attention is the
-    plain mean of the probabilities, upsampled alike, for the flatness test and the mean attention.
+    Spreading along the self-attention grows a blob to its object's edges: pixels that attend to each other belong
+    together.
     """
     selves = record.self_maps()
     positions = [list(word.positions) for word in words]
-    spread: dict[int, list[Tensor]] = {}
+    oriented: dict[int, list[Tensor]] = {}
     raw: dict[int, list[Tensor]] = {}
     for probabilities in record.cross_maps().values():
         queries = probabilities.shape[1]
+        side = round(queries**0.5)  # the picture was stretched square, so every map is too
         per_word = torch.stack([probabilities[:, :, p].sum(-1) for p in positions], 1)  # (heads, W, Q)
         raw.setdefault(queries, []).append(per_word.mean(0))
         for _ in range(refinement_steps):
             per_word = per_word @ selves[queries].T
-        spread.setdefault(queries, []).append(per_word)
-    oriented: dict[int, list[Tensor]] = {}
-    for queries, layers in spread.items():
-        side = round(queries**0.5)  # the picture was stretched square, so every map is too
-        for heads in layers:
-            maps = _orient(heads.reshape(-1, side, side)).reshape(*heads.shape[:2], queries)
-            oriented.setdefault(queries, []).append(maps.mean(0))
+        maps = _orient(per_word.reshape(-1, side, side)).reshape(*per_word.shape[:2], queries)
+        oriented.setdefault(queries, []).append(maps.mean(0))
 
     def upsampled(per_resolution: dict[int, list[Tensor]]) -> Tensor:
         grids = []
@@ -445,13 +385,9 @@ def word_mask(
     """(mask, None), or (None, "flat attention") when the word's raw attention is nearly the same everywhere or its
     map has no two clear classes.
 
-    The word's region is Otsu's threshold on its map. With its `attribution` (`word_attributions`, spread along the
-    self-attention), the mask is the part of the region the word is bound to: where the attribution is above Otsu's
-    threshold of its values within the region, and above zero, with the holes that leaves filled. A word needed
-    in its region but more outside it names the surroundings, and takes the region's complement. A word adds
-    most where the rest of the prompt says least: "circle" beside "red" is needed at the circle's edge, the colour
-    already explains its inside, and the circle is the whole disc. When the attribution is not positive on average
-    over the region, it is not trusted and the whole region is the mask.
+    The region is Otsu's threshold on the map. With the word's `attribution`, the mask is the part of the region
+    where the attribution is above Otsu's threshold within the region and above zero, holes filled: a word adds
+    most where the rest of the prompt says least ("circle" beside "red" is needed at the circle's edge).
     """
     level = float(attention.mean())
     if level <= 0 or float(attention.std()) / level < MIN_CONTRAST:
@@ -463,22 +399,20 @@ def word_mask(
     if attribution is None:
         return region, None
     if 0.0 < float(attribution[region].mean()) < float(attribution[~region].mean()):
-        # The word is needed in its region, and more around it: it names the surroundings ("white" of "on a white
-        # background"), which `_orient` turned into the thing they frame. (A word the generator needs nowhere in
-        # its region fights the picture instead, below.)
+        # Needed in its region, and more around it: the word names the surroundings ("white" of "on a white
+        # background"), which `_orient` turned into the thing they frame.
         region = ~region
     inside = attribution[region]
     if float(inside.mean()) <= 0:
-        # Taking the word out makes the generator redraw its region better: the generator's idea of the word
-        # fights the picture (on `shapes`, a thing drawn off its grid), so it says nothing about where the word is.
+        # Taking the word out makes the generator redraw its region better: its idea of the word fights the
+        # picture, so the attribution says nothing about where the word is.
         return region, None
     cut = otsu(inside)[0] if float(np.ptp(inside)) > 0 else 0.0
     return region & filled(region & (attribution > max(cut, 0.0))), None
 
 
 def filled(mask: np.ndarray) -> np.ndarray:
-    """`mask` with its holes filled: every pixel it encloses (the pixels outside it that no 4-connected path of
-    pixels outside it joins to the border)."""
+    """`mask` with its holes filled: the pixels outside it that no 4-connected path outside it joins to the border."""
     outside = ~mask
     reached = np.zeros_like(mask)
     for edge in ((0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1)):
@@ -503,15 +437,9 @@ def segment(
     words: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> list[WordSegment]:
-    """Masks of the prompt's words on `image`, in the prompt's order, at `map_size(image)` (the picture's own size
-    up to `MAX_MAP_SIDE`).
-
-    `words` restricts the result to these words of the prompt (as the tokenizer splits it, lower case); by default
-    every word is returned, with its mask or the reason it has none. Each word's region comes from the attention
-    (`timestep`, `num_steps`, `num_noise`, `num_resolutions`, `refinement_steps`), and its mask is the part of the
-    region it is bound to (`binding_timesteps` as fractions of the schedule, `binding_noise` draws each, the
-    attribution spread `binding_spread` times along the finest self-attention); an empty `binding_timesteps` keeps
-    the whole region.
+    """Masks of the prompt's words on `image`, in the prompt's order, at `map_size(image)`: every word with its mask
+    or the reason it has none, or only `words` (as the tokenizer splits them, lower case). An empty
+    `binding_timesteps` keeps each word's whole region.
     """
     if not prompt.strip():
         raise InvalidInputError("The prompt is empty; give the words to find in the picture, or omit the prompt.")

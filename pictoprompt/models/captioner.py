@@ -1,7 +1,5 @@
-"""The captioner: a BLIP image-captioning model (EDITOR's start prompt, paper 003 section 3.3).
-
-Loaded through transformers' `BlipForConditionalGeneration` and `BlipProcessor` from a directory or hub id, as
-the real profiles name `Salesforce/blip-image-captioning-large`, the captioner the paper chose.
+"""The captioner: a BLIP image-captioning model (EDITOR's start prompt, paper 003 section 3.3; the real profiles
+name `Salesforce/blip-image-captioning-large`, the paper's choice), loaded through transformers.
 """
 
 from __future__ import annotations

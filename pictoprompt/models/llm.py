@@ -1,13 +1,9 @@
 """Language models for visually guided decoding: one small beam interface, which each backend implements.
 
-Beam search needs four things of an LLM: a chat-formatted prompt as token ids, the next-token log-probabilities
-of every live beam, a way to extend and fork beams, and detokenisation. `LanguageModel.start` opens a `Beams`
-session on a prompt; `Beams.extend(parents, tokens)` makes beam j the old beam `parents[j]` followed by
-`tokens[j]`, which both extends and forks.
-
-With `use_cache=True` (the default) each beam keeps its key/value cache, so a step costs one new token per beam.
-`use_cache=False` re-runs every beam from the first prompt token each step, as the VGD authors' code does; it is
-there to check the cache against and to measure what the cache saves.
+`LanguageModel.start` opens a `Beams` session on a chat-formatted prompt; `Beams.extend(parents, tokens)` makes
+beam j the old beam `parents[j]` followed by `tokens[j]`, which both extends and forks. Each beam keeps its
+key/value cache, so a step costs one new token per beam (the VGD authors' code re-runs every beam from the first
+prompt token; `lab.recomputed` does, to check the cache against).
 
 The backends: llama-cpp-python on a GGUF file (`llm_llama_cpp`) and transformers on any causal LM
 (`llm_transformers`); which one a profile gets, and where its weights come from, is `llm_loading`'s.
@@ -100,9 +96,7 @@ class LanguageModel(ABC):
     def detokenize(self, token_ids: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def start(
-        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
-    ) -> Beams:
+    def start(self, prompt_ids: Sequence[int], max_beams: int = 16, max_new_tokens: int = 128) -> Beams:
         """Run the prompt and open a beam session on it, for at most `max_beams` beams of `max_new_tokens`."""
 
     def chat_prompt(self, system: str, user: str, answer_prefix: str = "") -> list[int]:

@@ -1,6 +1,5 @@
-"""The llama.cpp backend: a GGUF model through llama-cpp-python's low-level API, each beam a sequence of one context.
-
-A beam is forked by copying its parent's cache (`llama_memory_seq_cp`: a memory copy, nothing recomputed).
+"""The llama.cpp backend: a GGUF model through llama-cpp-python's low-level API, each beam a sequence of one context,
+forked by copying its parent's cache (`llama_memory_seq_cp`: a memory copy, nothing recomputed).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from pictoprompt.models.llm import Beams, LanguageModel, Message, plain_chat, wo
 
 
 class LlamaCppModel(LanguageModel):
-    """A GGUF model through llama-cpp-python's low-level API: each beam is a sequence of one context."""
-
     n_batch = 512
     n_ubatch = 64
     """Tokens per forward pass. llama.cpp's CPU kernels give a token the same logits in any pass of up to 64
@@ -98,10 +95,8 @@ class LlamaCppModel(LanguageModel):
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return b"".join(self._pieces[t] for t in token_ids).decode("utf-8", "ignore")
 
-    def start(
-        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
-    ) -> Beams:
-        return _LlamaCppBeams(self, prompt_ids, use_cache, max_beams, max_new_tokens)
+    def start(self, prompt_ids: Sequence[int], max_beams: int = 16, max_new_tokens: int = 128) -> Beams:
+        return _LlamaCppBeams(self, prompt_ids, max_beams, max_new_tokens)
 
     def log_likelihoods(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         prompt = list(prompt_ids)
@@ -185,14 +180,11 @@ class LlamaCppModel(LanguageModel):
 
 
 class _LlamaCppBeams(Beams):
-    def __init__(
-        self, model: LlamaCppModel, prompt_ids: Sequence[int], use_cache: bool, max_beams: int, max_new_tokens: int
-    ) -> None:
+    def __init__(self, model: LlamaCppModel, prompt_ids: Sequence[int], max_beams: int, max_new_tokens: int) -> None:
         prompt = list(prompt_ids)
         self._model = model
-        self._use_cache = use_cache
         # Children take ids their parents do not hold, so two sets of ids alternate: 2 x max_beams sequences.
-        self._session = model._new_session(2 * max_beams if use_cache else 1, len(prompt) + max_new_tokens + 1)
+        self._session = model._new_session(2 * max_beams, len(prompt) + max_new_tokens + 1)
         self._memory = model._lib.llama_get_memory(model._ctx)
         logits = model._decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
         self._sequences = [0]
@@ -202,15 +194,6 @@ class _LlamaCppBeams(Beams):
         model, lib = self._model, self._model._lib
         if model._session != self._session:
             raise RuntimeError("this beam session was ended by a later `start` on the same model")
-        if not self._use_cache:
-            rows = []
-            for parent, token in zip(parents, tokens, strict=True):
-                # One sequence per call: llama.cpp's sums depend on the batch layout, and a beam run alone
-                # reproduces the cached beam's logits bit for bit.
-                lib.llama_memory_clear(self._memory, True)
-                sequence = [*self.prompt_ids, *self.tokens[parent], token]
-                rows.append(model._decode([(t, i, 0, i == len(sequence) - 1) for i, t in enumerate(sequence)]))
-            return torch.cat(rows)
         held = set(self._sequences)
         free = [s for s in range(model._n_seq_max) if s not in held][: len(parents)]
         if len(free) < len(parents):

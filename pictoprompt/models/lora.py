@@ -1,9 +1,8 @@
-"""LoRA adapters for Llama-architecture LLMs, kept in llama.cpp's GGUF adapter format.
+"""LoRA adapters for Llama-architecture LLMs, in llama.cpp's GGUF adapter format.
 
 One file serves both LLM backends: llama.cpp applies it natively (`llama_adapter_lora_init`), and the transformers
-backend merges it into the linear weights (`merge_gguf_adapter`). Training (`LoraAdapter`) adds the low-rank update
-`scale * B @ A` to a frozen model's linear layers through forward hooks, so the adapter's state dict holds the
-LoRA matrices alone.
+backend merges it into the linear weights (`merge_gguf_adapter`). The bundled adapter's training is the lab's
+(`lab.shapes.lora`).
 
 The GGUF layout follows llama.cpp's own `convert_lora_to_gguf.py`: `general.type = "adapter"`, `adapter.type =
 "lora"`, `adapter.lora.alpha`, and per adapted weight two tensors, `<gguf weight name>.lora_a` (r, in) and
@@ -14,7 +13,7 @@ rows of B follow the same permutation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ GGUF_NAMES = {
 }
 
 
-def _linear_layers(model: nn.Module, targets: Sequence[str]) -> Iterator[tuple[int, str, nn.Linear]]:
+def linear_layers(model: nn.Module, targets: Sequence[str]) -> Iterator[tuple[int, str, nn.Linear]]:
     """(block index, projection name, layer) of every targeted linear layer of a transformers Llama model."""
     for index, block in enumerate(model.model.layers):  # type: ignore[union-attr]
         for name in targets:
@@ -45,82 +44,10 @@ def _linear_layers(model: nn.Module, targets: Sequence[str]) -> Iterator[tuple[i
             yield index, name, getattr(parent, name)
 
 
-def _rope_permutation(rows: int, heads: int) -> torch.Tensor:
+def rope_permutation(rows: int, heads: int) -> torch.Tensor:
     """The row order llama.cpp stores a query/key projection in: within each head, the two rotary halves
     interleaved (`LlamaModel.permute` of `convert_hf_to_gguf.py`). `weight[perm]` is the GGUF layout."""
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
-
-
-class LoraAdapter(nn.Module):
-    """Trainable low-rank updates `W x + (alpha / rank) * B A x` on a frozen model's linear layers.
-
-    B starts at zero, so a new adapter leaves the model unchanged. `attach` hooks it into the model; the hooks stay
-    until `detach`.
-    """
-
-    def __init__(
-        self, model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = TARGET_MODULES
-    ) -> None:
-        super().__init__()
-        self.rank, self.alpha, self.targets = rank, alpha, tuple(targets)
-        self.lora_a = nn.ParameterDict()
-        self.lora_b = nn.ParameterDict()
-        generator = torch.Generator().manual_seed(0)
-        for index, name, layer in _linear_layers(model, self.targets):
-            key = f"{index}_{name}"
-            a = torch.empty(rank, layer.in_features)
-            # Kaiming-uniform A as in the LoRA paper's reference code; B = 0.
-            bound = 1 / layer.in_features**0.5
-            self.lora_a[key] = nn.Parameter(a.uniform_(-bound, bound, generator=generator))
-            self.lora_b[key] = nn.Parameter(torch.zeros(layer.out_features, rank))
-        self._model = [model]  # not a submodule: its weights are not the adapter's
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def _hook(self, key: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]:
-        def add_update(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            a, b = self.lora_a[key], self.lora_b[key]
-            return output + self.scale * (inputs[0].to(a.dtype) @ a.T @ b.T).to(output.dtype)
-
-        return add_update
-
-    def attach(self) -> LoraAdapter:
-        for index, name, layer in _linear_layers(self._model[0], self.targets):
-            self._hooks.append(layer.register_forward_hook(self._hook(f"{index}_{name}")))
-        return self
-
-    def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-
-    def save_gguf(self, path: Path, heads: int, kv_heads: int) -> None:
-        """Write the adapter in llama.cpp's GGUF adapter format (float16 tensors), atomically."""
-        import gguf
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        writer = gguf.GGUFWriter(str(partial), arch="llama")
-        writer.add_string("general.type", "adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(self.alpha))
-        for key in self.lora_a:
-            index, name = key.split("_", 1)
-            a = self.lora_a[key].detach().float()
-            b = self.lora_b[key].detach().float()
-            if name in ("q_proj", "k_proj"):
-                b = b[_rope_permutation(b.shape[0], heads if name == "q_proj" else kv_heads)]
-            base = f"blk.{index}.{GGUF_NAMES[name]}.weight"
-            writer.add_tensor(f"{base}.lora_a", a.numpy().astype(np.float16))
-            writer.add_tensor(f"{base}.lora_b", b.numpy().astype(np.float16))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        partial.replace(path)
 
 
 def read_gguf_adapter(path: Path) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -156,7 +83,7 @@ def merge_gguf_adapter(model: nn.Module, path: Path) -> int:
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     merged = 0
     with torch.no_grad():
-        for index, name, layer in _linear_layers(model, TARGET_MODULES):
+        for index, name, layer in linear_layers(model, TARGET_MODULES):
             pair = pairs.get(f"blk.{index}.{GGUF_NAMES[name]}.weight")
             if pair is None:
                 continue
@@ -167,7 +94,7 @@ def merge_gguf_adapter(model: nn.Module, path: Path) -> int:
                     f"{tuple(b.shape[:1]) + tuple(a.shape[1:])}, model {tuple(layer.weight.shape)})."
                 )
             if name in heads:
-                b = b[torch.argsort(_rope_permutation(b.shape[0], heads[name]))]
+                b = b[torch.argsort(rope_permutation(b.shape[0], heads[name]))]
             layer.weight += ((alpha / a.shape[0]) * b @ a).to(layer.weight.dtype)
             merged += 1
     if merged != len(pairs):

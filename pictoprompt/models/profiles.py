@@ -1,23 +1,11 @@
-"""Profiles: which weights make up a model set.
+"""Profiles: which weights make up a model set, and each method's settings on it.
 
-A profile names a generator (a diffusers Stable Diffusion 1.x/2.x directory or hub id), a CLIP (transformers
-directory/id, or an open_clip name + checkpoint), an LLM (a GGUF file, a GGUF file in a Hugging Face hub
-repo, or a transformers causal LM), a captioner, a device and a dtype. Built-in profiles cover the bundled
-`shapes` set, the seeded `tiny` set (built on first use into a temporary directory) and the real SD 1.5 and
-SD 2.1 sets; more can be defined in a TOML file:
-
-    [profiles.my-sd15]
-    generator = "/models/stable-diffusion-v1-5"
-    clip = { library = "transformers", source = "/models/clip-vit-large-patch14" }
-    llm = { backend = "llama_cpp", source = "/models/llama-3.2-3b-instruct-q4_k_m.gguf" }
-
-    [profiles.my-sd15-hub-llm]
-    generator = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    clip = { source = "openai/clip-vit-large-patch14" }
-    llm = { source = "bartowski/Llama-3.2-3B-Instruct-GGUF", filename = "*Q4_K_M.gguf", fallback = false }
-
-A hub LLM is downloaded into the Hugging Face cache on first use (never with HF_HUB_OFFLINE set); until it is
-there, `fallback = true` (the default) lets the bundled SmolLM2-135M-Instruct stand in, and results say so.
+A profile names a generator (a diffusers Stable Diffusion 1.x/2.x directory or hub id), a CLIP (transformers, or an
+open_clip name + checkpoint), an LLM (a GGUF file, a GGUF file in a Hugging Face hub repo, or a transformers causal
+LM), a captioner, a device and a dtype. Built-in profiles cover the bundled `shapes` set, the seeded `tiny` set and
+the real SD 1.5 and SD 2.1 sets; more can be defined in a TOML file of `[profiles.NAME]` tables (README,
+"Profiles and real weights"). A hub LLM is downloaded into the Hugging Face cache on first use (never with
+HF_HUB_OFFLINE set); until then, `fallback = true` lets the bundled SmolLM2-135M-Instruct stand in, and results say so.
 """
 
 from __future__ import annotations
@@ -82,8 +70,8 @@ class ClipSpec(BaseModel):
 
 
 class DomainCheck(BaseModel):
-    """When a picture is outside a narrow model set's world (`methods.domain`): the tools that read pictures then
-    add a `domain_note`. Calibrated per set (`lab/benchmarks/domain_note.py`); real profiles have none."""
+    """When a picture is outside a narrow model set's world (`methods.domain`), calibrated per set; real profiles
+    have none."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -187,18 +175,11 @@ def load_profiles_file(path: Path) -> dict[str, Profile]:
     return profiles
 
 
-# The LLM of the real profiles. VGD's LLM proposes every word CLIP chooses among, so it must do what VGD's
-# instruction asks (write one image prompt) instead of writing about the task, which SmolLM2-135M does.
-# Llama-3.2-3B-Instruct, as bartowski's llama.cpp quantisation:
-# - instruction following: Meta's model card gives it 77.4 on IFEval, the benchmark of exactly this skill;
-# - licence: the Llama 3.2 Community Licence allows use, commercial too (below 700M monthly users, with its
-#   acceptable-use policy); Qwen2.5-3B-Instruct, the other strong ~3B model, is under the Qwen Research licence
-#   (non-commercial), unlike its 1.5B and 7B siblings;
-# - gating: Meta's own repo is gated, bartowski's GGUF repo is not, so it downloads with no account or token;
-# - size: 3.2B parameters, 2.0 GB at Q4_K_M (its usual quality/size balance), about 2.5 GB of RAM on the CPU;
-# - chat template: the GGUF carries Llama 3's template with a system role, which VGD's prompts use, and llama.cpp
-#   renders it as is.
-# Phi-3.5-mini-instruct (3.8B, MIT) is the pick where a permissive licence matters most; set it in a TOML profile.
+# The LLM of the real profiles. VGD's LLM proposes every word CLIP chooses among, so it must write the one image
+# prompt VGD's instruction asks for, which SmolLM2-135M does not. Llama-3.2-3B-Instruct, as bartowski's llama.cpp
+# quantisation: strong instruction following for ~3B (IFEval), a licence that allows commercial use (unlike
+# Qwen2.5-3B's), not gated, 2.0 GB at Q4_K_M, and a chat template with a system role. Phi-3.5-mini-instruct (MIT)
+# is the pick where a permissive licence matters most; set it in a TOML profile.
 INSTRUCT_LLM = LlmSpec(source="bartowski/Llama-3.2-3B-Instruct-GGUF", filename="*Q4_K_M.gguf")
 
 BUILTIN_PROFILES: dict[str, Profile] = {

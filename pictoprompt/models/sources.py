@@ -1,6 +1,5 @@
-"""Where weights come from: the bundled and tiny sets behind `builtin:` sources, and whether the hub is off.
-
-Below both the runtime and the LLM loader, so that neither has to import the other to resolve a source.
+"""Where weights come from: the bundled and tiny sets behind `builtin:` sources, and whether the hub is off (below
+both the runtime and the LLM loader, so that neither imports the other to resolve a source).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The `tiny` model set: seeded random-init components in the standard diffusers/transformers layout.
-
-Written to a directory and then loaded with the real `from_pretrained` code path, so tests exercise exactly
-what loads real weights. The pictures are noise; shapes, dtypes and plumbing are real. The generator's text
-encoder is the CLIP's own text tower, as in SD 1.x.
+"""The `tiny` model set: seeded random-init components in the standard diffusers/transformers layout, written to a
+directory and loaded through the real `from_pretrained` path. The pictures are noise; shapes, dtypes and plumbing
+are real. The generator's text encoder is the CLIP's own text tower, as in SD 1.x.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import asyncio
 import importlib.util
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,7 +34,7 @@ from pictoprompt.server.images import ImagePolicy, ImageResolver, PreResolvedIma
 from pictoprompt.server.jobs import JobRunner, JobService, JobView, LocalJobs, ModelsStatus, worker_status
 from pictoprompt.server.prompts import add_workflow_prompts
 from pictoprompt.server.results import InlineMode, JobInfo, job_info, job_result
-from pictoprompt.server.tasks import TaskMiddleware, TasksExtension, TaskStore, asked_task
+from pictoprompt.server.tasks import ASKED, TaskMiddleware, TasksExtension, TaskStore
 from pictoprompt.server.wire import PictopromptServer, WireTool, text_result
 from pictoprompt.settings import Settings
 from pictoprompt.tools import TOOLS
@@ -103,10 +103,8 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
             context = ToolContext(
                 state.runtime, RecordingSink(state.assets), PreResolvedImages({}), concepts=state.concepts
             )
-            try:
+            with refusals_as(ToolError):
                 return text_result(await anyio.to_thread.run_sync(spec.run, request, context))
-            except PictopromptError as error:
-                raise ToolError(str(error)) from error
 
         return WireTool(
             spec.name,
@@ -133,13 +131,11 @@ def wire_tool(spec: ToolSpec, state_of: StateOf) -> WireTool:
         async def resolve_images() -> PreResolvedImages:
             return await state.resolver.resolve_all(request.image_refs())
 
-        try:
+        with refusals_as(ToolError):
             job_id = await state.jobs.submit(spec, request, resolve_images)
-            if (task := asked_task()) is not None:  # the client polls a task instead of waiting here
+            if (task := ASKED.get()) is not None:  # the client polls a task instead of waiting here
                 return state.tasks.start(task, job_id, spec.name, request.inline)
             job = await _wait_for_job(state, job_id, request.wait_seconds, ctx)
-        except PictopromptError as error:
-            raise ToolError(str(error)) from error
         return job_result(job, state.assets, request.inline)
 
     output = create_model(
@@ -323,10 +319,8 @@ def create_server(
         mime_type="image/png",
     )
     def read_asset(asset_id: str) -> bytes:
-        try:
+        with refusals_as(ResourceError):
             return assets.read_bytes(asset_id)
-        except PictopromptError as error:
-            raise resource_error(error) from error
 
     @server.resource(
         "pictoprompt://concepts/{name}",
@@ -336,11 +330,9 @@ def create_server(
         mime_type="application/json",
     )
     def read_concept(name: str) -> str:
-        try:
+        with refusals_as(ResourceError):
             card = concepts.get(name)
             return card.model_dump_json(indent=2, exclude={"mean_image_embedding", "mean_converted_embedding"})
-        except PictopromptError as error:
-            raise resource_error(error) from error
 
     @server.resource(
         "pictoprompt://profiles/{name}",
@@ -350,10 +342,8 @@ def create_server(
         mime_type="application/json",
     )
     def read_profile(name: str) -> str:
-        try:
+        with refusals_as(ResourceError):
             return get_profile(name, settings.profiles_file).model_dump_json(indent=1)
-        except PictopromptError as error:
-            raise resource_error(error) from error
 
     return server
 
@@ -379,9 +369,16 @@ async def ray_jobs(settings: Settings) -> JobService:
     return await connect(settings)
 
 
-def resource_error(error: PictopromptError) -> ResourceError:
-    """A missing asset or concept is the client's `-32602` (not found); any other refusal is a `-32603`."""
-    return ResourceNotFoundError(str(error)) if isinstance(error, NotFoundError) else ResourceError(str(error))
+@contextmanager
+def refusals_as(kind: type[ToolError] | type[ResourceError]) -> Iterator[None]:
+    """A `PictopromptError` raised inside, as the SDK's error of that kind with the same message. A missing asset
+    or concept read as a resource is the client's `-32602` (not found); any other refusal is a `-32603`."""
+    try:
+        yield
+    except PictopromptError as error:
+        if kind is ResourceError and isinstance(error, NotFoundError):
+            kind = ResourceNotFoundError
+        raise kind(str(error)) from error
 
 
 JobId = Annotated[str, Field(min_length=1, max_length=64, description="From a slow call.")]
@@ -406,18 +403,14 @@ def job_tools(state_of: StateOf) -> list[WireTool]:
 
     async def get_job(request: GetJobRequest, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
-        try:
+        with refusals_as(ToolError):
             job = await state.jobs.wait(request.job_id, request.wait_seconds)
-        except PictopromptError as error:
-            raise ToolError(str(error)) from error
         return job_result(job, state.assets, request.inline)
 
     async def cancel_job(request: CancelJobRequest, ctx: Context) -> CallToolResult:
         state = state_of(ctx)
-        try:
+        with refusals_as(ToolError):
             job, ending = await state.jobs.cancel(request.job_id)
-        except PictopromptError as error:
-            raise ToolError(str(error)) from error
         return text_result(CancelOutcome(job=job_info(job), cancelled=ending))
 
     async def server_status(request: ServerStatusRequest, ctx: Context) -> CallToolResult:

@@ -1,15 +1,9 @@
 """The app view (MCP Apps, extension `io.modelcontextprotocol/ui`): one `ui://` page for every image result.
 
-A host that speaks MCP Apps renders the page beside the chat when an image tool answers: the pictures in a grid
-with their prompt, seed and similarity; for `segment_image`, the prompt's words as chips that lay their mask over
-the picture; buttons that vary, edit, invert or segment a picture through the host's `tools/call`, the new
-result shown in place. The page (`static/view.html`) is self-contained: the hosts' content security policy
-allows no network, so it reads pictures from the result's inline thumbnails, or through the host's
-`resources/read` on `pictoprompt://assets/<id>`.
-
-The results are the same for every client: a host without Apps ignores the tools' `_meta.ui` and shows what it
-shows today. Only the tools whose results are pictures (or prompts of pictures) name the view, with the
-smallest `_meta` the spec allows, since every assistant carries `tools/list` in its context.
+A host that speaks MCP Apps renders `static/view.html` beside the chat: the pictures with their prompt and seed,
+word masks, and buttons that call tools through the host. The page is self-contained (the hosts' content security
+policy allows no network). A host without Apps ignores the tools' `_meta.ui`; only the picture tools name the
+view, with the smallest `_meta` the spec allows, since every assistant carries `tools/list`.
 """
 
 from __future__ import annotations

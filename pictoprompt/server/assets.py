@@ -1,9 +1,6 @@
-"""The asset store: where the server keeps the images it returns.
-
-Each image is a PNG named by a random URL-safe id and carries what made it (prompt, seed, method, model
-ids, ...) in its own text chunks, so a file copied out of the store still says how to reproduce it. Writes are
-atomic (temp file in the same directory, fsync, `os.replace`): a reader or a crash never sees half a PNG.
-Entries expire after a TTL and the store keeps under a size cap, oldest first.
+"""The asset store: the images the server returns, each a PNG named by a random URL-safe id that carries what made
+it (prompt, seed, method, model ids) in its text chunks, so a file copied out still says how to reproduce it.
+Writes are atomic; entries expire after a TTL and the store keeps under a size cap, oldest first.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import time
 from contextlib import suppress
 from pathlib import Path
 from stat import S_ISDIR
-from typing import Literal
 
 from PIL import Image, PngImagePlugin
 
@@ -149,31 +145,14 @@ class AssetStore:
                     entries.append((path.stat().st_mtime, path.stem))
         return [asset_id for _, asset_id in sorted(entries, reverse=True)]
 
-    def metadata(self, asset_id: str) -> dict[str, str]:
-        """The text chunks written by `save`, read back from the file."""
-        with Image.open(io.BytesIO(self.read_bytes(asset_id)), formats=["PNG"]) as image:
-            return {key: str(value) for key, value in image.text.items()}
-
-    def thumbnail(
-        self, source: str | Image.Image, max_side: int = 512, format: Literal["JPEG", "PNG"] = "JPEG"
-    ) -> bytes:
-        """An asset (by id) or an image, shrunk to at most `max_side` px on its longer side, never upscaled.
-
-        JPEG by default because inline thumbnails must keep a whole tool result small.
-        """
-        if isinstance(source, str):
-            with Image.open(io.BytesIO(self.read_bytes(source)), formats=["PNG"]) as opened:
-                image = opened.copy()
-        else:
-            image = source.copy()
+    def thumbnail(self, asset_id: str, max_side: int = 512) -> bytes:
+        """An asset as a JPEG (inline thumbnails must keep a whole tool result small), at most `max_side` px on its
+        longer side, never upscaled."""
+        with Image.open(io.BytesIO(self.read_bytes(asset_id)), formats=["PNG"]) as opened:
+            image = opened.copy()
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        if format == "JPEG":
-            image = flatten_to_rgb(image)
         buffer = io.BytesIO()
-        if format == "JPEG":
-            image.save(buffer, format="JPEG", quality=85)
-        else:
-            image.save(buffer, format="PNG", optimize=True)
+        flatten_to_rgb(image).save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
     def expire(self) -> int:

@@ -1,10 +1,5 @@
-"""`logging/setLevel`: the server's own log records, sent to the clients that ask for them.
-
-A client that sets a level (protocol versions up to 2025-11-25; the 2026-07-28 revision removed the method and
-deprecated logging) gets the records of the `pictoprompt` loggers at that level or above as
-`notifications/message` on its connection: a job queued, finished or cancelled, a warm-up that failed, an asset
-store that was trimmed. Records below the server's own `--log-level` are never made, so never sent. Nothing is
-sent before a client asks, and nothing to a client that never asked: a client pays for the context it wants.
+"""`logging/setLevel` (up to 2025-11-25): the `pictoprompt` loggers' records at the level a client set, sent to it
+as `notifications/message`. Nothing goes to a client that never asked: a client pays for the context it wants.
 """
 
 from __future__ import annotations
@@ -44,10 +39,8 @@ def mcp_level(levelno: int) -> LoggingLevel:
 
 
 class ClientLogs(logging.Handler):
-    """A handler on the `pictoprompt` logger that forwards each record to the connections whose level it meets.
-
-    Records come from any thread (the job worker logs too); each is handed to the loop of the connection that
-    asked. A connection that ends is forgotten with it (weak keys)."""
+    """A handler on the `pictoprompt` logger that hands each record, from any thread, to the loop of each connection
+    whose level it meets; a connection that ends is forgotten with it (weak keys)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

@@ -1,11 +1,8 @@
-"""Completions (`completion/complete`): the names that the prompts' arguments and the resource templates take.
+"""Completions (`completion/complete`): the names of concepts, profiles and assets that the prompts' arguments and
+the resource templates take.
 
-- a concept's name: `pictoprompt://concepts/{name}`, and the `learn_concept` prompt's `name` (to teach one again);
-- a profile's name: `pictoprompt://profiles/{name}`;
-- an asset: `pictoprompt://assets/{asset_id}` (its id), and every prompt's `image` argument (its URI).
-
-Assets are offered on stdio only. There the store is the user's own; over HTTP an asset id is the only key to
-somebody's picture, and listing the ids would hand every client the pictures of all the others.
+Assets are offered on stdio only: over HTTP an asset id is the only key to somebody's picture, and listing the
+ids would hand every client the pictures of all the others.
 """
 
 from __future__ import annotations

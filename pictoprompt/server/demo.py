@@ -1,8 +1,5 @@
-"""`pictoprompt demo`: the server as an assistant sees it.
-
-Starts `pictoprompt serve` as a subprocess over stdio, connects as a real MCP client, lists the tools, calls
-every tool on sample inputs, prints a table of calls, timings and results, and writes the images and an
-`index.html` contact sheet to the output folder.
+"""`pictoprompt demo`: the server as an assistant sees it, through a real MCP client over stdio: every tool called
+on sample inputs, a table of calls, timings and results, and the images with an `index.html` contact sheet.
 """
 
 from __future__ import annotations
@@ -124,13 +121,9 @@ def planned_calls(inputs: list[Path], available: set[str], profile: str = "shape
         Call("delete_concept", {"name": "demo-concept"}),
     ]
     calls = [call for call in plan if call.tool in available]
-    if "concept" not in _arguments_of(available):
+    if "customize_concept" not in available:  # no concept to generate or edit with
         calls = [call for call in calls if "concept" not in call.arguments]
     return calls
-
-
-def _arguments_of(available: set[str]) -> set[str]:
-    return {"concept"} if "customize_concept" in available else set()
 
 
 def _summarise(structured: dict[str, Any] | None, text: str) -> str:

@@ -1,14 +1,5 @@
-"""What streamable HTTP needs beyond the SDK's defaults: the body limit, Host/Origin checks, a clean access log.
-
-- The request-body limit follows from the image limits: the most images one call accepts, each at the per-image
-  byte limit, base64-encoded. A request over it gets a JSON-RPC error that says the limit and the alternatives,
-  instead of a bare HTTP 413 that clients show as "Server returned an error response".
-- Without a token, the server answers only requests whose Host (and Origin, when sent) name the address it is
-  bound to or a canonical loopback name: a web page that rebinds its own domain to a loopback address
-  (DNS rebinding) is refused, whatever loopback address the server listens on.
-- Query strings stay out of uvicorn's access log, where a token sent as `?access_token=...` would be written.
-- Each HTTP request carries an event set when its client disconnects, so a tool call can stop its job when
-  nobody waits for the answer any more (the pre-2026 wire does not cancel the call by itself).
+"""What streamable HTTP needs beyond the SDK's defaults: a body limit that says why, Host/Origin checks, an access
+log without query strings (a token may ride in one), and an event set when a request's client disconnects.
 """
 
 from __future__ import annotations
@@ -87,11 +78,9 @@ def _host_names(host: str) -> list[str]:
 def http_transport_security(settings: Settings, host: str) -> TransportSecuritySettings | None:
     """Host/Origin checks for a token-less server; None (the SDK's own defaults) when a token guards it.
 
-    The SDK checks Host and Origin only when bound to 127.0.0.1, localhost or ::1. A server on another loopback
-    address (127.0.0.2, or a hostname that resolves to 127.0.1.1) would answer any Host: a page on evil.example
-    that rebinds its name to that address could drive every tool. So the allowed names are the bound address and
-    the canonical loopback names, as the SDK allows them (any port, so local tools such as the MCP Inspector on
-    their own port keep working); an attacker's domain is never one of them.
+    The SDK checks Host and Origin only when bound to 127.0.0.1, localhost or ::1; on another loopback address a
+    page that rebinds its domain to it (DNS rebinding) could drive every tool. So the allowed names are the bound
+    address and the canonical loopback names, on any port (the MCP Inspector runs on its own).
     """
     if settings.token:
         return None  # a browser never attaches the bearer token by itself, so a rebound page gets a 401 anyway
@@ -105,7 +94,9 @@ def http_transport_security(settings: Settings, host: str) -> TransportSecurityS
 
 
 class HttpGuard:
-    """ASGI middleware around the MCP app: the body-limit message and the client-gone event."""
+    """ASGI middleware around the MCP app: a body-limit refusal as a JSON-RPC error that says the limit and the
+    alternatives (clients show a bare 413 as "Server returned an error response"), and the client-gone event
+    (the pre-2026 wire does not cancel a call whose client went away)."""
 
     def __init__(self, app: ASGIApp, limit: int, images: int, image_bytes: int = ImagePolicy.max_bytes) -> None:
         self.app = app

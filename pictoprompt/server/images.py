@@ -1,10 +1,8 @@
-"""Image inputs: one reference type accepted by every tool, resolved under the input limits.
+"""Image inputs: a local path (inside the allowed roots), an http(s) URL, a data: URI or bare base64, or an earlier
+result's pictoprompt://assets/<id> URI, resolved under the input limits.
 
-A reference is a local path (inside the allowed roots), an http(s) URL, a data: URI or bare base64, or the
-pictoprompt://assets/<id> URI of an earlier result. The server resolves every reference of a request before
-the job starts (`ImageResolver.resolve_all` -> `PreResolvedImages`), so a bad input is refused at once and no
-job holds the GPU lock while waiting on the network. Every refusal raises `InvalidInputError` (or
-`NotFoundError`) with one sentence saying what was wrong and what is accepted.
+The server resolves every reference of a request before the job starts, so a bad input is refused at once and
+no job holds the GPU lock while waiting on the network.
 """
 
 from __future__ import annotations
@@ -258,13 +256,10 @@ class ImageResolver:
         """Resolve each distinct reference once, in order, stopping at the first refusal."""
         return PreResolvedImages({ref: await self.resolve(ref) for ref in dict.fromkeys(refs)})
 
-    def resolve_sync(self, ref: str) -> Image.Image:
-        """`resolve` for callers without an event loop (the CLI)."""
-        return anyio.run(self.resolve, ref)
-
     def load(self, ref: str) -> Image.Image:
-        """`ImageSource.load`, so the CLI can hand the resolver itself to a tool."""
-        return self.resolve_sync(ref)
+        """`resolve` for callers without an event loop: the CLI hands the resolver itself to a tool as its
+        `ImageSource`."""
+        return anyio.run(self.resolve, ref)
 
     async def _read(self, ref: str) -> bytes:
         if not ref:

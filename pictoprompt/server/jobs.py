@@ -1,15 +1,9 @@
 """Jobs: a bounded FIFO queue in front of the GPU lock, one worker thread, progress and cancellation.
 
-The server talks to a `JobService`: on one machine `LocalJobs`, this module's queue and worker thread running the
-tools on the process's own runtime; beyond one machine `pictoprompt.server.ray_serve.RayJobs`, where Ray Serve
-routes and queues and the replicas hold the runtimes. Both answer with `JobView`s.
-
-A model-heavy tool call becomes a job. The caller waits up to `wait_seconds` for it; if it is not done by
-then it gets the job's id and `get_job` / `cancel_job` act on it later. Finished jobs are kept for a while so
-their results can still be fetched; a finished job keeps only its result, never its inputs.
-
-A caller takes a queue slot (`reserve`) before it reads or decodes anything, so a full queue refuses a call
-while the call has cost next to nothing; the slot becomes the job at `submit`, or is given back.
+A model-heavy tool call becomes a job; the caller waits up to `wait_seconds`, then gets the job's id for
+`get_job` / `cancel_job`. The server talks to a `JobService`: `LocalJobs` here on one machine,
+`pictoprompt.server.ray_serve.RayJobs` on Ray Serve. A finished job is kept a while with its result only, never
+its inputs.
 """
 
 from __future__ import annotations
@@ -57,7 +51,6 @@ class JobView:
     result: dict[str, Any] | None = None
     """The tool's result as JSON, once the job succeeded."""
     saved: list[SavedImage] = field(default_factory=list)
-    """The images the job stored, in order."""
     replica: str | None = None
     """The Ray Serve replica that ran it; None on one machine."""
 
@@ -95,8 +88,7 @@ class JobService(Protocol):
     """Who runs the model-heavy calls, as the server's tools need it."""
 
     async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
-        """Queue `spec.run(request)` on the images `resolve_images` gives, and return the job's id. Refuses with
-        `BusyError` when the queue is full (before resolving the images where the service can tell)."""
+        """Queue `spec.run(request)` and return the job's id; `BusyError` when the queue is full."""
         ...
 
     async def wait(self, job_id: str, seconds: float, listener: ProgressListener | None = None) -> JobView:
@@ -104,20 +96,16 @@ class JobService(Protocol):
         ...
 
     def request_cancel(self, job_id: str) -> None:
-        """Ask the job to stop (between two steps) without waiting for an answer."""
+        """Ask the job to stop without waiting for an answer."""
         ...
 
     async def cancel(self, job_id: str) -> tuple[JobView, bool]:
         """Cancel the job; True if it will stop (or had not started), False if it had already ended."""
         ...
 
-    async def views(self) -> list[JobView]:
-        """Every job still remembered."""
-        ...
+    async def views(self) -> list[JobView]: ...
 
-    async def workers(self) -> list[WorkerStatus]:
-        """Who holds the models."""
-        ...
+    async def workers(self) -> list[WorkerStatus]: ...
 
     async def shutdown(self) -> None: ...
 
@@ -126,12 +114,29 @@ def forget_ended(
     jobs: dict[str, Any], ended: dict[str, float], now: float, keep_seconds: float, keep_count: int
 ) -> None:
     """Drop from `jobs` the ended ones (`ended`: id -> when it ended) older than `keep_seconds`, and the oldest
-    beyond the newest `keep_count`: what both the local runner and Ray's job board keep of finished jobs."""
+    beyond the newest `keep_count`."""
     surplus = len(ended) - keep_count
     for job_id, finished in sorted(ended.items(), key=lambda item: item[1]):
         if surplus > 0 or now - finished > keep_seconds:
             del jobs[job_id]
             surplus -= 1
+
+
+def run_job(
+    job_id: str, tool: str, lock: threading.Lock, progress: Progress, work: Callable[[], Any], where: str = ""
+) -> tuple[JobState, Any, str | None]:
+    """Run `work` under `lock` unless the job is cancelled: how the job ended, its result and its error."""
+    try:
+        with lock:
+            progress.check()
+            return "succeeded", work(), None
+    except JobCancelledError as error:
+        return "cancelled", None, str(error)
+    except PictopromptError as error:
+        return "failed", None, str(error)
+    except Exception as error:
+        logger.exception("job %s (%s) crashed%s", job_id, tool, where)
+        return "failed", None, f"Internal error in {tool}: {type(error).__name__}: {error}"
 
 
 @dataclass
@@ -203,11 +208,8 @@ class JobRunner:
         self._worker.start()
 
     def reserve(self) -> Slot:
-        """Take a place in the queue, or raise `BusyError` at once if there is none.
-
-        Calls take their place before they read any input, so a full queue refuses them before they fetch or
-        decode an image: under load, a refused call costs its request and nothing more.
-        """
+        """Take a place in the queue, or raise `BusyError` at once if there is none: a call takes it before it
+        fetches or decodes any image, so under load a refused call costs its request and nothing more."""
         with self._lock:
             self._forget_old()
             waiting = sum(1 for job in self._jobs.values() if job.state == "queued") + self._reserved
@@ -301,25 +303,11 @@ class JobRunner:
             job.started = time.monotonic()
         work = job.work
         assert work is not None  # only a queued job is taken, and only an ended job has dropped its work
-        try:
-            with self._gpu_lock:
-                job.progress.check()
-                result = work(job.progress)
-        except JobCancelledError as error:
-            self._finish(job, "cancelled", error=str(error))
-        except PictopromptError as error:
-            self._finish(job, "failed", error=str(error))
-        except Exception as error:
-            logger.exception("job %s (%s) crashed", job.id, job.tool)
-            self._finish(job, "failed", error=f"Internal error in {job.tool}: {type(error).__name__}: {error}")
-        else:
-            self._finish(job, "succeeded", result=result)
+        self._finish(job, *run_job(job.id, job.tool, self._gpu_lock, job.progress, lambda: work(job.progress)))
 
     def _finish(self, job: Job, state: JobState, result: Any = None, error: str | None = None) -> None:
         job.state, job.error, job.finished = state, error, time.monotonic()
-        # The result is all a finished job needs; its work holds the inputs (decoded images, the request's
-        # data URIs), which would otherwise stay in memory for as long as the job is kept.
-        job.work = None
+        job.work = None  # it holds the inputs (decoded images), which must not stay as long as the job is kept
         if not job.future.done():
             job.future.set_result(result)
 
@@ -329,10 +317,7 @@ class JobRunner:
 
 
 class LocalJobs:
-    """The one-machine service: `JobRunner`'s queue and worker thread, running the tools on this process's runtime.
-
-    A call takes its place in the queue before its images are fetched or decoded, so a full queue refuses it
-    while it has cost its request and nothing more."""
+    """The one-machine service: `JobRunner`'s queue and worker thread, running the tools on this process's runtime."""
 
     def __init__(self, runner: JobRunner, runtime: Runtime, assets: AssetStore, concepts: ConceptStore) -> None:
         self.runner, self.runtime, self.assets, self.concepts = runner, runtime, assets, concepts
@@ -349,7 +334,6 @@ class LocalJobs:
         def work(progress: Progress) -> BaseModel:
             return spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts))
 
-        # The job keeps the sink (what it saved) for get_job; the inputs go with the work when it ends.
         return self.runner.submit(spec.name, work, slot, keep=sink).id
 
     async def wait(self, job_id: str, seconds: float, listener: ProgressListener | None = None) -> JobView:

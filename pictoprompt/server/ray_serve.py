@@ -1,33 +1,18 @@
 """Beyond one machine: the model work on a Ray Serve deployment (`pictoprompt serve --http --ray [ADDRESS]`).
 
-- `ModelReplica`, the deployment: each replica holds one `Runtime` for the profile (one GPU on a GPU cluster, CPUs
-  otherwise) and takes up to `ray_batch_size` calls at once (`max_ongoing_requests`). The model work runs one step
-  at a time under the GPU lock, as on one machine, except the denoising of `generate_image` and `vary_image`: Ray
-  Serve's batching (`@serve.batch`) gathers the concurrent calls that share a step count and a size into one U-Net
-  batch (`methods.generation.generate_batch`: each call's pictures are those it gets alone, its progress its own, and
-  a cancelled call leaves the batch while the others go on). A call alone on its replica samples at once, without
-  waiting for a batch to fill. Serve routes each call to a replica with room, queues the rest, and refuses beyond
-  `queue_depth` waiting calls per front (backpressure), which the caller gets as the "busy" answer. Replicas scale
-  between the settings' limits.
-- `JobBoard`, a detached named actor: the record of every job (state, progress, result, the replica that runs
-  it). The replicas write to it; every front reads it, so `get_job` and `cancel_job` work from any front, and a
-  job outlives the front that started it. It only records: Ray Serve does the routing and queueing.
-- `RayJobs`, a front's `JobService`: the MCP app stays a small streamable-HTTP front that validates input, resolves
-  images, hands the work to the deployment through a Serve handle and waits on the board. A front learns that a job
-  it submitted ended, and how, from the Serve response itself (the job's ended record: no polling delay, no second
-  question to the board); it reads the board for progress, and for the jobs of other fronts.
-- The replicas and the board run at the node's priority (`NODE_PRIORITY`), not the lower one Ray gives its workers.
-- `build_app`, the application for a cluster that deploys it from a config (KubeRay's RayService,
-  `deploy/kuberay/`): the same replicas, configured from the `PICTOPROMPT_*` variables.
+- `ModelReplica`, the deployment: each replica holds one `Runtime` and takes up to `ray_batch_size` calls at once.
+  The work runs one step at a time under the GPU lock, except the denoising of `generate_image` and `vary_image`,
+  which Serve's `@serve.batch` gathers into one U-Net batch for the calls that share a step count and a size (a
+  call alone samples at once). Serve routes, queues, and refuses beyond `queue_depth` waiting calls ("busy").
+- `JobBoard`, a detached named actor, records every job (state, progress, result, replica), so that `get_job` and
+  `cancel_job` work from any front and a job outlives the front that started it. It only records.
+- `RayJobs`, a front's `JobService`: the MCP app validates input, resolves images, submits through a Serve handle,
+  learns how its own jobs ended from the Serve response, and reads the board for progress and other fronts' jobs.
+- `build_app`, the application a cluster deploys from a config (KubeRay's RayService, `deploy/kuberay/`).
 
-Cancelling sets the job's flag on the board and cancels the Serve request; the replica stops between two steps
-either way. A replica that dies mid-job fails that job with a message saying so; Serve starts a new replica and
-the next call runs.
-
-Shared state: assets and concepts are folders (`PICTOPROMPT_ASSET_DIR`, `PICTOPROMPT_DATA_DIR`) that every replica
-and front must see at the same path: on a cluster, mount one shared volume (NFS, a cloud file store) there on every
-node. The stores write atomically and read from disk on every call, so a concept one replica learns is usable by
-every other at once, without a restart.
+A replica that dies mid-job fails that job with a message saying so; Serve starts a new one. Assets and concepts
+are folders (`PICTOPROMPT_ASSET_DIR`, `PICTOPROMPT_DATA_DIR`) that every replica and front must see at the same
+path (one shared volume on a cluster); the stores write atomically and read from disk on every call.
 """
 
 from __future__ import annotations
@@ -67,6 +52,7 @@ from pictoprompt.server.jobs import (
     ProgressListener,
     WorkerStatus,
     forget_ended,
+    run_job,
     worker_status,
 )
 from pictoprompt.settings import Settings
@@ -86,10 +72,8 @@ REPORT_SECONDS = 0.2
 its last step."""
 SPECS = {spec.name: spec for spec in TOOLS if spec.uses_models}
 NODE_PRIORITY = {"env_vars": {"RAY_worker_niceness": "0"}}
-"""The runtime environment of the replicas and the board. Ray starts its worker processes 15 steps nicer than the node
-(its `worker_niceness`), so a replica's model work would get a CPU last whenever anything else on the node wants one,
-and every call would wait on the board's answers the same way; these run at the node's own priority, as the
-single-box server does (Ray's job supervisor does the same for the drivers it starts)."""
+"""The replicas and the board run at the node's priority: Ray starts its workers 15 steps nicer, so the model work
+(and every answer of the board) would get a CPU last whenever anything else on the node wants one."""
 
 
 # ------------------------------------------------------------------------------------------------ the job board
@@ -104,8 +88,7 @@ class JobBoard:
         self._keep_seconds, self._keep_count = keep_finished_seconds, keep_finished_count
 
     async def create(self, job_id: str, tool: str) -> None:
-        """Record a job the front submitted, unless its replica's `start` came first (the front does not wait for this
-        before it hands the job to Serve)."""
+        """Record a job the front submitted, unless its replica's `start` came first."""
         self._forget_old()
         self._jobs.setdefault(job_id, self._record(job_id, tool))
 
@@ -141,8 +124,7 @@ class JobBoard:
         saved: list[dict[str, str]] | None = None,
         error: str | None = None,
     ) -> dict[str, Any] | None:
-        """End the job, unless it already ended (the first word stands: the replica's, or the front's); the job's
-        record as it ended."""
+        """End the job unless it already ended (the first word stands); the job's record as it ended."""
         job = self._jobs.get(job_id)
         if job is None:
             return None
@@ -227,8 +209,7 @@ class Gathered:
 
 
 class ModelReplica:
-    """One runtime for the profile, running the tools' calls (their denoising batched) and writing each job to the
-    board."""
+    """One runtime for the profile, running the tools' calls and writing each job to the board."""
 
     def __init__(self, settings: Settings) -> None:
         if not torch.cuda.is_available():
@@ -256,8 +237,8 @@ class ModelReplica:
     async def run(
         self, job_id: str, tool: str, arguments: dict[str, Any], images: PreResolvedImages
     ) -> dict[str, Any] | None:
-        """Run one job to its end. The result goes to the board, and the job's ended record back to the front in the
-        response, so that the front answers without asking the board again; None if the job must not run."""
+        """Run one job to its end; its ended record goes to the board and back to the front in the response (None
+        if the job must not run)."""
         self._loop = asyncio.get_running_loop()
         self._calls += 1
         try:
@@ -281,22 +262,15 @@ class ModelReplica:
         self, job_id: str, spec: ToolSpec, arguments: dict[str, Any], images: PreResolvedImages, progress: Progress
     ) -> dict[str, Any] | None:
         sink = RecordingSink(self.assets)
-        state: JobState
-        result, error = None, None
-        try:
-            with self.runtime.gpu_lock:
-                progress.check()
-                request = spec.request_model.model_validate(arguments)
-                sampler = self._sample if self._batching else None
-                output = spec.run(request, ToolContext(self.runtime, sink, images, progress, self.concepts, sampler))
-            state, result = "succeeded", output.model_dump(mode="json")
-        except JobCancelledError as cancelled:
-            state, error = "cancelled", str(cancelled)
-        except PictopromptError as refused:
-            state, error = "failed", str(refused)
-        except Exception as crash:
-            logger.exception("job %s (%s) crashed on replica %s", job_id, spec.name, self.name)
-            state, error = "failed", f"Internal error in {spec.name}: {type(crash).__name__}: {crash}"
+        sampler = self._sample if self._batching else None
+
+        def work() -> dict[str, Any]:
+            request = spec.request_model.model_validate(arguments)
+            context = ToolContext(self.runtime, sink, images, progress, self.concepts, sampler)
+            return spec.run(request, context).model_dump(mode="json")
+
+        lock = self.runtime.gpu_lock
+        state, result, error = run_job(job_id, spec.name, lock, progress, work, f" on replica {self.name}")
         saved = [image.model_dump() for image in sink.saved]
         # Waited for: once the front has the answer, every front finds the job ended on the board.
         ended = ray.get(self.board.finish.remote(job_id, state, result, saved, error))
@@ -306,8 +280,7 @@ class ModelReplica:
     def _sample(
         self, pipeline: StableDiffusionPipeline, sample: Sample, steps: int, width: int, height: int
     ) -> list[Image.Image]:
-        """The replica's sampler, called by a tool on its thread under the GPU lock: alone when no other call is on
-        the replica, else through the batch."""
+        """The replica's sampler, called under the GPU lock: alone when no other call is here, else batched."""
         if self._calls <= 1 or self._loop is None:
             return generate(pipeline, sample, steps, width, height)
         # Let go of the model lock while the batch gathers, so that the other calls encode their prompts and join
@@ -381,8 +354,7 @@ class RayJobs:
         self._handle, self._board, self._owns_ray = handle, board, owns_ray
         self._requests: dict[str, DeploymentResponse] = {}
         self._watchers: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
-        """The job ids this front submitted and still waits on, with the task that learns how each ended: the job's
-        ended record from the replica's response, or None when it ended otherwise (then the board has it)."""
+        """This front's unended jobs, each with the task that awaits its Serve response (see `_watch`)."""
 
     async def submit(self, spec: ToolSpec, request: ToolRequest, resolve_images: ImagesResolver) -> str:
         images = await resolve_images()
@@ -401,8 +373,7 @@ class RayJobs:
         return job_id
 
     async def _watch(self, job_id: str, response: DeploymentResponse) -> dict[str, Any] | None:
-        """Wait for the request: the job's ended record from the replica, or None after recording on the board how
-        it ended when the replica could not."""
+        """The job's ended record from the replica, or None after recording on the board how it ended otherwise."""
         try:
             return await response
         except BackPressureError:
@@ -457,18 +428,18 @@ class RayJobs:
 
     def request_cancel(self, job_id: str) -> None:
         self._board.cancel.remote(job_id)
-        request = self._requests.get(job_id)
-        if request is not None:
-            request.cancel()
+        self._cancel_request(job_id)
 
     async def cancel(self, job_id: str) -> tuple[JobView, bool]:
         record, ending = await self._board.cancel.remote(job_id)
         if record is None:
             raise NotFoundError(f"There is no job '{job_id}'; it may have finished over an hour ago.")
-        request = self._requests.get(job_id)
-        if request is not None:
-            request.cancel()
+        self._cancel_request(job_id)
         return job_view(record), ending
+
+    def _cancel_request(self, job_id: str) -> None:
+        if (request := self._requests.get(job_id)) is not None:
+            request.cancel()
 
     async def views(self) -> list[JobView]:
         return [job_view(record) for record in await self._board.jobs.remote()]
@@ -499,8 +470,7 @@ def _shut_down_ray() -> None:
 
 
 async def connect(settings: Settings) -> RayJobs:
-    """Join the Ray cluster at `settings.ray_address` (or start a local one), deploy the replicas unless another
-    front already has, and return the front's service."""
+    """Join the Ray cluster at `settings.ray_address` (or start a local one) and deploy the replicas if needed."""
     return await anyio.to_thread.run_sync(_connect, settings)
 
 
@@ -520,8 +490,7 @@ def _connect(settings: Settings) -> RayJobs:
 
 
 def deploy(settings: Settings) -> DeploymentHandle:
-    """The deployment's handle: the application if a front (or the cluster's config) already deployed it, else a
-    new one."""
+    """The deployment's handle: the running application, or a new one."""
     applications = serve.status().applications
     if APP_NAME in applications and applications[APP_NAME].status in {"RUNNING", "DEPLOYING", "UNHEALTHY"}:
         return serve.get_app_handle(APP_NAME)

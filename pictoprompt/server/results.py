@@ -43,10 +43,10 @@ def job_info(job: JobView) -> JobInfo:
 
 
 def _image_blocks(store: AssetStore, saved: list[SavedImage], inline: InlineMode, budget: int) -> list[ContentBlock]:
-    blocks: list[ContentBlock] = []
-    for image in saved:
-        asset_id = image.uri.rsplit("/", 1)[-1]
-        blocks.append(ResourceLink(uri=image.uri, name=asset_id, mime_type="image/png", description=image.path))
+    blocks: list[ContentBlock] = [
+        ResourceLink(uri=image.uri, name=image.uri.rsplit("/", 1)[-1], mime_type="image/png", description=image.path)
+        for image in saved
+    ]
     if inline == "none":
         return blocks
     for image in saved:

@@ -13,7 +13,6 @@ from mcp.server.auth.settings import AuthSettings
 from starlette.types import ASGIApp
 
 from pictoprompt.errors import InvalidInputError
-from pictoprompt.models.runtime import Runtime
 from pictoprompt.server.app import check_ray_installed, create_server
 from pictoprompt.server.http_transport import (
     HttpGuard,
@@ -74,17 +73,9 @@ def http_auth_options(settings: Settings, host: str, port: int) -> dict:
     }
 
 
-def http_app(
-    settings: Settings,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    *,
-    runtime: Runtime | None = None,
-    preload: bool = True,
-) -> ASGIApp:
+def http_app(settings: Settings, host: str, port: int) -> ASGIApp:
     """The streamable-HTTP app `serve --http` runs: auth, Host/Origin checks and the body limit set up."""
-    options = http_auth_options(settings, host, port)
-    server = create_server(settings, transport="http", runtime=runtime, preload=preload, **options)
+    server = create_server(settings, transport="http", **http_auth_options(settings, host, port))
     images, image_bytes = max_images_per_call(TOOLS), ImagePolicy.max_bytes
     limit = request_body_limit(images, image_bytes)
     app = server.streamable_http_app(

@@ -1,11 +1,8 @@
 """A clean protocol channel for stdio: the JSON-RPC stream has fd 1's original pipe to itself.
 
-Over stdio every byte on the server's stdout is read as JSON-RPC. So the stream goes out on a private duplicate
-of fd 1, and fd 1 itself is pointed at stderr for the rest of the process: whatever else writes to "stdout"
-(a native library's printf, ggml's crash handler running gdb, a child process, Python's `print`) lands in the
-log instead. Twice an outside client got gdb's "[New LWP ...]" on the JSON-RPC stream at the close of a
-session: the MCP SDK hands fd 1 back to the pipe when its transport stops, while native threads may still run.
-Here fd 1 is never handed back.
+Every byte on stdout is read as JSON-RPC, so the stream goes out on a private duplicate of fd 1, and fd 1 points
+at stderr for the rest of the process: a native library's printf, a crash handler's gdb, a child process or
+`print` land in the log. fd 1 is never handed back, since native threads may outlive the session.
 """
 
 from __future__ import annotations
@@ -34,11 +31,8 @@ class _PythonStdout(io.TextIOWrapper):
 
 @contextmanager
 def protocol_on_private_stdout() -> Iterator[None]:
-    """Serve the protocol on a private duplicate of fd 1 and point fd 1 at stderr, for good.
-
-    The MCP transport serves `sys.stdout.buffer` as it finds it when `sys.stdout` is not fd 1, so it writes to
-    the private duplicate; fd 1 is not restored on the way out, since native threads can outlive the session.
-    """
+    """Serve the protocol on a private duplicate of fd 1 (the MCP transport writes to `sys.stdout.buffer` as it
+    finds it) and point fd 1 at stderr, for good."""
     sys.stdout.flush()
     pipe = os.dup(1)  # not inheritable: a child process never gets the protocol's pipe
     os.dup2(sys.stderr.fileno(), 1)

@@ -1,21 +1,13 @@
 """Tasks: a model-heavy call answered at once with a task the client polls, on both wires clients speak.
 
-- 2025-11-25 (the handshake wire): the client puts `task` in a `tools/call`'s params; the server answers with a
-  `CreateTaskResult` (`{task}`), then serves `tasks/get`, `tasks/result` (blocks until the end), `tasks/list` and
-  `tasks/cancel`, sends `notifications/tasks/status` when the task ends and keeps forwarding progress to the
-  call's progress token. Tools that can run as tasks say `execution.taskSupport: "optional"` in `tools/list`.
-- 2026-07-28 (the `io.modelcontextprotocol/tasks` extension): the client declares the extension in a request's
-  capabilities and the server decides; here every model-heavy call from such a client becomes a task
-  (`resultType: "task"`). The client polls `tasks/get`, whose answer carries the result once completed, and may
-  send `tasks/cancel` (and `tasks/update`, which has nothing to answer here: these tasks never ask for input).
+- 2025-11-25: the client puts `task` in a `tools/call`'s params and gets a `CreateTaskResult`; the server serves
+  `tasks/get`, `tasks/result`, `tasks/list` and `tasks/cancel`, and sends `notifications/tasks/status` at the end.
+- 2026-07-28 (the `io.modelcontextprotocol/tasks` extension): every model-heavy call from a client that declares
+  the extension becomes a task (`resultType: "task"`), polled with `tasks/get`, which carries the result.
 
-One job is one task: the task's id is the job's id, and whatever runs the jobs (`LocalJobs` here, `RayJobs` on
-Ray Serve) runs the task through the same `JobService`. A call becomes a task only after its images are resolved
-and its place in the queue is taken, as a call without a task does, so a refused call never leaves a task behind.
-The job's progress is the task's status message; a cancelled task stops between two steps as a cancelled job does.
-Tasks live in the process, not in a connection: over HTTP a task is reached by its id from any connection, for
-its TTL (at most an hour, as long as a finished job is kept). Only `tasks/list` is scoped to the connection that
-made the tasks, because listing every client's task ids would hand them to every other client.
+One job is one task (same id), run through the same `JobService`, so a task is created only after its images are
+resolved and its queue place taken. Tasks live in the process: any connection reaches one by its id for its TTL;
+only `tasks/list` is scoped to the connection that made them, so that no client learns another's task ids.
 """
 
 from __future__ import annotations
@@ -61,8 +53,8 @@ TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 RELATED_TASK = "io.modelcontextprotocol/related-task"
 IMMEDIATE_RESPONSE = "io.modelcontextprotocol/model-immediate-response"
 TASK_MARK = "pictoprompt/task"
-"""The `_meta` key by which a job tool's result says "this call became task X" to the middleware that reshapes it
-(the SDK checks a `tools/call` result against `CallToolResult` before any middleware sees it)."""
+"""The `_meta` key by which a job tool's result tells the middleware "this call became task X" (the SDK checks a
+`tools/call` result against `CallToolResult` before any middleware sees it)."""
 MAX_TTL_MS = 3_600_000
 """A finished job is kept an hour (`JobRunner`), so no task can promise more."""
 POLL_INTERVAL_MS = 1000
@@ -82,11 +74,7 @@ class TaskAsk:
 
 
 ASKED: ContextVar[TaskAsk | None] = ContextVar("pictoprompt_task_ask", default=None)
-
-
-def asked_task() -> TaskAsk | None:
-    """The task this `tools/call` is to become, or None for a call that waits as usual."""
-    return ASKED.get()
+"""The task this `tools/call` is to become, or None for a call that waits as usual."""
 
 
 @dataclass
@@ -148,8 +136,8 @@ class TaskStore:
         return CallToolResult(content=[], _meta={TASK_MARK: job_id})
 
     async def get(self, task_id: str) -> TaskRecord:
-        """The task `task_id`. One job is one task: a job this process did not start as a task (another front's on
-        Ray Serve, or one started with `wait_seconds`) is found through the job service and answered as one."""
+        """The task `task_id`; a job this process did not start as a task (another front's, or one started with
+        `wait_seconds`) is found through the job service and answered as one."""
         record = self._tasks.get(task_id)
         if record is not None and record.expired():
             del self._tasks[task_id]
@@ -172,8 +160,7 @@ class TaskStore:
     async def view(
         self, record: TaskRecord, modern: bool, wait_seconds: float = 0
     ) -> tuple[TaskStatus, str | None, JobView]:
-        """The task's status and message now (after waiting up to `wait_seconds` for its end), as `modern` (2026) or
-        2025-11-25 names a failure."""
+        """The task's status and message after waiting up to `wait_seconds` for its end."""
         try:
             job = await self.jobs.wait(record.task_id, wait_seconds)
         except NotFoundError as error:

@@ -1,14 +1,8 @@
 """The tools as the MCP wire carries them: compact schemas, one validation per call, the server that lists them.
 
-Every tool the server offers is a `WireTool`: its `tools/list` entry, the pydantic model that validates a call's
-arguments (unknown fields refused, cross-field rules checked), and the coroutine that answers it. The validated
-arguments are the tool's request itself, so a call is validated once.
-
-The schemas are what every assistant carries in its context, so they say only what a model needs to call the
-tool right: no titles (the property names say it), no `null` branch or `default: null` on optional inputs (an
-omitted argument is the same thing). Output schemas are types only: what the fields mean is in the tool's
-description and in each result, and a result always carries every field, so no `required` list repeats them;
-a nullable scalar is `["string", "null"]`.
+Every assistant carries the schemas in its context, so they say only what a model needs to call the tool right:
+no titles, no `null` branch or `default: null` on optional inputs (omitting is the same thing). Output schemas are
+types only: the meaning is in the description and in each result, which always carries every field.
 """
 
 from __future__ import annotations
@@ -75,7 +69,7 @@ class OutputSchema(WireSchema):
     twice, as result models are; none is recursive)."""
 
     def generate(self, schema: core_schema.CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
-        generated = _types_only(super().generate(schema, mode))
+        generated = super().generate(schema, mode)
         return _inlined(generated, generated.pop("$defs", {}))
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
@@ -90,23 +84,9 @@ class OutputSchema(WireSchema):
         return json_schema
 
 
-def _types_only(schema: Any) -> Any:
-    """`schema` without its `description` and `required` keywords (properties of those names are kept)."""
-    if isinstance(schema, list):
-        return [_types_only(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    kept = {}
-    for key, value in schema.items():
-        if key in {"properties", "$defs"}:
-            kept[key] = {name: _types_only(sub) for name, sub in value.items()}
-        elif key not in {"description", "required"}:
-            kept[key] = _types_only(value)
-    return kept
-
-
 def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) -> Any:
-    """`schema` with every `$ref` replaced by its definition, and `anyOf: [typed, null]` as one type list."""
+    """`schema` without its `description` and `required` keywords (properties of those names are kept), every `$ref`
+    replaced by its definition, and `anyOf: [typed, null]` as one type list."""
     if isinstance(schema, list):
         return [_inlined(item, defs, within) for item in schema]
     if not isinstance(schema, dict):
@@ -121,6 +101,7 @@ def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) ->
         if key == "properties"
         else _inlined(value, defs, within)
         for key, value in schema.items()
+        if key not in {"description", "required"}
     }
     options = kept.get("anyOf")
     if set(kept) == {"anyOf"} and len(options) == 2 and {"type": "null"} in options:
@@ -131,9 +112,8 @@ def _inlined(schema: Any, defs: dict[str, Any], within: tuple[str, ...] = ()) ->
 
 
 def listed_output_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The output schema `tools/list` carries: the result's own fields and their JSON types, nothing nested (a
-    model job tool lists `{job: object, result: object|null}`). The nested types cost a quarter of the list that
-    every assistant carries, and each result's JSON shows its fields anyway; `output_schema` keeps them all."""
+    """The output schema `tools/list` carries: the result's own fields and their JSON types, nothing nested (the
+    nested types cost a quarter of the list, and each result's JSON shows its fields anyway)."""
     full = output_schema(model)
     fields = {name: {"type": sub["type"]} if "type" in sub else {} for name, sub in full["properties"].items()}
     return {"type": "object", "properties": fields}
@@ -209,10 +189,7 @@ def lenient(arguments: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]
 
 class PictopromptServer(MCPServer):
     """An `MCPServer` whose tools are `WireTool`s: listed with their compact schemas, validated once per call.
-
-    Only `list_tools` and `call_tool`, the server's public tool entry points, are replaced; resources, prompts,
-    transports and the session machinery are the SDK's own.
-    """
+    Only `list_tools` and `call_tool` are replaced; the rest is the SDK's own."""
 
     def __init__(
         self,
@@ -236,8 +213,8 @@ class PictopromptServer(MCPServer):
             self._advertise_tasks()
 
     def _advertise_tasks(self) -> None:
-        """Add the 2025-11-25 `tasks` capability (the SDK derives capabilities from its handlers, which do not know
-        tasks); the 2026 wire has no such field and drops it, announcing the extension instead."""
+        """Add the 2025-11-25 `tasks` capability, which the SDK cannot derive from its handlers (the 2026 wire
+        drops the field and announces the extension instead)."""
         derive = self._lowlevel_server.get_capabilities
 
         def with_tasks(*args: Any, **kwargs: Any) -> ServerCapabilities:

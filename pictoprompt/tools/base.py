@@ -1,8 +1,7 @@
 """What every tool module shares: the call context, image inputs and outputs, and the tool registry entry.
 
-A tool is plain Python: `run(request, context) -> response`, with pydantic models on both sides. The server,
-the CLI and the tests call the same function; only the `ToolContext` they pass differs (where images come
-from, where they go, who hears the progress).
+A tool is plain Python, `run(request, context) -> response` with pydantic models on both sides: the server, the CLI
+and the tests call the same function with their own `ToolContext`.
 """
 
 from __future__ import annotations
@@ -98,11 +97,8 @@ class ToolRequest(BaseModel):
 
 
 class SamplingRequest(ToolRequest):
-    """How to sample, for every request that makes images: declared once here, read by `render_and_score`.
-
-    A tool's request lists its own fields in a class of its own and derives from both, this class first, so that
-    its own fields lead its schema: `class GenerateImageRequest(SamplingRequest, GenerateImageInputs)`.
-    """
+    """How to sample, for every request that makes images, read by `render_and_score`. A tool's request derives from
+    this class and a class of its own fields, this one first, so that its own fields lead its schema."""
 
     num_images: NumImages = 1
     steps: Steps = 25
@@ -167,8 +163,7 @@ class ToolContext:
 
 
 def picture_note(context: ToolContext, refs: Sequence[str]) -> str | None:
-    """The `domain_note` for the pictures among `refs` (a `concept:NAME` reference is a learned concept, no picture),
-    from the profile's `domain_check`; None on a profile without one (real models)."""
+    """The `domain_note` for the pictures among `refs`, from the profile's `domain_check` (None without one)."""
     check = context.runtime.profile.domain_check
     if check is None:
         return None

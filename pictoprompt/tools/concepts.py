@@ -1,8 +1,5 @@
-"""`list_concepts` and `delete_concept`: the concept store as the assistant sees it.
-
-Concepts are learned with `customize_concept`; the generation tools apply one with `concept=NAME`, and an image
-reference `concept:NAME` stands for it (see `tools/render.py`).
-"""
+"""`list_concepts` and `delete_concept`: the concept store as the assistant sees it (concepts are learned with
+`customize_concept` and applied with `concept=NAME` or an image reference `concept:NAME`)."""
 
 from __future__ import annotations
 

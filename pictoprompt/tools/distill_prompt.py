@@ -1,12 +1,8 @@
 """`distill_prompt`: a shorter prompt that CLIP (and so the generator) reads like the long one.
 
-The profile's `distillation` picks the method. `vgd` decodes with VGD against the long prompt's CLIP text embedding,
-with the long prompt in the LLM's instruction and a budget in CLIP tokens (default 30% of the original, as in the
-paper); unless the profile turns it off (`vgd.distillation_keeps_words`, ours), the short prompt may only leave words
-out of the long one, so it cannot invent an object or a colour. `prune` (ours, `methods/pruning.py`) deletes what
-neither CLIP's reading nor the prompt's sense needs and is as long as its content needs unless `max_tokens` asks for
-less. On a profile with a dictionary both use only words its CLIP learnt. Optional previews render both prompts from
-the same seed so the two can be compared by eye.
+The profile's `distillation` picks the method: `vgd`, the paper's VGD distillation against the long prompt's CLIP
+text embedding (by default the short prompt may only leave words out, `vgd.distillation_keeps_words`, ours), or
+`prune` (ours, `methods/pruning.py`). Optional previews render both prompts from the same seed.
 """
 
 from __future__ import annotations

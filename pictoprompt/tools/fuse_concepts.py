@@ -1,9 +1,7 @@
 """`fuse_concepts`: one readable prompt holding the concepts of several images, and images made from it.
 
-Three strategies (`methods.vgd.fuse`): `merge` (the default) writes one prompt per image and then one sentence
-against their joined text (VGD's distillation task); `joint` decodes one prompt against all images at once;
-`concat` is the paper's multi-concept recipe, the per-image prompts joined as a list. `pictoprompt bench vgd`
-measures all three on the same pairs.
+The strategies are `methods.vgd.fuse`'s: `merge` (the default: a prompt per image, then one sentence from them),
+`joint` (one decode against all images) and `concat` (the paper's multi-concept recipe).
 """
 
 from __future__ import annotations

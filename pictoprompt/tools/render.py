@@ -1,14 +1,8 @@
-"""The tools' shared kernel: render images from a prompt of any kind, score them, and save them.
+"""The tools' shared kernel: render images from a prompt of any kind, score them with CLIP, and save them.
 
-Every image-making tool goes through `render_and_score`: it applies the requested learned concept, turns the
-prompt into the generator's conditioning (a text, SD-IPC's converted image embedding, or its text-edited form),
-samples one image per seed, scores each against the references with CLIP, and saves it with its metadata. The
-tool modules stay plain (a request model, a method call, a result) and never touch tensors; this module is the
-one place of `tools/` that does.
-
-It also holds what a concept reference needs: `load_concept` gives the weights `applied_concept` uses, and
-`concept_image_embedding` what an image reference `concept:NAME` stands for. Both refuse a concept trained on
-another base model, naming the one it needs.
+Every image-making tool goes through `render_and_score`, so the tool modules stay plain (a request model, a method
+call, a result) and never touch tensors. It also resolves concept references: `load_concept` for `concept=NAME`,
+`concept_image_embedding` for an image reference `concept:NAME`; both refuse a concept of another base model.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ from functools import partial
 
 from PIL import Image
 
+from pictoprompt.methods.concept_description import description_margins, swapped_descriptions
 from pictoprompt.methods.concept_weights import (
     ConceptWeights,
     WordPlacer,
@@ -27,10 +22,18 @@ from pictoprompt.methods.concept_weights import (
     base_hash,
     named_concept_states,
 )
-from pictoprompt.methods.generation import PromptStates, Sample, default_size, encode_text_prompt, generate
+from pictoprompt.methods.generation import (
+    Judge,
+    PromptStates,
+    Sample,
+    default_size,
+    encode_text_prompt,
+    generate,
+    generate_best,
+)
 from pictoprompt.methods.generator_score import generator_reranked, names_several, one_subject_vocabulary
 from pictoprompt.methods.prompt_edit import prompt_edit_states, rewrite_prompt
-from pictoprompt.methods.scoring import Embeddings, ImageScores, score_images
+from pictoprompt.methods.scoring import Embeddings, ImageScores, closeness_judge, score_images
 from pictoprompt.methods.sd_ipc import (
     average_embeddings,
     edit_states,
@@ -57,10 +60,8 @@ class TextPrompt:
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """SD-IPC's variation: the references' CLIP embedding (weighted mean) converted into a prompt embedding.
-    A reference may be `concept:NAME`, a learned concept's mean embedding. With `prompt` (the references' readable
-    prompt, `picture_prompt`), that prompt's states with `converted_weight` of the converted embedding combined in
-    (`methods.sd_ipc.prompted_states`, ours)."""
+    """SD-IPC's variation: the references' CLIP embedding (weighted mean; `concept:NAME` among them) converted into a
+    prompt embedding; with `prompt` (`picture_prompt`), combined with that prompt's states (ours)."""
 
     images: Sequence[str]
     weights: Sequence[float] | None = None
@@ -103,11 +104,8 @@ def render_and_score(
     metadata: dict[str, str] | None = None,
     score_against: Embeddings | None = None,
 ) -> list[Rendered]:
-    """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved.
-
-    `metadata` adds PNG text chunks to the common ones (method, seed, steps, guidance, model ids);
-    `score_against` (N, P) scores text-prompted images against these CLIP embeddings.
-    """
+    """Render `sampling.num_images` images of `prompt`, one per consecutive seed, scored and saved with the common
+    PNG text chunks and `metadata`; `score_against` (N, P) scores text-prompted images against these embeddings."""
     pipeline, clip = context.runtime.pipeline(), context.runtime.clip()
     seeds = seeds_for(sampling.seed, sampling.num_images)
     size = default_size(pipeline)
@@ -118,22 +116,22 @@ def render_and_score(
     with applied_concept(pipeline, clip, concept) as clip:
         conditioning, negative, references = _conditioning(context, prompt, clip, stored, sampling.concept)
         sample = Sample(conditioning, negative, seeds, sampling.guidance, context.progress)
-        # A learned concept changes the generator's weights while applied: such a call never shares a batch.
-        sampler = context.sampler if context.sampler is not None and concept is None else generate
-        images = sampler(pipeline, sample, sampling.steps, sampling.width or size, sampling.height or size)
+        width, height = sampling.width or size, sampling.height or size
+        if concept is None:
+            images = (context.sampler or generate)(pipeline, sample, sampling.steps, width, height)
+        else:
+            # A learned concept changes the generator's weights while applied: such a call never shares a batch.
+            count, judge = _candidate_check(context, prompt, sampling.concept)
+            images = generate_best(pipeline, sample, sampling.steps, (width, height), count, judge)
         scores = _scores(clip, images, prompt, references if references is not None else score_against)
     saved = [
         save_image(context, image, seed, _metadata(context, method, seed, sampling, metadata))
         for image, seed in zip(images, seeds, strict=True)
     ]
-    return [
-        Rendered(
-            output,
-            scores.to_references[i] if scores is not None else None,
-            scores.to_text[i] if scores is not None and scores.to_text is not None else None,
-        )
-        for i, output in enumerate(saved)
-    ]
+    if scores is None:
+        return [Rendered(output) for output in saved]
+    to_text = scores.to_text or [None] * len(saved)
+    return [Rendered(*row) for row in zip(saved, scores.to_references, to_text, strict=True)]
 
 
 def _references(prompt: Prompt) -> list[str]:
@@ -154,9 +152,8 @@ def _named_concept(prompt: Prompt, concept: str | None) -> list[str]:
 def _conditioning(
     context: ToolContext, prompt: Prompt, clip: ClipModel, stored: dict[str, Embeddings], concept: str | None
 ) -> tuple[PromptStates, PromptStates, Embeddings | None]:
-    """(prompt states, negative states, reference embeddings or None) for the generator; `clip` is the one in
-    use (a learned concept's while one is applied). A text prompt that names the applied concept gets the
-    concept's converted embedding where the name stands, followed by its description if it has one."""
+    """(prompt states, negative states, reference embeddings or None) for the generator, `clip` the one in use. A
+    text prompt that names the applied concept gets the concept's converted embedding where the name stands."""
     pipeline = context.runtime.pipeline()
     if isinstance(prompt, TextPrompt):
         named = _named_concept(prompt, concept)
@@ -192,9 +189,38 @@ def _conditioning(
     return prompt_embeds, negative_embeds, references
 
 
+def _candidate_check(context: ToolContext, prompt: Prompt, concept: str | None) -> tuple[int, Judge]:
+    """How many candidates each picture of a prompt or an edit naming the concept has, and the judge that keeps
+    one (`ConceptTuningConfig.candidates_per_picture`, ours): the CLIP's similarity to the concept's description
+    plus its mean similarity to the concept's pictures. Any other call draws one picture, as the paper."""
+    count = context.runtime.profile.concept_tuning.candidates_per_picture
+    named = isinstance(prompt, TextPrompt) and bool(_named_concept(prompt, concept))
+    edited = isinstance(prompt, EditPrompt) and prompt.image == f"{CONCEPT_REF_PREFIX}{concept}"
+    if concept is None or count == 1 or not (named or edited):
+        return 1, lambda images: [0.0] * len(images)
+    store = context.concept_store()
+    description = store.get(concept).description
+    generator_judge = _generator_judge(context, description)
+    if generator_judge is not None:
+        return count, generator_judge
+    pictures = [Image.open(path).convert("RGB") for path in store.thumbnail_paths(concept)]
+    return count, closeness_judge(context.runtime.clip(), pictures, description)
+
+
+def _generator_judge(context: ToolContext, description: str | None) -> Judge | None:
+    """The generator as the candidates' judge (`candidate_timesteps`): how much better the concept's description
+    explains a candidate than the same with its other fills; None when the profile leaves it to the CLIP."""
+    runtime = context.runtime
+    timesteps, groups = runtime.profile.concept_tuning.candidate_timesteps, runtime.profile.concept_description
+    alternatives = swapped_descriptions(description or "", groups.completion_words or [])
+    if not timesteps or not alternatives:
+        return None
+    pipeline, clip = runtime.pipeline(), runtime.clip()
+    return lambda images: description_margins(pipeline, clip, images, str(description), alternatives, timesteps)
+
+
 def _word_placer(context: ToolContext) -> WordPlacer | None:
-    """The LLM's rewrite (as an edit puts its words into a prompt) when the profile places a concept's context words
-    into its description, else None."""
+    """The LLM's rewrite when the profile places a concept's context words into its description, else None."""
     if not context.runtime.profile.concept_tuning.place_context_words:
         return None
     llm = context.runtime.llm()
@@ -215,9 +241,8 @@ def _scores(
 
 
 def picture_prompt(context: ToolContext, refs: Sequence[str], weights: Sequence[float] | None = None) -> str:
-    """VGD's prompt for the reference(s), as `invert_image` writes it (several are described together; with
-    `weights`, their weighted mean); for one `concept:NAME` taught with a description, that description (the user's
-    own words for it, where VGD may invent a second object). Progress: the first 60 % of the call's."""
+    """VGD's prompt for the reference(s) (with `weights`, their weighted mean), as `invert_image` writes it; for one
+    `concept:NAME` taught with a description, that description: the user's own words, where VGD may invent."""
     if len(refs) == 1 and refs[0].startswith(CONCEPT_REF_PREFIX):
         description = context.concept_store().get(refs[0].removeprefix(CONCEPT_REF_PREFIX)).description
         if description:
@@ -240,9 +265,8 @@ def content_inversion(
     weights: Sequence[float] | None = None,
     progress: Progress | None = None,
 ) -> VgdResult:
-    """VGD's inversion of what the pictures show (`targets`: their CLIP embeddings), as the tools write it: the
-    paper's decode; with the profile's `vgd_rerank` (ours) and the pictures at hand, when its best prompt names
-    several subjects, also a one-subject decode, and the generator chooses between them
+    """VGD's inversion of the pictures' CLIP embeddings `targets`; with the profile's `vgd_rerank` (ours) and the
+    pictures at hand, a best prompt naming several subjects is weighed by the generator against a one-subject decode
     (`methods.generator_score.generator_reranked`)."""
     runtime, progress = context.runtime, progress or context.progress
     llm, clip, settings = runtime.llm(), runtime.clip(), runtime.profile.vgd_rerank
@@ -299,8 +323,7 @@ def load_concept(context: ToolContext, name: str | None) -> ConceptWeights | Non
 
 
 def concept_image_embedding(context: ToolContext, name: str) -> Embeddings:
-    """The (1, P) CLIP image embedding `concept:NAME` stands for: the mean of its references through the tuned
-    image encoder. SD-IPC takes it as an image's embedding."""
+    """The (1, P) CLIP image embedding `concept:NAME` stands for: its references' mean through the tuned encoder."""
     runtime = context.runtime
     clip = runtime.clip()
     embedding = context.concept_store().mean_embedding(name, base_hash(runtime.pipeline(), clip), runtime.model_ids())

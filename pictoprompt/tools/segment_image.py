@@ -1,12 +1,6 @@
-"""`segment_image`: a mask for each word of a prompt, read from the generator's own cross-attention.
-
-The generator denoises the picture under the prompt, and where its pixels attend to a word is where it draws that
-word (`methods/segmentation.py`; EDITOR's appendix B). Each word's region is then cut to the part the generator
-needs the word for: where taking the word out of the prompt makes it predict the picture's noise worse, which tells
-one object's words from another's when the attention alone does not. Without a prompt, the picture is first
-described by visually guided decoding (as `invert_image` does) and its best prompt is segmented. Each word comes
-back with a PNG mask, its area and the attention it gets; words that name nothing visible (stop words,
-punctuation, words the generator places nowhere) come back without a mask and say why. One overlay shows every
+"""`segment_image`: a mask for each word of a prompt, read from the generator's own cross-attention
+(`methods/segmentation.py`; EDITOR's appendix B). Without a prompt, VGD describes the picture first (as
+`invert_image` does). Words that name nothing visible come back without a mask and say why; one overlay shows every
 mask in its own colour.
 """
 
@@ -34,7 +28,7 @@ from pictoprompt.tools.base import (
 
 METHOD = "cross-attention-segmentation"
 PROMPT_TOKENS = 32
-"""Without a prompt: the longest prompt VGD writes, in LLM tokens (invert_image's default)."""
+"""Without a prompt: the longest prompt VGD writes, in LLM tokens (as invert_image)."""
 
 OVERLAY_COLOURS = (
     (31, 119, 180),
@@ -52,8 +46,8 @@ OVERLAY_COLOURS = (
 
 OVERLAY_OPACITY = 0.55
 OVERLAY_SIDE = (256, 512)
-"""The overlay's longest side is brought into this range: a 32 px picture is enlarged (nearest neighbour, so the
-mask edges stay exact), a large one shrunk to a thumbnail."""
+"""The overlay's longest side is brought into this range: enlarged by nearest neighbour (exact mask edges), or
+shrunk to a thumbnail."""
 
 
 class SegmentImageRequest(ToolRequest):

@@ -11,15 +11,20 @@ references, so the assistant can point the user to the closest ones.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
+from PIL import Image
 from pydantic import BaseModel, Field, model_validator
 
+from pictoprompt.configs import SdIpcConfig
+from pictoprompt.methods.sd_ipc import centred_on_object
 from pictoprompt.methods.vgd import runtime_vocabulary
 from pictoprompt.tools.base import (
     DomainNote,
     ImageRef,
+    ImageSource,
     NumImages,
     SamplingRequest,
     ToolContext,
@@ -82,6 +87,30 @@ def _relative(weights: list[float] | None) -> list[float] | None:
     return None if weights is None else [weight / max(weights) for weight in weights]
 
 
+@dataclass(frozen=True)
+class _CentredImages:
+    """The call's pictures as VGD reads them for the prompt (`SdIpcConfig.reading_span`)."""
+
+    images: ImageSource
+    span: float
+
+    def load(self, ref: str) -> Image.Image:
+        return centred_on_object(self.images.load(ref), self.span)
+
+
+def written_prompt(context: ToolContext, refs: list[str], weights: list[float] | None, settings: SdIpcConfig) -> str:
+    """The references' prompt for `method="prompted"`: VGD's, read from the centred pictures when the profile says
+    so, with what the seeds should vary cut out (`SdIpcConfig.reading_span`, `seed_varies`; ours)."""
+    if settings.reading_span is not None:
+        context = replace(context, images=_CentredImages(context.images, settings.reading_span))
+    prompt = picture_prompt(context, refs, weights)
+    if settings.seed_varies is None:
+        return prompt
+    cut = " ".join(re.sub(settings.seed_varies, " ", prompt).split())
+    # "a large orange star" without its size is "an orange star".
+    return re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], cut)
+
+
 def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResponse:
     settings = context.runtime.profile.sd_ipc
     method: VaryMethod = request.method or ("prompted" if settings.picture_prompt else "sd-ipc")
@@ -89,7 +118,7 @@ def vary_image(request: VaryImageRequest, context: ToolContext) -> VaryImageResp
     metadata = {"references": str(len(request.images)), "weights": ",".join(str(w) for w in weights)}
     prompt, drawing, relative = None, context, _relative(request.weights)
     if method == "prompted":
-        prompt = picture_prompt(context, request.images, relative)
+        prompt = written_prompt(context, request.images, relative, settings)
         metadata |= {"prompt": prompt, "converted_weight": str(settings.converted_weight)}
         drawing = replace(context, progress=context.progress.scaled(0.6, 0.4, 1.0))
     rendered = render_and_score(

@@ -1,6 +1,7 @@
-"""The tool reference, generated from the tools' own schemas so it never drifts.
+"""The tool reference, generated from the tools' own schemas so it never drifts (`pictoprompt tools --markdown`).
 
 The README holds a compact table (one row per tool); `docs/TOOLS.md` holds the full reference with every argument.
+A maintainer's tool: it lives in the lab, and the product's `tools --markdown` and `--write-readme` import it.
 """
 
 from __future__ import annotations
