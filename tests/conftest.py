@@ -222,16 +222,17 @@ HEAVIEST_FIRST = (
     "test_editor.py",
     "test_concept_tuning.py",
     "test_every_tool.py",
-    "test_concept_names.py",
-    "test_sd_ipc.py",
     "test_vgd.py",
+    "test_sd_ipc.py",
     "test_concept_description.py",
     "test_server.py",
     "test_stdio_channel.py",
     "test_segment.py",
-    "test_domain_note.py",
     "test_shapes_train.py",
     "test_shared_style.py",
+    "test_concept_names.py",
+    "test_llm.py",
+    "test_wheel_install.py",
 )
 """Scopes by their CPU time in the fast suite (lab/results/testtime2.md), most first."""
 

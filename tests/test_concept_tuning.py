@@ -345,8 +345,9 @@ def test_caption_alignment_pulls_the_converted_prompts_towards_the_captions(tiny
             converted = converter.convert(DeepPromptedVision(clip, deep_prompts, 0.0).encode_image(images))
             return float(alignment.loss(converted, range(4)))
 
+    # 10 iterations part the two by 0.24 on this machine (6 by 0.15): over twice the margin the assertion asks.
     options = {
-        "iterations": 20,
+        "iterations": 10,
         "batch_size": 4,
         "learning_rate": TINY_LR,
         "prompt_learning_rate": 1e-2,

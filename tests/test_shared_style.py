@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 from pictoprompt.configs import VgdConfig
 from pictoprompt.methods.shared_style import own_words, shared_style, without_words
@@ -17,13 +19,19 @@ from pictoprompt.methods.vgd import (
     Limits,
     guided_decode,
     image_targets,
+    invert,
     runtime_vocabulary,
+    style_reader,
+    style_target,
     uses_any,
     vgd_prompt,
 )
+from pictoprompt.models.clip import STYLE_TEXT_TENSORS, ClipModel, TransformersClip
 from pictoprompt.models.llm import LanguageModel
 from pictoprompt.models.profiles import BUILTIN_PROFILES, Profile, get_profile
 from pictoprompt.models.runtime import Runtime
+from pictoprompt.models.shapes import CLIP_DIR, weights_present
+from pictoprompt.models.shapes.scenes import COLOURS, Scene, SceneObject, render_scene
 from pictoprompt.server.images import PreResolvedImages
 from pictoprompt.tools.base import SavedImage, ToolContext
 from pictoprompt.tools.invert_image import InvertImageRequest, invert_image
@@ -80,15 +88,14 @@ class NoAssets:
         raise AssertionError("a style prompt stores no picture")
 
 
-def style_context(tiny_lm_dir: Path, leave_out: bool) -> ToolContext:
+def style_context(
+    tiny_lm_dir: Path, leave_out: bool, style_text_encoder: str | None = None, start_words: Path | None = None
+) -> ToolContext:
     tiny = get_profile("tiny")
-    profile = Profile(
-        **{
-            **tiny.model_dump(),
-            "llm": {"backend": "transformers", "source": str(tiny_lm_dir)},
-            "vgd": {**tiny.vgd.model_dump(), "style_leaves_out_own_words": leave_out},
-        }
-    )
+    vgd = {**tiny.vgd.model_dump(), "style_leaves_out_own_words": leave_out, "style_text_encoder": style_text_encoder}
+    llm = {"backend": "transformers", "source": str(tiny_lm_dir)}
+    vocabulary = str(start_words) if start_words is not None else tiny.vocabulary
+    profile = Profile(**{**tiny.model_dump(), "llm": llm, "vgd": vgd, "vocabulary": vocabulary})
     images = {"red": solid((220, 30, 30)), "blue": solid((30, 60, 220))}
     return ToolContext(Runtime(profile), NoAssets(), PreResolvedImages(images))
 
@@ -112,3 +119,59 @@ def test_the_style_of_several_pictures_leaves_out_what_only_some_own_prompts_hav
 def test_the_paper_path_is_the_default() -> None:
     assert VgdConfig().style_leaves_out_own_words is False
     assert not any(profile.vgd.style_leaves_out_own_words for profile in BUILTIN_PROFILES.values())
+
+
+def test_the_paper_reads_style_with_the_clip_and_only_shapes_has_a_style_reader() -> None:
+    assert VgdConfig().style_text_encoder is None
+    assert [name for name, p in BUILTIN_PROFILES.items() if p.vgd.style_text_encoder is not None] == ["shapes"]
+
+
+def closest(reader: ClipModel, clip: ClipModel, images: list[Image.Image], texts: list[str]) -> str:
+    target = F.normalize(style_target(clip, images), dim=-1)
+    with torch.no_grad():
+        similarity = target @ F.normalize(reader.encode_text(texts).float(), dim=-1).T
+    return texts[int(similarity.argmax())]
+
+
+@pytest.mark.skipif(not weights_present(), reason="shapes weights absent")
+def test_the_shapes_style_reader_names_the_fill_and_the_background_two_pictures_share() -> None:
+    clip = TransformersClip.from_pretrained(CLIP_DIR, torch.device("cpu"), torch.float16)
+    reader, _ = style_reader(clip, None, get_profile("shapes").vgd)
+    # The issue's two striped pictures (a red circle, a blue square), here on different backgrounds.
+    circle, square = SceneObject("circle", "red", fill="striped"), SceneObject("square", "blue", fill="striped")
+    striped = [render_scene(Scene("white", (circle,))), render_scene(Scene("yellow", (square,)))]
+    fills = ["solid shapes", "outlined shapes", "striped shapes"]
+    assert closest(reader, clip, striped, fills) == "striped shapes"
+    star, heart = SceneObject("triangle", "green", fill="outlined"), SceneObject("heart", "orange", fill="solid")
+    gray = [render_scene(Scene("gray", (star,))), render_scene(Scene("gray", (heart,)))]
+    backgrounds = [f"shapes on a {colour} background" for colour in COLOURS]
+    assert closest(reader, clip, gray, backgrounds) == "shapes on a gray background"
+    # Only the text tower is the reader's: the pictures' embeddings are the CLIP's.
+    torch.testing.assert_close(reader.encode_image(striped), clip.encode_image(striped))
+
+
+def test_the_style_decode_scores_with_the_profiles_text_tower(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    path, start_words = tmp_path / "style_text.safetensors", tmp_path / "start_words.txt"
+    # A few start words: the whole vocabulary would be embedded twice (the CLIP's, the reader's).
+    start_words.write_text("red\nblue\nstriped\nshapes\n")
+    context = style_context(tiny_lm_dir, leave_out=False, style_text_encoder=str(path), start_words=start_words)
+    runtime = context.runtime
+    clip = runtime.clip()
+    assert isinstance(clip, TransformersClip)
+    generator = torch.Generator().manual_seed(0)
+    tower = {
+        name: torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+        for name, tensor in clip.model.state_dict().items()
+        if name.startswith(STYLE_TEXT_TENSORS)
+    }
+    save_file(tower, str(path))
+    reader, words = style_reader(clip, runtime_vocabulary(runtime), runtime.profile.vgd)
+    assert not torch.allclose(reader.encode_text(["a red circle"]), clip.encode_text(["a red circle"]))
+    target = style_target(clip, [solid((220, 30, 30)), solid((30, 60, 220))])
+    config = runtime.profile.vgd
+    expected = invert(runtime.llm(), reader, target, task="style", vocabulary=words, max_length=5, config=config)
+    request = InvertImageRequest(images=["red", "blue"], focus="style", max_tokens=5, num_results=3)
+    response = invert_image(request, context)
+    # The tool takes this path: its start word and prompts are the decode scored by the file's text tower.
+    assert response.initial_condition == expected.initial_condition
+    assert [p.prompt for p in response.prompts] == [h.text for h in expected.hypotheses[: len(response.prompts)]]

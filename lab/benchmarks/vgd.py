@@ -99,6 +99,7 @@ from pictoprompt.methods.vgd import (
     image_targets,
     invert,
     runtime_vocabulary,
+    style_reader,
     style_target,
     text_perplexities,
     vgd_prompt,
@@ -129,7 +130,7 @@ PLACE_WORDS = (
     - LEXICON_FUNCTION_WORDS
 )
 """The words that say where an object is ("left", "corner", "middle", ...)."""
-STYLE_PATHS = ("vgd (paper)", "own words left out (ours)")
+STYLE_PATHS = ("vgd (paper)", "own words left out (ours)", "style reader (ours)")
 Styler = Callable[[list[Image.Image]], str]
 """A style prompt for pictures: one path of `invert_image(focus="style")`."""
 FILLER = (
@@ -657,9 +658,10 @@ def style_pairs(n: int, seed: int = HELD_OUT_SEED) -> list[StylePair]:
     return [found for shared, value in wanted if (found := pair(shared, value)) is not None]
 
 
-def style_paths(decoder: Decoder) -> dict[str, Styler]:
+def style_paths(decoder: Decoder, style_text_encoder: str | None = None) -> dict[str, Styler]:
     """The paths of `invert_image(focus="style")` by name: the paper's (VGD's style task against the pictures'
-    shared direction) and ours (`methods.shared_style`, `VgdConfig.style_leaves_out_own_words`)."""
+    shared direction) and ours (`methods.shared_style`, `VgdConfig.style_leaves_out_own_words`; the style decode
+    scored by `style_text_encoder`, `VgdConfig.style_text_encoder`, as `methods.vgd.style_reader` does)."""
 
     def paper(images: list[Image.Image]) -> str:
         return decoder(style_target(decoder.clip, images), task="style")
@@ -668,7 +670,14 @@ def style_paths(decoder: Decoder) -> dict[str, Styler]:
         found = shared_style(decoder.llm, decoder.clip, images, decoder.vocabulary, decoder.max_tokens, VARIANTS["vgd"])
         return found.result.best.text
 
-    return dict(zip(STYLE_PATHS, (paper, own_words_left_out), strict=True))
+    def read_by_style_reader(images: list[Image.Image]) -> str:
+        config = VARIANTS["vgd"].model_copy(update={"style_text_encoder": style_text_encoder})
+        reader, words = style_reader(decoder.clip, decoder.vocabulary, config)
+        target = style_target(decoder.clip, images)
+        found = invert(decoder.llm, reader, target, task="style", vocabulary=words, max_length=decoder.max_tokens)
+        return found.best.text
+
+    return dict(zip(STYLE_PATHS, (paper, own_words_left_out, read_by_style_reader), strict=True))
 
 
 def style_leaks(prompt: str, pair: StylePair) -> dict[str, bool]:
@@ -842,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
         "--style-paths", nargs="+", default=list(STYLE_PATHS), choices=STYLE_PATHS, help="style paths to compare"
     )
     parser.add_argument(
+        "--style-text-encoder", help="the style reader's text tower (default: the profile's vgd.style_text_encoder)"
+    )
+    parser.add_argument(
         "--style-seed", type=int, default=HELD_OUT_SEED, help=f"{STYLE_TUNING_SEED}: the pairs methods are tuned on"
     )
     parser.add_argument("--distill-n", type=int, default=100, help="long prompts to distill")
@@ -908,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         print_goals(goals)
         summary["fuse"], summary["fuse goals"] = rows, goals
     if "style" not in settings.skip:
-        paths = {name: path for name, path in style_paths(decoder).items() if name in settings.style_paths}
+        encoder = settings.style_text_encoder or profile.vgd.style_text_encoder
+        paths = {name: path for name, path in style_paths(decoder, encoder).items() if name in settings.style_paths}
         rows = style_table(paths, judge, settings.style_n, settings.style_seed)
         print_table(f"Style prompts of pairs sharing one style property, in % ({header})", rows)
         summary["style"] = rows

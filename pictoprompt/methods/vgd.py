@@ -48,9 +48,10 @@ from torch import Tensor
 
 from pictoprompt.configs import VgdConfig
 from pictoprompt.errors import InvalidInputError, PictopromptError
-from pictoprompt.models.clip import ClipModel, shifted_views
+from pictoprompt.models.clip import ClipModel, shifted_views, with_text_tower
 from pictoprompt.models.llm import LanguageModel, perplexity
 from pictoprompt.models.runtime import Runtime
+from pictoprompt.models.sources import resolve_builtin
 from pictoprompt.progress import Progress
 from pictoprompt.prompts import VgdTask, load_prompt, vgd_messages
 
@@ -77,6 +78,19 @@ def image_targets(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
 def style_target(clip: ClipModel, images: Sequence[Image.Image]) -> Tensor:
     """The images' shared direction (1, P): the mean of their unit embeddings keeps what they have in common."""
     return F.normalize(image_targets(clip, images), dim=-1).mean(0, keepdim=True)
+
+
+def style_reader(
+    clip: ClipModel, vocabulary: ClipVocabulary | None, config: VgdConfig
+) -> tuple[ClipModel, ClipVocabulary | None]:
+    """The CLIP the style decode scores with, and its start words: with `config.style_text_encoder` (ours) the CLIP
+    with that text tower (`with_text_tower`; same image embeddings), else the CLIP and `vocabulary` as they are."""
+    if config.style_text_encoder is None:
+        return clip, vocabulary
+    reader = with_text_tower(clip, resolve_builtin(config.style_text_encoder))
+    if vocabulary is None:
+        return reader, None
+    return reader, replace(clip_vocabulary(reader, words=vocabulary.words), dictionary=vocabulary.dictionary)
 
 
 def text_target(clip: ClipModel, prompt: str) -> Tensor:

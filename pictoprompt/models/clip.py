@@ -7,7 +7,9 @@ logit scale.
 
 from __future__ import annotations
 
+import copy
 import json
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -247,6 +250,40 @@ class TransformersClip(ClipModel):
         pixels = pixels.to(self.device, self.model.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return self.model.visual_projection(pooled).float()
+
+
+STYLE_TEXT_TENSORS = (
+    "text_model.embeddings.position_embedding.",
+    "text_model.encoder.",
+    "text_model.final_layer_norm.",
+    "text_projection.",
+)
+"""The text tower's tensors a text-tower file replaces (`with_text_tower`): all but the token embeddings."""
+
+_text_towers: weakref.WeakKeyDictionary[ClipModel, dict[str, ClipModel]] = weakref.WeakKeyDictionary()
+
+
+def with_text_tower(clip: ClipModel, path: str | Path) -> ClipModel:
+    """A copy of a transformers CLIP whose text tower's tensors (`STYLE_TEXT_TENSORS`) are read from a safetensors
+    file; its image tower, tokenizer and temperature are the CLIP's, so its image embeddings are the CLIP's.
+
+    Ours: the `shapes` style reader (`VgdConfig.style_text_encoder`, trained by `lab/shapes/style.py`). Loaded once
+    per CLIP and file.
+    """
+    if not isinstance(clip, TransformersClip):
+        raise ValueError("A text-tower file applies to a transformers CLIP only.")
+    towers = _text_towers.setdefault(clip, {})
+    key = str(path)
+    if key not in towers:
+        tensors = load_file(key, device=str(clip.device))
+        if not tensors or not all(name.startswith(STYLE_TEXT_TENSORS) for name in tensors):
+            raise ValueError(f"'{path}' must hold text-tower tensors only ({', '.join(STYLE_TEXT_TENSORS)}).")
+        model = copy.deepcopy(clip.model)
+        loaded = model.load_state_dict({name: t.to(clip.model.dtype) for name, t in tensors.items()}, strict=False)
+        if loaded.unexpected_keys:
+            raise ValueError(f"'{path}' has tensors this CLIP lacks: {', '.join(loaded.unexpected_keys[:3])}.")
+        towers[key] = TransformersClip(model, clip.tokenizer, clip.image_mean, clip.image_std)
+    return towers[key]
 
 
 class OpenClipClip(ClipModel):

@@ -9,7 +9,8 @@ Each prompt comes with its CLIP similarity to the image(s) and its perplexity un
 weigh faithfulness against readability; EDITOR's also with its regenerated preview and that picture's similarity.
 `focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject; with the
 profile's `vgd.style_leaves_out_own_words` (ours) the style of several images leaves out the words that only some of
-their own prompts have (`methods/shared_style.py`).
+their own prompts have (`methods/shared_style.py`); with `vgd.style_text_encoder` (ours; the `shapes` profile's) the
+style decode is scored by a text tower taught style captions (`methods.vgd.style_reader`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pictoprompt.methods.vgd import (
     image_targets,
     invert,
     runtime_vocabulary,
+    style_reader,
     style_target,
     text_perplexities,
 )
@@ -162,12 +164,13 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         found = shared_style(llm, clip, images, vocabulary, request.max_tokens, config, context.progress)
         result = found.result
     elif style:
+        reader, reader_vocabulary = style_reader(clip, vocabulary, config)
         result = invert(
             llm,
-            clip,
+            reader,
             style_target(clip, images),
             task="style",
-            vocabulary=vocabulary,
+            vocabulary=reader_vocabulary,
             max_length=request.max_tokens,
             config=config,
             progress=context.progress,
