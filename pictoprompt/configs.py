@@ -106,8 +106,8 @@ class ConceptTuningConfig(TuningConfig):
         ge=1,
         le=8,
         description="Ours: for each picture asked of a prompt or an edit that names a concept, draw this many from "
-        "their own noises and keep the one the CLIP finds closest to the concept's description and the words drawn; "
-        "the reported seed reproduces the choice. 1: the paper's one picture.",
+        "their own noises and keep the one the CLIP finds closest to the concept's pictures and description (or, with "
+        "candidate_timesteps, the generator's choice); the reported seed reproduces it. 1: the paper's one picture.",
     )
     candidate_timesteps: int = Field(
         0,
