@@ -296,8 +296,8 @@ class VgdConfig(MethodConfig):
     )
     style_text_encoder: str | None = Field(
         None,
-        description="Ours: invert_image(focus='style') scores its hypotheses (and picks its start word) with this "
-        "text tower instead of the CLIP's: a safetensors file of a transformers CLIP's text-tower tensors "
-        "(models.clip.with_text_tower; builtin: paths allowed), the image tower unchanged. The shapes profile's "
-        "was taught style captions (lab/shapes/style.py). None: the CLIP's own, as in the paper.",
+        description="Ours: invert_image(focus='style') on several pictures scores its hypotheses (and picks its "
+        "start word) with this text tower instead of the CLIP's: a safetensors file of a transformers CLIP's "
+        "text-tower tensors (models.clip.with_text_tower; builtin: paths allowed), the image tower unchanged. The "
+        "shapes profile's was taught style captions (lab/shapes/style.py). None: the CLIP's own, as in the paper.",
     )

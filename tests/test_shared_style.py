@@ -175,3 +175,12 @@ def test_the_style_decode_scores_with_the_profiles_text_tower(tiny_lm_dir: Path,
     # The tool takes this path: its start word and prompts are the decode scored by the file's text tower.
     assert response.initial_condition == expected.initial_condition
     assert [p.prompt for p in response.prompts] == [h.text for h in expected.hypotheses[: len(response.prompts)]]
+
+    # One picture's colour and fill are its style: the CLIP's own text tower reads it, not the reader.
+    red = style_target(clip, [solid((220, 30, 30))])
+    vocabulary = runtime_vocabulary(runtime)
+    own = invert(runtime.llm(), clip, red, task="style", vocabulary=vocabulary, max_length=5, config=config)
+    by_reader = invert(runtime.llm(), reader, red, task="style", vocabulary=words, max_length=5, config=config)
+    assert [h.text for h in own.hypotheses] != [h.text for h in by_reader.hypotheses]
+    response = invert_image(InvertImageRequest(images=["red"], focus="style", max_tokens=5, num_results=3), context)
+    assert [p.prompt for p in response.prompts] == [h.text for h in own.hypotheses[: len(response.prompts)]]

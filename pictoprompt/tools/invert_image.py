@@ -10,7 +10,7 @@ weigh faithfulness against readability; EDITOR's also with its regenerated previ
 `focus="style"` (VGD only) asks for the images' shared style and says how to apply it to another subject; with the
 profile's `vgd.style_leaves_out_own_words` (ours) the style of several images leaves out the words that only some of
 their own prompts have (`methods/shared_style.py`); with `vgd.style_text_encoder` (ours; the `shapes` profile's) the
-style decode is scored by a text tower taught style captions (`methods.vgd.style_reader`).
+style of several images is scored by a text tower taught style captions (`methods.vgd.style_reader`).
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ def invert_image(request: InvertImageRequest, context: ToolContext) -> InvertIma
         found = shared_style(llm, clip, images, vocabulary, request.max_tokens, config, context.progress)
         result = found.result
     elif style:
-        reader, reader_vocabulary = style_reader(clip, vocabulary, config)
+        # One picture's colour and fill are its style, which the CLIP's own text tower names; the reader is for what
+        # several pictures share (lab/results/style2.md, "One picture").
+        reader, reader_vocabulary = style_reader(clip, vocabulary, config) if len(images) > 1 else (clip, vocabulary)
         result = invert(
             llm,
             reader,
